@@ -1,0 +1,163 @@
+"""The `hookwise` command line: `hookwise inspect MODEL [--json]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Sequence
+
+from .errors import HookwiseError
+
+_MIB = 1 / 2**20
+
+
+def _mib(n: int) -> str:
+    return f"{n * _MIB:,.1f}"
+
+
+def _pattern(path: str) -> str:
+    """A path with block indices folded: transformer_blocks.3.norm1 -> transformer_blocks.*.norm1."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", path)
+
+
+def _inspect_tables(model_map, source: str):
+    from rich.table import Table
+    from rich.text import Text
+
+    m = model_map
+    yield Text.assemble((f"{m.model_cls}", "bold"), f"  from {source}")
+    yield Text.assemble(
+        "architecture: ",
+        (m.architecture or "unknown (mapped structurally)", "cyan"),
+        f"   parameters: {m.param_count:,} ({_mib(m.param_bytes)} MiB)   buffers: {_mib(m.buffer_bytes)} MiB",
+    )
+    dtypes = ", ".join(f"{k} {_mib(v)} MiB" for k, v in m.dtype_bytes.items()) or "-"
+    yield Text(f"dtypes: {dtypes}   device: {m.device}   timestep argument: {m.timestep_arg or '-'}\n")
+
+    towers = Table(title="Towers (repeated blocks)", title_justify="left")
+    for col in ("tower", "main", "block class", "blocks", "MiB / block", "leaves / block", "total MiB"):
+        left = col in ("tower", "block class", "main")
+        towers.add_column(col, justify="left" if left else "right", overflow="fold")
+    for t in m.towers:
+        sizes = [b.param_bytes + b.buffer_bytes for b in t.blocks]
+        lo, hi = min(sizes), max(sizes)
+        per = _mib(lo) if lo == hi else f"{_mib(lo)}-{_mib(hi)}"
+        towers.add_row(
+            t.name or "(model)",
+            "yes" if t.main else "",
+            t.block_cls,
+            str(t.num_blocks),
+            per,
+            str(t.blocks[0].leaves),
+            _mib(t.param_bytes + t.buffer_bytes),
+        )
+    towers.add_row("outside towers", "", "", "", "", "", _mib(m.outside_tower_bytes), style="dim")
+    yield towers if m.towers else Text("No towers: " + "; ".join(m.notes), style="yellow")
+
+    leaves = Table(title="Leaves", title_justify="left")
+    for col in ("kind", "count", "MiB", "kept high precision", "castable MiB"):
+        leaves.add_column(col, justify="left" if col == "kind" else "right")
+    for kind in ("linear", "conv", "embedding"):
+        group = [leaf for leaf in m.leaves if leaf.kind == kind]
+        if not group:
+            continue
+        kept = [leaf for leaf in group if leaf.keep]
+        leaves.add_row(
+            kind,
+            str(len(group)),
+            _mib(sum(leaf.param_bytes for leaf in group)),
+            str(len(kept)),
+            _mib(sum(leaf.param_bytes for leaf in group if not leaf.keep and kind != "embedding")),
+        )
+    yield leaves
+
+    high = Table(title="Kept in high precision", title_justify="left")
+    for col in ("modules", "reason", "count", "MiB"):
+        high.add_column(col, justify="right" if col in ("count", "MiB") else "left", overflow="fold")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path, reason in m.high_precision.items():
+        groups.setdefault((_pattern(path), reason), []).append(path)
+    for (pattern, reason), paths in groups.items():
+        size = sum(m.high_precision_bytes.get(p, 0) for p in paths)
+        high.add_row(pattern, reason, str(len(paths)), _mib(size))
+    yield high
+
+    caps = Table(title="Capabilities", title_justify="left")
+    for col in ("capability", "available", "detail"):
+        caps.add_column(col, overflow="fold")
+    for cap in m.capabilities():
+        caps.add_row(cap["name"], "[green]yes[/]" if cap["available"] else "[red]no[/]", cap["detail"])
+    yield caps
+
+    roles = Text(
+        f"attention modules: {len(m.attention)}   feed-forward modules: {len(m.ffn)}   "
+        f"block classes: {', '.join(m.block_classes) or '-'}"
+    )
+    yield roles
+    for note in m.notes:
+        yield Text(f"note: {note}", style="yellow")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .introspect import describe, load_model
+
+    model, source = load_model(args.model, dtype=args.dtype)
+    model_map = describe(model)
+    if args.json:
+        data = {"model": args.model, "source": source, **model_map.to_dict()}
+        print(json.dumps(data, indent=2))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped: wide enough that module paths are never cut
+        console = Console(width=160)
+    for renderable in _inspect_tables(model_map, source):
+        console.print(renderable)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .introspect import spec_names
+
+    parser = argparse.ArgumentParser(
+        prog="hookwise",
+        description="Make diffusion transformers fit and run fast: inspect a model's structure and what applies to it.",
+    )
+    parser.add_argument("--version", action="version", version=f"hookwise {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    inspect = sub.add_parser(
+        "inspect",
+        help="map a model: towers, block sizes, leaves, high-precision modules, capabilities",
+        description="Map a model without loading weights (specs and folders are built on the meta device).",
+    )
+    inspect.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"a shipped spec ({', '.join(spec_names())}), a local diffusers model folder, "
+        "or package.module:factory",
+    )
+    inspect.add_argument("--json", action="store_true", help="print the map as JSON")
+    inspect.add_argument("--dtype", default=None, help="parameter dtype to size the model in (default: bf16 for specs)")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except HookwiseError as exc:
+        print(f"hookwise: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

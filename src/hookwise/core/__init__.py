@@ -1,0 +1,72 @@
+"""The hook engine, run state, transactions and the technique table. Imports nothing else of hookwise."""
+
+from .config import TechniqueConfig, parse_dtype
+from .hooks import (
+    HookRegistry,
+    Layer,
+    ModelHook,
+    add_hook,
+    get_hook,
+    iter_registries,
+    list_hooks,
+    remove_hook,
+    remove_hooks,
+    reset_stateful_hooks,
+    unwrap,
+)
+from .state import (
+    DEFAULT_BRANCH,
+    RUN_STATE_HOOK,
+    RunState,
+    RunStateHook,
+    attach_run_state,
+    branch,
+    find_timestep_parameter,
+    get_run_state,
+    new_run,
+)
+from .techniques import (
+    Technique,
+    check_compatible,
+    register_technique,
+    technique_named,
+    technique_of,
+    techniques,
+    unregister_technique,
+)
+from .transaction import Transaction, current_transaction, transaction
+
+__all__ = [
+    "DEFAULT_BRANCH",
+    "RUN_STATE_HOOK",
+    "HookRegistry",
+    "Layer",
+    "ModelHook",
+    "RunState",
+    "RunStateHook",
+    "Technique",
+    "TechniqueConfig",
+    "Transaction",
+    "add_hook",
+    "attach_run_state",
+    "branch",
+    "check_compatible",
+    "current_transaction",
+    "find_timestep_parameter",
+    "get_hook",
+    "get_run_state",
+    "iter_registries",
+    "list_hooks",
+    "new_run",
+    "parse_dtype",
+    "register_technique",
+    "remove_hook",
+    "remove_hooks",
+    "reset_stateful_hooks",
+    "technique_named",
+    "technique_of",
+    "techniques",
+    "transaction",
+    "unregister_technique",
+    "unwrap",
+]

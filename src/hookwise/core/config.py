@@ -1,0 +1,124 @@
+"""Technique configs are data: frozen dataclasses, validated on creation, to and from plain dicts.
+
+A config subclass is a `@dataclass(frozen=True)` that overrides `validate()` to raise `ConfigError`
+with a message naming the field, the bad value and what would work. `to_dict()` gives JSON-safe
+values (dtypes as names, tuples as lists) tagged with the technique name; `from_dict()` reverses it
+using the field annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TechniqueConfig:
+    """Base of every technique config."""
+
+    technique: ClassVar[str] = ""  # set by register_technique
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` if a field has a value that cannot work."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"technique": self.technique or type(self).__name__}
+        for f in dataclasses.fields(self):
+            out[f.name] = _encode(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TechniqueConfig:
+        data = dict(data)
+        tag = data.pop("technique", None)
+        if tag is not None and cls.technique and tag != cls.technique:
+            raise ConfigError(f"this dict describes technique {tag!r}, not {cls.technique!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _decode(v, hints.get(k, Any), k) for k, v in data.items()}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> TechniqueConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, torch.device):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (frozenset, set)):
+        return sorted(_encode(v) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"cannot serialize a {type(value).__name__} ({value!r}) in a technique config")
+
+
+def _hint_args(hint: Any) -> tuple[Any, ...]:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def parse_dtype(value: Any, field: str = "dtype") -> torch.dtype:
+    """A torch dtype from a dtype or its name ("bfloat16", "torch.float8_e4m3fn", "bf16", "fp8")."""
+    if isinstance(value, torch.dtype):
+        return value
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+        "fp8": "float8_e4m3fn",
+        "fp8_e4m3": "float8_e4m3fn",
+        "fp8_e5m2": "float8_e5m2",
+    }
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        name = aliases.get(name, name)
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ConfigError(f"{field}={value!r} is not a torch dtype; use e.g. torch.bfloat16 or 'float8_e4m3fn'")
+
+
+def _decode(value: Any, hint: Any, field: str) -> Any:
+    options = _hint_args(hint)
+    if value is None:
+        return None
+    if isinstance(value, str) and any(o is torch.dtype for o in options):
+        return parse_dtype(value, field)
+    if isinstance(value, list):
+        if any(typing.get_origin(o) is tuple or o is tuple for o in options):
+            return tuple(value)
+        if any(typing.get_origin(o) is frozenset or o is frozenset for o in options):
+            return frozenset(value)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, enum.Enum) and not isinstance(value, option):
+            try:
+                return option(value)
+            except ValueError:
+                pass
+    return value

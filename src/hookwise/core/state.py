@@ -1,0 +1,246 @@
+"""Run state: what the hooked model is doing right now (timestep, step, CFG branch, mode).
+
+A root hook on the model records the timestep argument of each call, counts steps per branch and
+notes train / eval mode. Techniques read it (caches key their state by branch and use the step); the
+user never passes callbacks. There is always a branch: `"default"` unless `hookwise.branch(model,
+name)` says otherwise, so nothing ever fails for want of a context.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .hooks import HookRegistry, Layer, ModelHook, reset_stateful_hooks, unwrap
+
+logger = logging.getLogger("hookwise.core.state")
+
+DEFAULT_BRANCH = "default"
+RUN_STATE_HOOK = "hookwise.run_state"
+# Names a denoiser's forward uses for its timestep, most common first.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "time")
+
+
+class RunState:
+    """The state of the current forward of a hooked model.
+
+    - `timestep`: the raw timestep argument of the latest call (tensor, number or None).
+    - `step`: index of the current denoising step on the active branch (0 for its first call).
+    - `branch`: the active CFG branch; `"default"` unless set with `hookwise.branch`.
+    - `mode`: `"train"` or `"eval"` (the model's `training` flag at the latest call).
+    - `run`: how many sampling runs have started; a new one begins when a host-side timestep rises
+      (sampling schedules fall), or on `new_run()`.
+    """
+
+    def __init__(self) -> None:
+        self.branch: str = DEFAULT_BRANCH
+        self.timestep: Any = None
+        self.mode: str = "eval"
+        self.grad_enabled: bool = False
+        self.calls: int = 0
+        self.run: int = 0
+        self._steps: dict[str, int] = {}
+        self._last_t: dict[str, float] = {}
+        self._new_run_listeners: list[Callable[[], None]] = []
+
+    @property
+    def step(self) -> int:
+        return self._steps.get(self.branch, -1)
+
+    def steps(self) -> dict[str, int]:
+        """Current step index of every branch seen in this run."""
+        return dict(self._steps)
+
+    def timestep_value(self) -> float | None:
+        """The latest timestep as a float (first element of a tensor). Syncs with the device if on one."""
+        return _as_float(self.timestep)
+
+    def on_new_run(self, fn: Callable[[], None]) -> None:
+        """Call `fn` whenever a new sampling run starts."""
+        self._new_run_listeners.append(fn)
+
+    def new_run(self) -> None:
+        """Start a new run: step counters restart and listeners (stateful hooks) reset."""
+        self.run += 1
+        self._steps.clear()
+        self._last_t.clear()
+        for fn in list(self._new_run_listeners):
+            fn()
+
+    def record_call(self, timestep: Any, training: bool) -> None:
+        """Record one call of the root model (used by the root hook)."""
+        branch = self.branch
+        host_t = _host_float(timestep)
+        if host_t is not None:
+            last = self._last_t.get(branch)
+            if last is not None and host_t > last:
+                logger.debug("hookwise: timestep rose from %s to %s on branch %r: new run", last, host_t, branch)
+                self.new_run()
+            self._last_t[branch] = host_t
+        self.timestep = timestep
+        self.mode = "train" if training else "eval"
+        self.grad_enabled = torch.is_grad_enabled()
+        self.calls += 1
+        self._steps[branch] = self._steps.get(branch, -1) + 1
+
+    def __repr__(self) -> str:
+        return (
+            f"RunState(branch={self.branch!r}, step={self.step}, run={self.run}, mode={self.mode!r}, "
+            f"calls={self.calls})"
+        )
+
+
+def _host_float(value: Any) -> float | None:
+    """A float for a timestep readable without a device sync (Python number or CPU tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.numel() > 0:
+        if not value.is_complex():
+            return float(value.reshape(-1)[0])
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or value.device.type == "meta":
+            return None
+        return float(value.reshape(-1)[0])
+    return float(value)
+
+
+class RunStateHook(ModelHook):
+    """Outermost hook of a hooked model: records each call in its `RunState`."""
+
+    layer = Layer.STATE
+
+    def __init__(self, timestep_arg: str | None = None) -> None:
+        self.state = RunState()
+        self.timestep_arg = timestep_arg
+        self._t_index: int | None = None
+        self.applied: list[Any] = []  # technique configs applied through hookwise.apply, in order
+        self.module: nn.Module | None = None
+
+    def on_attach(self, module: nn.Module) -> None:
+        name, index = find_timestep_parameter(module, self.timestep_arg)
+        self.timestep_arg, self._t_index = name, index
+        self.module = module
+        # A stateful hook anywhere in the model starts fresh with each sampling run. A bound method,
+        # not a closure, so a deep copy of the model resets the copy's hooks.
+        self.state.on_new_run(self._reset_model)
+
+    def _reset_model(self) -> None:
+        if self.module is not None:
+            reset_stateful_hooks(self.module)
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        name = self.timestep_arg
+        if name is None:
+            t = None
+        elif name in kwargs:
+            t = kwargs[name]
+        elif self._t_index is not None and self._t_index < len(args):
+            t = args[self._t_index]
+        else:
+            t = None
+        self.state.record_call(t, module.training)
+        return args, kwargs
+
+
+def find_timestep_parameter(module: nn.Module, name: str | None = None) -> tuple[str | None, int | None]:
+    """(name, positional index) of the timestep parameter of `module.forward`.
+
+    With `name` given it must exist; otherwise the first of `TIMESTEP_NAMES` found is used, or
+    (None, None) when the forward takes no timestep.
+    """
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins or C extensions without a signature
+        params = []
+    names = [p.name for p in params]
+    positional = [
+        p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    if name is not None:
+        if name not in names:
+            raise ConfigError(
+                f"timestep_arg={name!r} is not a parameter of {type(module).__name__}.forward "
+                f"(its parameters: {names}); pass one of those, or None to detect it"
+            )
+        chosen = name
+    else:
+        chosen = next((n for n in TIMESTEP_NAMES if n in names), None)
+        if chosen is None:
+            return None, None
+    index = positional.index(chosen) if chosen in positional else None
+    return chosen, index
+
+
+# ---- public helpers -----------------------------------------------------------------------------
+def get_run_state(model: nn.Module) -> RunState | None:
+    """The `RunState` of a hooked model, or None if hookwise has not attached one."""
+    hook = _root_hook(model)
+    return hook.state if hook else None
+
+
+def _root_hook(model: nn.Module) -> RunStateHook | None:
+    registry = HookRegistry.of(model)
+    hook = registry.get(RUN_STATE_HOOK) if registry else None
+    return hook if isinstance(hook, RunStateHook) else None
+
+
+def attach_run_state(model: nn.Module, timestep_arg: str | None = None) -> RunStateHook:
+    """The root run-state hook of `model`, added if missing."""
+    hook = _root_hook(model)
+    if hook is not None:
+        if timestep_arg is not None and hook.timestep_arg != timestep_arg:
+            raise ConfigError(
+                f"the model's run state already reads its timestep from {hook.timestep_arg!r}, "
+                f"not {timestep_arg!r}; remove hookwise from the model first to change it"
+            )
+        return hook
+    hook = RunStateHook(timestep_arg)
+    HookRegistry.get_or_create(model).add(RUN_STATE_HOOK, hook)
+    return hook
+
+
+@contextmanager
+def branch(model: nn.Module, name: str) -> Iterator[RunState]:
+    """Run the calls inside the block on CFG branch `name` ("cond", "uncond", ...).
+
+    Stateful techniques keep separate state per branch. The previous branch is restored on exit,
+    also when the block raises. On a model hookwise has not touched nothing reads the branch, and the
+    block simply runs.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a branch name must be a non-empty string, got {name!r}")
+    state = get_run_state(unwrap(model))
+    if state is None:
+        logger.debug("hookwise.branch(%r) on a model without hookwise hooks: nothing reads it", name)
+        state = RunState()
+    previous = state.branch
+    state.branch = name
+    try:
+        yield state
+    finally:
+        state.branch = previous
+
+
+def new_run(model: nn.Module) -> None:
+    """Tell the hooked model that a new sampling run starts (stateful hooks reset, steps restart).
+
+    Not needed when the timestep reaches the model as a Python number or a CPU tensor: a rising
+    timestep is detected as a new run automatically.
+    """
+    state = get_run_state(model)
+    if state is not None:
+        state.new_run()

@@ -1,0 +1,129 @@
+"""The table of techniques: config class -> how to apply and remove it, its order, its conflicts.
+
+Each technique file registers itself once at import:
+
+    register_technique("casting", LayerwiseCasting, apply=apply_casting, remove=remove_casting,
+                       order=Layer.CAST, conflicts=("quantization",))
+
+`apply(model, config)` changes the model (recording undo steps in the open transaction for anything
+that is not a hook); `remove(model, config)` undoes what that config applied.
+
+`hookwise.apply` reads this table to validate a stack (no duplicates unless `multiple`, no declared
+conflict in either direction) and to apply it in canonical order, lowest `order` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from torch import nn
+
+from ..errors import CompatibilityError, ConfigError
+from .config import TechniqueConfig
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One registered technique."""
+
+    name: str
+    config_cls: type[TechniqueConfig]
+    apply: Callable[[nn.Module, Any], Any]
+    remove: Callable[[nn.Module, Any], Any] | None
+    order: int
+    conflicts: frozenset[str]
+    multiple: bool
+    description: str
+
+    @property
+    def reversible(self) -> bool:
+        return self.remove is not None
+
+
+_BY_NAME: dict[str, Technique] = {}
+_BY_CONFIG: dict[type, Technique] = {}
+
+
+def register_technique(
+    name: str,
+    config_cls: type[TechniqueConfig],
+    *,
+    apply: Callable[[nn.Module, Any], Any],
+    remove: Callable[[nn.Module, Any], Any] | None,
+    order: int,
+    conflicts: Iterable[str] = (),
+    multiple: bool = False,
+    description: str = "",
+) -> Technique:
+    """Add a technique to the table. `remove=None` marks it irreversible."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, TechniqueConfig)):
+        raise ConfigError(f"technique {name!r}: its config class must subclass hookwise TechniqueConfig")
+    existing = _BY_NAME.get(name)
+    if existing is not None and existing.config_cls is not config_cls:
+        raise ConfigError(f"a technique named {name!r} is already registered ({existing.config_cls.__name__})")
+    technique = Technique(
+        name=name,
+        config_cls=config_cls,
+        apply=apply,
+        remove=remove,
+        order=int(order),
+        conflicts=frozenset(conflicts),
+        multiple=multiple,
+        description=description or (config_cls.__doc__ or "").strip().split("\n")[0],
+    )
+    config_cls.technique = name
+    _BY_NAME[name] = technique
+    _BY_CONFIG[config_cls] = technique
+    return technique
+
+
+def unregister_technique(name: str) -> None:
+    """Remove a technique from the table (for tests and plugins)."""
+    technique = _BY_NAME.pop(name, None)
+    if technique is not None:
+        _BY_CONFIG.pop(technique.config_cls, None)
+
+
+def technique_of(config: Any) -> Technique:
+    """The technique a config object belongs to."""
+    technique = _BY_CONFIG.get(type(config))
+    if technique is None:
+        known = ", ".join(sorted(t.config_cls.__name__ for t in _BY_NAME.values())) or "none"
+        raise ConfigError(
+            f"{type(config).__name__} is not a registered hookwise technique config (registered: {known})"
+        )
+    return technique
+
+
+def technique_named(name: str) -> Technique:
+    technique = _BY_NAME.get(name)
+    if technique is None:
+        raise ConfigError(f"no technique named {name!r}; known techniques: {sorted(_BY_NAME)}")
+    return technique
+
+
+def techniques() -> list[Technique]:
+    """Every registered technique, in canonical order."""
+    return sorted(_BY_NAME.values(), key=lambda t: (t.order, t.name))
+
+
+def _conflict(a: Technique, b: Technique) -> bool:
+    return b.name in a.conflicts or a.name in b.conflicts
+
+
+def check_compatible(configs: Sequence[Any]) -> list[Technique]:
+    """Validate a list of configs as one stack; return their techniques. Raises `CompatibilityError`."""
+    found = [technique_of(c) for c in configs]
+    for i, a in enumerate(found):
+        for b in found[i + 1 :]:
+            if a is b and not a.multiple:
+                raise CompatibilityError(
+                    f"technique {a.name!r} appears twice in the stack; it can be applied once per model "
+                    f"(remove the existing one with hookwise.remove first to change its settings)"
+                )
+            if a is not b and _conflict(a, b):
+                raise CompatibilityError(
+                    f"techniques {a.name!r} and {b.name!r} cannot be combined on one model; choose one"
+                )
+    return found

@@ -1,0 +1,438 @@
+"""`describe(model) -> ModelMap`: one description of a model that every technique takes its targets from.
+
+The map lists the towers (with each block's parameter and buffer bytes), the leaves (Linear, Conv,
+Embedding) with their bytes, the modules that keep high precision and why, the attention and
+feed-forward modules, and the known architecture. It works on models on the `meta` device: sizes
+come from shapes and nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.hooks import unwrap
+from ..core.state import find_timestep_parameter
+from ..errors import ConfigError
+from .architectures import Architecture, architecture_named, detect_architecture
+from .precision import _prefixes, find_high_precision
+from .towers import FoundTower, find_towers
+
+LEAF_TYPES: dict[str, tuple[type, ...]] = {
+    "linear": (nn.Linear,),
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    "embedding": (nn.Embedding,),
+}
+_ADAPTER_PART = re.compile(r"^(lora_[A-Za-z_]+|lokr_.*|loha_.*|ia3_.*|adapter.*)$")
+_FFN_NAME = re.compile(r"^(ff|ff_context|ffn|mlp|img_mlp|txt_mlp|feed_forward|proj_mlp|ff_norm)$")
+_CROSS_NAME = re.compile(r"^(attn2|cross_attn|cross_attention|attn_cross|audio_cross_attn)$")
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    path: str
+    kind: str  # "linear" | "conv" | "embedding"
+    cls: str
+    shape: tuple[int, ...]  # weight shape
+    dtype: str
+    param_count: int
+    param_bytes: int
+    block: str | None  # the tower block holding it
+    keep: str | None  # why it keeps high precision ("adapter" for LoRA layers), or None
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    path: str
+    index: int
+    cls: str
+    param_count: int
+    param_bytes: int
+    buffer_bytes: int
+    leaves: int
+
+
+@dataclass(frozen=True)
+class TowerInfo:
+    name: str
+    container: str
+    block_cls: str
+    blocks: tuple[BlockInfo, ...]
+    main: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(b.param_bytes for b in self.blocks)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.buffer_bytes for b in self.blocks)
+
+    @property
+    def block_paths(self) -> tuple[str, ...]:
+        return tuple(b.path for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class ModuleRole:
+    path: str
+    cls: str
+    kind: str  # attention: "self" | "cross" | "joint" | "temporal"; ffn: "ffn"
+    block: str | None
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    """What hookwise knows about a model's structure. Paths are `named_modules` paths ("" = the model)."""
+
+    model_cls: str
+    architecture: str | None
+    towers: tuple[TowerInfo, ...]
+    leaves: tuple[LeafInfo, ...]
+    high_precision: dict[str, str]  # path -> reason, outermost matching module (or direct parameter)
+    high_precision_bytes: dict[str, int]  # path -> parameter + buffer bytes under it
+    attention: tuple[ModuleRole, ...]
+    ffn: tuple[ModuleRole, ...]
+    param_count: int
+    param_bytes: int
+    buffer_bytes: int
+    dtype_bytes: dict[str, int]
+    device: str
+    timestep_arg: str | None
+    notes: tuple[str, ...] = field(default=())
+
+    # ---- towers and blocks --------------------------------------------------------------------
+    @property
+    def has_towers(self) -> bool:
+        return bool(self.towers)
+
+    @property
+    def main_towers(self) -> tuple[TowerInfo, ...]:
+        """The towers the model's denoising runs through, in call order (for known architectures)."""
+        return tuple(t for t in self.towers if t.main)
+
+    @property
+    def blocks(self) -> tuple[BlockInfo, ...]:
+        """Every block of every tower, main towers first, in call order."""
+        main = [b for t in self.main_towers for b in t.blocks]
+        rest = [b for t in self.towers if not t.main for b in t.blocks]
+        return tuple(main + rest)
+
+    @property
+    def block_classes(self) -> tuple[str, ...]:
+        """The repeated block classes, one entry each, in tower order."""
+        return tuple(dict.fromkeys(t.block_cls for t in self.towers))
+
+    def tower(self, name: str) -> TowerInfo:
+        for t in self.towers:
+            if t.name == name:
+                return t
+        raise ConfigError(f"the model has no tower {name!r}; its towers: {[t.name for t in self.towers]}")
+
+    def block_of(self, path: str) -> str | None:
+        """The tower block that holds the module at `path` (or is it), or None."""
+        blocks = {b.path for t in self.towers for b in t.blocks}
+        for prefix in reversed(_prefixes(path)):
+            if prefix in blocks:
+                return prefix
+        return None
+
+    @property
+    def tower_bytes(self) -> int:
+        return sum(t.param_bytes + t.buffer_bytes for t in self.towers)
+
+    @property
+    def outside_tower_bytes(self) -> int:
+        """Parameter and buffer bytes outside every tower (embedders, output layers...)."""
+        return self.param_bytes + self.buffer_bytes - self.tower_bytes
+
+    # ---- precision ------------------------------------------------------------------------------
+    def keep_reason(self, path: str) -> str | None:
+        """Why the module or parameter at `path` keeps high precision (inherited from ancestors), or None."""
+        for prefix in _prefixes(path):
+            if prefix in self.high_precision:
+                return self.high_precision[prefix]
+        return None
+
+    def castable_leaves(self, kinds: tuple[str, ...] = ("linear", "conv")) -> tuple[LeafInfo, ...]:
+        """Leaves a storage-dtype technique may change: of the given kinds, not kept high precision."""
+        return tuple(leaf for leaf in self.leaves if leaf.kind in kinds and leaf.keep is None)
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def capabilities(self) -> list[dict[str, Any]]:
+        """What the structure supports, for `hookwise inspect`."""
+        mb = 1 / 2**20
+        castable = self.castable_leaves()
+        leaf_bytes = sum(leaf.param_bytes for leaf in self.leaves)
+        cast_bytes = sum(leaf.param_bytes for leaf in castable)
+        blocks = self.blocks
+        kinds: dict[str, int] = {}
+        for a in self.attention:
+            kinds[a.kind] = kinds.get(a.kind, 0) + 1
+        main = self.main_towers
+        return [
+            {
+                "name": "block-level grouping",
+                "available": bool(blocks),
+                "detail": (
+                    f"{len(blocks)} blocks in {len(self.towers)} tower(s), largest {max(b.param_bytes for b in blocks) * mb:.1f} MiB"
+                    if blocks
+                    else "no tower of repeated blocks found"
+                ),
+            },
+            {
+                "name": "leaf-level grouping",
+                "available": bool(self.leaves),
+                "detail": f"{len(self.leaves)} leaves, {leaf_bytes * mb:.1f} MiB",
+            },
+            {
+                "name": "castable weights",
+                "available": bool(castable),
+                "detail": f"{len(castable)} leaves, {cast_bytes * mb:.1f} MiB "
+                f"({100 * cast_bytes / max(self.param_bytes, 1):.0f}% of parameter bytes)",
+            },
+            {
+                "name": "block step caches",
+                "available": bool(main),
+                "detail": (
+                    f"first block {main[0].blocks[0].path}, last block {main[-1].blocks[-1].path}"
+                    if main
+                    else "needs a tower"
+                ),
+            },
+            {
+                "name": "attention reuse",
+                "available": bool(self.attention),
+                "detail": ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no attention module found",
+            },
+            {
+                "name": "timestep from signature",
+                "available": self.timestep_arg is not None,
+                "detail": f"argument {self.timestep_arg!r}" if self.timestep_arg else "forward takes no timestep",
+            },
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of the whole map, with the capabilities and per-tower totals."""
+        out = asdict(self)
+        for tower, data in zip(self.towers, out["towers"]):
+            data["num_blocks"] = tower.num_blocks
+            data["param_bytes"] = tower.param_bytes
+            data["buffer_bytes"] = tower.buffer_bytes
+        out["capabilities"] = self.capabilities()
+        out["block_classes"] = list(self.block_classes)
+        out["outside_tower_bytes"] = self.outside_tower_bytes
+        return out
+
+    def __repr__(self) -> str:
+        towers = ", ".join(f"{t.name}[{t.num_blocks}]" for t in self.towers) or "none"
+        return (
+            f"ModelMap({self.model_cls}, arch={self.architecture}, params={self.param_count:,}, "
+            f"towers={towers}, leaves={len(self.leaves)}, high_precision={len(self.high_precision)})"
+        )
+
+
+# ---- building the map ---------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _sizes(module: nn.Module) -> tuple[int, int, int]:
+    """(parameter count, parameter bytes, buffer bytes) of `module`, shared tensors counted once."""
+    seen: set[int] = set()
+    count = pbytes = bbytes = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            count += p.numel()
+            pbytes += _tensor_bytes(p)
+    for b in module.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            bbytes += _tensor_bytes(b)
+    return count, pbytes, bbytes
+
+
+def _leaf_kind(module: nn.Module) -> str | None:
+    for kind, types in LEAF_TYPES.items():
+        if isinstance(module, types):
+            return kind
+    return None
+
+
+def _is_attention(module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    if "attention" in cls and "processor" not in cls:
+        return True
+    return (hasattr(module, "to_q") and hasattr(module, "to_k")) or isinstance(getattr(module, "qkv", None), nn.Linear)
+
+
+def _attention_kind(path: str, module: nn.Module) -> str:
+    last = path.rsplit(".", 1)[-1]
+    if getattr(module, "is_cross_attention", False) or _CROSS_NAME.match(last):
+        return "cross"
+    if getattr(module, "add_q_proj", None) is not None or getattr(module, "add_k_proj", None) is not None:
+        return "joint"
+    if "temp" in last.lower():
+        return "temporal"
+    return "self"
+
+
+def _is_ffn(path: str, module: nn.Module) -> bool:
+    cls = type(module).__name__.lower()
+    if any(k in cls for k in ("feedforward", "mlp", "ffn")):
+        return True
+    return bool(_FFN_NAME.match(path.rsplit(".", 1)[-1]))
+
+
+def _main_towers(found: list[FoundTower], arch: Architecture | None, notes: list[str]) -> list[str]:
+    """Names of the main towers, in call order."""
+    by_name = {t.name: t for t in found}
+    if arch is not None:
+        missing = [n for n in arch.towers if n not in by_name]
+        if not missing:
+            return list(arch.towers)
+        notes.append(f"architecture {arch.name}: expected towers {missing} not found; main towers chosen by depth")
+    if not found:
+        return []
+    depth = min(t.depth for t in found)
+    return [t.name for t in found if t.depth == depth]
+
+
+def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_arg: str | None = None) -> ModelMap:
+    """Map `model`: towers, blocks, leaves, high-precision modules, attention / FFN, architecture.
+
+    `architecture="auto"` recognises known architectures; pass a name to force one, or None to map
+    the model purely structurally.
+    """
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"describe() needs a torch.nn.Module, got {type(model).__name__}")
+    notes: list[str] = []
+    if architecture == "auto":
+        arch = detect_architecture(model)
+    elif architecture is None:
+        arch = None
+    else:
+        arch = architecture_named(architecture)
+        if not arch.matches(model):
+            notes.append(f"architecture {arch.name} was forced on a {type(model).__name__}")
+
+    found = find_towers(model)
+    main_names = _main_towers(found, arch, notes)
+    order = {name: i for i, name in enumerate(main_names)}
+    found.sort(key=lambda t: (0, order[t.name]) if t.name in order else (1, 0))
+    if not found:
+        notes.append("no tower of repeated blocks: block-level techniques are unavailable, leaf-level ones work")
+
+    block_paths = [p for t in found for p, _ in t.members]
+    high = find_high_precision(model, arch_patterns=arch.high_precision if arch else (), tower_blocks=block_paths)
+
+    def keep_of(path: str) -> str | None:
+        for prefix in _prefixes(path):
+            if prefix in high:
+                return high[prefix]
+        return None
+
+    block_set = set(block_paths)
+
+    def block_of(path: str) -> str | None:
+        for prefix in reversed(_prefixes(path)):
+            if prefix in block_set:
+                return prefix
+        return None
+
+    leaves: list[LeafInfo] = []
+    leaf_count: dict[str, int] = {}
+    attention: list[ModuleRole] = []
+    ffn: list[ModuleRole] = []
+    inside_role: set[str] = set()
+    for path, module in model.named_modules():
+        kind = _leaf_kind(module)
+        if kind is not None:
+            weight = getattr(module, "weight", None)
+            count, pbytes, _ = _sizes(module)
+            adapter = any(_ADAPTER_PART.match(part) for part in path.split("."))
+            block = block_of(path)
+            leaves.append(
+                LeafInfo(
+                    path=path,
+                    kind=kind,
+                    cls=type(module).__name__,
+                    shape=tuple(weight.shape) if isinstance(weight, torch.Tensor) else (),
+                    dtype=str(weight.dtype).removeprefix("torch.") if isinstance(weight, torch.Tensor) else "",
+                    param_count=count,
+                    param_bytes=pbytes,
+                    block=block,
+                    keep="adapter" if adapter else keep_of(path),
+                )
+            )
+            if block is not None:
+                leaf_count[block] = leaf_count.get(block, 0) + 1
+        if path and not inside_role.intersection(_prefixes(path)[:-1]):
+            if _is_attention(module):
+                attention.append(ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path)))
+                inside_role.add(path)
+            elif _is_ffn(path, module) and kind is None:
+                ffn.append(ModuleRole(path, type(module).__name__, "ffn", block_of(path)))
+                inside_role.add(path)
+
+    towers: list[TowerInfo] = []
+    for t in found:
+        blocks = []
+        for index, (path, block) in enumerate(t.members):
+            count, pbytes, bbytes = _sizes(block)
+            blocks.append(BlockInfo(path, index, type(block).__name__, count, pbytes, bbytes, leaf_count.get(path, 0)))
+        towers.append(TowerInfo(t.name, t.container, type(t.members[0][1]).__name__, tuple(blocks), t.name in order))
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    high_bytes: dict[str, int] = {}
+    for path in high:
+        if path in modules:
+            _, p, b = _sizes(modules[path])
+            high_bytes[path] = p + b
+        elif path in params:
+            high_bytes[path] = _tensor_bytes(params[path])
+
+    count, pbytes, bbytes = _sizes(model)
+    dtype_bytes: dict[str, int] = {}
+    devices: set[str] = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = str(tensor.dtype).removeprefix("torch.")
+        dtype_bytes[key] = dtype_bytes.get(key, 0) + _tensor_bytes(tensor)
+        devices.add(tensor.device.type)
+
+    if arch is not None and arch.timestep_arg is not None and timestep_arg is None:
+        timestep_arg = arch.timestep_arg
+    try:
+        t_name, _ = find_timestep_parameter(model, timestep_arg)
+    except ConfigError:
+        t_name = None
+        notes.append(f"timestep argument {timestep_arg!r} is not in the forward signature")
+
+    return ModelMap(
+        model_cls=type(model).__name__,
+        architecture=arch.name if arch else None,
+        towers=tuple(towers),
+        leaves=tuple(leaves),
+        high_precision=high,
+        high_precision_bytes=high_bytes,
+        attention=tuple(attention),
+        ffn=tuple(ffn),
+        param_count=count,
+        param_bytes=pbytes,
+        buffer_bytes=bbytes,
+        dtype_bytes=dtype_bytes,
+        device=",".join(sorted(devices)) or "none",
+        timestep_arg=t_name,
+        notes=tuple(notes),
+    )
