@@ -241,8 +241,14 @@ def test_stateful_hooks_reset_recursively_and_stateless_ones_are_left_alone():
     add_hook(model, c, "count")
     model(torch.randn(1, 2))
     assert (a.n, b.n, c.n) == (1, 1, 1)
+    HookRegistry.of(model[0]).reset_stateful()
+    assert (a.n, b.n, c.n) == (0, 1, 1)
+    model(torch.randn(1, 2))
+    HookRegistry.of(model).reset_stateful(recurse=True)
+    assert (a.n, b.n, c.n) == (0, 0, 2)
+    model(torch.randn(1, 2))
     reset_stateful_hooks(model)
-    assert (a.n, b.n, c.n) == (0, 0, 1)
+    assert (a.n, b.n, c.n) == (0, 0, 3)
 
 
 def test_deepcopy_of_a_hooked_model_runs_its_own_weights_and_hooks():

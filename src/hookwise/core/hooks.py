@@ -314,8 +314,11 @@ class HookRegistry:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def reset_stateful(self) -> None:
-        """Call `reset()` on every stateful hook of this module."""
+    def reset_stateful(self, recurse: bool = False) -> None:
+        """Call `reset()` on every stateful hook of this module (and of its submodules with `recurse`)."""
+        if recurse:
+            reset_stateful_hooks(self.module)
+            return
         for entry in reversed(self._entries):
             if entry.hook.stateful:
                 entry.hook.reset()
@@ -397,7 +400,7 @@ def list_hooks(model: nn.Module) -> dict[str, list[str]]:
 def reset_stateful_hooks(model: nn.Module) -> None:
     """Call `reset()` on every stateful hook anywhere in `model`."""
     for _, registry in iter_registries(model):
-        registry.reset_stateful()
+        registry.reset_stateful(recurse=False)
 
 
 def remove_hooks(model: nn.Module, predicate: Callable[[str, ModelHook], bool] | None = None) -> int:
