@@ -34,8 +34,15 @@ class RunState:
     - `step`: index of the current denoising step on the active branch (0 for its first call).
     - `branch`: the active CFG branch; `"default"` unless set with `hookwise.branch`.
     - `mode`: `"train"` or `"eval"` (the model's `training` flag at the latest call).
-    - `run`: how many sampling runs have started; a new one begins when a host-side timestep rises
+    - `run`: how many sampling runs have started; a new one begins when the timestep rises
       (sampling schedules fall), or on `new_run()`.
+    - `latents`: the first tensor argument of the latest call (the noisy latents), by reference.
+
+    A timestep that lives on an accelerator is not read at once (that would cost a host sync per
+    call): it stays *pending* until someone needs it. `resolve_timestep()` reads it (one sync) and
+    runs the rise check; a cache that syncs anyway for its own decision folds the read into that
+    same transfer with `pending_timestep()` + `resolve_timestep(value)`. Until then `step` counts
+    on as if the run continued.
     """
 
     def __init__(self) -> None:
@@ -48,6 +55,10 @@ class RunState:
         self._steps: dict[str, int] = {}
         self._last_t: dict[str, float] = {}
         self._new_run_listeners: list[Callable[[], None]] = []
+        self.latents: torch.Tensor | None = None
+        self.t_host: float | None = None  # the latest timestep as a float, when known without a sync
+        self._pending: torch.Tensor | None = None  # a device timestep not read yet
+        self._pending_branch: str = DEFAULT_BRANCH
 
     @property
     def step(self) -> int:
@@ -59,7 +70,55 @@ class RunState:
 
     def timestep_value(self) -> float | None:
         """The latest timestep as a float (first element of a tensor). Syncs with the device if on one."""
+        if self._pending is not None:
+            return self.resolve_timestep()
+        if self.t_host is not None:
+            return self.t_host
         return _as_float(self.timestep)
+
+    def pending_timestep(self) -> torch.Tensor | None:
+        """The latest timestep as a float32 device scalar while it has not been read, else None.
+
+        For folding the read into a transfer the caller makes anyway; pass the value read back to
+        `resolve_timestep`.
+        """
+        if self._pending is None:
+            return None
+        return self._pending.reshape(-1)[0].float()
+
+    def resolve_timestep(self, value: float | None = None) -> float | None:
+        """Read a pending device timestep (one sync, or `value` when the caller read it) and check for a rise.
+
+        When the timestep rose on the branch it was recorded on, a new run starts now (stateful
+        hooks reset) and that branch's step becomes 0. Returns the timestep as a float.
+        """
+        pending = self._pending
+        if pending is None:
+            return self.t_host if self.t_host is not None else _as_float(self.timestep)
+        if value is None:
+            value = float(pending.reshape(-1)[0])
+        self._pending = None
+        self.t_host = float(value)
+        branch = self._pending_branch
+        last = self._last_t.get(branch)
+        self._last_t[branch] = self.t_host
+        if last is not None and self.t_host > last:
+            logger.debug("hookwise: timestep rose from %s to %s on branch %r: new run", last, self.t_host, branch)
+            self.new_run()
+            self._last_t[branch] = self.t_host
+            self._steps[branch] = 0
+        return self.t_host
+
+    def cfg_halves_equal(self) -> torch.Tensor | None:
+        """A device bool scalar: the latest latents are two equal halves (batched classifier-free guidance).
+
+        None when the batch cannot be split in two. Reading it is the caller's sync.
+        """
+        x = self.latents
+        if x is None or x.ndim == 0 or x.shape[0] < 2 or x.shape[0] % 2:
+            return None
+        half = x.shape[0] // 2
+        return torch.eq(x[:half], x[half:]).all()
 
     def on_new_run(self, fn: Callable[[], None]) -> None:
         """Call `fn` whenever a new sampling run starts."""
@@ -70,13 +129,20 @@ class RunState:
         self.run += 1
         self._steps.clear()
         self._last_t.clear()
+        self._pending = None
         for fn in list(self._new_run_listeners):
             fn()
 
-    def record_call(self, timestep: Any, training: bool) -> None:
+    def record_call(self, timestep: Any, training: bool, latents: torch.Tensor | None = None) -> None:
         """Record one call of the root model (used by the root hook)."""
         branch = self.branch
         host_t = _host_float(timestep)
+        self._pending = None
+        self.t_host = host_t
+        self.latents = latents
+        if host_t is None and isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            if timestep.device.type != "meta" and not timestep.is_complex():
+                self._pending, self._pending_branch = timestep, branch
         if host_t is not None:
             last = self._last_t.get(branch)
             if last is not None and host_t > last:
@@ -152,8 +218,26 @@ class RunStateHook(ModelHook):
             t = args[self._t_index]
         else:
             t = None
-        self.state.record_call(t, module.training)
+        self.state.record_call(t, module.training, _first_tensor(args, kwargs))
         return args, kwargs
+
+
+_LATENT_NAMES = ("hidden_states", "x", "img", "latents", "sample")
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The latents of a denoiser call: a usual keyword, else the first tensor argument."""
+    for name in _LATENT_NAMES:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
 
 
 def find_timestep_parameter(module: nn.Module, name: str | None = None) -> tuple[str | None, int | None]:
