@@ -20,6 +20,18 @@ from .core import (
     remove_hook,
     reset_stateful_hooks,
 )
+from .cache import (
+    DualBlockCache,
+    FasterCache,
+    FirstBlockCache,
+    LayerSkip,
+    MagCache,
+    PyramidAttentionBroadcast,
+    TaylorSeer,
+    TeaCache,
+    calibrate_magcache,
+    calibrate_teacache,
+)
 from .errors import (
     CompatibilityError,
     ConfigError,
@@ -37,6 +49,16 @@ __version__ = "0.1.0"
 __all__ = [
     "CompatibilityError",
     "ConfigError",
+    "DualBlockCache",
+    "FasterCache",
+    "FirstBlockCache",
+    "LayerSkip",
+    "MagCache",
+    "PyramidAttentionBroadcast",
+    "TaylorSeer",
+    "TeaCache",
+    "calibrate_magcache",
+    "calibrate_teacache",
     "HookError",
     "HookRegistry",
     "HookwiseError",

@@ -1,0 +1,457 @@
+"""The block-span engine behind every block-level step cache (first-block, dual-block, TaylorSeer,
+MagCache, TeaCache).
+
+The main towers' blocks, in call order, are split into a *head* (the first `front` blocks, always
+computed), a *middle* (skipped on cached steps) and a *tail* (the last `back` blocks, always
+computed). A `Policy` decides once per call whether the middle runs: after the head (from the
+head's residual: first-block / dual-block caches) or before the first block (from the step or the
+first block's input: TaylorSeer, MagCache, TeaCache). A `Predictor` supplies what the middle would
+have added: its last residual (reuse) or a Taylor extrapolation of its residuals over steps.
+
+The middle is cut into *segments*, one per tower, because code between towers (a concatenation of
+text and image tokens, say) may change the streams' shapes. On a computed step each segment stores
+`output - input` per stream; on a cached step its blocks return their inputs unchanged (in each
+block's own output structure) and its last block adds the predicted residual. The middle therefore
+costs one addition per stream and segment instead of its blocks.
+
+Hook code runs eagerly (`torch.compiler.disable(recursive=False)`), so blocks compiled one by one
+("regional compilation") keep a single graph each: no guard on the cache's state, no recompile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.state import RunState
+from ..errors import CompatibilityError, ConfigError
+from ._runtime import (
+    BranchStore,
+    CacheHook,
+    StreamMap,
+    add_cache_hook,
+    find_hooks,
+    identity_output,
+    infer_stream_map,
+    input_of,
+    logger,
+    main_blocks,
+    remove_cache_hooks,
+    run_state,
+    tensor_inputs,
+    tower_of,
+)
+
+
+# ---- per-branch state -----------------------------------------------------------------------------
+@dataclass
+class SpanBranch:
+    """What a span cache remembers on one CFG branch during one sampling run."""
+
+    head_prev: list[torch.Tensor] | None = None  # head residual at the last computed step
+    head_shapes: tuple | None = None  # shapes of the head inputs at the last computed step
+    consecutive: int = 0  # cached steps in a row
+    computed: int = 0
+    cached: int = 0
+    extra: dict[int, list[Any]] = field(default_factory=dict)  # non-stream outputs of computed blocks
+    predictor: dict[str, Any] = field(default_factory=dict)  # the predictor's own state
+    policy: dict[str, Any] = field(default_factory=dict)  # the policy's own state
+
+
+@dataclass
+class Call:
+    """Scratch of the current forward: decided once, then read by every middle block."""
+
+    branch: str
+    compute: bool = True
+    decided: bool = False
+    head_in: list[torch.Tensor] | None = None
+    seg_in: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+    bypass: bool = False
+
+
+# ---- predictors -----------------------------------------------------------------------------------
+class Predictor:
+    """Supplies a skipped segment's residual. `order` 0 reuses the last computed residual."""
+
+    name = "reuse"
+
+    def update(self, st: SpanBranch, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        st.predictor.setdefault("res", {})[seg] = residual
+
+    def ready(self, st: SpanBranch, segments: int) -> bool:
+        return len(st.predictor.get("res", {})) == segments
+
+    def predict(self, st: SpanBranch, seg: int, step: int) -> list[torch.Tensor | None]:
+        return st.predictor["res"][seg]
+
+
+class TaylorPredictor(Predictor):
+    """Taylor expansion of each segment's residual in the step index (TaylorSeer), from divided
+    differences of the residuals of the last computed steps."""
+
+    name = "taylor"
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+
+    def update(self, st: SpanBranch, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        factors = st.predictor.setdefault("factors", {})
+        last = st.predictor.setdefault("last", {})
+        prev = factors.get(seg)
+        new: list[list[torch.Tensor] | None] = []
+        for k, r in enumerate(residual):
+            if r is None:
+                new.append(None)
+                continue
+            terms = [r]
+            old = prev[k] if prev is not None else None
+            if old is not None and seg in last and step > last[seg] and old[0].shape == r.shape:
+                delta = step - last[seg]
+                for j in range(min(self.order, len(old))):
+                    terms.append((terms[j] - old[j]) / delta)
+            new.append(terms)
+        factors[seg] = new
+        last[seg] = step
+
+    def ready(self, st: SpanBranch, segments: int) -> bool:
+        return len(st.predictor.get("factors", {})) == segments
+
+    def predict(self, st: SpanBranch, seg: int, step: int) -> list[torch.Tensor | None]:
+        factors = st.predictor["factors"][seg]
+        d = step - st.predictor["last"][seg]
+        out: list[torch.Tensor | None] = []
+        for terms in factors:
+            if terms is None:
+                out.append(None)
+                continue
+            value = terms[0]
+            for j in range(1, len(terms)):
+                value = value + terms[j] * (d**j / math.factorial(j))
+            out.append(value)
+        return out
+
+
+# ---- policies -------------------------------------------------------------------------------------
+class Policy:
+    """Decides whether the middle runs. `front` > 0: `after_head`; `front` == 0: `before_first`."""
+
+    def after_head(self, ctrl: SpanController, call: Call, residual: list[torch.Tensor]) -> bool:
+        raise NotImplementedError
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        """Decide before the first block runs, from the step or from the first block's inputs."""
+        raise NotImplementedError
+
+
+class AlwaysCompute(Policy):
+    """Never skips (calibration runs)."""
+
+    def after_head(self, ctrl, call, residual):
+        from ._runtime import host_values
+
+        host_values(ctrl.state)
+        return True
+
+    def before_first(self, ctrl, call, args, kwargs):
+        from ._runtime import resolved_step
+
+        resolved_step(ctrl.state)
+        return True
+
+
+class ResidualDiffPolicy(Policy):
+    """Skip while the head's residual changed less than `threshold` (relative L1) since the last
+    computed step; compute the first `warmup` steps and after `max_cached` cached steps in a row.
+
+    One host read per step (the change, with the timestep when it is on the device); none at all
+    with `threshold == 0`, which always computes.
+    """
+
+    def __init__(self, threshold: float, warmup: int = 0, max_cached: int | None = None) -> None:
+        self.threshold, self.warmup, self.max_cached = threshold, warmup, max_cached
+
+    def after_head(self, ctrl, call, residual):
+        from ._runtime import host_values, rel_l1
+
+        st = ctrl.store.get(call.branch)
+        prev = st.head_prev
+        comparable = (
+            self.threshold > 0
+            and prev is not None
+            and len(prev) == len(residual)
+            and all(a.shape == b.shape for a, b in zip(prev, residual))
+        )
+        host = host_values(ctrl.state, rel_l1(residual, prev)) if comparable else host_values(ctrl.state)
+        st = ctrl.store.get(call.branch)  # a new run may have begun
+        if not comparable or st.head_prev is None:
+            return True
+        if ctrl.state.step < self.warmup:
+            return True
+        if self.max_cached is not None and st.consecutive >= self.max_cached:
+            return True
+        st.policy["last_diff"] = host[0]
+        return host[0] >= self.threshold
+
+
+class IntervalPolicy(Policy):
+    """Compute the first `warmup` steps, then every `interval`-th step; no host read with a host timestep."""
+
+    def __init__(self, interval: int, warmup: int = 0) -> None:
+        self.interval, self.warmup = interval, warmup
+
+    def _compute(self, step: int) -> bool:
+        return self.interval <= 1 or step < self.warmup or (step - self.warmup) % self.interval == 0
+
+    def after_head(self, ctrl, call, residual):
+        from ._runtime import resolved_step
+
+        return self._compute(resolved_step(ctrl.state))
+
+    def before_first(self, ctrl, call, args, kwargs):
+        from ._runtime import resolved_step
+
+        return self._compute(resolved_step(ctrl.state))
+
+
+# ---- the controller and its hooks ----------------------------------------------------------------
+class SpanBlockHook(CacheHook):
+    """The hook on each main-tower block; the controller does the work."""
+
+    def __init__(self, controller: SpanController, index: int) -> None:
+        self.controller = controller
+        self.index = index
+
+    @torch.compiler.disable(recursive=False)
+    def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.controller.block_forward(self.index, next_fn, args, kwargs)
+
+    def reset(self) -> None:
+        self.controller.reset()
+
+
+class SpanController:
+    """Runs a head / middle / tail split of the main blocks with a policy and a predictor."""
+
+    def __init__(
+        self,
+        technique: str,
+        model: nn.Module,
+        front: int,
+        back: int,
+        policy: Policy,
+        predictor: Predictor | None = None,
+    ) -> None:
+        self.technique = technique
+        self.model = model
+        mmap, blocks = main_blocks(model, technique)
+        n = len(blocks)
+        if front + back >= n:
+            raise ConfigError(
+                f"{technique}: front={front} + back={back} blocks leave nothing to cache in a model with {n} "
+                f"main blocks; use front + back <= {n - 1}"
+            )
+        self.paths = [p for p, _ in blocks]
+        self.modules = [m for _, m in blocks]
+        self.front, self.back, self.n = front, back, n
+        self.tail_start = n - back
+        towers = tower_of(mmap)
+        # Segments: maximal runs of middle blocks in one tower.
+        self.seg_of: dict[int, int] = {}
+        self.seg_first: list[int] = []
+        self.seg_last: list[int] = []
+        for i in range(front, self.tail_start):
+            if not self.seg_first or towers[self.paths[i]] != towers[self.paths[i - 1]] or i == front:
+                self.seg_first.append(i)
+                self.seg_last.append(i)
+            self.seg_of[i] = len(self.seg_first) - 1
+            self.seg_last[-1] = i
+        self.policy = policy
+        self.predictor = predictor or Predictor()
+        self.store: BranchStore[SpanBranch] = BranchStore(SpanBranch)
+        self.maps: dict[int, StreamMap] = {}
+        self.call: Call | None = None
+        self.state: RunState = run_state(model)
+        self.hooks: list[SpanBlockHook] = []
+
+    # ---- attach / detach ----------------------------------------------------------------------
+    def attach(self) -> None:
+        for i, module in enumerate(self.modules):
+            hook = SpanBlockHook(self, i)
+            add_cache_hook(module, hook, self.technique)
+            self.hooks.append(hook)
+
+    def detach(self) -> None:
+        remove_cache_hooks(self.model, self.technique)
+        self.hooks.clear()
+
+    def reset(self) -> None:
+        self.store.clear()
+        if self.call is not None:
+            self.call.head_in = None
+            self.call.seg_in.clear()
+
+    @property
+    def segments(self) -> int:
+        return len(self.seg_first)
+
+    def branch_state(self) -> SpanBranch:
+        return self.store.get(self.call.branch if self.call is not None else self.state.branch)
+
+    # ---- the forward of one block ---------------------------------------------------------------
+    def _map(self, i: int, args: tuple, kwargs: dict, out: Any) -> StreamMap:
+        smap = self.maps.get(i)
+        if smap is None:
+            smap = self.maps[i] = infer_stream_map(self.paths[i], args, kwargs, out)
+        return smap
+
+    def _streams_in(self, smap: StreamMap, args: tuple, kwargs: dict) -> list[torch.Tensor | None]:
+        return [input_of(k, args, kwargs) if k is not None else None for k in smap.slots]
+
+    def block_forward(self, i: int, next_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if i == 0:
+            self.call = Call(self.state.branch, bypass=self.state.mode == "train")
+        call = self.call
+        if call is None or call.bypass:
+            return next_fn(*args, **kwargs)
+        if i < self.front:
+            out = next_fn(*args, **kwargs)
+            smap = self._map(i, args, kwargs, out)
+            if i == 0:
+                call.head_in = self._streams_in(smap, args, kwargs)
+            if i == self.front - 1:
+                self._decide_after_head(call, smap, args, kwargs, out)
+            return out
+        if i == self.front and not call.decided:
+            self._decide_before(call, args, kwargs)
+        if i >= self.tail_start:
+            return next_fn(*args, **kwargs)
+        seg = self.seg_of[i]
+        first, last = self.seg_first[seg], self.seg_last[seg]
+        if call.compute:
+            out = next_fn(*args, **kwargs)
+            smap = self._map(i, args, kwargs, out)
+            if i == first:
+                call.seg_in[seg] = self._streams_in(smap, args, kwargs)
+            values = smap.values(out)
+            if any(k is None and isinstance(v, torch.Tensor) for k, v in zip(smap.slots, values)):
+                self.branch_state().extra[i] = values
+            if i == last:
+                before = call.seg_in.get(seg)
+                if before is not None:
+                    residual = [
+                        (v - b).detach() if k is not None and b is not None and b.shape == v.shape else None
+                        for k, v, b in zip(smap.slots, values, before)
+                    ]
+                    self.predictor.update(self.branch_state(), seg, residual, self.state.step)
+            return out
+        st = self.branch_state()
+        smap = self.maps[i]
+        if i != last:
+            return identity_output(smap, args, kwargs, st.extra.get(i))
+        predicted = self.predictor.predict(st, seg, self.state.step)
+        values = []
+        cached = st.extra.get(i)
+        for k, key in enumerate(smap.slots):
+            if key is not None:
+                x = input_of(key, args, kwargs)
+                r = predicted[k] if k < len(predicted) else None
+                values.append(x + r.to(x.dtype) if r is not None else x)
+            elif smap.constants[k] is not None or cached is None:
+                values.append(smap.constants[k])
+            else:
+                values.append(cached[k])
+        return smap.build(values)
+
+    # ---- decisions ------------------------------------------------------------------------------
+    def _can_skip(self, st: SpanBranch) -> bool:
+        return bool(self.maps) and all(i in self.maps for i in range(self.front, self.tail_start)) and (
+            self.predictor.ready(st, self.segments)
+        )
+
+    def _finish_decision(self, call: Call, compute: bool) -> bool:
+        st = self.store.get(call.branch)
+        if not compute and not self._can_skip(st):
+            compute = True
+        call.compute, call.decided = compute, True
+        if compute:
+            st.computed += 1
+            st.consecutive = 0
+        else:
+            st.cached += 1
+            st.consecutive += 1
+        logger.debug(
+            "%s: branch %r step %d: %s", self.technique, call.branch, self.state.step, "compute" if compute else "cached"
+        )
+        return compute
+
+    def _decide_after_head(self, call: Call, smap: StreamMap, args: tuple, kwargs: dict, out: Any) -> None:
+        values = smap.values(out)
+        head_in = call.head_in or []
+        residual: list[torch.Tensor] = []
+        own_in = self._streams_in(smap, args, kwargs)
+        for k in smap.streams:
+            v = values[k]
+            b = head_in[k] if k < len(head_in) and head_in[k] is not None and head_in[k].shape == v.shape else own_in[k]
+            residual.append((v - b).detach())
+        shapes = tuple(tuple(x.shape) for x in head_in if x is not None)
+        st = self.store.get(call.branch)
+        if st.head_shapes is not None and st.head_shapes != shapes:
+            st.head_prev = None  # the input changed shape: nothing cached applies
+            st.predictor.clear()
+        compute = self._finish_decision(call, self.policy.after_head(self, call, residual))
+        st = self.store.get(call.branch)  # the policy's sync may have started a new run
+        st.head_shapes = shapes
+        if compute or st.head_prev is None:
+            # Compared with the last *computed* step, so slow drift adds up until it forces a compute.
+            st.head_prev = residual
+
+    def _decide_before(self, call: Call, args: tuple, kwargs: dict) -> None:
+        shapes = tuple(tuple(x.shape) for x in tensor_inputs(args, kwargs).values())
+        st = self.store.get(call.branch)
+        if st.head_shapes is not None and st.head_shapes != shapes:
+            st.predictor.clear()  # the inputs changed shape: nothing cached applies
+            st.policy.clear()
+        st.head_shapes = shapes
+        self._finish_decision(call, self.policy.before_first(self, call, args, kwargs))
+
+
+# ---- helpers for the technique files --------------------------------------------------------------
+def span_controller(model: nn.Module) -> SpanController | None:
+    """The span controller of the block cache on `model`, if one is applied."""
+    found = find_hooks(model, SpanBlockHook)
+    return found[0][1].controller if found else None
+
+
+def install_span(technique: str, model: nn.Module, front: int, back: int, policy: Policy) -> SpanController:
+    """Attach a span cache; refuses a second one on the same model."""
+    existing = span_controller(model)
+    if existing is not None:
+        hint = ""
+        if existing.technique == "taylorseer":
+            hint = (
+                "; to combine TaylorSeer with a block cache apply both in one call, e.g. "
+                f"hookwise.apply(model, <{technique} config>, TaylorSeer()), after hookwise.remove(model, 'taylorseer')"
+            )
+        raise CompatibilityError(
+            f"{technique}: the model already has the block cache {existing.technique!r}; one block cache per model"
+            f"{hint}"
+        )
+    controller = SpanController(technique, model, front, back, policy)
+    controller.attach()
+    return controller
+
+
+def uninstall_span(technique: str, model: nn.Module) -> None:
+    controller = span_controller(model)
+    if controller is not None and controller.technique == technique and isinstance(controller.predictor, TaylorPredictor):
+        if getattr(controller, "taylor_attached", False):
+            raise CompatibilityError(
+                f"TaylorSeer predicts the skipped residuals of {technique}; remove 'taylorseer' first "
+                f"(hookwise.remove(model, 'taylorseer')), then {technique!r}"
+            )
+    remove_cache_hooks(model, technique)
