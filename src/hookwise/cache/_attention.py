@@ -27,6 +27,7 @@ from ._runtime import (
 )
 
 KINDS = ("spatial", "temporal", "cross")
+RUN = object()  # `before()` says: run the module
 
 
 def attention_kind(kind: str) -> str:
@@ -85,15 +86,25 @@ class ModuleReuseHook(CacheHook):
         self.store: BranchStore[ModuleBranch] = BranchStore(ModuleBranch)
         self.computed = 0
         self.reused = 0
+        self._pending: tuple | None = None
 
     def reset(self) -> None:
         self.store.clear()
 
+    # Skipped by dynamo, not what it calls: a compiled module stays compiled, the cache logic is eager.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        out = self.before(args, kwargs)
+        if out is RUN:
+            out = self.after(next_fn(*args, **kwargs))
+        return out
+
+    @torch.compiler.disable
+    def before(self, args: tuple, kwargs: dict) -> Any:
         state = self.state
+        self._pending = None
         if state.mode == "train":
-            return next_fn(*args, **kwargs)
+            return RUN
         step = resolved_step(state)  # reads a device timestep once per call (shared by every hook)
         st = self.store.get(state.branch)
         t1000 = None
@@ -105,7 +116,15 @@ class ModuleReuseHook(CacheHook):
         if len(st.outputs) >= self.rule.keep and st.signature == signature and not self.rule.compute(step, t1000, st):
             self.reused += 1
             return self.rule.answer(st, step, t1000)
-        out = next_fn(*args, **kwargs)
+        self._pending = (st, step, signature)
+        return RUN
+
+    @torch.compiler.disable
+    def after(self, out: Any) -> Any:
+        if self._pending is None:
+            return out
+        st, step, signature = self._pending
+        self._pending = None
         self.computed += 1
         if st.signature != signature:
             st.outputs.clear()

@@ -14,8 +14,10 @@ text and image tokens, say) may change the streams' shapes. On a computed step e
 block's own output structure) and its last block adds the predicted residual. The middle therefore
 costs one addition per stream and segment instead of its blocks.
 
-Hook code runs eagerly (`torch.compiler.disable(recursive=False)`), so blocks compiled one by one
-("regional compilation") keep a single graph each: no guard on the cache's state, no recompile.
+Hook code runs eagerly: the hook's `new_forward` is skipped by dynamo (`recursive=False`) and its
+logic sits in `torch.compiler.disable`d methods, while the block's own forward, called from it,
+is still compiled when the block is. Blocks compiled one by one ("regional compilation") keep
+their graphs: no guard on the cache's state, no recompile from step to step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from ._runtime import (
     tensor_inputs,
     tower_of,
 )
+
+
+RUN = object()  # `before()` says: run the block
 
 
 # ---- per-branch state -----------------------------------------------------------------------------
@@ -226,9 +231,15 @@ class SpanBlockHook(CacheHook):
         self.controller = controller
         self.index = index
 
+    # Skipped by dynamo itself, but not what it calls: the block's own forward (`next_fn`) stays compiled
+    # when the block is, while the cache's logic (`before` / `after`) always runs eagerly.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return self.controller.block_forward(self.index, next_fn, args, kwargs)
+        ctrl, i = self.controller, self.index
+        out = ctrl.before(i, args, kwargs)
+        if out is RUN:
+            out = ctrl.after(i, args, kwargs, next_fn(*args, **kwargs))
+        return out
 
     def reset(self) -> None:
         self.controller.reset()
@@ -312,46 +323,22 @@ class SpanController:
     def _streams_in(self, smap: StreamMap, args: tuple, kwargs: dict) -> list[torch.Tensor | None]:
         return [input_of(k, args, kwargs) if k is not None else None for k in smap.slots]
 
-    def block_forward(self, i: int, next_fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    @torch.compiler.disable
+    def before(self, i: int, args: tuple, kwargs: dict) -> Any:
+        """`RUN` when block `i` must run; otherwise its cached output."""
         if i == 0:
             self.call = Call(self.state.branch, bypass=self.state.mode == "train")
         call = self.call
-        if call is None or call.bypass:
-            return next_fn(*args, **kwargs)
-        if i < self.front:
-            out = next_fn(*args, **kwargs)
-            smap = self._map(i, args, kwargs, out)
-            if i == 0:
-                call.head_in = self._streams_in(smap, args, kwargs)
-            if i == self.front - 1:
-                self._decide_after_head(call, smap, args, kwargs, out)
-            return out
+        if call is None or call.bypass or i < self.front:
+            return RUN
         if i == self.front and not call.decided:
             self._decide_before(call, args, kwargs)
-        if i >= self.tail_start:
-            return next_fn(*args, **kwargs)
+        if i >= self.tail_start or call.compute:
+            return RUN
         seg = self.seg_of[i]
-        first, last = self.seg_first[seg], self.seg_last[seg]
-        if call.compute:
-            out = next_fn(*args, **kwargs)
-            smap = self._map(i, args, kwargs, out)
-            if i == first:
-                call.seg_in[seg] = self._streams_in(smap, args, kwargs)
-            values = smap.values(out)
-            if any(k is None and isinstance(v, torch.Tensor) for k, v in zip(smap.slots, values)):
-                self.branch_state().extra[i] = values
-            if i == last:
-                before = call.seg_in.get(seg)
-                if before is not None:
-                    residual = [
-                        (v - b).detach() if k is not None and b is not None and b.shape == v.shape else None
-                        for k, v, b in zip(smap.slots, values, before)
-                    ]
-                    self.predictor.update(self.branch_state(), seg, residual, self.state.step)
-            return out
         st = self.branch_state()
         smap = self.maps[i]
-        if i != last:
+        if i != self.seg_last[seg]:
             return identity_output(smap, args, kwargs, st.extra.get(i))
         predicted = self.predictor.predict(st, seg, self.state.step)
         values = []
@@ -366,6 +353,35 @@ class SpanController:
             else:
                 values.append(cached[k])
         return smap.build(values)
+
+    @torch.compiler.disable
+    def after(self, i: int, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Record what a block that ran produced (stream maps, head residual, segment residuals)."""
+        call = self.call
+        if call is None or call.bypass or i >= self.tail_start:
+            return out
+        smap = self._map(i, args, kwargs, out)
+        if i < self.front:
+            if i == 0:
+                call.head_in = self._streams_in(smap, args, kwargs)
+            if i == self.front - 1:
+                self._decide_after_head(call, smap, args, kwargs, out)
+            return out
+        seg = self.seg_of[i]
+        if i == self.seg_first[seg]:
+            call.seg_in[seg] = self._streams_in(smap, args, kwargs)
+        values = smap.values(out)
+        if any(k is None and isinstance(v, torch.Tensor) for k, v in zip(smap.slots, values)):
+            self.branch_state().extra[i] = values
+        if i == self.seg_last[seg]:
+            before = call.seg_in.get(seg)
+            if before is not None:
+                residual = [
+                    (v - b).detach() if k is not None and b is not None and b.shape == v.shape else None
+                    for k, v, b in zip(smap.slots, values, before)
+                ]
+                self.predictor.update(self.branch_state(), seg, residual, self.state.step)
+        return out
 
     # ---- decisions ------------------------------------------------------------------------------
     def _can_skip(self, st: SpanBranch) -> bool:

@@ -182,6 +182,9 @@ class CfgReuseHook(CacheHook):
         self.delta: torch.Tensor | None = None
         self.first_t: float | None = None
         self.batched: bool | None = None
+        self._uncond_with: torch.Tensor | None = None
+        self._step = 0
+        self._t: float | None = None
 
     # ---- timestep -----------------------------------------------------------------------------
     def _t1000(self, step: int) -> float | None:
@@ -243,48 +246,64 @@ class CfgReuseHook(CacheHook):
 
         return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
+    # The root model is rarely compiled as a whole with caches; the same split keeps it safe if it is.
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        plan = self.before(args, kwargs)
+        if plan[0] == "answer":
+            return plan[1]
+        out = next_fn(*plan[1], **plan[2])
+        return self.after(plan[0], out)
+
+    @torch.compiler.disable
+    def before(self, args: tuple, kwargs: dict) -> tuple:
         state = self.state
         cfg = self.config
         if state.mode == "train" or cfg.uncond_range is None:
-            return next_fn(*args, **kwargs)
+            return ("plain", args, kwargs)
         branch = state.branch
         if branch == cfg.cond_branch:
-            out = next_fn(*args, **kwargs)
-            self.cond = (resolved_step(state), _sample_of(out).detach())
-            return out
+            self._step = resolved_step(state)
+            return ("cond", args, kwargs)
         if branch == cfg.uncond_branch:
             step = resolved_step(state)
             t1000 = self._t1000(step)
             cond = self.cond[1] if self.cond is not None and self.cond[0] == step else None
             if cond is not None and self._skip(step, t1000):
                 self.skipped += 1
-                return self._rebuild(self._approximate(cond, t1000))
-            out = next_fn(*args, **kwargs)
-            if cond is not None:
-                self._measure(_sample_of(out), cond)
-                self._template = out
-            return out
+                return ("answer", self._rebuild(self._approximate(cond, t1000)))
+            self._uncond_with = cond
+            return ("uncond", args, kwargs)
         if self.batched is None:
             batched = self._detect_batched(args, kwargs)  # one read, at the first call of a run
             self.batched = batched  # set after the read: it may have started a new run
             if batched:
                 logger.debug("faster_cache: batched CFG detected (uncond half first)")
         if not self.batched:
-            return next_fn(*args, **kwargs)
+            return ("plain", args, kwargs)
         step = resolved_step(state)
-        t1000 = self._t1000(step)
-        batch = state.latents.shape[0]
-        if self._skip(step, t1000):
+        self._t = self._t1000(step)
+        if self._skip(step, self._t):
             self.skipped += 1
-            a, k = self._cond_half(args, kwargs, batch)
-            out = next_fn(*a, **k)
+            a, k = self._cond_half(args, kwargs, state.latents.shape[0])
+            return ("batched-skip", a, k)
+        return ("batched", args, kwargs)
+
+    @torch.compiler.disable
+    def after(self, mode: str, out: Any) -> Any:
+        if mode == "cond":
+            self.cond = (self._step, _sample_of(out).detach())
+        elif mode == "uncond":
+            if self._uncond_with is not None:
+                self._measure(_sample_of(out), self._uncond_with)
+                self._template = out
+            self._uncond_with = None
+        elif mode == "batched-skip":
             cond = _sample_of(out)
-            return _with_sample(out, torch.cat([self._approximate(cond, t1000), cond]))
-        out = next_fn(*args, **kwargs)
-        uncond, cond = _sample_of(out).chunk(2)
-        self._measure(uncond, cond)
+            return _with_sample(out, torch.cat([self._approximate(cond, self._t), cond]))
+        elif mode == "batched":
+            uncond, cond = _sample_of(out).chunk(2)
+            self._measure(uncond, cond)
         return out
 
     def _rebuild(self, sample: torch.Tensor) -> Any:

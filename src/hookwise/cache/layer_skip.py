@@ -33,6 +33,7 @@ from ._runtime import (
 from ._attention import _map_output
 
 NAME = "layer_skip"
+RUN, LEARN = object(), object()
 WHAT = ("block", "attention", "ffn")
 
 
@@ -81,19 +82,34 @@ class SkipHook(ModelHook):
 
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        out = self.before(args, kwargs)
+        if out is RUN:
+            out = next_fn(*args, **kwargs)
+        elif out is LEARN:
+            out = self.learn(args, kwargs, next_fn(*args, **kwargs))
+        return out
+
+    @torch.compiler.disable
+    def before(self, args: tuple, kwargs: dict) -> Any:
         if self.steps is not None:
             step = resolved_step(self.state)
             if not self.steps[0] <= step <= self.steps[1]:
-                return next_fn(*args, **kwargs)
-        if self.zeros:
-            if self.template is None:
-                self.template = _map_output(lambda t: torch.zeros_like(t), next_fn(*args, **kwargs))
-            self.skipped += 1
-            return _map_output(lambda t: torch.zeros_like(t), self.template)
-        if self.smap is None:
-            self.smap = infer_stream_map(self.where, args, kwargs, next_fn(*args, **kwargs))
+                return RUN
+        if (self.template if self.zeros else self.smap) is None:
+            return LEARN
         self.skipped += 1
+        if self.zeros:
+            return _map_output(lambda t: torch.zeros_like(t), self.template)
         return identity_output(self.smap, args, kwargs, None)
+
+    @torch.compiler.disable
+    def learn(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        """The first skipped call runs once to learn the output's structure, then answers as skipped."""
+        if self.zeros:
+            self.template = _map_output(lambda t: torch.zeros_like(t), out)
+        else:
+            self.smap = infer_stream_map(self.where, args, kwargs, out)
+        return self.before(args, kwargs)
 
 
 def _targets(model: nn.Module, config: LayerSkip) -> list[tuple[str, nn.Module]]:

@@ -1,0 +1,99 @@
+"""Regionally compiled blocks (each block compiled on its own) under every cache: no recompiles between steps.
+
+Counted with dynamo's CompileCounter backend (it compiles nothing, so this runs on any CPU). After a
+first run (which compiles each block class once and takes both the computed and the cached paths)
+`error_on_recompile` is set: a guard that fails from one step to the next then raises. The cache
+hooks run eagerly next to the compiled blocks; their state (steps, branches, cached tensors) never
+becomes a guard. Identical blocks share one graph.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import hookwise
+from hookwise import (
+    DualBlockCache,
+    FasterCache,
+    FirstBlockCache,
+    LayerSkip,
+    MagCache,
+    PyramidAttentionBroadcast,
+    TaylorSeer,
+    TeaCache,
+)
+
+from hookwise.cache._blocks import span_controller
+
+from cache_helpers import build, denoise, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def strict(monkeypatch):
+    """From now on any recompilation raises, instead of silently growing the cache until dynamo gives up."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+
+CASES = {
+    "first_block": ("musubi", [FirstBlockCache(threshold=0.3)]),
+    "dual_block+taylorseer": ("musubi", [DualBlockCache(threshold=0.3, warmup=1, max_cached=2), TaylorSeer(order=2)]),
+    "taylorseer": ("musubi", [TaylorSeer(order=2, interval=2, warmup=1)]),
+    "magcache": ("musubi", [MagCache(ratios=(1.0, 1.01, 1.0, 0.99, 1.0, 1.01, 1.0, 0.99), threshold=0.5, retention=0.1)]),
+    "teacache": ("musubi", [TeaCache(threshold=0.5)]),
+    "layer_skip": ("musubi", [LayerSkip(blocks=(1, 3))]),
+    "pab": ("wan", [PyramidAttentionBroadcast(spatial_range=2, cross_range=3, spatial_window=None, cross_window=None)]),
+    "faster_cache": ("wan", [FasterCache(attention_range=2, attention_window=None, uncond_range=2, uncond_window=None)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_blocks_do_not_recompile_from_step_to_step(case, monkeypatch):
+    name, configs = CASES[case]
+    model, inputs = build(name)
+    eager = copy.deepcopy(model)
+    hookwise.apply(eager, *configs)
+    expected = denoise(eager, name, inputs, steps=8)
+
+    counter = CompileCounter()
+    for tower in hookwise.describe(model).main_towers:
+        for block in tower.blocks:
+            model.get_submodule(block.path).compile(backend=counter, dynamic=False)
+    hookwise.apply(model, *configs)
+    frames = []
+    denoise(model, name, inputs, steps=8, record=frames)
+    after_first_run = counter.frame_count
+    strict(monkeypatch)
+    second = denoise(model, name, inputs, steps=8)  # a new run: state resets, same graphs
+    assert counter.frame_count == after_first_run > 0
+    if name == "musubi":  # block caches: one graph per block class (double, single), shared by its blocks
+        assert counter.frame_count == 2
+    # attention caches decide in the middle of a block: its graph breaks around each hooked attention
+    torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_frames_stop_growing_after_the_first_steps_of_a_run():
+    model, inputs = build("musubi")
+    counter = CompileCounter()
+    for tower in hookwise.describe(model).main_towers:
+        for block in tower.blocks:
+            model.get_submodule(block.path).compile(backend=counter, dynamic=False)
+    hookwise.apply(model, DualBlockCache(threshold=0.3, warmup=1, max_cached=2))
+
+    class FrameCounts(list):  # denoise() appends each step's prediction; keep the frame count instead
+        def append(self, _):
+            super().append(counter.frame_count)
+
+    counts = FrameCounts()
+    denoise(model, "musubi", inputs, steps=12, record=counts)
+    cached = span_controller(model).store.get("cond").cached
+    assert cached >= 3  # both paths (computed and cached steps) were taken
+    assert len(set(counts[2:])) == 1, counts
