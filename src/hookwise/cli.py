@@ -1,4 +1,4 @@
-"""The `hookwise` command line: `hookwise inspect MODEL [--json]`."""
+"""The `hookwise` command line: `hookwise inspect MODEL [--json]`, `hookwise bench cache [--model NAME]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import re
 import sys
 from typing import Sequence
 
-from .errors import HookwiseError
+from pathlib import Path
+
+from .errors import ConfigError, HookwiseError
 
 _MIB = 1 / 2**20
 
@@ -119,6 +121,83 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cache(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .sampling.cache_bench import run_cache_bench, save_plot, to_markdown
+    from .zoo import load_reference
+
+    console = Console(stderr=True)
+    reference = load_reference(args.model)
+    labels = None
+    if args.prompts:
+        names = list(reference.spec.classes)
+        labels = []
+        for item in args.prompts.split(","):
+            item = item.strip()
+            if item.isdigit():
+                labels.append(int(item))
+            elif item in names:
+                labels.append(names.index(item))
+            else:
+                raise ConfigError(f"unknown prompt {item!r} for {args.model}; use class ids or names: {names}")
+    methods = args.methods.split(",") if args.methods else None
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task(f"{args.model}: calibrating, reference runs", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, total=total, completed=done, description=f"{args.model}: {what}")
+
+        results = run_cache_bench(
+            reference,
+            labels=labels,
+            seed=args.seed,
+            steps=args.steps,
+            repeats=args.repeats,
+            methods=methods,
+            compare_diffusers=not args.no_diffusers,
+            progress=progress,
+        )
+    table = to_markdown(results)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+    if args.plot:
+        save_plot(results, args.plot, title=f"{args.model}: PSNR vs speed-up ({reference.spec.kind}, {args.steps or reference.spec.steps} steps)")
+        console.print(f"plot saved to {args.plot}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    from .zoo.reference import reference_names
+
+    bench = sub.add_parser("bench", help="side-by-side benchmarks", description="Benchmarks of hookwise techniques.")
+    what = bench.add_subparsers(dest="bench", metavar="WHAT")
+    cache = what.add_parser(
+        "cache",
+        help="quality vs speed of the step caches on a reference model, with diffusers' caches at equal settings",
+        description="Sample a reference model uncached, then with every step cache over a sweep of settings (and "
+        "diffusers' implementations of the same methods); report block evaluations, time, speed-up, PSNR and SSIM.",
+    )
+    cache.add_argument("--model", default="flux-shapes", choices=reference_names(), help="reference model (default flux-shapes)")
+    cache.add_argument("--prompts", default=None, help="comma-separated class ids or names (default: every class)")
+    cache.add_argument("--seed", type=int, default=0)
+    cache.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 28)")
+    cache.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the fastest counts")
+    cache.add_argument("--methods", default=None, help="comma-separated methods to run (default: all)")
+    cache.add_argument("--no-diffusers", action="store_true", help="skip diffusers' implementations")
+    cache.add_argument("--plot", default=None, metavar="PNG", help="save the quality vs speed-up plot here")
+    cache.add_argument("--json", default=None, metavar="FILE", help="save the results as JSON")
+    cache.add_argument("--markdown", default=None, metavar="FILE", help="save the table as Markdown")
+    cache.set_defaults(func=cmd_bench_cache)
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .introspect import spec_names
@@ -143,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the map as JSON")
     inspect.add_argument("--dtype", default=None, help="parameter dtype to size the model in (default: bf16 for specs)")
     inspect.set_defaults(func=cmd_inspect)
+    _add_bench(sub)
     return parser
 
 

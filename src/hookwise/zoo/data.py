@@ -1,0 +1,91 @@
+"""Procedurally generated training data for the reference models: no downloads, fully seeded.
+
+- Images (`shapes`): 16x16 RGB, one filled shape on a dark background. The class is
+  shape x colour (circle / square / triangle x red / green / blue: 9 classes); position, size and the
+  exact hue vary.
+- Videos (`moving`): 8 frames of 16x16 RGB, one shape moving in a straight line. The class is
+  colour x direction (red / green / blue x right / left / down / up: 12 classes); shape (circle or
+  square), start, size and speed vary.
+
+Pixels are in [-1, 1]; shapes have soft (anti-aliased) edges so that the targets are smooth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue")
+DIRECTIONS = ("right", "left", "down", "up")
+
+IMAGE_CLASSES = tuple(f"{c} {s}" for s in SHAPES for c in COLOURS)  # class id = shape * 3 + colour
+VIDEO_CLASSES = tuple(f"{c} moving {d}" for d in DIRECTIONS for c in COLOURS)  # id = direction * 3 + colour
+
+_RGB = torch.tensor([[0.9, 0.15, 0.1], [0.15, 0.85, 0.2], [0.15, 0.3, 0.95]])
+_BACKGROUND = 0.12  # in [0, 1]
+
+
+def _colours(colour: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """RGB in [0, 1] for colour indices, with a little jitter so a class is a distribution, not a point."""
+    base = _RGB[colour]
+    return (base + 0.08 * torch.randn(base.shape, generator=g)).clamp(0.0, 1.0)
+
+
+def _coverage(kind: torch.Tensor, cx, cy, r, xs, ys) -> torch.Tensor:
+    """Soft coverage in [0, 1] of shapes `kind` (0 circle, 1 square, 2 triangle) on a pixel grid.
+
+    `cx, cy, r` have shape (N, 1, 1) (or broadcast against the grid); `xs, ys` are pixel centres.
+    """
+    dx, dy = xs - cx, ys - cy
+    circle = r - torch.sqrt(dx**2 + dy**2)
+    square = r * 0.85 - torch.maximum(dx.abs(), dy.abs())
+    # Upward triangle: apex at (cx, cy - r), base at y = cy + 0.8 r; distance to its three edges.
+    top, base = -r, 0.8 * r
+    slope = 0.55
+    edge = (dy - top) * slope - dx.abs()
+    triangle = torch.minimum(torch.minimum(base - dy, dy - top), edge / (1 + slope**2) ** 0.5)
+    sd = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+    return torch.sigmoid(sd * 3.0)
+
+
+def make_images(labels: torch.Tensor, g: torch.Generator, size: int = 16) -> torch.Tensor:
+    """Images (N, 3, size, size) in [-1, 1] for image class ids `labels`."""
+    n = labels.shape[0]
+    shape, colour = labels // 3, labels % 3
+    r = (0.24 + 0.08 * torch.rand(n, generator=g)) * size
+    margin = r + 1.0
+    cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    view = lambda t: t.view(n, 1, 1)  # noqa: E731
+    cover = _coverage(view(shape), view(cx), view(cy), view(r), xs, ys)  # (N, H, W)
+    rgb = _colours(colour, g)  # (N, 3)
+    img = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None] - _BACKGROUND)
+    return img * 2 - 1
+
+
+def make_videos(labels: torch.Tensor, g: torch.Generator, frames: int = 8, size: int = 16) -> torch.Tensor:
+    """Videos (N, 3, frames, size, size) in [-1, 1] for video class ids `labels`."""
+    n = labels.shape[0]
+    direction, colour = labels // 3, labels % 3
+    kind = torch.randint(0, 2, (n,), generator=g)  # circle or square
+    r = 2.0 + 0.8 * torch.rand(n, generator=g)
+    speed = 1.1 + 0.4 * torch.rand(n, generator=g)
+    travel = speed * (frames - 1)
+    # Along the motion axis start so the whole path stays in frame; across it anywhere.
+    lo = r + 0.5
+    along = lo + torch.rand(n, generator=g) * (size - 2 * lo - travel).clamp(min=0.0)
+    across = lo + torch.rand(n, generator=g) * (size - 2 * lo)
+    sign = torch.where((direction == 0) | (direction == 2), 1.0, -1.0)
+    start = torch.where(sign > 0, along, size - along)
+    horizontal = direction < 2
+    t = torch.arange(frames, dtype=torch.float32)
+    pos = start[:, None] + sign[:, None] * speed[:, None] * t[None]  # (N, F)
+    cx = torch.where(horizontal[:, None], pos, across[:, None].expand(n, frames))
+    cy = torch.where(horizontal[:, None], across[:, None].expand(n, frames), pos)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    view = lambda v: v.reshape(n, frames, 1, 1)  # noqa: E731
+    cover = _coverage(view(kind[:, None].expand(n, frames)), view(cx), view(cy), view(r[:, None].expand(n, frames)), xs, ys)
+    rgb = _colours(colour, g)
+    vid = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None, None] - _BACKGROUND)  # (N, 3, F, H, W)
+    return vid * 2 - 1
