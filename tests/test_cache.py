@@ -35,6 +35,7 @@ EXACT = {
     "first_block": FirstBlockCache(threshold=0.0),
     "dual_block": DualBlockCache(threshold=0.0, front=1, back=1),
     "taylorseer": TaylorSeer(order=2, interval=1, warmup=0),
+    "taylorseer_attention": TaylorSeer(order=2, interval=1, targets="attention"),
     "teacache": TeaCache(threshold=0.0),
     "magcache": MagCache(ratios=RATIOS, threshold=0.0),
     "pab": PyramidAttentionBroadcast(spatial_range=1, temporal_range=1, cross_range=1),
@@ -53,6 +54,7 @@ ATTENTION_SKIPPING = {
     "pab": PyramidAttentionBroadcast(spatial_range=2, temporal_range=2, cross_range=2, spatial_window=None,
                                      temporal_window=None, cross_window=None),
     "faster_cache": FasterCache(attention_range=2, attention_window=None, uncond_range=None),
+    "taylorseer_attention": TaylorSeer(order=2, interval=2, warmup=3, targets="attention"),
 }
 
 
@@ -218,6 +220,17 @@ def test_taylorseer_combines_with_a_block_cache_and_comes_off_cleanly():
     assert torch.equal(denoise(model, "musubi", inputs), reference)
 
 
+def test_taylorseer_on_attention_extrapolates_exactly_a_linear_output():
+    from hookwise.cache._attention import ModuleBranch
+    from hookwise.cache.taylorseer import TaylorRule
+
+    st = ModuleBranch(outputs=[torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([9.0])], steps=[0, 2, 4])
+    # a quadratic through (0, 1), (2, 3), (4, 9): y = 0.5 s^2 - 0 s + 1 -> y(5) = 13.5
+    assert TaylorRule(2, 3, 0).answer(st, 5, None).item() == pytest.approx(13.5)
+    st1 = ModuleBranch(outputs=[torch.tensor([3.0]), torch.tensor([9.0])], steps=[2, 4])
+    assert TaylorRule(1, 3, 0).answer(st1, 5, None).item() == pytest.approx(12.0)
+
+
 def test_taylorseer_alone_then_a_block_cache_is_refused_with_advice():
     model, _ = build("musubi")
     hookwise.apply(model, TaylorSeer())
@@ -245,6 +258,7 @@ def test_two_block_caches_conflict_and_nothing_is_attached():
         (lambda: DualBlockCache(front=0), "front"),
         (lambda: TaylorSeer(order=3), "order must be 1 or 2"),
         (lambda: TaylorSeer(interval=0), "interval"),
+        (lambda: TaylorSeer(targets="ffn"), "targets"),
         (lambda: PyramidAttentionBroadcast(spatial_range=None, temporal_range=None, cross_range=None), "nothing"),
         (lambda: PyramidAttentionBroadcast(spatial_window=(800, 100)), "low <= high"),
         (lambda: FasterCache(attention_range=None, uncond_range=None), "nothing"),

@@ -50,6 +50,7 @@ CASES = {
     "magcache": ("musubi", [MagCache(ratios=(1.0, 1.01, 1.0, 0.99, 1.0, 1.01, 1.0, 0.99), threshold=0.5, retention=0.1)]),
     "teacache": ("musubi", [TeaCache(threshold=0.5)]),
     "layer_skip": ("musubi", [LayerSkip(blocks=(1, 3))]),
+    "taylorseer_attention": ("wan", [TaylorSeer(order=2, interval=2, warmup=2, targets="attention")]),
     "pab": ("wan", [PyramidAttentionBroadcast(spatial_range=2, cross_range=3, spatial_window=None, cross_window=None)]),
     "faster_cache": ("wan", [FasterCache(attention_range=2, attention_window=None, uncond_range=2, uncond_window=None)]),
 }

@@ -34,6 +34,7 @@ CASES = {
     "magcache": ("musubi", [MagCache(ratios=(1.0, 1.01, 1.0, 0.99, 1.0, 1.01, 1.0, 0.99), threshold=0.5, retention=0.1)]),
     "teacache": ("musubi", [TeaCache(threshold=0.3)]),
     "layer_skip": ("musubi", [LayerSkip(blocks=(2,), steps=(2, 5))]),
+    "taylorseer_attention": ("wan", [TaylorSeer(order=2, interval=2, warmup=2, targets="attention")]),
     "pab": ("wan", [PyramidAttentionBroadcast(spatial_range=2, cross_range=3)]),
     "faster_cache": ("wan", [FasterCache(attention_range=2, uncond_range=2)]),
 }

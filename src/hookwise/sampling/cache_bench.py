@@ -119,6 +119,15 @@ def hookwise_methods(
                 default=(order, interval) == (1, 3),
             )
         )
+    for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
+        out.append(
+            _hookwise(
+                "taylorseer-attention",
+                f"order={order}, interval={interval}",
+                hw.TaylorSeer(order=order, interval=interval, warmup=3, targets="attention"),
+                default=(order, interval) == (1, 3),
+            )
+        )
     for sr in (2, 3, 4):
         out.append(
             _hookwise("pab", f"spatial_range={sr}", hw.PyramidAttentionBroadcast(spatial_range=sr), default=sr == 2)
@@ -147,10 +156,10 @@ def hookwise_methods(
 
 
 HOOKWISE_METHODS = (
-    "first-block", "dual-block", "dual-block+taylorseer", "taylorseer", "pab", "fastercache", "magcache", "teacache",
-    "layer-skip",
+    "first-block", "dual-block", "dual-block+taylorseer", "taylorseer", "taylorseer-attention", "pab", "fastercache",
+    "magcache", "teacache", "layer-skip",
 )
-DIFFUSERS_METHODS = ("first-block", "taylorseer", "pab", "fastercache", "magcache")
+DIFFUSERS_METHODS = ("first-block", "taylorseer-attention", "pab", "fastercache", "magcache")
 
 
 def diffusers_methods(
@@ -180,7 +189,7 @@ def diffusers_methods(
             cache_interval=interval, disable_cache_before_step=3, max_order=order, taylor_factors_dtype=torch.float32
         )
         out.append(
-            Method("taylorseer", "diffusers", f"order={order}, interval={interval}", enable(config), disable,
+            Method("taylorseer-attention", "diffusers", f"order={order}, interval={interval}", enable(config), disable,
                    default=(order, interval) == (1, 3), diffusers_context=True)
         )
     for sr in (2, 3, 4):
