@@ -220,15 +220,17 @@ def test_taylorseer_combines_with_a_block_cache_and_comes_off_cleanly():
     assert torch.equal(denoise(model, "musubi", inputs), reference)
 
 
-def test_taylorseer_on_attention_extrapolates_exactly_a_linear_output():
+def test_taylorseer_on_attention_extrapolates_by_backward_differences():
     from hookwise.cache._attention import ModuleBranch
-    from hookwise.cache.taylorseer import TaylorRule
+    from hookwise.cache.taylorseer import TaylorRule, taylor_schedule
 
-    st = ModuleBranch(outputs=[torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([9.0])], steps=[0, 2, 4])
-    # a quadratic through (0, 1), (2, 3), (4, 9): y = 0.5 s^2 - 0 s + 1 -> y(5) = 13.5
-    assert TaylorRule(2, 3, 0).answer(st, 5, None).item() == pytest.approx(13.5)
     st1 = ModuleBranch(outputs=[torch.tensor([3.0]), torch.tensor([9.0])], steps=[2, 4])
-    assert TaylorRule(1, 3, 0).answer(st1, 5, None).item() == pytest.approx(12.0)
+    assert TaylorRule(1, 3, 0).answer(st1, 5, None).item() == pytest.approx(12.0)  # 9 + 3 * 1
+    st = ModuleBranch(outputs=[torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([9.0])], steps=[0, 2, 4])
+    # y' = (9 - 3) / 2 = 3, y'' = (3 - 1) / 2 = 1 -> y(6) = 9 + 3 * 2 + 1 * 2^2 / 2 = 17
+    assert TaylorRule(2, 3, 0).answer(st, 6, None).item() == pytest.approx(17.0)
+    assert [s for s in range(12) if taylor_schedule(s, 3, 3)] == [0, 1, 2, 4, 7, 10]
+    assert all(taylor_schedule(s, 1, 3) for s in range(12))
 
 
 def test_taylorseer_alone_then_a_block_cache_is_refused_with_advice():

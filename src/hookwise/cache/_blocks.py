@@ -204,13 +204,14 @@ class ResidualDiffPolicy(Policy):
 
 
 class IntervalPolicy(Policy):
-    """Compute the first `warmup` steps, then every `interval`-th step; no host read with a host timestep."""
+    """Compute the first `warmup` steps, then one step in `interval` (the first one step after the
+    warmup, as TaylorSeer schedules it); no host read with a host timestep."""
 
     def __init__(self, interval: int, warmup: int = 0) -> None:
         self.interval, self.warmup = interval, warmup
 
     def _compute(self, step: int) -> bool:
-        return self.interval <= 1 or step < self.warmup or (step - self.warmup) % self.interval == 0
+        return self.interval <= 1 or step < self.warmup or (step - self.warmup - 1) % self.interval == 0
 
     def after_head(self, ctrl, call, residual):
         from ._runtime import resolved_step

@@ -11,6 +11,7 @@ compute and TaylorSeer replaces its reuse of the last residual with the extrapol
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,9 @@ class TaylorSeer(TechniqueConfig):
     """TaylorSeer: Taylor extrapolation of skipped blocks' residuals over steps.
 
     - `order`: 1 (linear) or 2 (quadratic).
-    - `interval`, `warmup`: alone, compute the first `warmup` steps and then every `interval`-th
-      step (defaults 3 and 3; `interval=1` computes every step). With a block cache they must stay
+    - `interval`, `warmup`: alone, compute the first `warmup` steps and then one step in
+      `interval`, the first one step after the warmup (defaults 3 and 3; `interval=1` computes
+      every step). With a block cache they must stay
       None: the block cache decides.
     - `targets`: "blocks" (skip the main blocks, predict their residual) or "attention" (run the
       blocks, predict each attention module's output).
@@ -59,36 +61,41 @@ class TaylorSeer(TechniqueConfig):
         check_int("TaylorSeer.warmup", self.warmup, 0, optional=True)
 
 
+def taylor_schedule(step: int, interval: int, warmup: int) -> bool:
+    """Whether TaylorSeer computes at `step`: the first `warmup` steps, then one step in `interval`,
+    the first of them one step after the warmup (the step right after it is already extrapolated)."""
+    return interval <= 1 or step < warmup or (step - warmup - 1) % interval == 0
+
+
 class TaylorRule(Rule):
-    """Extrapolates a module's output from its last `order + 1` computed outputs (Newton's divided
-    differences over the step index, exact for non-uniform spacing)."""
+    """Extrapolates a module's output over steps from its last computed outputs: a Taylor expansion
+    whose derivatives are backward differences between consecutive computed steps (TaylorSeer)."""
 
     def __init__(self, order: int, interval: int, warmup: int) -> None:
         self.keep = order + 1
         self.interval, self.warmup = interval, warmup
 
     def compute(self, step: int, t1000: float | None, st: ModuleBranch) -> bool:
-        return self.interval <= 1 or step < self.warmup or (step - self.warmup) % self.interval == 0
+        return taylor_schedule(step, self.interval, self.warmup)
 
     def answer(self, st: ModuleBranch, step: int, t1000: float | None) -> Any:
         steps = st.steps
 
-        def newton(*ys: torch.Tensor) -> torch.Tensor:
-            # divided-difference table, newest point last; evaluate the Newton form at `step`
-            table = [y.float() for y in ys]
-            coefficients = [table[-1]]
-            for level in range(1, len(table)):
-                table = [
-                    (table[i + 1] - table[i]) / (steps[i + level] - steps[i]) for i in range(len(table) - 1)
-                ]
-                coefficients.append(table[-1])
-            value, basis = coefficients[0], 1.0
-            for level in range(1, len(coefficients)):
-                basis *= step - steps[len(steps) - level]
-                value = value + coefficients[level] * basis
+        def expand(*ys: torch.Tensor) -> torch.Tensor:
+            # derivative k at the newest point: the backward difference of derivative k-1 between the two
+            # newest points where derivative k-1 is known, over the newest gap
+            derivs = [y.float() for y in ys]  # order 0, oldest first
+            terms = [derivs[-1]]
+            for k in range(1, len(ys)):
+                derivs = [(derivs[i + 1] - derivs[i]) / (steps[i + k] - steps[i + k - 1]) for i in range(len(derivs) - 1)]
+                terms.append(derivs[-1])
+            d = step - steps[-1]
+            value = terms[0]
+            for k in range(1, len(terms)):
+                value = value + terms[k] * (d**k / math.factorial(k))
             return value.to(ys[-1].dtype)
 
-        return _map_output(newton, *st.outputs)
+        return _map_output(expand, *st.outputs)
 
 
 def apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:

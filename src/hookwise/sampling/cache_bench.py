@@ -103,7 +103,7 @@ def hookwise_methods(
     out: list[Method] = []
     wanted = wanted or set(HOOKWISE_METHODS)
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
-        out.append(_hookwise("first-block", f"threshold={th}", hw.FirstBlockCache(threshold=th), default=th == 0.05))
+        out.append(_hookwise("first-block", f"threshold={th}", hw.FirstBlockCache(threshold=th), default=th == 0.1))
     for th in (0.05, 0.08, 0.15, 0.3, 0.5):
         out.append(_hookwise("dual-block", f"threshold={th}", hw.DualBlockCache(threshold=th), default=th == 0.08))
     for th in (0.15, 0.3, 0.5, 0.8):
@@ -258,13 +258,12 @@ def run_cache_bench(
     methods: Iterable[str] | None = None,
     compare_diffusers: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
-    reference_every: int = 6,
 ) -> list[RunResult]:
     """Benchmark the caches on a `hookwise.zoo` reference model; returns one result per run.
 
     `labels`: class ids of the prompt set (default: every class once). `repeats`: timed runs
-    per setting (the fastest counts); the uncached runs are timed again every `reference_every`
-    settings and their fastest time is the baseline. `methods`: names to keep (default: all).
+    per setting (the fastest counts); each setting's speed-up is against the faster of two uncached
+    runs made right before and right after it. `methods`: names to keep (default: all).
     """
     wanted = set(methods) if methods is not None else set(HOOKWISE_METHODS)
     unknown = wanted - set(HOOKWISE_METHODS)
@@ -348,17 +347,12 @@ def run_cache_bench(
             todo += diffusers_methods(model, lambda: current_t["t"], calibrate_diffusers, steps, wanted)
         _fastercache_guard(todo)
         todo = [m for m in todo if m.method in wanted]
-        def retime_reference() -> None:
-            # Other processes share the CPU: every few settings the uncached runs are timed again and the
-            # fastest time of each is kept, as the settings keep their fastest; contention only adds time.
-            for cfg in ("separate", "batched"):
-                base_seconds[cfg] = min(base_seconds[cfg], once(cfg)[1])
-
         for index, m in enumerate(todo):
-            if index and index % reference_every == 0:
-                retime_reference()
             if progress is not None:
                 progress(index, len(todo), f"{m.impl} {m.method} {m.setting}")
+            # Other processes may share the CPU: each setting is timed between two uncached runs made
+            # just before and just after it, and its speed-up is against the faster of those two.
+            local_base = once(m.cfg)[1]
             try:
                 m.apply(model)
             except Exception as exc:
@@ -385,6 +379,8 @@ def run_cache_bench(
                 failed = _failed(m, exc)
             finally:
                 m.remove(model)
+            local_base = min(local_base, once(m.cfg)[1])
+            base_seconds[m.cfg] = min(base_seconds[m.cfg], local_base)
             if failed is not None:
                 results.append(failed)
                 continue
@@ -393,17 +389,13 @@ def run_cache_bench(
             best = min(times)
             results.append(
                 RunResult(
-                    m.method, m.impl, m.setting, nb / b0, (na / a0) if a0 else 1.0, best, base_seconds[m.cfg] / best,
+                    m.method, m.impl, m.setting, nb / b0, (na / a0) if a0 else 1.0, best, local_base / best,
                     psnr(images, ref), ssim(images, ref), m.default, f"cfg={m.cfg}",
                 )
             )
-        retime_reference()
-        for r in results:  # speed-ups against the final (fastest) uncached times
-            cfg = "batched" if r.note == "cfg=batched" or r.setting == "cfg=batched" else "separate"
-            if r.impl == "reference":
-                r.seconds = base_seconds[cfg]
-            if math.isfinite(r.seconds):
-                r.speedup = base_seconds[cfg] / r.seconds
+        for r in results:
+            if r.impl == "reference":  # the fastest uncached run of the whole session
+                r.seconds = base_seconds[r.setting.removeprefix("cfg=")]
         if progress is not None:
             progress(len(todo), len(todo), "done")
         return results
@@ -510,3 +502,49 @@ def save_plot(results: list[RunResult], path: str, title: str = "") -> str:
     draw.text((lx, 54 + len(series) * 16), "squares/dashed: diffusers", fill=(0, 0, 0))
     img.save(path)
     return path
+
+
+def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
+    """For each method both implementations ran: hookwise's PSNR against diffusers' at the same work.
+
+    Work is the block-evaluation fraction, or the attention-evaluation fraction for methods that
+    never skip a block. Diffusers' PSNR is interpolated linearly between its two nearest settings;
+    hookwise settings outside diffusers' range of work are left out (no extrapolation).
+    """
+    out: list[dict[str, Any]] = []
+    methods = sorted({r.method for r in results if r.impl == "diffusers"})
+    for method in methods:
+        ours = [r for r in results if r.method == method and r.impl == "hookwise" and math.isfinite(r.block_frac)]
+        theirs = [r for r in results if r.method == method and r.impl == "diffusers" and math.isfinite(r.block_frac)]
+        if not ours or not theirs:
+            continue
+        use_blocks = any(r.block_frac < 0.999 for r in ours + theirs)
+        key = (lambda r: r.block_frac) if use_blocks else (lambda r: r.attn_frac)
+        points = sorted((key(r), min(r.psnr, 99.0)) for r in theirs)
+        for r in ours:
+            x = key(r)
+            if not points[0][0] - 1e-9 <= x <= points[-1][0] + 1e-9:
+                continue
+            for (x0, y0), (x1, y1) in zip(points, points[1:] + [points[-1]]):
+                if x0 - 1e-9 <= x <= x1 + 1e-9:
+                    y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                    break
+            ours_psnr = min(r.psnr, 99.0)
+            out.append(
+                dict(method=method, setting=r.setting, work="blocks" if use_blocks else "attention", fraction=x,
+                     hookwise_psnr=ours_psnr, diffusers_psnr=y, delta=ours_psnr - y)
+            )
+    return out
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | hookwise setting | work measure | fraction | hookwise PSNR | diffusers PSNR (interpolated) | difference |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['setting']} | {r['work']} | {r['fraction']:.3f} | {r['hookwise_psnr']:.2f} | "
+            f"{r['diffusers_psnr']:.2f} | {r['delta']:+.2f} dB |"
+        )
+    return "\n".join(lines)

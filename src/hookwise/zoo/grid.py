@@ -65,3 +65,22 @@ def save_sample_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hookwise.zoo.grid NAME PNG`: save the sample grid of a shipped reference model."""
+    import argparse
+
+    from .reference import load_reference, reference_names
+
+    parser = argparse.ArgumentParser(prog="python -m hookwise.zoo.grid", description=main.__doc__)
+    parser.add_argument("model", choices=reference_names())
+    parser.add_argument("png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_sample_grid(load_reference(args.model), args.png, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
