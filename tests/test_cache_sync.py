@@ -96,3 +96,37 @@ def test_a_host_timestep_costs_no_read_for_step_scheduled_caches(monkeypatch):
     hookwise.apply(model, TaylorSeer(order=1, interval=2, warmup=1))
     denoise(model, "musubi", inputs, steps=8)
     assert counter["n"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["first_block", "dual_block+taylorseer", "taylorseer", "teacache", "magcache"])
+def test_on_cuda_each_call_synchronizes_at_most_once(case):
+    """CUDA's sync debug mode warns at every synchronizing call; count them per model call."""
+    import warnings
+
+    name, configs = CASES[case]
+    model, inputs = build(name)
+    model = model.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    hookwise.apply(model, *configs)
+    xk, tk = ("img", "timesteps") if name == "musubi" else ("hidden_states", "timestep")
+    scale = 1.0 if name == "musubi" else 1000.0
+    times = torch.linspace(1.0, 0.0, 9, device="cuda")[:-1] * scale  # the schedule lives on the device
+    per_call = []
+    for run in range(2):
+        x = inputs[xk]
+        for i in range(8):
+            for branch in ("cond", "uncond"):
+                kw = dict(inputs, **{xk: x, tk: times[i].expand(x.shape[0])})
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        with torch.no_grad(), hookwise.branch(model, branch):
+                            out = model(**kw)
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+                per_call.append(sum("synchroniz" in str(w.message) for w in caught))
+            x = x - 0.1 * (out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out)
+    assert max(per_call[4:]) <= 1, per_call
+    assert hookwise.get_run_state(model).run >= 1

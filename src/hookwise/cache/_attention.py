@@ -26,7 +26,6 @@ from ._runtime import (
     timestep_1000,
 )
 
-KINDS = ("spatial", "temporal", "cross")
 RUN = object()  # `before()` says: run the module
 
 

@@ -289,6 +289,7 @@ class SpanController:
         self.call: Call | None = None
         self.state: RunState = run_state(model)
         self.hooks: list[SpanBlockHook] = []
+        self.taylor_attached = False  # TaylorSeer predicts for this block cache (set by taylorseer.py)
 
     # ---- attach / detach ----------------------------------------------------------------------
     def attach(self) -> None:

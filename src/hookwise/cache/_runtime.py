@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Hashable, Iterable, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 import torch
 from torch import nn
@@ -299,6 +299,3 @@ def check_range(name: str, value: Any) -> None:
     ):
         raise ConfigError(f"{name} must be a (low, high) pair of timesteps with low <= high, or None; got {value!r}")
 
-
-def flatten(items: Iterable[Any]) -> list[Any]:
-    return [x for item in items for x in (item if isinstance(item, (list, tuple)) else (item,))]

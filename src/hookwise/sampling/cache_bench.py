@@ -88,7 +88,6 @@ class Method:
     remove: Callable[[nn.Module], Any]
     cfg: str = "separate"
     default: bool = False
-    diffusers_context: bool = False
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -182,7 +181,7 @@ def diffusers_methods(
     for th in (0.05, 0.1, 0.2, 0.3, 0.5):
         out.append(
             Method("first-block", "diffusers", f"threshold={th}", enable(dh.FirstBlockCacheConfig(threshold=th)), disable,
-                   default=th == 0.05, diffusers_context=True)
+                   default=th == 0.05)
         )
     for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
         config = dh.TaylorSeerCacheConfig(
@@ -190,7 +189,7 @@ def diffusers_methods(
         )
         out.append(
             Method("taylorseer-attention", "diffusers", f"order={order}, interval={interval}", enable(config), disable,
-                   default=(order, interval) == (1, 3), diffusers_context=True)
+                   default=(order, interval) == (1, 3))
         )
     for sr in (2, 3, 4):
         config = dh.PyramidAttentionBroadcastConfig(
@@ -202,7 +201,7 @@ def diffusers_methods(
             cross_attention_timestep_skip_range=(100, 900),
             current_timestep_callback=timestep_now,
         )
-        out.append(Method("pab", "diffusers", f"spatial_range={sr}", enable(config), disable, default=sr == 2, diffusers_context=True))
+        out.append(Method("pab", "diffusers", f"spatial_range={sr}", enable(config), disable, default=sr == 2))
     fmt = "BCFHW" if describe(model).architecture == "wan" else "BCHW"
     for ur, ar in ((5, 2), (3, 2), (5, None), (2, 3)):
         config = dh.FasterCacheConfig(
@@ -222,14 +221,14 @@ def diffusers_methods(
         )
         out.append(
             Method("fastercache", "diffusers", f"uncond_range={ur}, attention_range={ar}", enable(config), disable,
-                   cfg="batched", default=(ur, ar) == (5, 2), diffusers_context=True)
+                   cfg="batched", default=(ur, ar) == (5, 2))
         )
     if wanted is None or "magcache" in wanted:
         ratios = calibrate_diffusers()
         for th in (0.03, 0.06, 0.12, 0.24):
             config = dh.MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=ratios)
             out.append(
-                Method("magcache", "diffusers", f"threshold={th}", enable(config), disable, default=th == 0.06, diffusers_context=True)
+                Method("magcache", "diffusers", f"threshold={th}", enable(config), disable, default=th == 0.06)
             )
     return out
 
@@ -445,13 +444,19 @@ def save_plot(results: list[RunResult], path: str, title: str = "") -> str:
     y_hi = max([r.psnr for r in runs] + [30.0])
     y_lo = min([r.psnr for r in runs] + [20.0])
     y_lo, y_hi = math.floor(y_lo / 5) * 5, math.ceil(y_hi / 5) * 5
-    panels = [("wall-clock speed-up (x)", lambda r: r.speedup), ("block evaluations saved: 1 / fraction (x)", lambda r: 1 / max(r.block_frac, 1e-3))]
+    def work(r: RunResult) -> float:  # blocks for block caches, attention modules for attention-only ones
+        return r.block_frac if r.block_frac < 0.999 else r.attn_frac
+
+    panels = [
+        ("wall-clock speed-up (x)", lambda r: r.speedup),
+        ("1 / fraction of block (attention) evaluations", lambda r: 1 / max(work(r), 1e-3)),
+    ]
     for p, (xlabel, xf) in enumerate(panels):
         x0 = p * panel_w + margin
         x1 = (p + 1) * panel_w - 15
         top, bottom = 30, panel_h - 10
         xs = [xf(r) for r in runs] + [1.0]
-        x_lo, x_hi = 0.9, max(xs) * 1.05 + 0.05
+        x_lo, x_hi = min(0.9, min(xs) * 0.95), max(xs) * 1.05 + 0.05
 
         def X(v: float) -> float:
             return x0 + (v - x_lo) / (x_hi - x_lo) * (x1 - x0)
@@ -464,7 +469,7 @@ def save_plot(results: list[RunResult], path: str, title: str = "") -> str:
             draw.line([x0, Y(k), x1, Y(k)], fill=(225, 225, 225))
             draw.text((x0 - 28, Y(k) - 6), f"{k}", fill=(0, 0, 0))
         step = 0.5 if x_hi < 4 else 1.0
-        v = 1.0
+        v = math.ceil(x_lo / step) * step
         while v <= x_hi:
             draw.line([X(v), top, X(v), bottom], fill=(235, 235, 235))
             draw.text((X(v) - 8, bottom + 3), f"{v:g}", fill=(0, 0, 0))

@@ -14,11 +14,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 
 
-def _as_float(x: torch.Tensor, data_range: float) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if not x.is_floating_point():
-        x = x.to(torch.float64)
-    return x.to(torch.float64)
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x).to(torch.float64)
 
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -28,7 +25,7 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def psnr(x: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB over the whole batch (inf when identical)."""
-    x, ref = _as_float(x, data_range), _as_float(reference, data_range)
+    x, ref = _as_float(x), _as_float(reference)
     _check(x, ref)
     mse = float(torch.mean((x - ref) ** 2))
     if mse == 0.0:
@@ -53,7 +50,7 @@ def ssim(x: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, wind
     Inputs are (B, C, H, W) or (B, C, F, H, W) (each frame of a video is an image). The window
     shrinks to the image size for small images.
     """
-    x, ref = _as_float(x, data_range), _as_float(reference, data_range)
+    x, ref = _as_float(x), _as_float(reference)
     _check(x, ref)
     if x.ndim == 5:  # videos: frames as images
         x = x.permute(0, 2, 1, 3, 4).reshape(-1, *x.shape[1:2], *x.shape[3:])

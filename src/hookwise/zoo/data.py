@@ -3,7 +3,7 @@
 - Images (`shapes`): 16x16 RGB, one filled shape on a dark background. The class is
   shape x colour (circle / square / triangle x red / green / blue: 9 classes); position, size and the
   exact hue vary.
-- Videos (`moving`): 8 frames of 16x16 RGB, one shape moving in a straight line. The class is
+- Videos (`moving`): 8 frames of 12x12 RGB, one shape moving in a straight line. The class is
   colour x direction (red / green / blue x right / left / down / up: 12 classes); shape (circle or
   square), start, size and speed vary.
 
@@ -64,13 +64,13 @@ def make_images(labels: torch.Tensor, g: torch.Generator, size: int = 16) -> tor
     return img * 2 - 1
 
 
-def make_videos(labels: torch.Tensor, g: torch.Generator, frames: int = 8, size: int = 16) -> torch.Tensor:
+def make_videos(labels: torch.Tensor, g: torch.Generator, frames: int = 8, size: int = 12) -> torch.Tensor:
     """Videos (N, 3, frames, size, size) in [-1, 1] for video class ids `labels`."""
     n = labels.shape[0]
     direction, colour = labels // 3, labels % 3
     kind = torch.randint(0, 2, (n,), generator=g)  # circle or square
-    r = 2.0 + 0.8 * torch.rand(n, generator=g)
-    speed = 1.1 + 0.4 * torch.rand(n, generator=g)
+    r = 1.8 + 0.5 * torch.rand(n, generator=g)
+    speed = 0.6 + 0.3 * torch.rand(n, generator=g)
     travel = speed * (frames - 1)
     # Along the motion axis start so the whole path stays in frame; across it anywhere.
     lo = r + 0.5
