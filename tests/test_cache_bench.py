@@ -1,0 +1,67 @@
+"""The cache quality harness and `hookwise bench cache`."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hookwise.cli import main
+from hookwise.errors import ConfigError
+from hookwise.sampling.cache_bench import compare_at_equal_work, run_cache_bench, save_plot, to_markdown
+from hookwise.zoo.reference import ReferenceModel, get_reference_spec
+
+from cache_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.manual_seed(0)
+    return ReferenceModel(get_reference_spec("flux-shapes")).eval().requires_grad_(False)
+
+
+def test_harness_reports_hookwise_and_diffusers_side_by_side(untrained, tmp_path):
+    seen = []
+    results = run_cache_bench(
+        untrained, labels=[0, 1], steps=4, repeats=1, methods=["first-block", "pab"],
+        progress=lambda done, total, what: seen.append((done, total)),
+    )
+    impls = {(r.method, r.impl) for r in results}
+    assert {("first-block", "hookwise"), ("first-block", "diffusers"), ("pab", "hookwise"), ("pab", "diffusers")} <= impls
+    assert [r.impl for r in results[:2]] == ["reference", "reference"]
+    for r in results[2:]:
+        assert 0 < r.block_frac <= 1 and 0 < r.attn_frac <= 1 and r.seconds > 0 and r.speedup > 0
+        assert r.psnr > 0 and -1 <= r.ssim <= 1
+    pab = [r for r in results if r.method == "pab"]
+    assert all(r.block_frac == 1.0 for r in pab)  # PAB skips attention, never blocks
+    assert seen[-1][0] == seen[-1][1]
+    table = to_markdown(results)
+    assert table.count("\n") == len(results) + 1
+    rows = compare_at_equal_work(results)
+    assert all(math.isfinite(r["delta"]) for r in rows)
+    png = save_plot(results, str(tmp_path / "plot.png"), title="test")
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 800
+
+
+def test_unknown_methods_are_refused_before_any_work(untrained):
+    with pytest.raises(ConfigError, match="unknown method"):
+        run_cache_bench(untrained, methods=["fbc"], steps=2)
+
+
+def test_cli_bench_cache_writes_table_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main([
+        "bench", "cache", "--model", "flux-shapes", "--methods", "first-block,teacache", "--steps", "4",
+        "--repeats", "1", "--no-diffusers", "--prompts", "0,red square", "--json", str(out_json), "--plot", str(out_png),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| first-block | hookwise |" in printed and "| teacache | hookwise |" in printed
+    data = json.loads(out_json.read_text())
+    assert {d["method"] for d in data} == {"none", "first-block", "teacache"}
+    assert out_png.stat().st_size > 0
+    assert main(["bench", "cache", "--model", "flux-shapes", "--prompts", "purple circle"]) == 2
