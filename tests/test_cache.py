@@ -245,6 +245,14 @@ def test_taylorseer_alone_then_a_block_cache_is_refused_with_advice():
     assert list_hooks(model) == {}
 
 
+def test_two_attention_caches_on_the_same_modules_are_refused():
+    model, _ = build("wan")
+    hookwise.apply(model, PyramidAttentionBroadcast())
+    with pytest.raises(CompatibilityError, match="one attention-level cache"):
+        hookwise.apply(model, TaylorSeer(targets="attention"))
+    assert hookwise.applied(model).names() == ["pab"]
+
+
 def test_two_block_caches_conflict_and_nothing_is_attached():
     model, _ = build("musubi")
     with pytest.raises(CompatibilityError):

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import NoTargetError
+from ..core.hooks import HookRegistry
+from ..errors import CompatibilityError, NoTargetError
 from ._runtime import (
     BranchStore,
     CacheHook,
@@ -146,6 +147,14 @@ def attach_module_hooks(
 ) -> list[ModuleReuseHook]:
     if not targets:
         raise NoTargetError(f"{technique}: {what}")
+    for path, module, _ in targets:
+        registry = HookRegistry.of(module)
+        others = [h for h in (registry.hooks() if registry else []) if isinstance(h, ModuleReuseHook)]
+        if others:
+            raise CompatibilityError(
+                f"{technique}: {path} already answers from another attention cache; use one attention-level cache "
+                f"(PAB, FasterCache or TaylorSeer(targets='attention')) per model"
+            )
     hooks = []
     for _, module, rule in targets:
         hook = ModuleReuseHook(model, rule, timestep_scale, needs_timestep)
