@@ -55,9 +55,11 @@ class RunResult:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: infinite PSNR (identical samples) as "inf", a failed run's numbers as None."""
         out = asdict(self)
-        if math.isinf(out["psnr"]):
-            out["psnr"] = "inf"
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = "inf" if value == math.inf else None
         return out
 
 
