@@ -40,7 +40,9 @@ def test_harness_reports_hookwise_and_diffusers_side_by_side(untrained, tmp_path
     table = to_markdown(results)
     assert table.count("\n") == len(results) + 1
     rows = compare_at_equal_work(results)
-    assert all(math.isfinite(r["delta"]) for r in rows)
+    assert {r["method"] for r in rows} == {"first-block", "pab"}
+    assert all(r["same_psnr"] is not None for r in rows)  # both ran the same settings
+    assert all(r["delta"] is None or math.isfinite(r["delta"]) for r in rows)
     png = save_plot(results, str(tmp_path / "plot.png"), title="test")
     from PIL import Image
 

@@ -512,11 +512,12 @@ def save_plot(results: list[RunResult], path: str, title: str = "") -> str:
 
 
 def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
-    """For each method both implementations ran: hookwise's PSNR against diffusers' at the same work.
+    """For each method both implementations ran: hookwise's PSNR against diffusers', per setting.
 
-    Work is the block-evaluation fraction, or the attention-evaluation fraction for methods that
-    never skip a block. Diffusers' PSNR is interpolated linearly between its two nearest settings;
-    hookwise settings outside diffusers' range of work are left out (no extrapolation).
+    Two comparisons: with diffusers at the same setting (where it has it), and with diffusers at the
+    same work, its best PSNR interpolated linearly between its settings around that work. Work is
+    the block-evaluation fraction, or the attention-evaluation fraction for methods that never skip
+    a block; hookwise settings outside diffusers' range of work get no interpolated value.
     """
     out: list[dict[str, Any]] = []
     methods = sorted({r.method for r in results if r.impl == "diffusers"})
@@ -527,31 +528,45 @@ def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
             continue
         use_blocks = any(r.block_frac < 0.999 for r in ours + theirs)
         key = (lambda r: r.block_frac) if use_blocks else (lambda r: r.attn_frac)
-        points = sorted((key(r), min(r.psnr, 99.0)) for r in theirs)
+        best: dict[float, float] = {}
+        for r in theirs:  # several settings at the same work: the best one counts
+            best[round(key(r), 6)] = max(best.get(round(key(r), 6), -math.inf), min(r.psnr, 99.0))
+        points = sorted(best.items())
+        same = {r.setting: r for r in theirs}
         for r in ours:
-            x = key(r)
-            if not points[0][0] - 1e-9 <= x <= points[-1][0] + 1e-9:
-                continue
-            for (x0, y0), (x1, y1) in zip(points, points[1:] + [points[-1]]):
-                if x0 - 1e-9 <= x <= x1 + 1e-9:
-                    y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-                    break
-            ours_psnr = min(r.psnr, 99.0)
+            x = round(key(r), 6)
+            y = None
+            if points[0][0] - 1e-9 <= x <= points[-1][0] + 1e-9:
+                for (x0, y0), (x1, y1) in zip(points, points[1:] + [points[-1]]):
+                    if x0 - 1e-9 <= x <= x1 + 1e-9:
+                        y = y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                        break
+            twin = same.get(r.setting)
             out.append(
-                dict(method=method, setting=r.setting, work="blocks" if use_blocks else "attention", fraction=x,
-                     hookwise_psnr=ours_psnr, diffusers_psnr=y, delta=ours_psnr - y)
+                dict(
+                    method=method, setting=r.setting, work="blocks" if use_blocks else "attention", fraction=x,
+                    hookwise_psnr=min(r.psnr, 99.0),
+                    same_fraction=key(twin) if twin else None, same_psnr=min(twin.psnr, 99.0) if twin else None,
+                    diffusers_psnr=y, delta=None if y is None else min(r.psnr, 99.0) - y,
+                )
             )
     return out
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | hookwise setting | work measure | fraction | hookwise PSNR | diffusers PSNR (interpolated) | difference |",
+        "| method | setting | work | hookwise: fraction, PSNR | diffusers same setting: fraction, PSNR | "
+        "diffusers at hookwise's work (interpolated) | hookwise - diffusers at equal work |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['setting']} | {r['work']} | {r['fraction']:.3f} | {r['hookwise_psnr']:.2f} | "
-            f"{r['diffusers_psnr']:.2f} | {r['delta']:+.2f} dB |"
+            f"| {r['method']} | {r['setting']} | {r['work']} | {r['fraction']:.3f}, {r['hookwise_psnr']:.2f} | "
+            f"{num(r['same_fraction'], '.3f')}, {num(r['same_psnr'], '.2f')} | {num(r['diffusers_psnr'], '.2f')} | "
+            f"{'-' if r['delta'] is None else format(r['delta'], '+.2f') + ' dB'} |"
         )
     return "\n".join(lines)

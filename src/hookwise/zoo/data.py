@@ -69,8 +69,8 @@ def make_videos(labels: torch.Tensor, g: torch.Generator, frames: int = 8, size:
     n = labels.shape[0]
     direction, colour = labels // 3, labels % 3
     kind = torch.randint(0, 2, (n,), generator=g)  # circle or square
-    r = 1.8 + 0.5 * torch.rand(n, generator=g)
-    speed = 0.6 + 0.3 * torch.rand(n, generator=g)
+    r = 1.6 + 0.5 * torch.rand(n, generator=g)
+    speed = 1.0 + 0.25 * torch.rand(n, generator=g)
     travel = speed * (frames - 1)
     # Along the motion axis start so the whole path stays in frame; across it anywhere.
     lo = r + 0.5

@@ -42,7 +42,7 @@ class TrainSettings:
 
 DEFAULTS = {
     "flux-shapes": TrainSettings(steps=3000, batch=48, lr=1e-3),
-    "wan-moving": TrainSettings(steps=3000, batch=32, lr=1e-3),
+    "wan-moving": TrainSettings(steps=4000, batch=32, lr=1.5e-3),
 }
 SEED = 20261122
 
