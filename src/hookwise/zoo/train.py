@@ -1,7 +1,7 @@
 """Train the reference models on procedurally generated data, on the CPU, from a fixed seed.
 
-    python -m hookwise.zoo.train flux-shapes            # ~32x32 images of coloured shapes
-    python -m hookwise.zoo.train wan-moving             # 8-frame videos of moving shapes
+    python -m hookwise.zoo.train flux-shapes            # 16x16 images of coloured shapes
+    python -m hookwise.zoo.train wan-moving             # 8-frame 12x12 videos of moving shapes
     python -m hookwise.zoo.train all --out DIR          # both, into DIR/<name>
 
 Rectified flow: x_t = (1 - t) x0 + t noise, the model predicts noise - x0, t ~ logit-normal;
@@ -42,7 +42,7 @@ class TrainSettings:
 
 DEFAULTS = {
     "flux-shapes": TrainSettings(steps=3000, batch=48, lr=1e-3),
-    "wan-moving": TrainSettings(steps=4000, batch=32, lr=1.5e-3),
+    "wan-moving": TrainSettings(steps=3500, batch=32, lr=1.5e-3),
 }
 SEED = 20261122
 
