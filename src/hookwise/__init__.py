@@ -30,6 +30,7 @@ from .errors import (
     NoTargetError,
 )
 from .introspect import ModelMap, describe, load_model, spec_names
+from .memory import LayerwiseCasting, apply_casting, casting_summary, remove_casting
 from .stack import Stack, applied, apply, remove
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "HookRegistry",
     "HookwiseError",
     "Layer",
+    "LayerwiseCasting",
     "MissingDependencyError",
     "ModelHook",
     "ModelMap",
@@ -53,7 +55,9 @@ __all__ = [
     "add_hook",
     "applied",
     "apply",
+    "apply_casting",
     "branch",
+    "casting_summary",
     "describe",
     "get_hook",
     "get_run_state",
@@ -62,6 +66,7 @@ __all__ = [
     "new_run",
     "register_technique",
     "remove",
+    "remove_casting",
     "remove_hook",
     "reset_stateful_hooks",
     "spec_names",
