@@ -146,10 +146,16 @@ def test_gradients_flow_to_inputs_and_trainable_biases():
     assert layer.weight.grad is None
 
 
-@pytest.mark.parametrize("scaling", ["none", "channel", "block"])
-def test_conv_leaves_compute_exactly_with_their_dequantized_weights(scaling):
+@pytest.mark.parametrize(
+    "scaling,padding,mode", [("none", 1, "zeros"), ("channel", "same", "zeros"), ("block", 1, "reflect")]
+)
+def test_conv_leaves_compute_exactly_with_their_dequantized_weights(scaling, padding, mode):
     torch.manual_seed(0)
-    blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU()) for _ in range(2)])
+
+    def conv():
+        return nn.Conv2d(8, 8, 3, padding=padding, padding_mode=mode)
+
+    blocks = nn.Sequential(*[nn.Sequential(conv(), nn.GELU()) for _ in range(2)])
     blocks.requires_grad_(False)
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     cast(blocks, scaling=scaling, skip="none")
@@ -159,7 +165,7 @@ def test_conv_leaves_compute_exactly_with_their_dequantized_weights(scaling):
     grad, x.grad = x.grad.clone(), None
     # the same network with the dequantized weights as plain fp32 parameters
     hooks = casting_mod.cast_leaves(blocks)
-    reference = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GELU()) for _ in range(2)])
+    reference = nn.Sequential(*[nn.Sequential(conv(), nn.GELU()) for _ in range(2)])
     for i in range(2):
         conv = blocks[i][0]
         reference[i][0].weight.data = hooks[f"{i}.0"].dequantized(conv).float()
@@ -209,6 +215,8 @@ def test_wan_embedder_whose_parameter_dtype_is_read_is_detected_even_with_skip_n
     kept = casting_summary(model)["kept"]
     assert kept["condition_embedder.time_embedder.linear_1"].startswith("dtype read")
     assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    # next(iter(....parameters())).dtype reads the first parameter only: the second layer is cast
+    assert "condition_embedder.time_embedder.linear_2" in casting_summary(model)["cast"]
     assert rel_err(output_of(model, inputs), reference) < BOUNDS[torch.float8_e4m3fn]
 
 

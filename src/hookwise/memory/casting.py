@@ -264,12 +264,13 @@ class CastHook(ModelHook):
         scale = module._buffers.get("weight_scale")
         if isinstance(module, nn.Linear):
             return _CastLinearFn.apply(x, module.weight, scale, module.bias, self.compute_dtype, self.layout)
-        kind = type(module)
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        kind = next(k for k in _CONV_FUNCS if isinstance(module, k))
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            # Pad explicitly ("same", reflect, ...) so the input-gradient function sees plain numbers.
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
             padding = 0
-        else:
-            padding = module.padding
         return _CastConvFn.apply(
             x, module.weight, scale, module.bias, self.compute_dtype, self.layout, kind,
             module.stride, padding, module.dilation, module.groups,
@@ -296,8 +297,9 @@ class CastHook(ModelHook):
 
 # ---- choosing targets --------------------------------------------------------------------------------
 _WEIGHT_DTYPE_READ = re.compile(r"((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.weight\.dtype")
-_PARAMS_DTYPE_READ = re.compile(r"((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.parameters\(\)\)*\.dtype")
-_MODEL_DTYPE_READ = re.compile(r"\bself\.dtype\b")
+_PARAMS_DTYPE_READ = re.compile(
+    r"(next\((?:iter\()?)?((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.parameters\(\)\)*\.dtype"
+)
 
 
 def _source(fn: Any) -> str:
@@ -333,21 +335,37 @@ def find_dtype_readers(model: nn.Module, candidates: dict[str, nn.Module]) -> di
     for path in paths:
         parts = path.split(".")
         ancestors.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    modules = dict(model.named_modules())
     cache: dict[Any, list[str]] = {}
-    for apath, module in model.named_modules():
+
+    def mark(target: str, why: str, first_only: bool) -> None:
+        if first_only:  # next(iter(x.parameters())).dtype reads the first parameter only
+            owner = _first_floating_owner(modules.get(target))
+            if owner is not None:
+                full = f"{target}.{owner}" if target and owner else (target or owner)
+                if full in candidates:
+                    found.setdefault(full, why)
+            return
+        for path in paths:
+            if path == target or path.startswith(target + "."):
+                found.setdefault(path, why)
+
+    for apath, module in modules.items():
         if apath not in ancestors:
             continue
         key = (type(module), type(getattr(module, "processor", None)))
         if key not in cache:
             cache[key] = _forward_sources(module)
         for source in cache[key]:
-            for regex in (_WEIGHT_DTYPE_READ, _PARAMS_DTYPE_READ):
-                for match in regex.finditer(source):
-                    rel = _relative(match.group(1))
-                    target = f"{apath}.{rel}" if apath and rel else (apath or rel)
-                    for path in paths:
-                        if path == target or path.startswith(target + ".") or target == "":
-                            found.setdefault(path, f"{type(module).__name__}.forward reads {match.group(0)}")
+            for match in _WEIGHT_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(1))
+                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
+                mark(target, f"{type(module).__name__}.forward reads {match.group(0)}", first_only=False)
+            for match in _PARAMS_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(2))
+                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
+                why = f"{type(module).__name__}.forward reads {match.group(0)}"
+                mark(target, why, first_only=match.group(1) is not None)
     # A model-level `.dtype` property (diffusers, transformers) reports its first floating parameter.
     root = model
     if isinstance(getattr(type(root), "dtype", None), property):
@@ -361,6 +379,16 @@ def find_dtype_readers(model: nn.Module, candidates: dict[str, nn.Module]) -> di
                     found.setdefault(owner, f"{type(root).__name__}.dtype reports this layer's weight dtype")
                 break
     return found
+
+
+def _first_floating_owner(module: nn.Module | None) -> str | None:
+    """Relative path of the module owning `module`'s first floating-point parameter."""
+    if module is None:
+        return None
+    for name, param in module.named_parameters():
+        if param.is_floating_point():
+            return name.rsplit(".", 1)[0] if "." in name else ""
+    return None
 
 
 @dataclass
