@@ -30,12 +30,22 @@ from .errors import (
     NoTargetError,
 )
 from .introspect import ModelMap, describe, load_model, spec_names
+from .memory import (
+    ComponentOffload,
+    Offload,
+    apply_component_offload,
+    apply_offload,
+    offload_report,
+    remove_component_offload,
+    remove_offload,
+)
 from .stack import Stack, applied, apply, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompatibilityError",
+    "ComponentOffload",
     "ConfigError",
     "HookError",
     "HookRegistry",
@@ -46,6 +56,7 @@ __all__ = [
     "ModelMap",
     "ModelResolveError",
     "NoTargetError",
+    "Offload",
     "RunState",
     "Stack",
     "TechniqueConfig",
@@ -53,6 +64,8 @@ __all__ = [
     "add_hook",
     "applied",
     "apply",
+    "apply_component_offload",
+    "apply_offload",
     "branch",
     "describe",
     "get_hook",
@@ -60,9 +73,12 @@ __all__ = [
     "list_hooks",
     "load_model",
     "new_run",
+    "offload_report",
     "register_technique",
     "remove",
+    "remove_component_offload",
     "remove_hook",
+    "remove_offload",
     "reset_stateful_hooks",
     "spec_names",
 ]

@@ -105,7 +105,8 @@ def _direct(module: nn.Module, path: str) -> Iterator[TensorRef]:
             yield TensorRef(module, name, _join(path, name), "buffer", b)
 
 
-def _subtree(module: nn.Module, path: str) -> Iterator[TensorRef]:
+def tensors_of(module: nn.Module, path: str = "") -> Iterator[TensorRef]:
+    """Every parameter and buffer in the subtree of `module` (paths prefixed by `path`)."""
     for sub_path, sub in module.named_modules(prefix=path, remove_duplicate=False):
         yield from _direct(sub, sub_path)
 
@@ -221,7 +222,7 @@ def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tupl
         for i in range(0, len(blocks), per_group):
             chunk = blocks[i : i + per_group]
             mods = [(b.path, model.get_submodule(b.path)) for b in chunk]
-            refs = [ref for path, m in mods for ref in _subtree(m, path)]
+            refs = [ref for path, m in mods for ref in tensors_of(m, path)]
             name = chunk[0].path if len(chunk) == 1 else f"{chunk[0].path}..{chunk[-1].path.rsplit('.', 1)[-1]}"
             groups.append(Group(len(groups), name, "block", mods, refs, in_tower=True))
             block_paths.update(b.path for b in chunk)
@@ -236,7 +237,7 @@ def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tupl
         if path in block_paths:
             return
         if path not in ancestors:
-            refs = list(_subtree(module, path))
+            refs = list(tensors_of(module, path))
             if refs:
                 groups.append(Group(len(groups), path, "rest", [(path, module)], refs, in_tower=False))
             return
@@ -258,7 +259,7 @@ def _leaf_groups(model: nn.Module, model_map: ModelMap) -> tuple[list[Group], li
     leaf_paths = {leaf.path for leaf in model_map.leaves}
     for leaf in model_map.leaves:
         module = model.get_submodule(leaf.path)
-        refs = list(_subtree(module, leaf.path))
+        refs = list(tensors_of(module, leaf.path))
         groups.append(Group(len(groups), leaf.path, "leaf", [(leaf.path, module)], refs, leaf.block is not None))
     containers: list[TensorRef] = []
     for path, module in model.named_modules():

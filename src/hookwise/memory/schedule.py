@@ -84,7 +84,9 @@ class GroupState:
         self.bound = False
         self.views: list[torch.Tensor] = []
         self.ptrs: list[int] = []
-        self.versions: list[int] = []
+        self.versions: list[int] = []  # at bind: a change while bound is written back at unbind
+        self.loaded_versions: list[int] = []  # of the values now in the slot: a change while unbound reloads
+        self.homes: list[torch.Tensor] = list(self.masters)  # what each tensor holds while unbound
         self.in_use = 0
         self.last_use = 0
         self.prefetched = False
@@ -111,6 +113,20 @@ class GroupState:
 def _view(flat: torch.Tensor, ref: Any) -> torch.Tensor:
     """A view of `flat` (uint8) holding the tensor `ref` describes, at its offset, contiguous."""
     return flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape)
+
+
+def _versions(st: GroupState) -> list[int]:
+    return [ref.tensor._version for ref in st.group.tensors]
+
+
+def _poison(like: torch.Tensor) -> torch.Tensor:
+    if like.dtype.is_floating_point or like.dtype.is_complex:
+        fill: Any = float("nan")
+    elif like.dtype == torch.bool:
+        fill = True
+    else:
+        fill = torch.iinfo(like.dtype).max
+    return like.new_full((1,), fill).expand(like.shape)
 
 
 @dataclass(frozen=True)
@@ -192,22 +208,26 @@ class Scheduler:
         self._node_groups: set[int] = set()
         self._stale_warned: set[str] = set()
         self._pack, self._unpack = self.pack, self.unpack  # one bound method each, for the hooks stack
-        # Strict mode (tests): an unbound tensor holds an empty placeholder instead of its host master,
-        # so any use of a streamed weight outside its group's hooks fails loudly, also on the CPU.
+        # Strict mode (tests): an unbound tensor holds a poisoned placeholder (its shape, NaN or the
+        # dtype's max everywhere) instead of its host master, so a streamed weight used outside its
+        # group's hooks corrupts the result visibly, also on the CPU where the master would work.
         self.strict = False
+        # When a list: ("use", group, backward) / ("load", group, prefetch) / ("evict", group) events.
+        self.trace: list[tuple[str, str, bool]] | None = None
 
     def set_strict(self, strict: bool = True) -> None:
         """Turn strict mode on or off; unbound tensors are re-pointed accordingly."""
         self.strict = strict
         for st in self.states:
+            st.homes = [self._home(st, i) for i in range(len(st.masters))]
             if not st.bound:
-                for i, ref in enumerate(st.group.tensors):
+                for ref, home in zip(st.group.tensors, st.homes):
                     if ref.current() is ref.tensor:
-                        ref.tensor.data = self._home(st, i)
+                        ref.tensor.data = home
 
     def _home(self, st: GroupState, i: int) -> torch.Tensor:
         master = st.masters[i]
-        return master.new_empty(0) if self.strict else master
+        return _poison(master) if self.strict else master
 
     @property
     def streaming(self) -> bool:
@@ -295,15 +315,27 @@ class Scheduler:
         self._tick += 1
         st.last_use = self._tick
         self._current = st
+        if self.trace is not None:
+            self.trace.append(("use", st.name, backward))
         if st.slot is None:
             self.stats.on_demand += 1
             self._load(st, required=True)
+        elif not st.bound and self._changed_on_host(st):
+            # Updated through its host master (an optimizer step, load_state_dict) since it was
+            # copied: the slot is stale, copy again.
+            st.ticket = self.engine.start_load(st.source, st.slot.flat, self.engine.mark_done())
+            st.loaded_versions = _versions(st)
+            self.stats.loads += 1
+            self.stats.bytes_loaded += st.group.nbytes
         elif st.prefetched:
             self.stats.prefetch_hits += 1
         st.prefetched = False
         if st.ticket is not None:
             ticket, st.ticket = st.ticket, None
             self.engine.wait(ticket)
+            if st.source.kind == "disk" and st.loaded_versions == _versions(st):
+                # The host has read the file pages into the slot and nothing wrote them: let them go.
+                st.source.after_read()
         if not st.bound:
             self._bind(st)
         for nxt in cursor.advance(st, self.depth, self.stats):
@@ -408,6 +440,10 @@ class Scheduler:
         if slot is None:
             return False
         self._evict(slot)
+        if self.trace is not None:
+            self.trace.append(("load", st.name, not required))
+        self._changed_on_host(st)
+        st.loaded_versions = _versions(st)
         st.ticket = self.engine.start_load(st.source, slot.flat, slot.marker)
         slot.marker = None
         slot.group = st
@@ -420,6 +456,8 @@ class Scheduler:
         old = slot.group
         if old is None:
             return
+        if self.trace is not None:
+            self.trace.append(("evict", old.name, False))
         if old.bound:
             self._unbind(old)
         old.slot = None
@@ -465,11 +503,33 @@ class Scheduler:
             data = t.data
             if t._version != st.versions[i] or data.data_ptr() != st.ptrs[i]:
                 self._write_back(st, ref, data, master)
-            t.data = self._home(st, i)
+            t.data = st.homes[i]
             # During backward, AccumulateGrad may still write a device gradient: settle at its end.
             if st.trainable and self.phase != "backward":
                 self._settle_grad(st, i, t, master)
+        st.loaded_versions = _versions(st)
         st.bound = False
+
+    def _changed_on_host(self, st: GroupState) -> bool:
+        """Whether an unbound group's tensors changed since its slot copy; adopts replaced `.data`."""
+        changed = False
+        for i, ref in enumerate(st.group.tensors):
+            t = ref.tensor
+            if ref.current() is not t:
+                continue
+            home = st.homes[i]
+            data = t.data
+            if data.data_ptr() != home.data_ptr() or data.shape != home.shape:
+                # `.data` was replaced while offloaded: its values become the new master.
+                self._write_back(st, ref, data, st.masters[i])
+                t.data = home
+                changed = True
+        if st.loaded_versions and st.loaded_versions != _versions(st):
+            changed = True
+        if changed:
+            # Changed host pages of a disk-backed group differ from its file: never drop them.
+            st.source.mark_written()
+        return changed
 
     def _write_back(self, st: GroupState, ref: Any, data: torch.Tensor, master: torch.Tensor) -> None:
         if data.shape != master.shape or data.dtype != master.dtype:

@@ -46,7 +46,8 @@ class HostSource:
         return self.flat.numel()
 
     def after_read(self) -> None:
-        """Called once a copy out of this source finished: drop mapped file pages from this process."""
+        """Called (by the scheduler, on its thread) once a copy out of this source was waited for and
+        nothing changed it meanwhile: drop mapped file pages from this process."""
         if self.disk is not None:
             self.disk.drop_pages()
 
@@ -104,7 +105,6 @@ class TransferEngine:
         self.stats.loads += 1
         self.stats.bytes += n
         self.stats.note("load", src.kind, n)
-        src.after_read()
 
     def wait(self, ticket: Any) -> None:
         """Make compute wait until the load behind `ticket` is visible."""
@@ -264,7 +264,6 @@ class StreamEngine(TransferEngine):
             event = self._issue(host, dst[start:end], after if start == 0 else None)
             self.ring.release(index, event)
             self.stats.staged_chunks += 1
-        src.after_read()
         return event
 
     def wait(self, ticket: Any) -> None:
