@@ -390,3 +390,45 @@ def test_blocks_per_group_moves_consecutive_blocks_together():
     assert names == ["double_blocks.0..1", "single_blocks.0..1", "single_blocks.2"]
     for _ in range(2):
         assert torch.equal(output_of(model, inputs), expected)
+
+
+class FakeCast(hookwise.ModelHook):
+    """Stands in for layerwise casting: an fp8 weight with a scale kept beside it, cast in forward."""
+
+    layer = hookwise.Layer.CAST
+
+    def new_forward(self, module, next_fn, x):
+        weight = module.weight.to(x.dtype) * module.weight_scale
+        return torch.nn.functional.linear(x, weight, module.bias)
+
+
+def fp8_musubi():
+    model, inputs = tiny_musubi()
+    model.requires_grad_(False)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ("blocks" in path):
+            scale = module.weight.abs().amax().float() / 448
+            module.weight.data = (module.weight.data / scale).to(torch.float8_e4m3fn)
+            module.register_buffer("weight_scale", scale.reshape(1))
+            hookwise.add_hook(module, FakeCast(), "test.cast")
+    return model, inputs
+
+
+@pytest.mark.parametrize("granularity", ["block", "leaf"])
+def test_offloading_composes_with_fp8_casting_hooks(granularity, tmp_path):
+    model, inputs = fp8_musubi()
+    expected = output_of(model, inputs)
+    fp8_bytes = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn)
+    report = apply_offload(model, disk(tmp_path, granularity=granularity))
+    strict(model)
+    for _ in range(2):
+        assert torch.equal(output_of(model, inputs), expected)
+    # fp8 weights and their scale buffers move as they are: a quarter of the float32 bytes.
+    moved = sum(g.nbytes for g in report.groups if g.name.startswith(("double_blocks", "single_blocks")))
+    assert fp8_bytes <= moved < fp8_bytes * 2  # (biases and norms stay float32)
+    linear = model.single_blocks[0].linear1
+    hooks = list_hooks(model)["single_blocks.0.linear1"]
+    assert hooks[-1] == "test.cast"  # casting stays innermost, whatever the order of application
+    if granularity == "leaf":
+        assert hooks == ["hookwise.offload", "test.cast"]
+    assert linear.weight.dtype == torch.float8_e4m3fn
