@@ -432,3 +432,13 @@ def test_offloading_composes_with_fp8_casting_hooks(granularity, tmp_path):
     if granularity == "leaf":
         assert hooks == ["hookwise.offload", "test.cast"]
     assert linear.weight.dtype == torch.float8_e4m3fn
+
+
+def test_inference_mode_passes_do_not_spoil_later_training():
+    model, inputs = tiny_musubi()
+    add_lora(model)
+    expected = fwd_bwd(model, inputs)
+    apply_offload(model, Offload(onload_device="cpu", granularity="block"))
+    with torch.inference_mode():  # device views first made here must still be usable by autograd
+        model(**inputs)
+    assert_same(fwd_bwd(model, inputs), expected)

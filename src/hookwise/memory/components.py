@@ -139,12 +139,13 @@ class _ComponentOffloader:
             if other.active and other.name not in self.together[name]:
                 self._deactivate(other)
         st = comp.state
-        flat = self.engine.alloc_slot(st.group.nbytes)
+        with torch.inference_mode(False):  # not inference tensors: the component may train later
+            flat = self.engine.alloc_slot(st.group.nbytes)
+            views = [
+                flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape) for ref in st.group.tensors
+            ]
         # The new buffer may reuse memory the dropped component's kernels still read: wait for them.
         self.engine.wait(self.engine.start_load(st.source, flat, self._marker))
-        views = [
-            flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape) for ref in st.group.tensors
-        ]
         for ref, view in zip(st.group.tensors, views):
             ref.tensor.data = view
         st.views = views
@@ -253,7 +254,7 @@ def apply_component_offload(target: Any, config: ComponentOffload | None = None,
         raise ConfigError(f"ComponentOffload names unknown component(s) {unknown}; the components are {sorted(comps)}")
     order = list(config.order) + [n for n in default_order if n not in config.order] if config.order else default_order
     comps = {name: comps[name] for name in order}
-    with transaction():
+    with transaction(), torch.inference_mode(False):
         controller = _ComponentOffloader(comps, config, order)
         controller.build()
         _set_controller(target, controller)

@@ -12,9 +12,11 @@ section starts at an aligned file offset.
 - Reuse: an existing file is mapped and compared with the expected header and with the weights
   byte for byte; a truncated, corrupt or foreign file is rewritten, never loaded.
 - Read: the file is mapped copy-on-write; a group's tensors are views into the mapping, so reading
-  them outside a forward still gives the right values. After a group was copied to the device the
-  mapped pages are dropped from this process (`MADV_DONTNEED`), keeping RAM low; the page cache
-  keeps them for the next read.
+  them outside a forward still gives the right values. Loads read the file with `preadv` straight
+  into the destination (a device slot on the CPU, a pinned staging buffer on CUDA): one system call
+  per group or chunk, no page faults, no pages kept in this process; the OS page cache serves
+  repeated reads. Once a write-back changed mapped (copy-on-write) pages, loads copy from the
+  mapping instead, and its pages are never dropped.
 """
 
 from __future__ import annotations
@@ -110,7 +112,40 @@ class DiskFile:
     data: torch.Tensor
     mapping: mmap.mmap
     reused: bool
-    dirty: bool = False  # a view was written (copy-on-write pages): never drop those pages
+    data_offset: int = 0  # where the flat layout starts in the file
+    dirty: bool = False  # a view was written (copy-on-write pages): read the mapping, never drop it
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if hasattr(os, "preadv"):
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
+        """Copy bytes [start, start + dst.numel()) of the flat layout into the CPU uint8 tensor `dst`."""
+        n = dst.numel()
+        if self.fd is None or self.dirty or n == 0:
+            dst.copy_(self.data[start : start + n])
+            return
+        view = memoryview(dst.numpy()).cast("B")
+        done = 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], self.data_offset + start + done)
+            if got <= 0:
+                raise OSError(f"hookwise offload: {self.path} ended early (read {done} of {n} bytes); was it truncated?")
+            done += got
+
+    def will_need(self, start: int = 0, length: int = 0) -> None:
+        """Ask the OS to start reading the file ahead (asynchronous readahead into the page cache)."""
+        if self.fd is not None and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, self.data_offset + start, length, os.POSIX_FADV_WILLNEED)
+            except OSError:  # pragma: no cover - a filesystem without it
+                pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def drop_pages(self) -> None:
         """Release this process's mapped pages (they stay in the OS page cache)."""
@@ -185,4 +220,4 @@ def store(directory: Path, group: Group, flat: torch.Tensor) -> DiskFile:
         found = _map(path)
     mapping, raw = found
     data = raw[8 + len(header) : 8 + len(header) + group.nbytes]
-    return DiskFile(path, data, mapping, reused)
+    return DiskFile(path, data, mapping, reused, data_offset=8 + len(header))

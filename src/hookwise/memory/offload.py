@@ -281,6 +281,7 @@ class _Offloader:
         _fill(flat, group)
         file = store(self.disk_dir, group, flat)
         del flat
+        current_transaction().on_rollback(file.close, f"close {file.path.name}")
         self.files[group.index] = file
         logger.debug("hookwise offload: group %s %s %s", group.name, "reuses" if file.reused else "wrote", file.path)
         return HostSource(file.data, "disk", disk=file)
@@ -309,6 +310,8 @@ class _Offloader:
                 if t.grad is not None:
                     t.grad = t.grad.to(device)
         self.engine.close()
+        for file in self.files.values():
+            file.close()
         self.states.clear()
         self.files.clear()
         self.scheduler = None
@@ -524,7 +527,7 @@ def apply_offload(model: nn.Module, config: Offload | None = None, **kwargs: Any
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"apply_offload needs a torch.nn.Module, got {type(model).__name__}")
-    with transaction():
+    with transaction(), torch.inference_mode(False):
         _check_foreign(model)
         offloader = _Offloader(model, config)
         offloader.build()

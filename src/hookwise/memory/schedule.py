@@ -23,7 +23,7 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,7 +68,8 @@ class Slot:
     def typed(self, dtype: torch.dtype) -> torch.Tensor:
         view = self._typed.get(dtype)
         if view is None:
-            view = self._typed[dtype] = self.flat.view(dtype)
+            with torch.inference_mode(False):
+                view = self._typed[dtype] = self.flat.view(dtype)
         return view
 
 
@@ -101,7 +102,9 @@ class GroupState:
     def views_in(self, slot: Slot) -> list[torch.Tensor]:
         views = self._views_by_slot.get(slot.index)
         if views is None:
-            views = [_view(slot.flat, ref) for ref in self.group.tensors]
+            # Views made under inference_mode would be inference tensors, unusable for training later.
+            with torch.inference_mode(False):
+                views = [_view(slot.flat, ref) for ref in self.group.tensors]
             self._views_by_slot[slot.index] = views
         return views
 
@@ -126,7 +129,8 @@ def _poison(like: torch.Tensor) -> torch.Tensor:
         fill = True
     else:
         fill = torch.iinfo(like.dtype).max
-    return like.new_full((1,), fill).expand(like.shape)
+    with torch.inference_mode(False):
+        return like.new_full((1,), fill).expand(like.shape)
 
 
 @dataclass(frozen=True)
@@ -444,6 +448,7 @@ class Scheduler:
             self.trace.append(("load", st.name, not required))
         self._changed_on_host(st)
         st.loaded_versions = _versions(st)
+        st.source.before_read()
         st.ticket = self.engine.start_load(st.source, slot.flat, slot.marker)
         slot.marker = None
         slot.group = st

@@ -45,6 +45,18 @@ class HostSource:
     def nbytes(self) -> int:
         return self.flat.numel()
 
+    def before_read(self) -> None:
+        """Called when a copy out of this source is issued: start reading a file ahead."""
+        if self.disk is not None:
+            self.disk.will_need()
+
+    def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
+        """Copy bytes [start, start + dst.numel()) of this source into the host tensor `dst`."""
+        if self.disk is not None:
+            self.disk.read_into(dst, start)
+        else:
+            dst.copy_(self.flat[start : start + dst.numel()])
+
     def after_read(self) -> None:
         """Called (by the scheduler, on its thread) once a copy out of this source was waited for and
         nothing changed it meanwhile: drop mapped file pages from this process."""
@@ -101,7 +113,10 @@ class TransferEngine:
 
     def _copy(self, src: HostSource, dst: torch.Tensor) -> None:
         n = src.nbytes
-        dst[:n].copy_(src.flat)
+        if dst.device.type == "cpu":
+            src.read_into(dst[:n])
+        else:
+            dst[:n].copy_(src.flat)
         self.stats.loads += 1
         self.stats.bytes += n
         self.stats.note("load", src.kind, n)
@@ -260,7 +275,7 @@ class StreamEngine(TransferEngine):
         for start, end in chunks(src.nbytes, self.ring.chunk):
             index, buf = self.ring.acquire()
             host = buf[: end - start]
-            host.copy_(src.flat[start:end])
+            src.read_into(host, start)
             event = self._issue(host, dst[start:end], after if start == 0 else None)
             self.ring.release(index, event)
             self.stats.staged_chunks += 1
