@@ -1,5 +1,5 @@
 """Transfer engines on the CPU: the stream engine's ordering with a recording fake device, the pinned
-staging ring, and the reader thread for disk.
+staging ring, and the synchronous engine's read-ahead for disk.
 
 `StreamEngine` talks to CUDA through a backend object; the fake below runs its copies
 synchronously on the CPU and records every stream / event operation, so the whole scheduler +
@@ -15,7 +15,8 @@ import torch
 
 from hookwise.memory import Offload, apply_offload, offload_report
 from hookwise.memory import offload as offload_module
-from hookwise.memory.transfer import StagingRing, StreamEngine, ThreadedEngine, chunks
+from hookwise.memory.disk import DiskFile
+from hookwise.memory.transfer import StagingRing, StreamEngine, SyncEngine, chunks
 from offload_utils import add_lora, assert_same, fwd_bwd, scheduler, strict
 from tiny_models import output_of, tiny_musubi
 
@@ -83,7 +84,7 @@ def with_fake_streams(monkeypatch, chunk=None):
     backend = FakeBackend()
     engines = []
 
-    def make_engine(device, *, streams, disk, threads=True):
+    def make_engine(device, *, streams):
         engine = StreamEngine(device, backend, **({"chunk": chunk} if chunk else {}))
         engines.append(engine)
         return engine
@@ -168,20 +169,35 @@ def test_chunks_cover_every_byte_once():
     assert chunks(0, 4) == [(0, 0)]
 
 
-def test_disk_groups_are_read_on_a_worker_thread_while_the_cpu_computes(tmp_path, monkeypatch):
-    threads = []
-    real_copy = ThreadedEngine._copy
+def test_on_the_cpu_disk_reads_start_at_prefetch_and_copies_happen_at_use(tmp_path, monkeypatch):
+    events = []
+    real_will_need, real_read = DiskFile.will_need, DiskFile.read_into
 
-    def copy(self, src, dst):
-        threads.append(threading.current_thread().name)
-        return real_copy(self, src, dst)
+    def will_need(self, *a):
+        events.append(("readahead", self.path.name))
+        return real_will_need(self, *a)
 
-    monkeypatch.setattr(ThreadedEngine, "_copy", copy)
+    def read_into(self, dst, start=0):
+        events.append(("read", self.path.name))
+        return real_read(self, dst, start)
+
+    monkeypatch.setattr(DiskFile, "will_need", will_need)
+    monkeypatch.setattr(DiskFile, "read_into", read_into)
     model, inputs = tiny_musubi()
     expected = output_of(model, inputs)
     apply_offload(model, Offload(onload_device="cpu", offload_device="disk", disk_path=str(tmp_path), granularity="block"))
-    assert isinstance(scheduler(model).engine, ThreadedEngine)
+    sched = scheduler(model)
+    assert type(sched.engine) is SyncEngine
     strict(model)
-    for _ in range(3):
-        assert torch.equal(output_of(model, inputs), expected)
-    assert threads and all(t.startswith("hookwise-offload-read") for t in threads)
+    assert torch.equal(output_of(model, inputs), expected)  # records the order
+    files = {g.name: g.file.rsplit("/", 1)[-1] for g in offload_report(model).groups}
+    events.clear()
+    sched.trace = events  # one timeline: ("use", group, backward) entries among the disk events
+    assert torch.equal(output_of(model, inputs), expected)
+    order = [name for kind, name, *_ in events if kind == "use"]
+    assert order == list(offload_report(model).order)
+    for prev, name in zip(order, order[1:]):
+        f = files[name]
+        # The OS starts reading group k+1 when group k starts; its bytes are copied when k+1 starts.
+        assert events.index(("use", prev, False)) < events.index(("readahead", f)) < events.index(("use", name, False))
+        assert events.index(("read", f)) == events.index(("use", name, False)) + 1

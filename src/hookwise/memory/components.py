@@ -82,7 +82,7 @@ class _ComponentOffloader:
                 f"onload_device={config.onload_device!r} but CUDA is not available; pass onload_device='cpu' or run "
                 f"where a GPU is visible"
             )
-        self.engine: TransferEngine = make_engine(self.onload, streams=self.onload.type == "cuda", disk=False)
+        self.engine: TransferEngine = make_engine(self.onload, streams=self.onload.type == "cuda")
         self.order = order
         self.components: dict[str, _Component] = {}
         self.together: dict[str, set[str]] = {name: {name} for name in components}

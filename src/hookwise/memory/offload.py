@@ -203,7 +203,7 @@ class _Offloader:
         self.disk_dir: Path | None = None
         if config.offload_device == "disk":
             self.disk_dir = check_writable(Path(config.disk_path) if config.disk_path else default_dir())
-        self.engine: TransferEngine = make_engine(self.onload, streams=self.streams, disk=self.disk_dir is not None)
+        self.engine: TransferEngine = make_engine(self.onload, streams=self.streams)
         self.resident: list[TensorRef] = []
         self.states: list[GroupState] = []
         self.files: dict[int, DiskFile] = {}

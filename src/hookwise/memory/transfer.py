@@ -1,11 +1,12 @@
 """Transfer engines: how a group's flat bytes get from the host (or disk) into a device slot.
 
 The scheduler decides *what* moves *when*; an engine only moves bytes and orders them against
-compute. Three engines share that interface:
+compute. Two engines share that interface:
 
-- `SyncEngine`: copies at once on the calling thread (CPU and any device without streams).
-- `ThreadedEngine`: like `SyncEngine`, but reads disk-backed groups on a worker thread, so the
-  read of the next group overlaps the compute of the current one on the CPU.
+- `SyncEngine` (CPU and any device without streams): synchronous copies on the calling thread,
+  made when the group is needed; a disk-backed group's file is read ahead by the OS from the
+  moment it is prefetched (`posix_fadvise(WILLNEED)`), so disk latency hides behind compute
+  without a thread competing with the compute threads.
 - `StreamEngine`: a dedicated copy stream. A pinned group moves with one asynchronous copy; a
   pageable or disk-backed group is staged through a small ring of pinned buffers on a worker
   thread (host memcpy of chunk k+1 overlaps the device copy of chunk k). Ordering uses events
@@ -88,7 +89,13 @@ def chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class TransferEngine:
-    """Base engine: synchronous copies on the calling thread."""
+    """Base engine: synchronous copies on the calling thread, made when the data is needed.
+
+    `start_load` only notes the copy (and lets a disk source start its readahead); `wait` makes it.
+    The copy therefore runs at use time, but the OS has been reading the file into its page cache
+    since the prefetch, so disk latency still hides behind the compute in between, and no thread
+    competes with the compute threads for the CPU.
+    """
 
     streams = False
 
@@ -108,8 +115,10 @@ class TransferEngine:
     # ---- transfers ---------------------------------------------------------------------------
     def start_load(self, src: HostSource, dst: torch.Tensor, after: Any) -> Any:
         """Begin copying `src` into the start of `dst` once `after` (a marker) has passed; a ticket."""
-        self._copy(src, dst)
-        return None
+        self.stats.loads += 1
+        self.stats.bytes += src.nbytes
+        self.stats.note("load", src.kind, src.nbytes)
+        return (src, dst)
 
     def _copy(self, src: HostSource, dst: torch.Tensor) -> None:
         n = src.nbytes
@@ -117,12 +126,12 @@ class TransferEngine:
             src.read_into(dst[:n])
         else:
             dst[:n].copy_(src.flat)
-        self.stats.loads += 1
-        self.stats.bytes += n
-        self.stats.note("load", src.kind, n)
+        self.stats.note("copy", n, False)
 
     def wait(self, ticket: Any) -> None:
-        """Make compute wait until the load behind `ticket` is visible."""
+        """Make compute wait until the load behind `ticket` is visible (here: make the copy)."""
+        if ticket is not None:
+            self._copy(*ticket)
 
     def mark_done(self) -> Any:
         """A marker that passes once the compute queued so far has finished (slot reuse guard)."""
@@ -139,32 +148,7 @@ class TransferEngine:
 
 
 class SyncEngine(TransferEngine):
-    """Synchronous copies: the schedule is the same, nothing overlaps."""
-
-
-class ThreadedEngine(TransferEngine):
-    """Reads disk-backed groups on a worker thread (the read overlaps compute); other copies inline."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self._pool: ThreadPoolExecutor | None = None
-
-    def start_load(self, src: HostSource, dst: torch.Tensor, after: Any) -> Any:
-        if src.kind != "disk":
-            self._copy(src, dst)
-            return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookwise-offload-read")
-        return self._pool.submit(self._copy, src, dst)
-
-    def wait(self, ticket: Any) -> None:
-        if ticket is not None:
-            ticket.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    """Synchronous copies at use time: the schedule is the same, disk reads run ahead in the OS."""
 
 
 class CudaBackend:
@@ -305,10 +289,6 @@ class StreamEngine(TransferEngine):
             self._pool = None
 
 
-def make_engine(device: torch.device, *, streams: bool, disk: bool, threads: bool = True) -> TransferEngine:
-    """The engine for `device`: streams on CUDA when asked, a reader thread for disk on the CPU."""
-    if streams:
-        return StreamEngine(device)
-    if disk and threads:
-        return ThreadedEngine(device)
-    return SyncEngine(device)
+def make_engine(device: torch.device, *, streams: bool) -> TransferEngine:
+    """The engine for `device`: a copy stream and events on CUDA when asked, else synchronous copies."""
+    return StreamEngine(device) if streams else SyncEngine(device)
