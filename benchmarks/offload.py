@@ -168,17 +168,22 @@ class Weights:
         self.cls, self.config, self.dtype = cls, config, dtype
         with torch.device("meta"):
             meta = cls(**config).to(dtype)
-        gen = torch.Generator().manual_seed(0)
+        # Random values tiled from one pool: drawing 12 B normal numbers one by one would take minutes.
+        pool = (torch.randn(2**24, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
         self.state = {}
+        offset = 0
         for name, t in list(meta.state_dict().items()):
-            value = torch.empty(t.shape, dtype=torch.float32)
-            if t.dim() >= 2:
-                value.normal_(0, 0.02, generator=gen)
-            elif "norm" in name and name.endswith("weight"):
+            value = torch.empty(t.shape, dtype=dtype)
+            if "norm" in name and name.endswith("weight") and t.dim() == 1:
                 value.fill_(1.0)
             else:
-                value.normal_(0, 0.01, generator=gen)
-            self.state[name] = value.to(dtype)
+                flat = value.view(-1)
+                for start in range(0, flat.numel(), pool.numel()):
+                    n = min(pool.numel(), flat.numel() - start)
+                    begin = (offset + start) % (pool.numel() - n + 1)
+                    flat[start : start + n].copy_(pool[begin : begin + n])
+                offset += 7919  # a different phase for each tensor
+            self.state[name] = value
         self.nbytes = sum(t.numel() * t.element_size() for t in self.state.values())
 
     def model(self):
@@ -490,7 +495,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM")
+          f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f}")
+    load_start = os.getloadavg()[0]
     if args.device == "cpu":
         out = cpu_bench(args)
         print("\n" + table(out["results"]))
@@ -503,6 +509,8 @@ def main() -> None:
             print(f"\n{label}\n" + table(model_out["results"]))
             print("\n".join(ratios(model_out["results"])))
             data["models"][label] = [asdict(r) for r in model_out["results"]]
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (at the start {load_start:.2f})")
+    data["load_average"] = [load_start, os.getloadavg()[0]]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2, default=str)

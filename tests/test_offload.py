@@ -1,8 +1,11 @@
 """Offloading on the CPU: exact outputs and gradients, prefetch order, training, writes, removal, errors.
 
-Streamed groups live on disk (or in host RAM) and are loaded into CPU "device" slots, so every
-decision of the scheduler runs as it does on a GPU. Strict mode empties every unbound streamed
-tensor: a weight used outside its group's hooks fails loudly instead of silently reading the host.
+Two paths run here. Disk offload with the CPU computing: parameters are views of the mapped
+files, prefetch is an OS read-ahead (the "direct" path users get). Host-RAM offload with the CPU
+computing: groups are copied into CPU "device" slots, so every decision of the slot scheduler
+(loads, prefetch, eviction, saved-tensor packing, write-backs) runs as it does on a GPU. Strict
+mode poisons every unbound slot-streamed tensor, so a weight used outside its group's hooks
+corrupts the result visibly instead of silently reading the host copy.
 """
 
 import warnings
@@ -36,15 +39,22 @@ def disk(tmp_path, **kw):
     return Offload(onload_device="cpu", offload_device="disk", disk_path=str(tmp_path), **kw)
 
 
+def slots(**kw):
+    """Host RAM -> CPU slots: the copy path a GPU uses, run on the CPU."""
+    return Offload(onload_device="cpu", offload_device="cpu", **kw)
+
+
+@pytest.mark.parametrize("offload_device", ["disk", "cpu"])
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_disk_offload_outputs_and_lora_gradients_equal_the_plain_model(name, granularity, tmp_path):
+def test_offload_outputs_and_lora_gradients_equal_the_plain_model(name, granularity, offload_device, tmp_path):
     model, inputs = MODELS[name]()
     add_lora(model)
     expected = fwd_bwd(model, inputs)
     with torch.no_grad():
         expected_eval = main_output(model(**inputs))
-    apply_offload(model, disk(tmp_path, granularity=granularity))
+    config = disk(tmp_path, granularity=granularity) if offload_device == "disk" else slots(granularity=granularity)
+    apply_offload(model, config)
     strict(model)
     for _ in range(2):  # the first pass records the order, the second prefetches along it
         assert_same(fwd_bwd(model, inputs), expected)
@@ -60,12 +70,12 @@ def test_disk_offload_outputs_and_lora_gradients_equal_the_plain_model(name, gra
 
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradients_equal_with_gradient_checkpointing(reentrant, granularity, tmp_path):
+def test_gradients_equal_with_gradient_checkpointing(reentrant, granularity):
     _, inputs = tiny_musubi()
     inputs["img"].requires_grad_(True)  # a reentrant checkpoint needs an input that requires grad
     model = add_lora(CheckpointedDiT(reentrant).eval())
     expected = fwd_bwd(model, inputs)
-    apply_offload(model, disk(tmp_path, granularity=granularity))
+    apply_offload(model, slots(granularity=granularity))
     strict(model)
     for _ in range(3):
         assert_same(fwd_bwd(model, inputs), expected)
@@ -169,7 +179,8 @@ def test_a_group_that_was_not_predicted_loads_on_demand():
         assert torch.equal(model(x), full)
 
 
-def test_full_finetune_with_offload_trainable_matches_sgd_on_the_plain_model(tmp_path):
+@pytest.mark.parametrize("offload_device", ["disk", "cpu"])
+def test_full_finetune_with_offload_trainable_matches_sgd_on_the_plain_model(offload_device, tmp_path):
     def train(model, inputs, steps=2, micro=2):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         losses = []
@@ -185,7 +196,8 @@ def test_full_finetune_with_offload_trainable_matches_sgd_on_the_plain_model(tmp
     ref_model, inputs = tiny_musubi()
     model, _ = tiny_musubi()
     expected = train(ref_model, inputs)
-    apply_offload(model, disk(tmp_path, granularity="block", offload_trainable=True))
+    kw = dict(granularity="block", offload_trainable=True)
+    apply_offload(model, disk(tmp_path, **kw) if offload_device == "disk" else slots(**kw))
     # Not strict: the optimizer legitimately updates the unbound weights (their host masters).
     assert train(model, inputs) == expected
     # Trainable groups are unbound at the end of each backward, so the optimizer stepped on the
@@ -313,7 +325,7 @@ def test_a_failure_half_way_leaves_the_model_untouched(tmp_path, monkeypatch):
 
     monkeypatch.setattr(offload_module, "store", failing_store)
     with pytest.raises(OSError, match="simulated"):
-        apply_offload(model, disk(tmp_path, granularity="block", vram_budget=300_000))
+        apply_offload(model, disk(tmp_path, granularity="block", vram_budget=150_000))
     assert len(calls) == 4
     assert list_hooks(model) == {} and overridden(model) == {}
     assert {n: id(p) for n, p in model.named_parameters()} == ids
@@ -415,11 +427,11 @@ def fp8_musubi():
 
 
 @pytest.mark.parametrize("granularity", ["block", "leaf"])
-def test_offloading_composes_with_fp8_casting_hooks(granularity, tmp_path):
+def test_offloading_composes_with_fp8_casting_hooks(granularity):
     model, inputs = fp8_musubi()
     expected = output_of(model, inputs)
     fp8_bytes = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn)
-    report = apply_offload(model, disk(tmp_path, granularity=granularity))
+    report = apply_offload(model, slots(granularity=granularity))
     strict(model)
     for _ in range(2):
         assert torch.equal(output_of(model, inputs), expected)

@@ -169,26 +169,26 @@ def test_chunks_cover_every_byte_once():
     assert chunks(0, 4) == [(0, 0)]
 
 
-def test_on_the_cpu_disk_reads_start_at_prefetch_and_copies_happen_at_use(tmp_path, monkeypatch):
+def test_on_the_cpu_disk_groups_are_read_ahead_at_prefetch_used_in_place_and_released(tmp_path, monkeypatch):
     events = []
-    real_will_need, real_read = DiskFile.will_need, DiskFile.read_into
+    real = {name: getattr(DiskFile, name) for name in ("will_need", "read_into", "drop_pages")}
 
-    def will_need(self, *a):
-        events.append(("readahead", self.path.name))
-        return real_will_need(self, *a)
+    def record(name, kind):
+        def call(self, *a, **k):
+            events.append((kind, self.path.name))
+            return real[name](self, *a, **k)
 
-    def read_into(self, dst, start=0):
-        events.append(("read", self.path.name))
-        return real_read(self, dst, start)
+        return call
 
-    monkeypatch.setattr(DiskFile, "will_need", will_need)
-    monkeypatch.setattr(DiskFile, "read_into", read_into)
+    monkeypatch.setattr(DiskFile, "will_need", record("will_need", "readahead"))
+    monkeypatch.setattr(DiskFile, "read_into", record("read_into", "copy"))
+    monkeypatch.setattr(DiskFile, "drop_pages", record("drop_pages", "release"))
     model, inputs = tiny_musubi()
+    model.requires_grad_(False)
     expected = output_of(model, inputs)
-    apply_offload(model, Offload(onload_device="cpu", offload_device="disk", disk_path=str(tmp_path), granularity="block"))
+    report = apply_offload(model, Offload(onload_device="cpu", offload_device="disk", disk_path=str(tmp_path), granularity="block"))
     sched = scheduler(model)
-    assert type(sched.engine) is SyncEngine
-    strict(model)
+    assert type(sched.engine) is SyncEngine and sched.slots == [] and report.slots == 0
     assert torch.equal(output_of(model, inputs), expected)  # records the order
     files = {g.name: g.file.rsplit("/", 1)[-1] for g in offload_report(model).groups}
     events.clear()
@@ -196,8 +196,10 @@ def test_on_the_cpu_disk_reads_start_at_prefetch_and_copies_happen_at_use(tmp_pa
     assert torch.equal(output_of(model, inputs), expected)
     order = [name for kind, name, *_ in events if kind == "use"]
     assert order == list(offload_report(model).order)
+    assert not [e for e in events if e[0] == "copy"]  # computed on in place: no copy at all
     for prev, name in zip(order, order[1:]):
         f = files[name]
-        # The OS starts reading group k+1 when group k starts; its bytes are copied when k+1 starts.
+        # The OS starts reading group k+1 when group k starts; k+1's pages are released after it ran.
         assert events.index(("use", prev, False)) < events.index(("readahead", f)) < events.index(("use", name, False))
-        assert events.index(("read", f)) == events.index(("use", name, False)) + 1
+        assert events.index(("use", name, False)) < events.index(("release", f))
+    assert sched.stats.on_demand == len(order)  # only the first pass, which had no order yet

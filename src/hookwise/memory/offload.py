@@ -198,7 +198,9 @@ class _Offloader:
         self.home = _home_device(model)
         self.model_map: ModelMap = describe(model)
         self.budget = parse_budget(config.vram_budget, self.onload)
-        self.slots = config.depth + 1
+        # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
+        self.direct = config.offload_device == "disk" and self.onload.type == "cpu" and not self.streams
+        self.slots = 0 if self.direct else config.depth + 1
         self.part, self.plan = _choose(model, self.model_map, config, self.budget, self.slots)
         self.disk_dir: Path | None = None
         if config.offload_device == "disk":

@@ -91,6 +91,8 @@ class GroupState:
         self.in_use = 0
         self.last_use = 0
         self.prefetched = False
+        self.direct = False  # computed on in place (a mapped file on the CPU): no slot, no copy
+        self.hot = False  # a direct group whose pages were read since they were last released
         self.trainable = any(ref.kind == "param" and ref.tensor.requires_grad for ref in group.tensors)
         self.grad_stash: dict[int, torch.Tensor] = {}
         self._views_by_slot: dict[int, list[torch.Tensor]] = {}
@@ -195,7 +197,12 @@ class Scheduler:
         self.engine = engine
         self.depth = depth
         self.slot_bytes = slot_bytes
-        self.slots = [Slot(i, engine.alloc_slot(slot_bytes)) for i in range(slots if states else 0)]
+        for st in states:
+            st.direct = engine.direct(st.source)
+            if st.direct:
+                st.loaded_versions = _versions(st)
+        copied = any(not st.direct for st in states)
+        self.slots = [Slot(i, engine.alloc_slot(slot_bytes)) for i in range(slots if copied else 0)]
         self._by_ptr = {s.ptr: s for s in self.slots}
         self.stats = Stats()
         self.forward_order: list[GroupState] = []
@@ -231,7 +238,8 @@ class Scheduler:
 
     def _home(self, st: GroupState, i: int) -> torch.Tensor:
         master = st.masters[i]
-        return _poison(master) if self.strict else master
+        # A direct group's master is what the device computes on: never poisoned.
+        return _poison(master) if self.strict and not st.direct else master
 
     @property
     def streaming(self) -> bool:
@@ -296,6 +304,17 @@ class Scheduler:
 
     def release(self, st: GroupState) -> None:
         st.in_use -= 1
+        if st.direct and st.in_use == 0 and not torch.is_grad_enabled() and self.phase != "backward":
+            self._cool(st)
+
+    def _cool(self, st: GroupState) -> None:
+        """A direct group is done: release its mapped pages (unless they were written)."""
+        versions = _versions(st)
+        if versions != st.loaded_versions:
+            st.source.mark_written()  # changed in place: its copy-on-write pages must stay
+            st.loaded_versions = versions
+        st.source.after_read()
+        st.hot = False
 
     def _touch(self, st: GroupState, backward: bool, protect: bool = False) -> None:
         if backward:
@@ -321,7 +340,17 @@ class Scheduler:
         self._current = st
         if self.trace is not None:
             self.trace.append(("use", st.name, backward))
-        if st.slot is None:
+        if st.direct:
+            if not st.hot:
+                if st.prefetched:
+                    self.stats.prefetch_hits += 1
+                else:
+                    self.stats.on_demand += 1
+                self.stats.loads += 1
+                self.stats.bytes_loaded += st.group.nbytes
+            st.prefetched = False
+            st.hot = True
+        elif st.slot is None:
             self.stats.on_demand += 1
             self._load(st, required=True)
         elif not st.bound and self._changed_on_host(st):
@@ -340,12 +369,20 @@ class Scheduler:
             if st.source.kind == "disk" and st.loaded_versions == _versions(st):
                 # The host has read the file pages into the slot and nothing wrote them: let them go.
                 st.source.after_read()
-        if not st.bound:
+        if not st.bound and not st.direct:
             self._bind(st)
         for nxt in cursor.advance(st, self.depth, self.stats):
             self._prefetch(nxt)
 
     def _prefetch(self, st: GroupState) -> None:
+        if st.direct:
+            if not st.hot and not st.prefetched:
+                if self.trace is not None:
+                    self.trace.append(("load", st.name, True))
+                st.source.before_read()  # the OS reads the file into its cache meanwhile
+                st.prefetched = True
+                self.stats.prefetches += 1
+            return
         if st.slot is None and self._load(st, required=False):
             st.prefetched = True
             self.stats.prefetches += 1
@@ -368,6 +405,12 @@ class Scheduler:
         self._node = None
         self._node_groups.clear()
         self._release_trainable()
+        self._cool_all()
+
+    def _cool_all(self) -> None:
+        for st in self.states:
+            if st.direct and st.hot and st.in_use == 0:
+                self._cool(st)
 
     def _commit_backward(self) -> None:
         recorded, self._brecording = self._brecording, None
@@ -559,7 +602,7 @@ class Scheduler:
 
     def _release_trainable(self) -> None:
         for st in self.states:
-            if not st.trainable:
+            if not st.trainable or st.direct:  # a direct group's tensors never leave the host
                 continue
             if st.bound:
                 if st.ticket is not None:
@@ -585,3 +628,4 @@ class Scheduler:
         self._node = None
         self._node_groups.clear()
         self._release_trainable()
+        self._cool_all()

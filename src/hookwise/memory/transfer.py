@@ -4,9 +4,10 @@ The scheduler decides *what* moves *when*; an engine only moves bytes and orders
 compute. Two engines share that interface:
 
 - `SyncEngine` (CPU and any device without streams): synchronous copies on the calling thread,
-  made when the group is needed; a disk-backed group's file is read ahead by the OS from the
-  moment it is prefetched (`posix_fadvise(WILLNEED)`), so disk latency hides behind compute
-  without a thread competing with the compute threads.
+  made when the group is needed. On the CPU a disk-backed group is not copied at all: its
+  parameters stay views of the mapped file, the OS reads it ahead from the moment the group is
+  prefetched (`posix_fadvise(WILLNEED)`), and its pages are released after use. Disk latency
+  hides behind compute without a thread competing with the compute threads.
 - `StreamEngine`: a dedicated copy stream. A pinned group moves with one asynchronous copy; a
   pageable or disk-backed group is staged through a small ring of pinned buffers on a worker
   thread (host memcpy of chunk k+1 overlaps the device copy of chunk k). Ordering uses events
@@ -112,6 +113,14 @@ class TransferEngine:
         """A host buffer (pinned when asked and possible); returns (buffer, pinned)."""
         return torch.empty(nbytes, dtype=torch.uint8), False
 
+    def direct(self, src: HostSource) -> bool:
+        """Whether the device computes on `src` in place (no slot, no copy).
+
+        True for a disk-backed group when the device is the CPU: its mapped file is memory the
+        CPU reads directly; prefetching is an OS read-ahead and finishing releases the pages.
+        """
+        return False
+
     # ---- transfers ---------------------------------------------------------------------------
     def start_load(self, src: HostSource, dst: torch.Tensor, after: Any) -> Any:
         """Begin copying `src` into the start of `dst` once `after` (a marker) has passed; a ticket."""
@@ -149,6 +158,9 @@ class TransferEngine:
 
 class SyncEngine(TransferEngine):
     """Synchronous copies at use time: the schedule is the same, disk reads run ahead in the OS."""
+
+    def direct(self, src: HostSource) -> bool:
+        return self.device.type == "cpu" and src.kind == "disk"
 
 
 class CudaBackend:
