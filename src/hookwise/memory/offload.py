@@ -9,7 +9,8 @@ VRAM budget as many groups as fit stay resident for good and the rest stream, sp
 order recorded by the first forward, forward and backward (`schedule.py`), by an engine that
 uses a copy stream, flat pinned buffers and events on CUDA and synchronous copies elsewhere
 (`transfer.py`). With `offload_device="disk"` each group is one safetensors file named by its
-content (`disk.py`).
+content (`disk.py`); when the CPU computes, its parameters are views of the mapped files, read
+ahead by the OS when prefetched and released after use (no slots, no copies).
 
 Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay resident unless
 `offload_trainable=True`. Tensors held directly by modules that contain other groups (e.g. a

@@ -7,6 +7,9 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
   buffers (`tensor.data`) at a view into that slot. Unbinding points them back at the host master.
   A group stays in its slot after use until the slot is needed (so a forward followed by backward
   reuses what is still there); the least recently used group that is not in use is evicted.
+- **Direct groups.** When the engine computes on a source in place (a mapped file on the CPU),
+  a group has no slot: prefetching it starts an OS read-ahead, and after use its pages are
+  released (unless written). Order, prefetch and counters are the same.
 - **Order.** Each forward pass records the order in which streamed groups are needed; the next
   pass prefetches along it (`depth` groups ahead). Backward records its own order and, until it has
   one, walks the forward order in reverse. A group that was not predicted loads on demand.
@@ -15,7 +18,8 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
   again (prefetching the group before it) and rebuilds the same view. Gradient checkpointing
   (reentrant or not) re-runs the block's forward, which loads the group through its hook.
 - **Writes.** If a bound tensor was changed in place (its version counter moved) or its `.data`
-  was replaced, unbinding copies the new values into the host master first, so no update is lost.
+  was replaced, unbinding copies the new values into the host master first, so no update is lost;
+  a change made to an unbound tensor (its host master) makes the next use copy the group again.
 - **Trainable tensors** (with `offload_trainable`) get their gradients moved to the host master's
   device when they are unbound and at the end of each backward, so an optimizer sees one device.
 """
