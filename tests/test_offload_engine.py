@@ -194,12 +194,15 @@ def test_on_the_cpu_disk_groups_are_read_ahead_at_prefetch_used_in_place_and_rel
     events.clear()
     sched.trace = events  # one timeline: ("use", group, backward) entries among the disk events
     assert torch.equal(output_of(model, inputs), expected)
+    sched.engine.close()  # joins the read-ahead thread, so its calls are all in `events`
     order = [name for kind, name, *_ in events if kind == "use"]
     assert order == list(offload_report(model).order)
     assert not [e for e in events if e[0] == "copy"]  # computed on in place: no copy at all
     for prev, name in zip(order, order[1:]):
         f = files[name]
-        # The OS starts reading group k+1 when group k starts; k+1's pages are released after it ran.
-        assert events.index(("use", prev, False)) < events.index(("readahead", f)) < events.index(("use", name, False))
+        # Group k+1's read-ahead is asked for when group k starts (a helper thread makes the
+        # call); its pages are released after it ran.
+        assert events.index(("use", prev, False)) < events.index(("load", name, True)) < events.index(("use", name, False))
+        assert ("readahead", f) in events
         assert events.index(("use", name, False)) < events.index(("release", f))
     assert sched.stats.on_demand == len(order)  # only the first pass, which had no order yet

@@ -7,8 +7,9 @@ section starts at an aligned file offset.
 
 - Name: the SHA-256 of header and data. Changed weights get another name, so a stale file is never
   reused; old files stay as a cache and can be deleted at will.
-- Write: to a temporary file in the same folder, fsync, then `os.replace` (atomic on POSIX and
-  Windows), so a crash never leaves a half-written file under a final name.
+- Write: to a temporary file in the same folder, then `os.replace` (atomic on POSIX and Windows),
+  so a reader never sees a half-written file under a final name. There is no fsync: a file torn
+  by a power loss is caught by the verification below, which every reuse goes through.
 - Reuse: an existing file is mapped and compared with the expected header and with the weights
   byte for byte; a truncated, corrupt or foreign file is rewritten, never loaded.
 - Read: the file is mapped copy-on-write; a group's tensors are views into the mapping, so reading
@@ -211,8 +212,6 @@ def store(directory: Path, group: Group, flat: torch.Tensor) -> DiskFile:
                 f.write(struct.pack("<Q", len(header)))
                 f.write(header)
                 f.write(memoryview(flat.numpy()))
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

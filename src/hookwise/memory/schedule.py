@@ -383,7 +383,7 @@ class Scheduler:
             if not st.hot and not st.prefetched:
                 if self.trace is not None:
                     self.trace.append(("load", st.name, True))
-                st.source.before_read()  # the OS reads the file into its cache meanwhile
+                self.engine.read_ahead(st.source)  # the OS reads the file into its cache meanwhile
                 st.prefetched = True
                 self.stats.prefetches += 1
             return
@@ -495,7 +495,7 @@ class Scheduler:
             self.trace.append(("load", st.name, not required))
         self._changed_on_host(st)
         st.loaded_versions = _versions(st)
-        st.source.before_read()
+        self.engine.read_ahead(st.source)
         st.ticket = self.engine.start_load(st.source, slot.flat, slot.marker)
         slot.marker = None
         slot.group = st

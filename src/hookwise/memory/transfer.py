@@ -6,8 +6,9 @@ compute. Two engines share that interface:
 - `SyncEngine` (CPU and any device without streams): synchronous copies on the calling thread,
   made when the group is needed. On the CPU a disk-backed group is not copied at all: its
   parameters stay views of the mapped file, the OS reads it ahead from the moment the group is
-  prefetched (`posix_fadvise(WILLNEED)`), and its pages are released after use. Disk latency
-  hides behind compute without a thread competing with the compute threads.
+  prefetched (`posix_fadvise(WILLNEED)`, called from a helper thread that only waits on the
+  disk), and its pages are released after use. Disk latency hides behind compute without a
+  thread competing with the compute threads for the CPU.
 - `StreamEngine`: a dedicated copy stream. A pinned group moves with one asynchronous copy; a
   pageable or disk-backed group is staged through a small ring of pinned buffers on a worker
   thread (host memcpy of chunk k+1 overlaps the device copy of chunk k). Ordering uses events
@@ -103,6 +104,7 @@ class TransferEngine:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stats = EngineStats()
+        self._reader: ThreadPoolExecutor | None = None
 
     # ---- memory ------------------------------------------------------------------------------
     def alloc_slot(self, nbytes: int) -> torch.Tensor:
@@ -120,6 +122,16 @@ class TransferEngine:
         CPU reads directly; prefetching is an OS read-ahead and finishing releases the pages.
         """
         return False
+
+    def read_ahead(self, src: HostSource) -> None:
+        """Have the OS start reading `src` (a file) into its page cache, without waiting here."""
+        if src.disk is None:
+            return
+        # posix_fadvise(WILLNEED) blocks while it submits the reads of a large range: a helper
+        # thread makes the call. It sleeps in the kernel on the disk, so it takes no compute time.
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookwise-offload-readahead")
+        self._reader.submit(src.before_read)
 
     # ---- transfers ---------------------------------------------------------------------------
     def start_load(self, src: HostSource, dst: torch.Tensor, after: Any) -> Any:
@@ -154,6 +166,9 @@ class TransferEngine:
 
     def close(self) -> None:
         """Finish outstanding work and release threads."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
 
 
 class SyncEngine(TransferEngine):
@@ -295,10 +310,14 @@ class StreamEngine(TransferEngine):
         self.stats.writebacks += 1
         self.stats.note("writeback", view.numel() * view.element_size())
 
+    def read_ahead(self, src: HostSource) -> None:
+        """Nothing: the staging thread reads the file itself, in order, when the load is issued."""
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        super().close()
 
 
 def make_engine(device: torch.device, *, streams: bool) -> TransferEngine:
