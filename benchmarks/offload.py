@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import tempfile
@@ -304,7 +305,8 @@ class Variant:
 
 
 def cpu_bench(args) -> dict:
-    """All variants built once, then timed in interleaved rounds (this machine's speed drifts)."""
+    """All variants built once, then timed in rounds, each variant once per round in a shuffled order
+    (the speed of a shared machine drifts); the median over rounds is reported."""
     from diffusers import FluxTransformer2DModel
 
     device = torch.device("cpu")
@@ -362,9 +364,11 @@ def cpu_bench(args) -> dict:
         del src, dst
         print(f"disk read (cold) {bandwidth / 1e9:.2f} GB/s; RAM copy {ram_bandwidth / 1e9:.2f} GB/s")
         loads = []
+        shuffle = random.Random(0)
         for round_ in range(args.steps):
             loads.append(os.getloadavg()[0])
-            for v in variants:
+            # A fresh order each round: a co-tenant's periodic load must not favour a position.
+            for v in shuffle.sample(variants, len(variants)):
                 if v.cold is not None:
                     drop_page_cache(v.cold())
                 else:
