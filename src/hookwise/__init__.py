@@ -30,13 +30,26 @@ from .errors import (
     NoTargetError,
 )
 from .introspect import ModelMap, describe, load_model, spec_names
-from .memory import LayerwiseCasting, apply_casting, casting_summary, remove_casting
+from .memory import (
+    ComponentOffload,
+    LayerwiseCasting,
+    Offload,
+    apply_casting,
+    apply_component_offload,
+    apply_offload,
+    casting_summary,
+    offload_report,
+    remove_casting,
+    remove_component_offload,
+    remove_offload,
+)
 from .stack import Stack, applied, apply, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompatibilityError",
+    "ComponentOffload",
     "ConfigError",
     "HookError",
     "HookRegistry",
@@ -48,6 +61,7 @@ __all__ = [
     "ModelMap",
     "ModelResolveError",
     "NoTargetError",
+    "Offload",
     "RunState",
     "Stack",
     "TechniqueConfig",
@@ -56,6 +70,8 @@ __all__ = [
     "applied",
     "apply",
     "apply_casting",
+    "apply_component_offload",
+    "apply_offload",
     "branch",
     "casting_summary",
     "describe",
@@ -64,10 +80,13 @@ __all__ = [
     "list_hooks",
     "load_model",
     "new_run",
+    "offload_report",
     "register_technique",
     "remove",
     "remove_casting",
+    "remove_component_offload",
     "remove_hook",
+    "remove_offload",
     "reset_stateful_hooks",
     "spec_names",
 ]
