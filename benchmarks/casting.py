@@ -11,9 +11,10 @@ weight bytes of the full-size FLUX.1-dev transformer (built on the meta device) 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
+import os
+import random
 import statistics
 import time
 import warnings
@@ -80,18 +81,14 @@ def build(args) -> tuple[torch.nn.Module, dict]:
     return model, inputs
 
 
-def timed_forward(model, inputs, repeats: int, device: str) -> tuple[float, torch.Tensor]:
+def timed_forward(model, inputs, device: str) -> tuple[float, torch.Tensor]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times = []
     with torch.no_grad():
+        sync()
+        start = time.perf_counter()
         out = model(**inputs).sample
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            out = model(**inputs).sample
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        sync()
+    return time.perf_counter() - start, out
 
 
 def add_lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -116,7 +113,7 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=2, help="double-stream blocks")
     parser.add_argument("--single", type=int, default=4, help="single-stream blocks")
     parser.add_argument("--tokens", type=int, default=256, help="image tokens (a square number)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each variant once per round)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -141,24 +138,37 @@ def main() -> None:
         return model
 
     _, inputs = build(args)
+    names = ["bf16 baseline", "diffusers layerwise casting", *configs]
+    models = {name: make(name) for name in names}
+    outputs, times = {}, {name: [] for name in names}
+    for name, model in models.items():  # warm-up, and the outputs for the error column
+        _, outputs[name] = timed_forward(model, inputs, args.device)
+    # Interleaved rounds in a shuffled order: on a shared machine, load changes hit every variant alike.
+    rng = random.Random(0)
+    loads = []
+    for _ in range(args.repeats):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(timed_forward(models[name], inputs, args.device)[0])
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+    reference = outputs["bf16 baseline"].float()
     rows = []
-    reference = None
-    for name in ["bf16 baseline", "diffusers layerwise casting", *configs]:
-        model = make(name)
-        seconds, out = timed_forward(model, inputs, args.repeats, args.device)
-        if reference is None:
-            reference = out.float()
-        error = ((out.float() - reference).norm() / reference.norm()).item()
-        weight_bytes = model_bytes(model)
-        del model
-        saved = lora_step_saved_bytes(make(name, lora=True), inputs)
-        rows.append(dict(variant=name, weight_bytes=weight_bytes, saved_bytes=saved, forward_s=seconds, error=error))
+    for name in names:
+        error = ((outputs[name].float() - reference).norm() / reference.norm()).item()
+        weight_bytes = model_bytes(models[name])
+        rows.append(dict(variant=name, weight_bytes=weight_bytes, forward_s=statistics.median(times[name]), error=error))
+    del models, outputs
+    for row in rows:
+        row["saved_bytes"] = lora_step_saved_bytes(make(row["variant"], lora=True), inputs)
 
     base_row = rows[0]
     width = args.heads * 128
     print(
         f"FLUX-architecture transformer, width {width}, {args.double} double + {args.single} single blocks, "
-        f"{args.tokens} image + 64 text tokens, bf16, device {args.device}; torch {torch.__version__}"
+        f"{args.tokens} image + 64 text tokens, bf16, device {args.device}; torch {torch.__version__}; "
+        f"forward: median of {args.repeats} shuffled rounds (1-min load average per round: "
+        f"{', '.join(f'{x:.1f}' for x in loads)})"
     )
     header = f"{'variant':34s} {'weights MiB':>11s} {'x bf16':>7s} {'saved MiB':>10s} {'x bf16':>7s} {'fwd ms':>8s} {'x bf16':>7s} {'out rel err':>11s}"
     print(header)
@@ -188,7 +198,11 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "flux_full_bytes": {"bf16": full_bytes, **full_rows}}, f, indent=2)
+            json.dump(
+                {"args": vars(args), "loads": loads, "rows": rows, "flux_full_bytes": {"bf16": full_bytes, **full_rows}},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

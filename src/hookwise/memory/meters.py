@@ -36,7 +36,12 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 def saved_for_backward(model: nn.Module, step: Callable[[], Any]) -> SavedForBackward:
     """Run `step()` (a forward returning a loss, or a forward and backward) and meter what autograd saves."""
-    resident = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"}
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"]
+    resident = {_storage_key(t) for t in tensors}
+    # Hold the starting storages for the whole measurement: a technique that swaps parameter data
+    # during forward (diffusers' casting) would otherwise free them, and a saved activation could
+    # land at a recorded address and be miscounted as resident.
+    held = [t.untyped_storage() for t in tensors]
     seen: set[tuple[str, int]] = set()
     result = SavedForBackward()
 
@@ -60,6 +65,7 @@ def saved_for_backward(model: nn.Module, step: Callable[[], Any]) -> SavedForBac
         out = step()
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.backward()
+    del held
     return result
 
 
