@@ -42,12 +42,26 @@ from .errors import (
     NoTargetError,
 )
 from .introspect import ModelMap, describe, load_model, spec_names
+from .memory import (
+    ComponentOffload,
+    LayerwiseCasting,
+    Offload,
+    apply_casting,
+    apply_component_offload,
+    apply_offload,
+    casting_summary,
+    offload_report,
+    remove_casting,
+    remove_component_offload,
+    remove_offload,
+)
 from .stack import Stack, applied, apply, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompatibilityError",
+    "ComponentOffload",
     "ConfigError",
     "DualBlockCache",
     "FasterCache",
@@ -63,11 +77,13 @@ __all__ = [
     "HookRegistry",
     "HookwiseError",
     "Layer",
+    "LayerwiseCasting",
     "MissingDependencyError",
     "ModelHook",
     "ModelMap",
     "ModelResolveError",
     "NoTargetError",
+    "Offload",
     "RunState",
     "Stack",
     "TechniqueConfig",
@@ -75,16 +91,24 @@ __all__ = [
     "add_hook",
     "applied",
     "apply",
+    "apply_casting",
+    "apply_component_offload",
+    "apply_offload",
     "branch",
+    "casting_summary",
     "describe",
     "get_hook",
     "get_run_state",
     "list_hooks",
     "load_model",
     "new_run",
+    "offload_report",
     "register_technique",
     "remove",
+    "remove_casting",
+    "remove_component_offload",
     "remove_hook",
+    "remove_offload",
     "reset_stateful_hooks",
     "spec_names",
 ]

@@ -3,26 +3,28 @@
 `hookwise.apply(model, *configs)` checks the whole stack (what is already on the model plus what is
 asked) against the technique table before touching anything, then applies the new techniques in
 canonical order inside a transaction: if any step raises, every hook it attached and every change
-it recorded is undone, and the model computes exactly as before.
+it recorded is undone, and the model computes exactly as before. The machinery lives in
+`core.techniques` so that each technique's own `apply_<name>` can use it too.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from typing import Any, Iterable, Iterator
 
 from torch import nn
 
 from .core.config import TechniqueConfig
-from .core.hooks import HookRegistry, unwrap
-from .core.state import RUN_STATE_HOOK, RunStateHook, attach_run_state
-from .core.techniques import check_compatible, technique_named, technique_of, techniques
-from .core.transaction import transaction
-from .errors import ConfigError, HookwiseError
-
-logger = logging.getLogger("hookwise.stack")
+from .core.techniques import (
+    apply_techniques,
+    applied_configs,
+    check_compatible,
+    remove_techniques,
+    technique_named,
+    technique_of,
+    techniques,
+)
+from .errors import ConfigError
 
 STACK_FORMAT = "hookwise.stack"
 STACK_VERSION = 1
@@ -105,16 +107,9 @@ class Stack:
         return apply(model, self, timestep_arg=timestep_arg)
 
 
-def _root(model: nn.Module) -> RunStateHook | None:
-    registry = HookRegistry.of(model)
-    hook = registry.get(RUN_STATE_HOOK) if registry else None
-    return hook if isinstance(hook, RunStateHook) else None
-
-
 def applied(model: nn.Module) -> Stack:
     """The stack of techniques hookwise has applied to `model` (empty if none)."""
-    root = _root(unwrap(model))
-    return Stack(*root.applied) if root else Stack()
+    return Stack(*applied_configs(model))
 
 
 def apply(model: nn.Module, *configs: TechniqueConfig | Stack, timestep_arg: str | None = None) -> Stack:
@@ -124,26 +119,7 @@ def apply(model: nn.Module, *configs: TechniqueConfig | Stack, timestep_arg: str
     whole stack now on the model. `timestep_arg` names the forward argument holding the timestep
     when it is not one of the usual names.
     """
-    model = unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"hookwise.apply needs a torch.nn.Module, got {type(model).__name__}")
-    new = _flatten(configs)
-    if not new:
-        known = ", ".join(t.config_cls.__name__ for t in techniques()) or "none registered"
-        raise ConfigError(f"hookwise.apply was given no technique config (available: {known})")
-    root = _root(model)
-    existing = list(root.applied) if root else []
-    check_compatible(existing + new)
-    ordered = Stack(*new).configs
-    with transaction() as txn:
-        root = attach_run_state(model, timestep_arg)
-        for config in ordered:
-            technique = technique_of(config)
-            logger.debug("hookwise: applying %s", technique.name)
-            technique.apply(model, config)
-            root.applied.append(config)
-            txn.on_rollback(lambda c=config: root.applied.remove(c), f"record of {technique.name}")
-    return Stack(*root.applied)
+    return Stack(*apply_techniques(model, _flatten(configs), timestep_arg=timestep_arg))
 
 
 def remove(model: nn.Module, *names: str) -> list[str]:
@@ -152,33 +128,7 @@ def remove(model: nn.Module, *names: str) -> list[str]:
     An irreversible technique stays, with a warning. When nothing hookwise applied is left, the
     run-state hook goes too and the model is as it was.
     """
-    model = unwrap(model)
-    root = _root(model)
-    if root is None:
-        if names:
-            raise ConfigError(f"cannot remove {list(names)}: hookwise has applied nothing to this model")
-        return []
-    present = [technique_of(c).name for c in root.applied]
-    unknown = [n for n in names if n not in present]
-    if unknown:
-        raise ConfigError(f"cannot remove {unknown}: not applied to this model (applied: {present})")
-    removed: list[str] = []
-    for config in reversed(list(root.applied)):
-        technique = technique_of(config)
-        if names and technique.name not in names:
-            continue
-        if not technique.reversible:
-            warnings.warn(
-                f"hookwise: technique {technique.name!r} cannot be undone and stays on the model",
-                stacklevel=2,
-            )
-            continue
-        technique.remove(model, config)
-        root.applied.remove(config)
-        removed.append(technique.name)
-    if not root.applied:
-        HookRegistry.of(model).remove(RUN_STATE_HOOK)
-    return removed
+    return remove_techniques(model, names)
 
 
-__all__ = ["Stack", "applied", "apply", "remove", "HookwiseError"]
+__all__ = ["Stack", "applied", "apply", "remove"]

@@ -27,8 +27,11 @@ from .state import (
 )
 from .techniques import (
     Technique,
+    applied_configs,
+    apply_techniques,
     check_compatible,
     register_technique,
+    remove_techniques,
     technique_named,
     technique_of,
     techniques,
@@ -48,6 +51,8 @@ __all__ = [
     "TechniqueConfig",
     "Transaction",
     "add_hook",
+    "applied_configs",
+    "apply_techniques",
     "attach_run_state",
     "branch",
     "check_compatible",
@@ -62,6 +67,7 @@ __all__ = [
     "register_technique",
     "remove_hook",
     "remove_hooks",
+    "remove_techniques",
     "reset_stateful_hooks",
     "technique_named",
     "technique_of",

@@ -208,6 +208,9 @@ class RunStateHook(ModelHook):
         if self.module is not None:
             reset_stateful_hooks(self.module)
 
+    # Bookkeeping in Python, kept out of compiled graphs: traced, it would break the graph on reading a
+    # host timestep and make dynamo specialize on the step counters (a recompile per step).
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         name = self.timestep_arg
         if name is None:

@@ -1,4 +1,6 @@
-"""The table of techniques: config class -> how to apply and remove it, its order, its conflicts.
+"""The table of techniques, and applying / removing them on a model.
+
+Config class -> how to apply and remove it, its order, its conflicts.
 
 Each technique file registers itself once at import:
 
@@ -21,6 +23,9 @@ from torch import nn
 
 from ..errors import CompatibilityError, ConfigError
 from .config import TechniqueConfig
+from .hooks import HookRegistry, unwrap
+from .state import RUN_STATE_HOOK, RunStateHook, attach_run_state
+from .transaction import transaction
 
 
 @dataclass(frozen=True)
@@ -127,3 +132,79 @@ def check_compatible(configs: Sequence[Any]) -> list[Technique]:
                     f"techniques {a.name!r} and {b.name!r} cannot be combined on one model; choose one"
                 )
     return found
+
+
+# ---- applying and removing techniques on a model ------------------------------------------------------
+def _root(model: nn.Module) -> RunStateHook | None:
+    registry = HookRegistry.of(model)
+    hook = registry.get(RUN_STATE_HOOK) if registry else None
+    return hook if isinstance(hook, RunStateHook) else None
+
+
+def applied_configs(model: nn.Module) -> list[TechniqueConfig]:
+    """The configs hookwise has applied to `model`, in the order they were applied."""
+    root = _root(unwrap(model))
+    return list(root.applied) if root else []
+
+
+def apply_techniques(
+    model: nn.Module, configs: Sequence[TechniqueConfig], *, timestep_arg: str | None = None
+) -> list[TechniqueConfig]:
+    """Validate `configs` together with what is already applied, then apply them all-or-nothing.
+
+    New configs are applied in canonical order inside a transaction; returns every applied config.
+    """
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"hookwise.apply needs a torch.nn.Module, got {type(model).__name__}")
+    if not configs:
+        known = ", ".join(t.config_cls.__name__ for t in techniques()) or "none registered"
+        raise ConfigError(f"hookwise.apply was given no technique config (available: {known})")
+    root = _root(model)
+    existing = list(root.applied) if root else []
+    check_compatible(existing + list(configs))
+    ordered = sorted(configs, key=lambda c: technique_of(c).order)
+    with transaction() as txn:
+        root = attach_run_state(model, timestep_arg)
+        for config in ordered:
+            technique = technique_of(config)
+            technique.apply(model, config)
+            root.applied.append(config)
+            txn.on_rollback(lambda c=config: root.applied.remove(c), f"record of {technique.name}")
+    return list(root.applied)
+
+
+def remove_techniques(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
+    """Undo techniques (all, or those named), newest first; returns the names undone.
+
+    An irreversible technique stays, with a warning. When nothing applied is left, the run-state
+    hook goes too.
+    """
+    import warnings
+
+    model = unwrap(model)
+    root = _root(model)
+    if root is None:
+        if names:
+            raise ConfigError(f"cannot remove {list(names)}: hookwise has applied nothing to this model")
+        return []
+    present = [technique_of(c).name for c in root.applied]
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise ConfigError(f"cannot remove {unknown}: not applied to this model (applied: {present})")
+    removed: list[str] = []
+    for config in reversed(list(root.applied)):
+        technique = technique_of(config)
+        if names and technique.name not in names:
+            continue
+        if not technique.reversible:
+            warnings.warn(
+                f"hookwise: technique {technique.name!r} cannot be undone and stays on the model", stacklevel=3
+            )
+            continue
+        technique.remove(model, config)
+        root.applied.remove(config)
+        removed.append(technique.name)
+    if not root.applied:
+        HookRegistry.of(model).remove(RUN_STATE_HOOK)
+    return removed

@@ -1,0 +1,181 @@
+"""The VRAM budget: how many bytes the onload device may hold, and which groups stay resident.
+
+With a budget, groups outside the towers (embedders, output layers: little compute to hide a
+transfer behind) become resident first, smallest first; then as many tower groups as fit, chosen
+so the streamed ones are spread evenly between resident ones and every transfer has compute to
+hide behind. The budget counts the prefetch slots: `slots` buffers as large as the largest
+streamed group. Without a budget every group streams (diffusers' behaviour).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .groups import Group
+
+_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS[f"{_p}b"] = 1000**_i
+    _UNITS[f"{_p}ib"] = 1024**_i
+    _UNITS[_p] = 1024**_i
+
+
+def fmt_bytes(n: int | float) -> str:
+    """Bytes for people: binary units, three significant figures."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"  # pragma: no cover
+
+
+def check_budget_value(value: object) -> None:
+    """Raise `ConfigError` unless `value` is None, a positive byte count, "NN%" or "12GiB"."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(
+            f"vram_budget={value!r} must be None (stream everything), a number of bytes, a share such as "
+            f"'80%', or a size such as '12GiB'"
+        )
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"vram_budget={value} bytes must be positive")
+        return
+    text = value.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 100:
+            raise ConfigError(f"vram_budget={value!r}: a share must lie in (0%, 100%], e.g. '80%'")
+        return
+    match = _SIZE.match(text)
+    if match is None or match["unit"].lower() not in _UNITS:
+        raise ConfigError(f"vram_budget={value!r} is not a size; use bytes (an int), '80%', '12GiB' or '500MB'")
+
+
+def device_total_bytes(device: torch.device) -> int:
+    """Total memory of the onload device (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def parse_budget(value: int | str | None, device: torch.device) -> int | None:
+    """The budget in bytes (None: no budget). Shares are of the onload device's total memory."""
+    check_budget_value(value)
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip()
+    if text.endswith("%"):
+        return int(device_total_bytes(device) * float(text[:-1]) / 100)
+    match = _SIZE.match(text)
+    return int(float(match["num"]) * _UNITS[match["unit"].lower()])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which groups stay resident, and what the onload device holds for weights."""
+
+    resident: frozenset[int]  # group indices
+    streamed: tuple[int, ...]  # group indices, in group order
+    slots: int
+    slot_bytes: int  # size of one slot (the largest streamed group)
+    pinned_bytes: int  # tensors resident whatever the budget
+    resident_bytes: int  # resident groups
+    budget: int | None
+
+    @property
+    def device_bytes(self) -> int:
+        """Weight bytes on the onload device: pinned + resident groups + slots."""
+        return self.pinned_bytes + self.resident_bytes + self.slots * self.slot_bytes
+
+
+def spread(n: int, streamed: int) -> list[int]:
+    """Indices of `streamed` of `n` items spaced evenly (the rest stay resident between them)."""
+    if streamed <= 0:
+        return []
+    if streamed >= n:
+        return list(range(n))
+    return [int((i + 0.5) * n / streamed) for i in range(streamed)]
+
+
+def minimum_bytes(groups: list[Group], pinned_bytes: int, slots: int) -> int:
+    """The least a budget can be: pinned tensors plus `slots` buffers of the largest group."""
+    return pinned_bytes + slots * max((g.nbytes for g in groups), default=0)
+
+
+def plan(groups: list[Group], *, pinned_bytes: int, slots: int, budget: int | None) -> Plan:
+    """Choose the resident groups under `budget` (see the module docstring)."""
+    sizes = np.array([g.nbytes for g in groups], dtype=np.int64)
+    if budget is None:
+        streamed = tuple(g.index for g in groups)
+        return Plan(frozenset(), streamed, slots, int(sizes.max(initial=0)), pinned_bytes, 0, None)
+
+    rest = sorted((g for g in groups if not g.in_tower), key=lambda g: (g.nbytes, g.index))
+    tower = [g for g in groups if g.in_tower]
+    tower_sizes = np.array([g.nbytes for g in tower], dtype=np.int64)
+    n = len(tower)
+
+    def attempt(rest_resident: int, tower_streamed: int) -> Plan | None:
+        streamed_idx = spread(n, tower_streamed)
+        streamed_mask = np.zeros(n, dtype=bool)
+        streamed_mask[streamed_idx] = True
+        resident = {g.index for g in rest[:rest_resident]}
+        resident.update(g.index for g, s in zip(tower, streamed_mask) if not s)
+        stream_sizes = [g.nbytes for g in rest[rest_resident:]] + tower_sizes[streamed_mask].tolist()
+        slot = max(stream_sizes, default=0)
+        res_bytes = int(sum(g.nbytes for g in rest[:rest_resident]) + tower_sizes[~streamed_mask].sum())
+        candidate = Plan(
+            frozenset(resident),
+            tuple(g.index for g in groups if g.index not in resident),
+            slots,
+            int(slot),
+            pinned_bytes,
+            res_bytes,
+            budget,
+        )
+        return candidate if candidate.device_bytes <= budget else None
+
+    # Everything outside the towers resident, then as many tower groups as fit.
+    for tower_streamed in range(0, n + 1):
+        found = attempt(len(rest), tower_streamed)
+        if found is not None:
+            return found
+    # Not even that: stream every tower group and as few of the others as needed.
+    for rest_resident in range(len(rest) - 1, -1, -1):
+        found = attempt(rest_resident, n)
+        if found is not None:
+            return found
+    raise _too_small(groups, pinned_bytes, slots, budget)
+
+
+def _too_small(groups: list[Group], pinned_bytes: int, slots: int, budget: int) -> ConfigError:
+    largest = max(groups, key=lambda g: g.nbytes)
+    need = minimum_bytes(groups, pinned_bytes, slots)
+    return BudgetError(
+        f"vram_budget={fmt_bytes(budget)} is too small: offloading needs at least {fmt_bytes(need)} on the "
+        f"device ({fmt_bytes(pinned_bytes)} of tensors that stay resident + {slots} slot(s) of the largest "
+        f"group {largest.name!r}, {fmt_bytes(largest.nbytes)} each). Raise vram_budget to at least "
+        f"{need} bytes",
+        need=need,
+    )
+
+
+class BudgetError(ConfigError):
+    """The budget cannot hold the resident tensors plus the prefetch slots; `need` says how much would."""
+
+    def __init__(self, message: str, *, need: int) -> None:
+        super().__init__(message)
+        self.need = need

@@ -1,0 +1,650 @@
+"""Layerwise casting: weights stored in a low-precision dtype (fp8), computed in the model's dtype.
+
+Each targeted Linear / Conv keeps its `weight` parameter in `storage_dtype`, optionally with scales
+beside it (`weight_scale` buffer: one per tensor, per output channel, or per block of 64 input
+columns). Its forward runs inside an autograd function that dequantizes the weight, computes, and
+saves only the stored weight and its scale for backward, where it dequantizes again. So during
+training no compute-dtype copy of a cast weight stays alive between forward and backward: the
+memory saving holds in training too (diffusers' casting keeps that copy alive).
+
+What is cast comes from the model map: `skip="auto"` keeps norms, embeddings, modulation, patch /
+position embeddings, input / output projections and the model's own keep-in-fp32 list in high
+precision. LoRA / PEFT adapter layers are never cast. Modules whose dtype a forward reads
+(`x.to(self.proj.weight.dtype)`, `next(self.embedder.parameters()).dtype`, a model's `.dtype`) are
+detected from the source of their ancestors' forwards and kept in high precision, with a warning.
+
+Removing the technique gives back compute-dtype weights, but lossily: the storage rounding stays.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.config import TechniqueConfig, parse_dtype
+from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..core.transaction import transaction
+from ..errors import ConfigError, NoTargetError
+from ..introspect.model_map import ModelMap, describe
+from ..introspect.precision import REASON_ADANORM, REASON_MOD
+
+logger = logging.getLogger("hookwise.memory.casting")
+
+HOOK_NAME = "hookwise.casting"
+SCALINGS = ("none", "tensor", "channel", "block")
+STORAGE_DTYPES = tuple(
+    d
+    for d in (
+        getattr(torch, n, None)
+        for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float16", "bfloat16")
+    )
+    if d is not None
+)
+_MODULATION = (REASON_ADANORM, REASON_MOD)
+_CONV_FUNCS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_INPUT_GRAD = {
+    nn.Conv1d: torch.nn.grad.conv1d_input,
+    nn.Conv2d: torch.nn.grad.conv2d_input,
+    nn.Conv3d: torch.nn.grad.conv3d_input,
+}
+
+
+@dataclass(frozen=True)
+class LayerwiseCasting(TechniqueConfig):
+    """Store weights of Linear / Conv leaves in `storage_dtype`, compute in `compute_dtype`.
+
+    - `storage_dtype`: fp8 (e4m3fn, e5m2) or fp16 / bf16.
+    - `compute_dtype`: default the dtype most of the targeted weights have now.
+    - `skip`: `"auto"` keeps high precision where the model map says (norms, embeddings,
+      modulation, input / output projections, the model's keep-in-fp32 list); `"none"` casts every
+      castable leaf (dtype-read modules and adapters are still kept).
+    - `skip_patterns`, `skip_classes`: more modules to keep: regular expressions searched in module
+      paths, and class names of the module or any of its ancestors. Each must match something.
+    - `scaling`: `"none"` (plain cast, as diffusers does), `"tensor"`, `"channel"` (one scale per
+      output channel), `"block"` (one per `block_size` input columns of each output channel; falls
+      back to per channel where the width does not divide, and for convolutions).
+    - `cast_modulation`: also cast the modulation Linears inside the towers' blocks (adaptive norms,
+      `img_mod` ...). On FLUX they hold about a quarter of the weight bytes.
+    - `exact_undo`: keep each original weight until `hookwise.apply` returns, so a failure anywhere
+      in the stack restores the model exactly. With False they are freed as casting proceeds (peak
+      memory: the model plus one layer) and a failure restores dequantized (rounded) weights.
+    """
+
+    storage_dtype: torch.dtype = torch.float8_e4m3fn
+    compute_dtype: torch.dtype | None = None
+    skip: str = "auto"
+    skip_patterns: tuple[str, ...] = ()
+    skip_classes: tuple[str, ...] = ()
+    scaling: str = "block"
+    block_size: int = 64
+    cast_modulation: bool = False
+    exact_undo: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept dtype names and lists for convenience; store canonical values.
+        object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype, "storage_dtype"))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", parse_dtype(self.compute_dtype, "compute_dtype"))
+        object.__setattr__(self, "skip_patterns", tuple(self.skip_patterns))
+        object.__setattr__(self, "skip_classes", tuple(self.skip_classes))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ConfigError(
+                f"storage_dtype={self.storage_dtype} cannot store weights for layerwise casting; use one of "
+                f"{[str(d).removeprefix('torch.') for d in STORAGE_DTYPES]} (integer formats are quantization)"
+            )
+        if self.compute_dtype is not None:
+            _check_compute(self.storage_dtype, self.compute_dtype)
+        if self.skip not in ("auto", "none"):
+            raise ConfigError(f"skip={self.skip!r}: use 'auto' or 'none', and skip_patterns / skip_classes to add more")
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"scaling={self.scaling!r}: use one of {SCALINGS}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size}: must be a positive number of input columns")
+        for pattern in self.skip_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"skip pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+def _check_compute(storage: torch.dtype, compute: torch.dtype) -> None:
+    if compute.itemsize < storage.itemsize:
+        raise ConfigError(
+            f"compute_dtype={compute} is smaller than storage_dtype={storage}: weights would lose precision "
+            f"in compute; use a compute dtype at least as wide as the storage dtype (float32, bfloat16, float16)"
+        )
+    if not compute.is_floating_point or compute.itemsize < 2:
+        raise ConfigError(f"compute_dtype={compute} cannot compute; use float32, bfloat16 or float16")
+    if compute == storage:
+        raise ConfigError(f"storage_dtype and compute_dtype are both {storage}: casting would save nothing")
+
+
+# ---- storage layout and the autograd functions -------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    scaling: str  # the scaling actually used for this leaf (block may fall back to channel)
+    shape: tuple[int, ...]
+    block: int = 0
+
+    def scale_shape(self) -> tuple[int, ...]:
+        out, rest = self.shape[0], self.shape[1:]
+        if self.scaling == "tensor":
+            return ()
+        if self.scaling == "channel":
+            return (out, *([1] * len(rest)))
+        if self.scaling == "block":
+            return (out, rest[0] // self.block)
+        return ()
+
+
+def _dequantize(storage: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, layout: _Layout) -> torch.Tensor:
+    weight = storage.to(dtype)
+    if scale is None:
+        return weight
+    scale = scale.to(dtype)
+    if layout.scaling == "block":
+        out, n = scale.shape
+        return (weight.view(out, n, layout.block) * scale.unsqueeze(-1)).view(storage.shape)
+    return weight * scale
+
+
+def _quantize(
+    weight: torch.Tensor, storage_dtype: torch.dtype, scaling: str, block: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, _Layout]:
+    """(stored weight, scale or None, layout). Scales are rounded to `scale_dtype` before use."""
+    shape = tuple(weight.shape)
+    fmax = torch.finfo(storage_dtype).max
+    if scaling == "block" and (weight.dim() != 2 or shape[1] % block != 0):
+        scaling = "channel"  # the width does not divide into blocks (or a conv): one scale per output channel
+    layout = _Layout(scaling, shape, block if scaling == "block" else 0)
+    if scaling == "none":
+        return weight.detach().clamp(-fmax, fmax).to(storage_dtype), None, layout
+    w = weight.detach().float()
+    if scaling == "tensor":
+        amax = w.abs().amax()
+    elif scaling == "channel":
+        amax = w.abs().flatten(1).amax(1).view(layout.scale_shape())
+    else:
+        amax = w.view(shape[0], shape[1] // block, block).abs().amax(-1)
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax)).to(scale_dtype)
+    if layout.scaling == "block":
+        scaled = w.view(shape[0], shape[1] // block, block) / scale.float().unsqueeze(-1)
+        stored = scaled.clamp(-fmax, fmax).to(storage_dtype).view(shape)
+    else:
+        stored = (w / scale.float()).clamp(-fmax, fmax).to(storage_dtype)
+    return stored, scale, layout
+
+
+class _CastLinearFn(torch.autograd.Function):
+    """y = x @ dequant(W).T + b, saving only the stored weight and its scale for backward."""
+
+    @staticmethod
+    def forward(ctx, x, storage, scale, bias, compute_dtype, layout):
+        weight = _dequantize(storage, scale, compute_dtype, layout)
+        ctx.layout, ctx.x_dtype = layout, x.dtype
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(storage, scale)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            storage, scale = ctx.saved_tensors
+            weight = _dequantize(storage, scale, grad_out.dtype, ctx.layout)
+            grad_x = grad_out.matmul(weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias, None, None
+
+
+class _CastConvFn(torch.autograd.Function):
+    """A convolution with a stored weight, saving only the stored weight and its scale for backward."""
+
+    @staticmethod
+    def forward(ctx, x, storage, scale, bias, compute_dtype, layout, kind, stride, padding, dilation, groups):
+        weight = _dequantize(storage, scale, compute_dtype, layout)
+        ctx.layout, ctx.x_dtype, ctx.x_shape = layout, x.dtype, x.shape
+        ctx.conv = (kind, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(storage, scale)
+        return _CONV_FUNCS[kind](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        kind, stride, padding, dilation, groups = ctx.conv
+        if ctx.needs_input_grad[0]:
+            storage, scale = ctx.saved_tensors
+            weight = _dequantize(storage, scale, grad_out.dtype, ctx.layout)
+            grad_x = _CONV_INPUT_GRAD[kind](ctx.x_shape, weight, grad_out, stride, padding, dilation, groups)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum(dim=[d for d in range(grad_out.dim()) if d != 1])
+        return grad_x, None, None, grad_bias, None, None, None, None, None, None, None
+
+
+@dataclass
+class CastingRecord:
+    """What one application of layerwise casting did; shared by the hooks it attached."""
+
+    config: LayerwiseCasting
+    compute_dtype: torch.dtype
+    kept: dict[str, str]  # leaf path -> why it keeps high precision
+
+
+class CastHook(ModelHook):
+    """Innermost hook of a cast leaf: runs the leaf through the casting autograd function."""
+
+    layer = Layer.CAST
+
+    def __init__(self, record: CastingRecord, layout: _Layout, original_dtype: torch.dtype, requires_grad: bool):
+        self.record = record
+        self.compute_dtype = record.compute_dtype
+        self.layout = layout
+        self.original_dtype = original_dtype
+        self.requires_grad = requires_grad  # the original weight's flag, restored on removal
+        self.set_compute_attr = False
+        self.load_hook: Any = None
+
+    def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
+        x = args[0] if args else kwargs["input"]
+        scale = module._buffers.get("weight_scale")
+        if isinstance(module, nn.Linear):
+            return _CastLinearFn.apply(x, module.weight, scale, module.bias, self.compute_dtype, self.layout)
+        kind = next(k for k in _CONV_FUNCS if isinstance(module, k))
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            # Pad explicitly ("same", reflect, ...) so the input-gradient function sees plain numbers.
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        return _CastConvFn.apply(
+            x, module.weight, scale, module.bias, self.compute_dtype, self.layout, kind,
+            module.stride, padding, module.dilation, module.groups,
+        )  # fmt: skip
+
+    def dequantized(self, module: nn.Module) -> torch.Tensor:
+        return _dequantize(module.weight.data, module._buffers.get("weight_scale"), self.compute_dtype, self.layout)
+
+    def _load_pre_hook(self, module, state_dict, prefix, *args) -> None:
+        # A full-precision checkpoint loaded into a cast model is quantized on the way in, with fresh
+        # scales, instead of being copied into the storage dtype without them.
+        key = prefix + "weight"
+        incoming = state_dict.get(key)
+        if incoming is None or incoming.dtype == module.weight.dtype:
+            return
+        stored, scale, _ = _quantize(
+            incoming.to(module.weight.device), module.weight.dtype, self.layout.scaling, self.layout.block or 1,
+            self.compute_dtype,
+        )  # fmt: skip
+        state_dict[key] = stored
+        if scale is not None:
+            state_dict[prefix + "weight_scale"] = scale
+
+
+# ---- choosing targets --------------------------------------------------------------------------------
+_WEIGHT_DTYPE_READ = re.compile(r"((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.weight\.dtype")
+_PARAMS_DTYPE_READ = re.compile(
+    r"(next\((?:iter\()?)?((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.parameters\(\)\)*\.dtype"
+)
+
+
+def _source(fn: Any) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _forward_sources(module: nn.Module) -> list[str]:
+    """Source of the module's forward, and of its attention processor's __call__ if it has one."""
+    sources = [_source(type(module).forward)]
+    processor = getattr(module, "processor", None)
+    if processor is not None and not isinstance(processor, nn.Module):
+        sources.append(_source(type(processor).__call__))
+    return sources
+
+
+def _relative(expr: str) -> str:
+    """`self.to_k_ip[0]` -> `to_k_ip.0`; `attn.to_q` -> `to_q`; `self` -> ``."""
+    parts = re.split(r"\.|\[(\d+)\]", expr)
+    parts = [p for p in parts if p]
+    return ".".join(parts[1:])
+
+
+def find_dtype_readers(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[str, str]:
+    """{leaf path: why} for candidate leaves whose weight dtype some forward reads."""
+    found: dict[str, str] = {}
+    if not candidates:
+        return found
+    paths = list(candidates)
+    ancestors: set[str] = {""}
+    for path in paths:
+        parts = path.split(".")
+        ancestors.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    modules = dict(model.named_modules())
+    cache: dict[Any, list[str]] = {}
+
+    def mark(target: str, why: str, first_only: bool) -> None:
+        if first_only:  # next(iter(x.parameters())).dtype reads the first parameter only
+            owner = _first_floating_owner(modules.get(target))
+            if owner is not None:
+                full = f"{target}.{owner}" if target and owner else (target or owner)
+                if full in candidates:
+                    found.setdefault(full, why)
+            return
+        for path in paths:
+            if path == target or path.startswith(target + "."):
+                found.setdefault(path, why)
+
+    for apath, module in modules.items():
+        if apath not in ancestors:
+            continue
+        key = (type(module), type(getattr(module, "processor", None)))
+        if key not in cache:
+            cache[key] = _forward_sources(module)
+        for source in cache[key]:
+            for match in _WEIGHT_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(1))
+                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
+                mark(target, f"{type(module).__name__}.forward reads {match.group(0)}", first_only=False)
+            for match in _PARAMS_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(2))
+                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
+                why = f"{type(module).__name__}.forward reads {match.group(0)}"
+                mark(target, why, first_only=match.group(1) is not None)
+    # A model-level `.dtype` property (diffusers, transformers) reports its first floating parameter.
+    root = model
+    if isinstance(getattr(type(root), "dtype", None), property):
+        keep = getattr(root, "_keep_in_fp32_modules", None) or []
+        for name, param in root.named_parameters():
+            if keep and any(k in name for k in keep):
+                continue
+            if param.is_floating_point():
+                owner = name.rsplit(".", 1)[0]
+                if owner in candidates:
+                    found.setdefault(owner, f"{type(root).__name__}.dtype reports this layer's weight dtype")
+                break
+    return found
+
+
+def _first_floating_owner(module: nn.Module | None) -> str | None:
+    """Relative path of the module owning `module`'s first floating-point parameter."""
+    if module is None:
+        return None
+    for name, param in module.named_parameters():
+        if param.is_floating_point():
+            return name.rsplit(".", 1)[0] if "." in name else ""
+    return None
+
+
+@dataclass
+class _Plan:
+    targets: dict[str, nn.Module]
+    skipped: dict[str, str]  # path -> reason
+    compute_dtype: torch.dtype
+
+
+def _castable(module: nn.Module) -> bool:
+    if type(module) is nn.Linear or type(module) in _CONV_FUNCS:
+        return True
+    # Subclasses are castable only if they keep the standard forward (we replace its arithmetic).
+    for base in (nn.Linear, *_CONV_FUNCS):
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return True
+    return False
+
+
+def plan_casting(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap | None = None) -> _Plan:
+    """Decide which leaves to cast, without changing anything. Raises on bad input."""
+    model_map = model_map or describe(model)
+    modules = dict(model.named_modules())
+    patterns = [re.compile(p) for p in config.skip_patterns]
+    pattern_hits = {p.pattern: 0 for p in patterns}
+    class_hits = {c: 0 for c in config.skip_classes}
+    candidates: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for leaf in model_map.leaves:
+        if leaf.kind not in ("linear", "conv"):
+            continue
+        module = modules[leaf.path]
+        if leaf.keep == "adapter":
+            skipped[leaf.path] = "adapter (LoRA / PEFT) layer"
+            continue
+        if config.skip == "auto" and leaf.keep is not None:
+            if not (config.cast_modulation and leaf.keep in _MODULATION and leaf.block is not None):
+                skipped[leaf.path] = f"high precision: {leaf.keep}"
+                continue
+        matched = [p.pattern for p in patterns if p.search(leaf.path)]
+        if matched:
+            for p in matched:
+                pattern_hits[p] += 1
+            skipped[leaf.path] = f"skip pattern {matched[0]!r}"
+            continue
+        lineage = {type(modules[a]).__name__ for a in _ancestors(leaf.path)} | {type(module).__name__}
+        classes = [c for c in config.skip_classes if c in lineage]
+        if classes:
+            for c in classes:
+                class_hits[c] += 1
+            skipped[leaf.path] = f"skip class {classes[0]!r}"
+            continue
+        if not _castable(module):
+            skipped[leaf.path] = f"{type(module).__name__} has its own forward"
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            skipped[leaf.path] = "weight is not floating point"
+            continue
+        if weight.dtype == config.storage_dtype or "weight_scale" in module._buffers:
+            skipped[leaf.path] = "already stored in the storage dtype"
+            continue
+        candidates[leaf.path] = module
+    unused = [p for p, n in pattern_hits.items() if n == 0] + [c for c, n in class_hits.items() if n == 0]
+    if unused:
+        raise ConfigError(
+            f"skip pattern(s) / class(es) {unused} match no castable Linear / Conv leaf of "
+            f"{type(model).__name__}; check the spelling (patterns are searched in paths like "
+            f"{next(iter(candidates), 'blocks.0.attn.to_q')!r})"
+        )
+    for path, why in find_dtype_readers(model, candidates).items():
+        candidates.pop(path, None)
+        skipped[path] = f"dtype read: {why}"
+    if not candidates:
+        raise NoTargetError(
+            f"layerwise casting found nothing to cast in {type(model).__name__}: {len(skipped)} leaves were "
+            f"kept ({_summarize(skipped)}); use skip='none' or cast_modulation=True if that is intended"
+        )
+    compute = config.compute_dtype or _dominant_dtype(candidates)
+    _check_compute(config.storage_dtype, compute)
+    bad = [p for p, m in candidates.items() if m.weight.requires_grad and m.training]
+    if bad:
+        raise ConfigError(
+            f"{len(bad)} targeted weights are trainable in a model in training mode (e.g. {bad[0]!r}), and a "
+            f"weight stored in {config.storage_dtype} cannot be trained. For training, freeze the base model "
+            f"first (model.requires_grad_(False), then add LoRA) or keep these modules with skip_patterns; "
+            f"for inference, call model.eval() or model.requires_grad_(False) before casting"
+        )
+    return _Plan(candidates, skipped, compute)
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]
+
+
+def _summarize(skipped: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for why in skipped.values():
+        key = why.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items()) or "no Linear / Conv leaves"
+
+
+def _dominant_dtype(modules: dict[str, nn.Module]) -> torch.dtype:
+    totals: dict[torch.dtype, int] = {}
+    for m in modules.values():
+        totals[m.weight.dtype] = totals.get(m.weight.dtype, 0) + m.weight.numel()
+    return max(totals, key=totals.get)
+
+
+def _device_can_hold(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type == "meta":
+        return True
+    try:
+        torch.zeros(2, device=device).to(dtype).to(torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+# ---- apply / remove ------------------------------------------------------------------------------
+def apply_casting(model: nn.Module, config: LayerwiseCasting | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Apply layerwise casting (as `hookwise.apply(model, LayerwiseCasting(...))`); returns its summary."""
+    config = config or LayerwiseCasting(**kwargs)
+    apply_techniques(model, [config])
+    return casting_summary(model)
+
+
+def remove_casting(model: nn.Module) -> list[str]:
+    """Remove layerwise casting applied with `hookwise.apply` (lossy: the storage rounding stays)."""
+    return remove_techniques(model, ["casting"])
+
+
+def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
+    model = unwrap(model)
+    if cast_leaves(model):
+        raise ConfigError("layerwise casting is already applied to this model; remove it first to change it")
+    plan = plan_casting(model, config)
+    for device in {m.weight.device for m in plan.targets.values()}:
+        if not _device_can_hold(device, config.storage_dtype):
+            raise ConfigError(
+                f"device {device} cannot hold {config.storage_dtype} tensors; use storage_dtype=torch.bfloat16 or "
+                f"torch.float16 there, or move the model to a device that supports it"
+            )
+    for path, why in plan.skipped.items():
+        if why.startswith("dtype read"):
+            logger.warning("hookwise casting keeps %s in high precision: %s", path, why)
+    record = CastingRecord(config, plan.compute_dtype, dict(plan.skipped))
+    with transaction() as txn:
+        for path, module in plan.targets.items():
+            original = module.weight
+            stored, scale, layout = _quantize(
+                original, config.storage_dtype, config.scaling, config.block_size, plan.compute_dtype
+            )
+            hook = CastHook(record, layout, original.dtype, original.requires_grad)
+            module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
+            if scale is not None:
+                module.register_buffer("weight_scale", scale, persistent=True)
+            if "compute_dtype" not in module.__dict__:
+                # PEFT gives adapters the dtype of `base_layer.compute_dtype` when it exists (its path
+                # for quantized bases), so LoRA layers added after casting stay in the compute dtype.
+                module.compute_dtype = plan.compute_dtype
+                hook.set_compute_attr = True
+            hook.load_hook = module._register_load_state_dict_pre_hook(hook._load_pre_hook, with_module=True)
+            keep = original if config.exact_undo else None
+            txn.on_rollback(lambda m=module, h=hook, o=keep: _restore_leaf(m, h, o), f"casting of {path}")
+            add_hook(module, hook, HOOK_NAME)
+            del original, keep
+    summary = casting_summary(model)
+    logger.info(
+        "hookwise casting: %d leaves to %s (%.1f -> %.1f MiB), %d kept",
+        len(summary["cast"]), config.storage_dtype, summary["bytes_before"] / 2**20, summary["bytes_after"] / 2**20,
+        len(plan.skipped),
+    )  # fmt: skip
+
+
+def _restore_leaf(module: nn.Module, hook: CastHook, original: torch.Tensor | None) -> None:
+    """Undo the casting of one leaf: the original weight if kept, else the dequantized one."""
+    if original is not None:
+        weight = original
+    else:
+        weight = nn.Parameter(hook.dequantized(module), requires_grad=hook.requires_grad)
+    module._parameters["weight"] = weight
+    module._buffers.pop("weight_scale", None)
+    if hook.set_compute_attr:
+        module.__dict__.pop("compute_dtype", None)
+    if hook.load_hook is not None:
+        hook.load_hook.remove()
+        hook.load_hook = None
+    registry = HookRegistry.of(module)
+    if registry is not None and HOOK_NAME in registry:
+        registry.remove(HOOK_NAME)
+
+
+def _remove(model: nn.Module, config: LayerwiseCasting | None = None) -> int:
+    """Give every cast leaf a compute-dtype weight again; returns how many."""
+    model = unwrap(model)
+    count = 0
+    for _, registry in list(iter_registries(model)):
+        hook = registry.get(HOOK_NAME)
+        if isinstance(hook, CastHook):
+            _restore_leaf(registry.module, hook, None)
+            count += 1
+    if count:
+        warnings.warn(
+            "hookwise: removing layerwise casting restores compute-dtype weights, but the storage rounding "
+            "stays (the original full-precision values are gone); reload the weights for exact values",
+            stacklevel=4,  # the caller of hookwise.remove / remove_casting
+        )
+    return count
+
+
+def cast_leaves(model: nn.Module) -> dict[str, CastHook]:
+    """{path: hook} of every cast leaf of the model."""
+    return {
+        path: reg.get(HOOK_NAME)
+        for path, reg in iter_registries(unwrap(model))
+        if isinstance(reg.get(HOOK_NAME), CastHook)
+    }
+
+
+def casting_summary(model: nn.Module) -> dict[str, Any]:
+    """What casting did to `model`: cast and kept leaves, dtypes, and weight bytes before / after."""
+    leaves = cast_leaves(model)
+    modules = dict(unwrap(model).named_modules())
+    before = after = 0
+    kept: dict[str, str] = {}
+    records = []
+    for path, hook in leaves.items():
+        module = modules[path]
+        before += module.weight.numel() * hook.original_dtype.itemsize
+        scale = module._buffers.get("weight_scale")
+        after += module.weight.numel() * module.weight.element_size()
+        after += scale.numel() * scale.element_size() if scale is not None else 0
+        if hook.record not in records:
+            records.append(hook.record)
+            kept.update(hook.record.kept)
+    record = records[0] if records else None
+    return {
+        "cast": list(leaves),
+        "kept": kept,
+        "storage_dtype": record.config.storage_dtype if record else None,
+        "compute_dtype": record.compute_dtype if record else None,
+        "scaling": record.config.scaling if record else None,
+        "bytes_before": before,
+        "bytes_after": after,
+    }
+
+
+register_technique(
+    "casting",
+    LayerwiseCasting,
+    apply=_apply,
+    remove=_remove,
+    order=Layer.CAST,
+    conflicts=("quantization",),
+    description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",
+)

@@ -1,0 +1,320 @@
+"""Component offloading: in a pipeline of several models, only the ones in use sit on the device.
+
+    apply_component_offload(pipe, ComponentOffload(onload_device="cuda",
+                                                   keep_together=(("text_encoder", "text_encoder_2"),)))
+
+Works on a diffusers pipeline (its `components`, in its `model_cpu_offload_seq` order), on a dict of
+modules, or (through `hookwise.apply`) on a module whose children are the components. When a
+component is called (its own forward or any direct child's, so `vae.decode` counts), it is loaded
+onto the device in one copy from its flat host buffer, and every other component on the device is
+dropped there, except those listed with it in `keep_together`. Dropping costs nothing: the host
+copy is the master (a component changed in place is written back first). A component that has
+`Offload` applied manages its own weights and is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..core import Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
+from ..core import remove_hooks, transaction, unwrap
+from ..errors import CompatibilityError, ConfigError, NoTargetError
+from .groups import Group, TensorRef, tensors_of
+from .offload import COMPONENT_HOOK, PIN_SHARE, _offloader, _parse_device, _to
+from .schedule import GroupState
+from .transfer import HostSource, TransferEngine, make_engine
+
+logger = logging.getLogger("hookwise.memory.components")
+
+_CONTROLLERS: str = "_hookwise_component_offload"  # attribute on a dict-free target (module or pipeline)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentOffload(TechniqueConfig):
+    """Keep only the components in use on the device.
+
+    - `onload_device`: where components compute ("cuda", "cuda:1", "cpu").
+    - `order`: component names in the order the pipeline uses them (default: the pipeline's
+      `model_cpu_offload_seq`, else the order given); only used to validate and report.
+    - `keep_together`: groups of component names that may stay on the device together (for
+      example the two text encoders of FLUX).
+    - `pin`: "auto" / "all" / "none": pin host copies (CUDA only) for faster, asynchronous loads.
+    """
+
+    onload_device: str = "cuda"
+    order: tuple[str, ...] | None = None
+    keep_together: tuple[tuple[str, ...], ...] = ()
+    pin: str = "auto"
+
+    def validate(self) -> None:
+        _parse_device(self.onload_device, "onload_device")
+        if self.pin not in ("auto", "all", "none"):
+            raise ConfigError(f"pin={self.pin!r}: use 'auto', 'all' or 'none'")
+        if self.order is not None and len(set(self.order)) != len(self.order):
+            raise ConfigError(f"order={self.order!r} names a component twice")
+        for together in self.keep_together:
+            if isinstance(together, str) or len(together) < 2:
+                raise ConfigError(
+                    f"keep_together entries are tuples of at least two component names, got {together!r}"
+                )
+
+
+class _Component:
+    def __init__(self, name: str, module: nn.Module, state: GroupState | None, home: torch.device) -> None:
+        self.name = name
+        self.module = module
+        self.state = state  # None: managed elsewhere (has its own Offload), never moved here
+        self.home = home
+        self.active = False
+
+
+class _ComponentOffloader:
+    def __init__(self, components: dict[str, nn.Module], config: ComponentOffload, order: list[str]) -> None:
+        self.config = config
+        self.onload = _parse_device(config.onload_device, "onload_device")
+        if self.onload.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"onload_device={config.onload_device!r} but CUDA is not available; pass onload_device='cpu' or run "
+                f"where a GPU is visible"
+            )
+        self.engine: TransferEngine = make_engine(self.onload, streams=self.onload.type == "cuda")
+        self.order = order
+        self.components: dict[str, _Component] = {}
+        self.together: dict[str, set[str]] = {name: {name} for name in components}
+        for group in config.keep_together:
+            for name in group:
+                self.together[name].update(group)
+        self.loads = 0
+        self._raw = components
+        self._marker: Any = None  # passes when compute that read the last dropped component is done
+
+    def build(self) -> None:
+        txn = current_transaction()
+        txn.on_rollback(self.engine.close, "component engine")
+        pin_left = 0
+        if self.engine.streams and self.config.pin != "none":
+            import psutil
+
+            host = sum(t.numel() * t.element_size() for m in self._raw.values() for t in m.parameters() if t.device.type == "cpu")
+            pin_left = float("inf") if self.config.pin == "all" else PIN_SHARE * (psutil.virtual_memory().available + host)
+        for name, module in self._raw.items():
+            home = _home(module)
+            if _offloader(module) is not None:
+                logger.info("hookwise component offload: %s has its own Offload; leaving it alone", name)
+                self.components[name] = _Component(name, module, None, home)
+                continue
+            refs = _unique(tensors_of(module))
+            if not refs:
+                continue
+            group = Group(0, name, "component", [("", module)], refs, in_tower=False)
+            group.layout()
+            flat, pinned = self.engine.alloc_host(group.nbytes, pin_left >= group.nbytes)
+            if pinned:
+                pin_left -= group.nbytes
+            for ref in refs:
+                flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape).copy_(ref.tensor.data)
+            state = GroupState(group, HostSource(flat, "pinned" if pinned else "pageable"))
+            for ref, master in zip(refs, state.masters):
+                device = ref.tensor.device
+                ref.tensor.data = master
+                txn.on_rollback(lambda t=ref.tensor, d=device, m=master: setattr(t, "data", m.to(d, copy=True)))
+            self.components[name] = _Component(name, module, state, home)
+            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+            for child_name, child in module.named_children():
+                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+        if not any(c.state is not None for c in self.components.values()):
+            raise NoTargetError("ComponentOffload found no component with weights to manage")
+
+    # ---- running ------------------------------------------------------------------------------------
+    def activate(self, name: str) -> None:
+        comp = self.components[name]
+        if comp.active or comp.state is None:
+            return
+        for other in self.components.values():
+            if other.active and other.name not in self.together[name]:
+                self._deactivate(other)
+        st = comp.state
+        with torch.inference_mode(False):  # not inference tensors: the component may train later
+            flat = self.engine.alloc_slot(st.group.nbytes)
+            views = [
+                flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape) for ref in st.group.tensors
+            ]
+        # The new buffer may reuse memory the dropped component's kernels still read: wait for them.
+        self.engine.wait(self.engine.start_load(st.source, flat, self._marker))
+        for ref, view in zip(st.group.tensors, views):
+            ref.tensor.data = view
+        st.views = views
+        st.ptrs = [v.data_ptr() for v in views]
+        st.versions = [ref.tensor._version for ref in st.group.tensors]
+        st.bound = True
+        comp.active = True
+        self.loads += 1
+        logger.debug("hookwise component offload: %s on %s", name, self.onload)
+
+    def _deactivate(self, comp: _Component) -> None:
+        st = comp.state
+        for i, (ref, master) in enumerate(zip(st.group.tensors, st.masters)):
+            t = ref.tensor
+            if ref.current() is not t:
+                continue
+            if t._version != st.versions[i] or t.data.data_ptr() != st.ptrs[i]:
+                self.engine.copy_back(t.data, master)  # changed in place while on the device: keep it
+            t.data = master
+        st.views = []
+        st.bound = False
+        comp.active = False
+        self._marker = self.engine.mark_done()
+
+    def on_device(self) -> list[str]:
+        """Names of the components whose weights are on the device now."""
+        return [c.name for c in self.components.values() if c.active]
+
+    def close(self) -> None:
+        for comp in self.components.values():
+            if comp.state is None:
+                continue
+            if comp.active:
+                self._deactivate(comp)
+            for ref, master in zip(comp.state.group.tensors, comp.state.masters):
+                if ref.current() is ref.tensor:
+                    ref.tensor.data = master.to(comp.home, copy=True)
+        self.engine.close()
+
+
+class _ComponentHook(ModelHook):
+    layer = Layer.OFFLOAD
+
+    def __init__(self, offloader: _ComponentOffloader, name: str, *, root: bool) -> None:
+        self.offloader = offloader
+        self.name = name
+        self.root = root
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.offloader.activate(self.name)
+        if self.root:
+            device = self.offloader.onload
+            return _to(args, device), _to(kwargs, device)
+        return args, kwargs
+
+
+def _unique(refs: Any) -> list[TensorRef]:
+    seen: set[int] = set()
+    out = []
+    for ref in refs:
+        if id(ref.tensor) not in seen:
+            seen.add(id(ref.tensor))
+            out.append(ref)
+    return out
+
+
+def _home(module: nn.Module) -> torch.device:
+    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def _components_of(target: Any) -> tuple[dict[str, nn.Module], list[str]]:
+    """(name -> module, default order) of a pipeline, a dict, or a module's children."""
+    if isinstance(target, Mapping):
+        comps = {k: unwrap(v) for k, v in target.items() if isinstance(v, nn.Module)}
+        return comps, list(comps)
+    if isinstance(target, nn.Module):
+        comps = {k: unwrap(v) for k, v in target.named_children()}
+        return comps, list(comps)
+    components = getattr(target, "components", None)
+    if isinstance(components, Mapping):
+        comps = {k: unwrap(v) for k, v in components.items() if isinstance(v, nn.Module)}
+        seq = getattr(target, "model_cpu_offload_seq", None) or ""
+        order = [n for n in seq.split("->") if n in comps]
+        return comps, order + [n for n in comps if n not in order]
+    raise ConfigError(
+        f"ComponentOffload works on a diffusers pipeline, a dict of modules, or a module whose children are the "
+        f"components; got {type(target).__name__}"
+    )
+
+
+def apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
+    """Apply component offloading to a pipeline / dict / module (all-or-nothing); returns the order."""
+    if config is None:
+        config = ComponentOffload(**kwargs)
+    elif kwargs:
+        raise ConfigError("pass either a ComponentOffload config or keyword arguments, not both")
+    if _controller(target) is not None:
+        raise CompatibilityError("component offloading is already applied here; remove_component_offload first")
+    comps, default_order = _components_of(target)
+    if not comps:
+        raise NoTargetError(f"{type(target).__name__} has no nn.Module component to offload")
+    named = set(config.order or ()) | {n for group in config.keep_together for n in group}
+    unknown = sorted(named - set(comps))
+    if unknown:
+        raise ConfigError(f"ComponentOffload names unknown component(s) {unknown}; the components are {sorted(comps)}")
+    order = list(config.order) + [n for n in default_order if n not in config.order] if config.order else default_order
+    comps = {name: comps[name] for name in order}
+    with transaction(), torch.inference_mode(False):
+        controller = _ComponentOffloader(comps, config, order)
+        controller.build()
+        _set_controller(target, controller)
+    return order
+
+
+def remove_component_offload(target: Any) -> None:
+    """Undo component offloading: every component back on the device it was on, with its values."""
+    controller = _controller(target)
+    if controller is None:
+        raise ConfigError("no component offloading to remove here")
+    controller.close()
+    for comp in controller.components.values():
+        if comp.state is not None:
+            remove_hooks(comp.module, lambda name, hook: name == COMPONENT_HOOK and isinstance(hook, _ComponentHook))
+    _set_controller(target, None)
+
+
+def components_on_device(target: Any) -> list[str]:
+    """Names of the components whose weights sit on the device now."""
+    controller = _controller(target)
+    if controller is None:
+        raise ConfigError("no component offloading here")
+    return controller.on_device()
+
+
+def _controller(target: Any) -> _ComponentOffloader | None:
+    if isinstance(target, Mapping):
+        for module in target.values():
+            if isinstance(module, nn.Module):
+                hook = _component_hook(unwrap(module))
+                if hook is not None:
+                    return hook.offloader
+        return None
+    return getattr(target, "__dict__", {}).get(_CONTROLLERS)
+
+
+def _set_controller(target: Any, controller: _ComponentOffloader | None) -> None:
+    if isinstance(target, Mapping):
+        return  # found again through the hooks of its modules
+    if controller is None:
+        target.__dict__.pop(_CONTROLLERS, None)
+    else:
+        target.__dict__[_CONTROLLERS] = controller
+        current_transaction().on_rollback(lambda: target.__dict__.pop(_CONTROLLERS, None), "component controller")
+
+
+def _component_hook(module: nn.Module) -> _ComponentHook | None:
+    from ..core import HookRegistry
+
+    registry = HookRegistry.of(module)
+    hook = registry.get(COMPONENT_HOOK) if registry else None
+    return hook if isinstance(hook, _ComponentHook) else None
+
+
+register_technique(
+    "component_offload",
+    ComponentOffload,
+    apply=lambda model, config: apply_component_offload(model, config),
+    remove=lambda model, config: remove_component_offload(model),
+    order=Layer.OFFLOAD,
+    conflicts=("offload",),
+)

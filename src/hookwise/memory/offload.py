@@ -1,0 +1,567 @@
+"""Offloading: weights live on the host (or on disk) and stream to the device as the model needs them.
+
+    hookwise.apply(transformer, Offload(onload_device="cuda", vram_budget="50%"))
+
+Groups come from the model map (`groups.py`): tower blocks at block granularity, Linear / Conv /
+Embedding leaves at leaf granularity, and everything outside them in groups of its own. With a
+VRAM budget as many groups as fit stay resident for good and the rest stream, spread evenly
+(`budget.py`). Streamed groups move through a few device slots, prefetched along the execution
+order recorded by the first forward, forward and backward (`schedule.py`), by an engine that
+uses a copy stream, flat pinned buffers and events on CUDA and synchronous copies elsewhere
+(`transfer.py`). With `offload_device="disk"` each group is one safetensors file named by its
+content (`disk.py`); when the CPU computes, its parameters are views of the mapped files, read
+ahead by the OS when prefetched and released after use (no slots, no copies).
+
+Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay resident unless
+`offload_trainable=True`. Tensors held directly by modules that contain other groups (e.g. a
+`scale_shift_table` on the root) stay resident too: they are read during the whole forward. Both
+count against the budget. `model.to(...)` on an offloaded model warns and changes nothing;
+`remove_offload` puts every weight back on one device with its current values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
+from ..core import remove_hooks, transaction, unwrap
+from ..core.overrides import override_method, restore_method
+from ..errors import CompatibilityError, ConfigError
+from ..introspect import ModelMap, describe
+from .budget import BudgetError, Plan, check_budget_value, fmt_bytes, minimum_bytes, parse_budget, plan
+from .disk import DiskFile, check_writable, default_dir, store
+from .groups import Group, Partition, TensorRef, partition
+from .schedule import GroupState, Scheduler
+from .transfer import HostSource, TransferEngine, make_engine
+
+logger = logging.getLogger("hookwise.memory.offload")
+
+ROOT_HOOK = "hookwise.offload.root"
+GROUP_HOOK = "hookwise.offload"
+OWNER = "hookwise.offload"
+COMPONENT_HOOK = "hookwise.component_offload"  # set by components.py on each managed component
+PIN_SHARE = 0.5  # pin="auto": pinned host memory stays under this share of (free RAM + the model's host bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Offload(TechniqueConfig):
+    """Stream weights from host memory or disk to the device, under an optional VRAM budget.
+
+    - `onload_device`: where the model computes ("cuda", "cuda:1", "cpu").
+    - `offload_device`: where streamed weights live: "cpu" (RAM) or "disk" (safetensors files).
+    - `vram_budget`: None (stream every group), bytes, a share of the device ("80%") or a size
+      ("12GiB"). Counts resident groups, tensors that must stay resident and the prefetch slots.
+    - `granularity`: "block" (tower blocks), "leaf" (Linear / Conv / Embedding) or "auto"
+      (blocks when they fit the budget, else leaves).
+    - `prefetch`: True (one group ahead), False (load on demand), or how many groups ahead.
+    - `pin`: "auto" (pin what fits under a share of RAM, stage the rest), "all", "none". CUDA only.
+    - `disk_path`: folder for `offload_device="disk"` (default: ~/.cache/hookwise/offload).
+    - `blocks_per_group`: consecutive tower blocks moved together at block granularity.
+    - `offload_trainable`: stream trainable parameters too; their gradients move to the host with
+      them. False keeps them resident (LoRA adapters). None (default): resident when some
+      parameters are frozen (LoRA training), streamed when none is (inference models as loaded,
+      full fine-tune).
+    - `use_streams`: None (streams on CUDA), True (require them), False (synchronous copies).
+    """
+
+    onload_device: str = "cuda"
+    offload_device: str = "cpu"
+    vram_budget: int | str | None = None
+    granularity: str = "auto"
+    prefetch: bool | int = True
+    pin: str = "auto"
+    disk_path: str | None = None
+    blocks_per_group: int = 1
+    offload_trainable: bool | None = None
+    use_streams: bool | None = None
+
+    def validate(self) -> None:
+        onload = _parse_device(self.onload_device, "onload_device")
+        if self.offload_device not in ("cpu", "disk"):
+            raise ConfigError(f"offload_device={self.offload_device!r}: use 'cpu' (host RAM) or 'disk'")
+        check_budget_value(self.vram_budget)
+        if self.granularity not in ("block", "leaf", "auto"):
+            raise ConfigError(f"granularity={self.granularity!r}: use 'block', 'leaf' or 'auto'")
+        if not isinstance(self.prefetch, (bool, int)) or (not isinstance(self.prefetch, bool) and self.prefetch < 0):
+            raise ConfigError(f"prefetch={self.prefetch!r}: use True, False, or how many groups to fetch ahead (>= 0)")
+        if self.pin not in ("auto", "all", "none"):
+            raise ConfigError(f"pin={self.pin!r}: use 'auto', 'all' or 'none'")
+        if self.pin == "all" and onload.type != "cuda":
+            raise ConfigError(f"pin='all' needs a CUDA onload device (got {self.onload_device!r}); use pin='auto' or 'none'")
+        if self.disk_path is not None and self.offload_device != "disk":
+            raise ConfigError("disk_path is only used with offload_device='disk'; drop it or set offload_device='disk'")
+        if not isinstance(self.blocks_per_group, int) or isinstance(self.blocks_per_group, bool) or self.blocks_per_group < 1:
+            raise ConfigError(f"blocks_per_group={self.blocks_per_group!r} must be an integer >= 1")
+        if self.use_streams and onload.type != "cuda":
+            raise ConfigError(
+                f"use_streams=True but onload_device={self.onload_device!r} has no streams; use a CUDA device or "
+                f"use_streams=None (synchronous copies with the same schedule)"
+            )
+
+    @property
+    def depth(self) -> int:
+        """How many groups are fetched ahead."""
+        if isinstance(self.prefetch, bool):
+            return 1 if self.prefetch else 0
+        return int(self.prefetch)
+
+
+def _parse_device(value: Any, field: str) -> torch.device:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{field}={value!r} is not a device; use e.g. 'cuda', 'cuda:1' or 'cpu'") from exc
+    if device.type == "meta":
+        raise ConfigError(f"{field}='meta' cannot hold weights; use 'cuda' or 'cpu'")
+    return device
+
+
+def _resolve_onload(config: Offload) -> torch.device:
+    device = _parse_device(config.onload_device, "onload_device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"onload_device={config.onload_device!r} but CUDA is not available in this process; run where a "
+                f"GPU is visible, or pass onload_device='cpu' to run the same schedule on the CPU"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# ---- reports ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GroupReport:
+    name: str
+    kind: str  # "block" | "leaf" | "rest"
+    modules: tuple[str, ...]
+    nbytes: int
+    resident: bool
+    storage: str  # "device" (resident), "pinned", "pageable", "disk"
+    file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadReport:
+    """What offloading did to a model: groups, where they live, bytes per place, counters."""
+
+    granularity: str
+    onload_device: str
+    offload_device: str
+    budget: int | None
+    groups: tuple[GroupReport, ...]
+    always_resident: dict[str, str]  # tensor path -> why it stays on the device
+    slots: int
+    slot_bytes: int
+    device_bytes: int  # weight bytes on the onload device: resident tensors + slots (measured)
+    host_bytes: int  # streamed masters in RAM (disk: 0)
+    pinned_host_bytes: int
+    disk_bytes: int
+    order: tuple[str, ...]  # recorded forward order of streamed groups
+    backward_order: tuple[str, ...]
+    stats: dict[str, int]
+
+    @property
+    def resident(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups if g.resident)
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups if not g.resident)
+
+    def summary(self) -> str:
+        return (
+            f"offload ({self.granularity}, {self.onload_device} <- {self.offload_device}): "
+            f"{len(self.resident)} resident / {len(self.streamed)} streamed groups, "
+            f"device {fmt_bytes(self.device_bytes)}"
+            + (f" of budget {fmt_bytes(self.budget)}" if self.budget else "")
+            + f", {self.slots} slot(s) of {fmt_bytes(self.slot_bytes)}, host {fmt_bytes(self.host_bytes)}"
+            f" ({fmt_bytes(self.pinned_host_bytes)} pinned), disk {fmt_bytes(self.disk_bytes)}"
+        )
+
+
+# ---- the controller -------------------------------------------------------------------------------
+class _Offloader:
+    """Everything one application of `Offload` created; the hooks point at it."""
+
+    def __init__(self, model: nn.Module, config: Offload) -> None:
+        self.model = model
+        self.config = config
+        self.onload = _resolve_onload(config)
+        self.streams = config.use_streams if config.use_streams is not None else self.onload.type == "cuda"
+        self.home = _home_device(model)
+        self.model_map: ModelMap = describe(model)
+        self.budget = parse_budget(config.vram_budget, self.onload)
+        # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
+        self.direct = config.offload_device == "disk" and self.onload.type == "cpu" and not self.streams
+        self.slots = 0 if self.direct else config.depth + 1
+        self.part, self.plan = _choose(model, self.model_map, config, self.budget, self.slots)
+        self.disk_dir: Path | None = None
+        if config.offload_device == "disk":
+            self.disk_dir = check_writable(Path(config.disk_path) if config.disk_path else default_dir())
+        self.engine: TransferEngine = make_engine(self.onload, streams=self.streams)
+        self.resident: list[TensorRef] = []
+        self.states: list[GroupState] = []
+        self.files: dict[int, DiskFile] = {}
+        self.scheduler: Scheduler | None = None
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise CompatibilityError(
+            "a model with hookwise offloading cannot be deep-copied (its weights live in shared host buffers "
+            "and device slots); remove offloading first, copy, then apply it to each copy"
+        )
+
+    # ---- building -----------------------------------------------------------------------------------
+    def build(self) -> None:
+        txn = current_transaction()
+        txn.on_rollback(self.engine.close, "offload engine")
+        groups = self.part.groups
+        resident_groups = [g for g in groups if g.index in self.plan.resident]
+        for ref in self.part.pinned + [ref for g in resident_groups for ref in g.tensors]:
+            self._make_resident(ref)
+        streamed = [g for g in groups if g.index not in self.plan.resident]
+        pin_left = self._pin_allowance(streamed)
+        for group in streamed:
+            if self.disk_dir is not None:
+                source = self._to_disk(group)
+            else:
+                pin = pin_left >= group.nbytes
+                flat, pinned = self.engine.alloc_host(group.nbytes, pin)
+                if pinned:
+                    pin_left -= group.nbytes
+                _fill(flat, group)
+                source = HostSource(flat, "pinned" if pinned else "pageable")
+            state = GroupState(group, source)
+            for ref, master in zip(group.tensors, state.masters):
+                _point(ref, master, txn)
+            self.states.append(state)
+        self.scheduler = Scheduler(
+            self.states, self.engine, slots=self.slots, slot_bytes=self.plan.slot_bytes, depth=self.config.depth
+        )
+        add_hook(self.model, _RootHook(self), ROOT_HOOK, layer=Layer.OFFLOAD + 50)
+        for state in self.states:
+            for _, module in state.group.modules:
+                add_hook(module, _GroupHook(self.scheduler, state), GROUP_HOOK)
+        override_method(self.model, "_apply", _ignore_apply, owner=OWNER)
+        logger.info("hookwise %s", self.report().summary())
+
+    def _make_resident(self, ref: TensorRef) -> None:
+        t = ref.tensor
+        old_device = t.device
+        if old_device != self.onload:
+            t.data = t.data.to(self.onload)
+            if t.grad is not None:
+                t.grad = t.grad.to(self.onload)
+
+            def undo(t=t, device=old_device) -> None:
+                t.data = t.data.to(device)
+                if t.grad is not None:
+                    t.grad = t.grad.to(device)
+
+            current_transaction().on_rollback(undo, f"move {ref.path}")
+        self.resident.append(ref)
+
+    def _pin_allowance(self, streamed: list[Group]) -> int:
+        if self.disk_dir is not None or not self.engine.streams or self.config.pin == "none":
+            return 0
+        total = sum(g.nbytes for g in streamed)
+        if self.config.pin == "all":
+            return total
+        import psutil
+
+        host = sum(ref.nbytes for g in streamed for ref in g.tensors if ref.tensor.device.type == "cpu")
+        return int(PIN_SHARE * (psutil.virtual_memory().available + host))
+
+    def _to_disk(self, group: Group) -> HostSource:
+        flat = torch.zeros(group.nbytes, dtype=torch.uint8)
+        _fill(flat, group)
+        file = store(self.disk_dir, group, flat)
+        del flat
+        current_transaction().on_rollback(file.close, f"close {file.path.name}")
+        self.files[group.index] = file
+        logger.debug("hookwise offload: group %s %s %s", group.name, "reuses" if file.reused else "wrote", file.path)
+        return HostSource(file.data, "disk", disk=file)
+
+    # ---- running ----------------------------------------------------------------------------------
+    def inputs_to_device(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _to(args, self.onload), _to(kwargs, self.onload)
+
+    # ---- removing ----------------------------------------------------------------------------------
+    def close(self, device: torch.device) -> None:
+        """Put every weight (and gradient) back on `device`, each in storage of its own."""
+        if self.scheduler is not None:
+            self.scheduler.flush()
+        for state in self.states:
+            for ref, master in zip(state.group.tensors, state.masters):
+                t = ref.tensor
+                if ref.current() is not t:
+                    continue
+                t.data = master.to(device, copy=True)
+                if t.grad is not None and t.grad.device != device:
+                    t.grad = t.grad.to(device)
+        for ref in self.resident:
+            t = ref.tensor
+            if t.device != device:
+                t.data = t.data.to(device)
+                if t.grad is not None:
+                    t.grad = t.grad.to(device)
+        self.engine.close()
+        for file in self.files.values():
+            file.close()
+        self.states.clear()
+        self.files.clear()
+        self.scheduler = None
+
+    def report(self) -> OffloadReport:
+        groups = []
+        files = self.files
+        states = {s.group.index: s for s in self.states}
+        for g in self.part.groups:
+            st = states.get(g.index)
+            storage = "device" if st is None else st.source.kind
+            file = files.get(g.index)
+            groups.append(
+                GroupReport(g.name, g.kind, tuple(p for p, _ in g.modules), g.nbytes, st is None, storage,
+                            str(file.path) if file else None)
+            )
+        sched = self.scheduler
+        slot_bytes = sum(s.flat.numel() for s in sched.slots) if sched else 0
+        resident_bytes = sum(ref.nbytes for ref in self.resident if ref.tensor.device == self.onload)
+        host = [s for s in self.states if s.source.kind != "disk"]
+        return OffloadReport(
+            granularity=self.part.granularity,
+            onload_device=str(self.onload),
+            offload_device=self.config.offload_device,
+            budget=self.budget,
+            groups=tuple(groups),
+            always_resident=dict(self.part.reasons),
+            slots=len(sched.slots) if sched else 0,
+            slot_bytes=self.plan.slot_bytes,
+            device_bytes=resident_bytes + slot_bytes,
+            host_bytes=sum(s.source.nbytes for s in host),
+            pinned_host_bytes=sum(s.source.nbytes for s in host if s.source.kind == "pinned"),
+            disk_bytes=sum(f.path.stat().st_size for f in files.values()),
+            order=tuple(s.name for s in sched.forward_order) if sched else (),
+            backward_order=tuple(s.name for s in sched.backward_order) if sched else (),
+            stats=sched.stats.as_dict() if sched else {},
+        )
+
+
+def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Plan]:
+    """The partition and residency plan: the granularity asked for, or for "auto" the first that fits."""
+    if config.granularity == "auto":
+        options = ["block", "leaf"] if model_map.towers else ["leaf"]
+    else:
+        options = [config.granularity]
+    failures: list[tuple[str, BudgetError]] = []
+    for granularity in options:
+        part = partition(
+            model, model_map, granularity, blocks_per_group=config.blocks_per_group,
+            offload_trainable=config.offload_trainable,
+        )
+        try:
+            return part, plan(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
+        except BudgetError as exc:
+            failures.append((granularity, exc))
+    granularity, first = failures[0]
+    hints = []
+    if granularity == "block" and len(failures) == 1 and model_map.leaves:
+        leaf = partition(model, model_map, "leaf", offload_trainable=config.offload_trainable)
+        hints.append(f"granularity='leaf' needs {fmt_bytes(minimum_bytes(leaf.groups, leaf.pinned_bytes, slots))}")
+    for other, exc in failures[1:]:
+        hints.append(f"granularity={other!r} needs {fmt_bytes(exc.need)}")
+    if slots > 1:
+        hints.append(f"prefetch=False needs {fmt_bytes(minimum_bytes(part.groups, part.pinned_bytes, 1))} at "
+                     f"granularity={failures[-1][0]!r} (no transfer hidden)")
+    message = f"{first} (granularity={granularity!r})"
+    if hints:
+        message += "; alternatives: " + "; ".join(hints)
+    raise BudgetError(message, need=first.need)
+
+
+def _home_device(model: nn.Module) -> torch.device:
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def _fill(flat: torch.Tensor, group: Group) -> None:
+    """Copy every tensor of `group` into `flat` at its offset."""
+    for ref in group.tensors:
+        flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape).copy_(ref.tensor.data)
+
+
+def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:
+    """Make `ref` hold its host master; on rollback it gets its values back on its old device."""
+    t = ref.tensor
+    device = t.device
+    t.data = master
+
+    def undo(t=t, device=device, master=master) -> None:
+        t.data = master.to(device, copy=True)
+
+    txn.on_rollback(undo, f"restore {ref.path}")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value if value.device == device else value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _ignore_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    warnings.warn(
+        "hookwise: this model has offloading applied, so .to() / .cuda() / .cpu() / .half() and other "
+        "whole-model moves or casts are ignored (offloading decides where each weight lives). To move or "
+        "cast it, remove offloading first (hookwise.remove(model) or remove_offload(model)), then apply it again",
+        stacklevel=3,
+    )
+    return module
+
+
+# ---- hooks ------------------------------------------------------------------------------------------
+class _GroupHook(ModelHook):
+    """On each module of a streamed group: the group is on the device while the module runs."""
+
+    layer = Layer.OFFLOAD
+
+    def __init__(self, scheduler: Scheduler, state: GroupState) -> None:
+        self.scheduler = scheduler
+        self.state = state
+
+    def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sched = self.scheduler
+        saving = sched.acquire(self.state)
+        try:
+            if saving is None:
+                return next_fn(*args, **kwargs)
+            with saving:
+                return next_fn(*args, **kwargs)
+        finally:
+            sched.release(self.state)
+
+
+class _RootHook(ModelHook):
+    """On the model: inputs to the device, pass boundaries, and saved-tensor packing with gradients."""
+
+    layer = Layer.OFFLOAD
+
+    def __init__(self, offloader: _Offloader) -> None:
+        self.offloader = offloader
+
+    def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        ctl = self.offloader
+        sched = ctl.scheduler
+        args, kwargs = ctl.inputs_to_device(args, kwargs)
+        grad = torch.is_grad_enabled()
+        sched.begin_pass()
+        try:
+            saving = sched.saving()
+            if saving is None:
+                return next_fn(*args, **kwargs)
+            with saving:
+                return next_fn(*args, **kwargs)
+        finally:
+            sched.end_pass(grad)
+
+
+# ---- public functions --------------------------------------------------------------------------------
+def _offloader(model: nn.Module) -> _Offloader | None:
+    registry = HookRegistry.of(model)
+    hook = registry.get(ROOT_HOOK) if registry else None
+    return hook.offloader if isinstance(hook, _RootHook) else None
+
+
+def _check_foreign(model: nn.Module) -> None:
+    """Raise `CompatibilityError` if another offloading system already manages `model`."""
+    if _offloader(model) is not None:
+        raise CompatibilityError(
+            "hookwise offloading is already applied to this model; remove_offload(model) (or hookwise.remove) "
+            "first to change its settings"
+        )
+    for path, module in model.named_modules():
+        where = path or "the model"
+        hf = module.__dict__.get("_hf_hook")
+        if hf is not None:
+            inner = getattr(hf, "hooks", [hf])
+            names = [type(h).__name__ for h in inner]
+            if any(n in ("AlignDevicesHook", "CpuOffload", "UserCpuOffloadHook") for n in names):
+                raise CompatibilityError(
+                    f"{where} already has accelerate offloading hooks ({', '.join(names)}), from device_map, "
+                    f"enable_model_cpu_offload or enable_sequential_cpu_offload; remove them first "
+                    f"(accelerate.hooks.remove_hook_from_module(model, recurse=True)) or load the model without them"
+                )
+        registry = module.__dict__.get("_diffusers_hook")
+        hooks = getattr(registry, "hooks", {}) if registry is not None else {}
+        found = [n for n in ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker") if n in hooks]
+        if found:
+            raise CompatibilityError(
+                f"{where} already has diffusers group offloading ({', '.join(found)}); use one offloading system: "
+                f"load the model again without enable_group_offloading / apply_group_offloading"
+            )
+        registry = HookRegistry.of(module)
+        if registry is not None and COMPONENT_HOOK in registry:
+            raise CompatibilityError(
+                f"{where} is a component managed by ComponentOffload; remove_component_offload first, or leave "
+                f"this component out of it"
+            )
+
+
+def apply_offload(model: nn.Module, config: Offload | None = None, **kwargs: Any) -> OffloadReport:
+    """Apply offloading to `model` (all-or-nothing); returns the report. kwargs build an `Offload`."""
+    if config is None:
+        config = Offload(**kwargs)
+    elif kwargs:
+        raise ConfigError("pass either an Offload config or keyword arguments, not both")
+    if not isinstance(config, Offload):
+        raise ConfigError(f"apply_offload needs an Offload config, got {type(config).__name__}")
+    model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"apply_offload needs a torch.nn.Module, got {type(model).__name__}")
+    with transaction(), torch.inference_mode(False):
+        _check_foreign(model)
+        offloader = _Offloader(model, config)
+        offloader.build()
+    return offloader.report()
+
+
+def remove_offload(model: nn.Module, device: str | torch.device | None = None) -> None:
+    """Undo offloading: every weight back on one device (default: where the model was) with its values."""
+    model = unwrap(model)
+    offloader = _offloader(model)
+    if offloader is None:
+        raise ConfigError("this model has no hookwise offloading to remove")
+    target = offloader.home if device is None else _parse_device(device, "device")
+    offloader.close(target)
+    remove_hooks(model, lambda name, hook: name in (GROUP_HOOK, ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)))
+    restore_method(model, "_apply", owner=OWNER)
+
+
+def offload_report(model: nn.Module) -> OffloadReport:
+    """The report of the offloading applied to `model` (groups, bytes per place, counters)."""
+    offloader = _offloader(unwrap(model))
+    if offloader is None:
+        raise ConfigError("this model has no hookwise offloading; apply Offload(...) first")
+    return offloader.report()
+
+
+register_technique(
+    "offload",
+    Offload,
+    apply=lambda model, config: apply_offload(model, config),
+    remove=lambda model, config: remove_offload(model),
+    order=Layer.OFFLOAD,
+    conflicts=("component_offload",),
+)
