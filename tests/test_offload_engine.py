@@ -8,7 +8,6 @@ real asynchrony needs a GPU (tests/test_offload_gpu.py).
 """
 
 import contextlib
-import threading
 
 import pytest
 import torch

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.state import RunState
+from ..core.hooks import remove_hook, unwrap
+from ..core.state import RUN_STATE_HOOK, RunState, get_run_state
 from ..errors import CompatibilityError, ConfigError
 from ._runtime import (
     BranchStore,
@@ -473,3 +474,26 @@ def uninstall_span(technique: str, model: nn.Module) -> None:
                 f"(hookwise.remove(model, 'taylorseer')), then {technique!r}"
             )
     remove_cache_hooks(model, technique)
+
+
+def calibration_run(technique: str, model: nn.Module, run: Callable[[], Any], policy: Policy, predictor: Predictor) -> None:
+    """Run `run()` once (one whole sampling run) with a span controller that records through `policy` /
+    `predictor` and skips nothing; the model comes back as it was (its run state, if it had one, at a
+    new run), also when `run()` raises."""
+    if span_controller(model) is not None:
+        raise CompatibilityError(f"{technique}: remove the block cache from the model first (hookwise.remove)")
+    had_state = get_run_state(unwrap(model)) is not None
+    state = run_state(model)
+    ctrl = SpanController(f"{technique}_run", model, 0, 0, policy, predictor)
+    for recorder in {id(policy): policy, id(predictor): predictor}.values():
+        recorder.ctrl = ctrl
+    ctrl.attach()
+    try:
+        state.new_run()
+        with torch.no_grad():
+            run()
+    finally:
+        ctrl.detach()
+        state.new_run()
+        if not had_state:  # leave the model as it was found
+            remove_hook(unwrap(model), RUN_STATE_HOOK)

@@ -14,15 +14,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
-from ..errors import CompatibilityError, ConfigError
-from ._blocks import AlwaysCompute, Policy, Predictor, SpanController, install_span, span_controller, uninstall_span
-from ._runtime import check_fraction, check_int, logger, resolved_step, run_state
+from ..errors import ConfigError
+from ._blocks import AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._runtime import check_fraction, check_int, logger, resolved_step
 from .first_block import BLOCK_CACHES
 
 NAME = "magcache"
@@ -144,20 +143,8 @@ def calibrate_magcache(model: nn.Module, run: Callable[[], Any], **settings: Any
     Nothing is skipped during the run. Returns a `MagCache` with the ratios (averaged over CFG
     branches) and `settings` (threshold, max_skip, retention...). Remove any block cache first.
     """
-    if span_controller(model) is not None:
-        raise CompatibilityError("calibrate_magcache: remove the block cache from the model first (hookwise.remove)")
-    state = run_state(model)
     recorder = _MagRecorder()
-    ctrl = SpanController("magcache_calibration", model, 0, 0, AlwaysCompute(), recorder)
-    recorder.ctrl = ctrl
-    ctrl.attach()
-    try:
-        state.new_run()
-        with torch.no_grad():
-            run()
-    finally:
-        ctrl.detach()
-        state.new_run()
+    calibration_run("calibrate_magcache", model, run, AlwaysCompute(), recorder)
     steps = max((s for _, s in recorder.ratios), default=0) + 1
     if steps < 2:
         raise ConfigError("calibrate_magcache: the run made fewer than 2 steps; pass a function that samples a whole run")

@@ -21,9 +21,9 @@ from torch import nn
 from ..core.config import TechniqueConfig
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
-from ..errors import CompatibilityError, ConfigError
-from ._blocks import Policy, Predictor, SpanController, install_span, span_controller, uninstall_span
-from ._runtime import check_fraction, check_int, host_values, logger, rel_l1, run_state, tensor_inputs
+from ..errors import ConfigError
+from ._blocks import Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._runtime import check_fraction, check_int, host_values, logger, rel_l1, tensor_inputs
 from .first_block import BLOCK_CACHES
 
 NAME = "teacache"
@@ -147,21 +147,9 @@ def calibrate_teacache(model: nn.Module, run: Callable[[], Any], degree: int = 2
     """
     import numpy as np
 
-    if span_controller(model) is not None:
-        raise CompatibilityError("calibrate_teacache: remove the block cache from the model first (hookwise.remove)")
     check_int("calibrate_teacache degree", degree, 1)
-    state = run_state(model)
     recorder = _TeaRecorder()
-    ctrl = SpanController("teacache_calibration", model, 0, 0, recorder, recorder)
-    recorder.ctrl = ctrl
-    ctrl.attach()
-    try:
-        state.new_run()
-        with torch.no_grad():
-            run()
-    finally:
-        ctrl.detach()
-        state.new_run()
+    calibration_run("calibrate_teacache", model, run, recorder, recorder)
     keys = sorted(k for k in recorder.x if k in recorder.y)
     if len(keys) <= degree:
         raise ConfigError(
