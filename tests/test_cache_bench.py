@@ -8,7 +8,7 @@ import torch
 
 from hookwise.cli import main
 from hookwise.errors import ConfigError
-from hookwise.sampling.cache_bench import compare_at_equal_work, run_cache_bench, save_plot, to_markdown
+from hookwise.sampling.cache_bench import RunResult, compare_at_equal_work, run_cache_bench, save_plot, to_markdown
 from hookwise.zoo.reference import ReferenceModel, get_reference_spec
 
 from cache_helpers import one_thread  # noqa: F401
@@ -47,6 +47,22 @@ def test_harness_reports_hookwise_and_diffusers_side_by_side(untrained, tmp_path
     from PIL import Image
 
     assert Image.open(png).size[0] > 800
+
+
+def test_equal_work_compares_the_best_setting_of_each_side_interpolating_diffusers():
+    def run(impl, setting, frac, db):
+        return RunResult("m", impl, setting, frac, frac, 1.0, 1.0, db, 0.9)
+
+    results = [
+        run("hookwise", "a", 0.5, 40.0), run("hookwise", "b", 0.5, 42.0), run("hookwise", "c", 0.9, 45.0),
+        run("hookwise", "d", 0.2, 20.0),
+        run("diffusers", "a", 0.4, 30.0), run("diffusers", "x", 0.6, 40.0), run("diffusers", "y", 0.6, 38.0),
+    ]
+    rows = {r["setting"]: r for r in compare_at_equal_work(results)}
+    assert rows["a"]["same_psnr"] == 30.0 and rows["b"]["same_psnr"] is None
+    assert rows["a"]["diffusers_psnr"] == pytest.approx(35.0)  # halfway between (0.4, 30) and diffusers' best at 0.6
+    assert rows["a"]["delta"] == rows["b"]["delta"] == pytest.approx(42.0 - 35.0)  # hookwise's best at 0.5
+    assert rows["c"]["delta"] is None and rows["d"]["delta"] is None  # outside diffusers' range: no guess
 
 
 def test_unknown_methods_are_refused_before_any_work(untrained):
