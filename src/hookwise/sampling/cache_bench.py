@@ -18,6 +18,7 @@ import io
 import ast
 import logging
 import math
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -185,9 +186,14 @@ def diffusers_methods(
             Method("first-block", "diffusers", f"threshold={th}", enable(dh.FirstBlockCacheConfig(threshold=th)), disable,
                    default=th == 0.05)
         )
+    # The modules hookwise's attention TaylorSeer predicts, named for diffusers: its default patterns
+    # ("^blocks.*attn", fully matched) match no attention module of Wan ("blocks.0.attn1"), so with them it
+    # would silently cache nothing there.
+    attention_paths = [re.escape(a.path) for a in describe(model).attention]
     for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
         config = dh.TaylorSeerCacheConfig(
-            cache_interval=interval, disable_cache_before_step=3, max_order=order, taylor_factors_dtype=torch.float32
+            cache_interval=interval, disable_cache_before_step=3, max_order=order, taylor_factors_dtype=torch.float32,
+            cache_identifiers=attention_paths,
         )
         out.append(
             Method("taylorseer-attention", "diffusers", f"order={order}, interval={interval}", enable(config), disable,
