@@ -1,6 +1,7 @@
 """Step caches on the reference models: hookwise and diffusers at equal settings, in one process.
 
     PYTHONPATH=src python benchmarks/cache_quality.py [--threads 1] [--repeats 3] [--out docs]
+    PYTHONPATH=src python benchmarks/cache_quality.py --tables-from docs   # tables of the saved runs
 
 For each reference model (flux-shapes, wan-moving) this runs `hookwise bench cache`'s harness over
 every class, then writes `<out>/cache-<model>.png` (PSNR vs speed-up and vs evaluations saved),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -27,16 +29,31 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--tables-from", default=None, metavar="DIR",
+                        help="run nothing: print the tables of the runs saved in DIR/cache-<model>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from hookwise.sampling.cache_bench import (
+        RunResult,
         compare_at_equal_work,
         comparison_markdown,
         run_cache_bench,
         save_plot,
         to_markdown,
     )
+
+    if args.tables_from:
+        for name in args.models.split(","):
+            rows = json.loads((Path(args.tables_from) / f"cache-{name}.json").read_text())
+            results = [
+                RunResult(**{k: (math.inf if v == "inf" else math.nan if v is None and k != "note" else v) for k, v in r.items()})
+                for r in rows
+            ]
+            print(f"## {name} (saved run)\n")
+            print(to_markdown(results) + "\n")
+            print(comparison_markdown(compare_at_equal_work(results)) + "\n")
+        return 0
     from hookwise.zoo import load_reference
 
     out = Path(args.out)

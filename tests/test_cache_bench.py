@@ -63,6 +63,21 @@ def test_equal_work_compares_the_best_setting_of_each_side_interpolating_diffuse
     assert rows["a"]["diffusers_psnr"] == pytest.approx(35.0)  # halfway between (0.4, 30) and diffusers' best at 0.6
     assert rows["a"]["delta"] == rows["b"]["delta"] == pytest.approx(42.0 - 35.0)  # hookwise's best at 0.5
     assert rows["c"]["delta"] is None and rows["d"]["delta"] is None  # outside diffusers' range: no guess
+    assert rows["c"]["hookwise_best"] == 45.0 and rows["d"]["hookwise_best"] == 20.0
+
+
+def test_at_equal_work_a_setting_doing_less_work_at_a_higher_psnr_answers_for_more_work():
+    def run(impl, setting, frac, db):
+        return RunResult("m", impl, setting, frac, frac, 1.0, 1.0, db, 0.9)
+
+    results = [
+        run("hookwise", "cheap", 0.80, 49.0), run("hookwise", "dear", 0.84, 47.8),
+        run("diffusers", "cheap", 0.80, 46.9), run("diffusers", "dear", 0.84, 47.9),
+    ]
+    rows = {r["setting"]: r for r in compare_at_equal_work(results)}
+    assert rows["dear"]["hookwise_best"] == 49.0 and rows["dear"]["diffusers_psnr"] == pytest.approx(47.9)
+    assert rows["dear"]["delta"] == pytest.approx(1.1)
+    assert rows["cheap"]["delta"] == pytest.approx(49.0 - 46.9)
 
 
 def test_unknown_methods_are_refused_before_any_work(untrained):

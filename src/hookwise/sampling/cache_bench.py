@@ -521,8 +521,8 @@ def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
     """For each method both implementations ran: hookwise's PSNR against diffusers', per setting.
 
     Two comparisons: with diffusers at the same setting (where it has it), and at equal work:
-    hookwise's best PSNR among its settings at that work against diffusers' best, interpolated
-    linearly between diffusers' settings around that work. Work is
+    hookwise's best PSNR among its settings doing at most that work against diffusers' best at
+    most that work, interpolated linearly between diffusers' settings around it. Work is
     the block-evaluation fraction, or the attention-evaluation fraction for methods that never skip
     a block; hookwise settings outside diffusers' range of work get no interpolated value.
     """
@@ -536,10 +536,10 @@ def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
         use_blocks = any(r.block_frac < 0.999 for r in ours + theirs)
         key = (lambda r: r.block_frac) if use_blocks else (lambda r: r.attn_frac)
         def frontier(runs: list[RunResult]) -> dict[float, float]:
-            best: dict[float, float] = {}
-            for r in runs:  # several settings at the same work: the best one counts, on both sides
-                best[round(key(r), 6)] = max(best.get(round(key(r), 6), -math.inf), min(r.psnr, 99.0))
-            return best
+            """Work fraction -> the best PSNR of any setting doing at most that much work (a setting that
+            does less work at a higher PSNR also answers for more work), the same on both sides."""
+            fractions = sorted({round(key(r), 6) for r in runs})
+            return {x: max(min(r.psnr, 99.0) for r in runs if round(key(r), 6) <= x) for x in fractions}
 
         ours_best = frontier(ours)
         points = sorted(frontier(theirs).items())
