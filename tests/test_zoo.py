@@ -85,3 +85,15 @@ def test_video_samples_have_the_colour_and_move_along_the_axis_asked_for(wan):
         assert along > 3.0 and along > 2 * across, f"{VIDEO_CLASSES[label]}: moved dx={dx:.1f}, dy={dy:.1f}"
         fg = _foreground(video.permute(1, 0, 2, 3))  # (F, H, W)
         assert int(video.permute(1, 2, 3, 0)[fg].mean(dim=0).argmax()) == colour
+
+
+def test_the_training_script_trains_every_model_in_parallel_into_loadable_folders(tmp_path):
+    import diffusers
+
+    from hookwise.zoo.train import main
+
+    assert main(["all", "--steps", "2", "--out", str(tmp_path)]) == 0
+    for name, cls in (("flux-shapes", "FluxTransformer2DModel"), ("wan-moving", "WanTransformer3DModel")):
+        meta = json.loads((tmp_path / name / "hookwise_reference.json").read_text())
+        assert meta["settings"]["steps"] == 2 and meta["threads"] == 1
+        getattr(diffusers, cls).from_pretrained(tmp_path / name)
