@@ -39,9 +39,11 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def strict(monkeypatch):
-    """From now on any recompilation raises, instead of silently growing the cache until dynamo gives up."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+def strict():
+    """Within it any recompilation raises, instead of silently growing the cache until dynamo gives up.
+    (dynamo's own config patch: a test framework's setattr / delattr on its config module can hide the
+    option for every later test.)"""
+    return torch._dynamo.config.patch(error_on_recompile=True)
 
 CASES = {
     "first_block": ("musubi", [FirstBlockCache(threshold=0.3)]),
@@ -57,7 +59,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_compiled_blocks_do_not_recompile_from_step_to_step(case, monkeypatch):
+def test_compiled_blocks_do_not_recompile_from_step_to_step(case):
     name, configs = CASES[case]
     model, inputs = build(name)
     eager = copy.deepcopy(model)
@@ -72,8 +74,8 @@ def test_compiled_blocks_do_not_recompile_from_step_to_step(case, monkeypatch):
     frames = []
     denoise(model, name, inputs, steps=8, record=frames)
     after_first_run = counter.frame_count
-    strict(monkeypatch)
-    second = denoise(model, name, inputs, steps=8)  # a new run: state resets, same graphs
+    with strict():
+        second = denoise(model, name, inputs, steps=8)  # a new run: state resets, same graphs
     assert counter.frame_count == after_first_run > 0
     if name == "musubi":  # block caches: one graph per block class (double, single), shared by its blocks
         assert counter.frame_count == 2

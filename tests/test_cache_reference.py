@@ -101,7 +101,7 @@ def test_default_settings_skip_work_within_the_stated_psnr_and_runs_repeat(setup
 
 @pytest.mark.parametrize("cache", ["first_block", "dual_block+taylorseer", "pab", "faster_cache"])
 @pytest.mark.parametrize("name", ["flux-shapes", "wan-moving"])
-def test_regionally_compiled_reference_model_runs_the_cache_without_recompiling(name, cache, monkeypatch):
+def test_regionally_compiled_reference_model_runs_the_cache_without_recompiling(name, cache):
     """Each block compiled on its own (dynamo's CompileCounter: traced, not code-generated): the cached
     samples equal the eager ones, and a second sampling run compiles nothing new."""
     from torch._dynamo.testing import CompileCounter
@@ -121,8 +121,8 @@ def test_regionally_compiled_reference_model_runs_the_cache_without_recompiling(
     try:
         first = sample_reference(reference, labels, seed=3, steps=12)
         frames = counter.frame_count
-        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        second = sample_reference(reference, labels, seed=3, steps=12)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = sample_reference(reference, labels, seed=3, steps=12)
     finally:
         hookwise.remove(model)
         torch._dynamo.reset()
