@@ -24,7 +24,7 @@ from ._runtime import (
     remove_cache_hooks,
     resolved_step,
     run_state,
-    timestep_1000,
+    step_timestep_1000,
 )
 
 RUN = object()  # `before()` says: run the module
@@ -109,9 +109,7 @@ class ModuleReuseHook(CacheHook):
         st = self.store.get(state.branch)
         t1000 = None
         if self.needs_timestep:
-            if st.first_t is None or step == 0:
-                st.first_t = state.timestep_value()
-            t1000 = timestep_1000(state, self.timestep_scale, st.first_t)
+            st.first_t, t1000 = step_timestep_1000(state, self.timestep_scale, st.first_t, step)
         signature = _signature(args, kwargs)
         if len(st.outputs) >= self.rule.keep and st.signature == signature and not self.rule.compute(step, t1000, st):
             self.reused += 1
@@ -165,6 +163,21 @@ def attach_module_hooks(
 
 def detach_module_hooks(technique: str, model: nn.Module) -> None:
     remove_cache_hooks(model, technique)
+
+
+class IntervalRule(Rule):
+    """Compute once in `interval` steps inside the timestep `window`, always outside it; reuse the last output."""
+
+    def __init__(self, interval: int, window: tuple[float, float] | None) -> None:
+        self.interval, self.window = interval, window
+
+    def compute(self, step: int, t1000: float | None, st: ModuleBranch) -> bool:
+        return computes_at(step, t1000, self.interval, self.window)
+
+
+def computes_at(step: int, t1000: float | None, interval: int, window: tuple[float, float] | None) -> bool:
+    """Interval reuse in a window: compute on every `interval`-th step, and on every step outside `window`."""
+    return interval <= 1 or not in_window(t1000, window) or step % interval == 0
 
 
 def in_window(t1000: float | None, window: tuple[float, float] | None) -> bool:

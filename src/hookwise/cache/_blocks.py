@@ -204,25 +204,27 @@ class ResidualDiffPolicy(Policy):
         return host[0] >= self.threshold
 
 
+def taylor_schedule(step: int, interval: int, warmup: int) -> bool:
+    """Whether TaylorSeer computes at `step`: the first `warmup` steps, then one step in `interval`,
+    the first of them one step after the warmup (the step right after it is already extrapolated)."""
+    return interval <= 1 or step < warmup or (step - warmup - 1) % interval == 0
+
+
 class IntervalPolicy(Policy):
-    """Compute the first `warmup` steps, then one step in `interval` (the first one step after the
-    warmup, as TaylorSeer schedules it); no host read with a host timestep."""
+    """Compute on TaylorSeer's schedule (`taylor_schedule`); no host read with a host timestep."""
 
     def __init__(self, interval: int, warmup: int = 0) -> None:
         self.interval, self.warmup = interval, warmup
 
-    def _compute(self, step: int) -> bool:
-        return self.interval <= 1 or step < self.warmup or (step - self.warmup - 1) % self.interval == 0
-
     def after_head(self, ctrl, call, residual):
         from ._runtime import resolved_step
 
-        return self._compute(resolved_step(ctrl.state))
+        return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
     def before_first(self, ctrl, call, args, kwargs):
         from ._runtime import resolved_step
 
-        return self._compute(resolved_step(ctrl.state))
+        return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
 
 # ---- the controller and its hooks ----------------------------------------------------------------

@@ -114,6 +114,14 @@ def timestep_1000(state: RunState, scale: float | None, first_t: float | None) -
     return t * scale
 
 
+def step_timestep_1000(state: RunState, scale: float | None, first_t: float | None, step: int) -> tuple[float | None, float | None]:
+    """(first_t, t1000) for a hook that keeps its run's first timestep: `first_t` is taken anew at step 0
+    (or while unknown), then the current timestep is put on the 0..1000 scale with it (`timestep_1000`)."""
+    if first_t is None or step == 0:
+        first_t = state.timestep_value()
+    return first_t, timestep_1000(state, scale, first_t)
+
+
 # ---- structure: streams of a block ---------------------------------------------------------------
 Key = tuple[str, Any]  # ("a", position) or ("k", name)
 

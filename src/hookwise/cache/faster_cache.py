@@ -29,7 +29,7 @@ from ..core.hooks import HookRegistry, Layer, unwrap
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
-from ._attention import ModuleBranch, Rule, attach_module_hooks, attention_kind, detach_module_hooks, in_window
+from ._attention import IntervalRule, ModuleBranch, attach_module_hooks, attention_kind, computes_at, detach_module_hooks, in_window
 from ._runtime import (
     CacheHook,
     check_fraction,
@@ -40,7 +40,7 @@ from ._runtime import (
     logger,
     resolved_step,
     run_state,
-    timestep_1000,
+    step_timestep_1000,
 )
 
 NAME = "faster_cache"
@@ -94,14 +94,14 @@ class FasterCache(TechniqueConfig):
             raise ConfigError(f"FasterCache.timestep_scale must be > 0 or None, got {self.timestep_scale!r}")
 
 
-class ExtrapolateRule(Rule):
+class ExtrapolateRule(IntervalRule):
+    """PAB's schedule; in between, the output extrapolated from the last two computed ones."""
+
     keep = 2
 
     def __init__(self, interval: int, window: tuple[float, float] | None, weight: float) -> None:
-        self.interval, self.window, self.weight = interval, window, weight
-
-    def compute(self, step: int, t1000: float | None, st: ModuleBranch) -> bool:
-        return self.interval <= 1 or not in_window(t1000, self.window) or step % self.interval == 0
+        super().__init__(interval, window)
+        self.weight = weight
 
     def answer(self, st: ModuleBranch, step: int, t1000: float | None) -> Any:
         from ._attention import _map_output
@@ -183,23 +183,18 @@ class CfgReuseHook(CacheHook):
         self.first_t: float | None = None
         self.batched: bool | None = None
         self._uncond_with: torch.Tensor | None = None
+        self._template: Any = None  # an unconditional output, rebuilt around approximated samples
         self._step = 0
         self._t: float | None = None
 
     # ---- timestep -----------------------------------------------------------------------------
     def _t1000(self, step: int) -> float | None:
-        if self.first_t is None or step == 0:
-            self.first_t = self.state.timestep_value()
-        return timestep_1000(self.state, self.config.timestep_scale, self.first_t)
+        self.first_t, t1000 = step_timestep_1000(self.state, self.config.timestep_scale, self.first_t, step)
+        return t1000
 
     def _skip(self, step: int, t1000: float | None) -> bool:
         cfg = self.config
-        return (
-            self.delta is not None
-            and cfg.uncond_range > 1
-            and in_window(t1000, cfg.uncond_window)
-            and step % cfg.uncond_range != 0
-        )
+        return self.delta is not None and not computes_at(step, t1000, cfg.uncond_range, cfg.uncond_window)
 
     # ---- the difference uncond - cond, by frequency band ------------------------------------------
     def _measure(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
@@ -307,8 +302,7 @@ class CfgReuseHook(CacheHook):
         return out
 
     def _rebuild(self, sample: torch.Tensor) -> Any:
-        template = getattr(self, "_template", None)
-        return sample if template is None else _with_sample(template, sample)
+        return sample if self._template is None else _with_sample(self._template, sample)
 
 
 def apply_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:

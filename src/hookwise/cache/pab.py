@@ -18,7 +18,7 @@ from ..core.hooks import Layer, unwrap
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
-from ._attention import ModuleBranch, Rule, attach_module_hooks, attention_kind, detach_module_hooks, in_window
+from ._attention import IntervalRule, attach_module_hooks, attention_kind, detach_module_hooks
 from ._runtime import check_int, check_range
 
 NAME = "pab"
@@ -53,14 +53,6 @@ class PyramidAttentionBroadcast(TechniqueConfig):
             raise ConfigError(f"PyramidAttentionBroadcast.timestep_scale must be > 0 or None, got {self.timestep_scale!r}")
 
 
-class BroadcastRule(Rule):
-    def __init__(self, interval: int, window: tuple[float, float] | None) -> None:
-        self.interval, self.window = interval, window
-
-    def compute(self, step: int, t1000: float | None, st: ModuleBranch) -> bool:
-        return self.interval <= 1 or not in_window(t1000, self.window) or step % self.interval == 0
-
-
 def apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
     """Hook every attention module of `model` whose kind has a range set."""
     config = config or PyramidAttentionBroadcast()
@@ -72,7 +64,7 @@ def apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None)
         interval = getattr(config, f"{kind}_range")
         if interval is None:
             continue
-        targets.append((role.path, model.get_submodule(role.path), BroadcastRule(interval, getattr(config, f"{kind}_window"))))
+        targets.append((role.path, model.get_submodule(role.path), IntervalRule(interval, getattr(config, f"{kind}_window"))))
     kinds = sorted({attention_kind(r.kind) for r in mmap.attention})
     attach_module_hooks(
         NAME,

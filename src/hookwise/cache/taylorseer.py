@@ -23,7 +23,7 @@ from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..core.transaction import current_transaction
 from ..errors import ConfigError
-from ._blocks import IntervalPolicy, Predictor, TaylorPredictor, install_span, span_controller, uninstall_span
+from ._blocks import IntervalPolicy, Predictor, TaylorPredictor, install_span, span_controller, taylor_schedule, uninstall_span
 from ..core.hooks import unwrap
 from ..introspect.model_map import describe
 from ._attention import ModuleBranch, Rule, _map_output, attach_module_hooks, detach_module_hooks
@@ -59,12 +59,6 @@ class TaylorSeer(TechniqueConfig):
             raise ConfigError(f"TaylorSeer.targets must be 'blocks' or 'attention', got {self.targets!r}")
         check_int("TaylorSeer.interval", self.interval, 1, optional=True)
         check_int("TaylorSeer.warmup", self.warmup, 0, optional=True)
-
-
-def taylor_schedule(step: int, interval: int, warmup: int) -> bool:
-    """Whether TaylorSeer computes at `step`: the first `warmup` steps, then one step in `interval`,
-    the first of them one step after the warmup (the step right after it is already extrapolated)."""
-    return interval <= 1 or step < warmup or (step - warmup - 1) % interval == 0
 
 
 class TaylorRule(Rule):

@@ -100,14 +100,19 @@ class RunState:
         self._pending = None
         self.t_host = float(value)
         branch = self._pending_branch
-        last = self._last_t.get(branch)
-        self._last_t[branch] = self.t_host
-        if last is not None and self.t_host > last:
-            logger.debug("hookwise: timestep rose from %s to %s on branch %r: new run", last, self.t_host, branch)
-            self.new_run()
-            self._last_t[branch] = self.t_host
-            self._steps[branch] = 0
+        if self._observe_timestep(branch, self.t_host):
+            self._steps[branch] = 0  # this call counted on the old run; it is step 0 of the new one
         return self.t_host
+
+    def _observe_timestep(self, branch: str, t: float) -> bool:
+        """Record `t` as `branch`'s latest timestep; one above the previous starts a new run (returns True)."""
+        last = self._last_t.get(branch)
+        rose = last is not None and t > last
+        if rose:
+            logger.debug("hookwise: timestep rose from %s to %s on branch %r: new run", last, t, branch)
+            self.new_run()
+        self._last_t[branch] = t
+        return rose
 
     def cfg_halves_equal(self) -> torch.Tensor | None:
         """A device bool scalar: the latest latents are two equal halves (batched classifier-free guidance).
@@ -144,11 +149,7 @@ class RunState:
             if timestep.device.type != "meta" and not timestep.is_complex():
                 self._pending, self._pending_branch = timestep, branch
         if host_t is not None:
-            last = self._last_t.get(branch)
-            if last is not None and host_t > last:
-                logger.debug("hookwise: timestep rose from %s to %s on branch %r: new run", last, host_t, branch)
-                self.new_run()
-            self._last_t[branch] = host_t
+            self._observe_timestep(branch, host_t)
         self.timestep = timestep
         self.mode = "train" if training else "eval"
         self.grad_enabled = torch.is_grad_enabled()
