@@ -94,6 +94,15 @@ class Method:
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
+# The settings both libraries run, so that hookwise and diffusers are compared at equal settings.
+FIRST_BLOCK_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
+TAYLOR_SETTINGS = ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4))  # (order, interval)
+TAYLOR_WARMUP = 3
+PAB_SPATIAL_RANGES = (2, 3, 4)
+FASTERCACHE_SETTINGS = ((5, 2), (3, 2), (5, None), (2, 3))  # (uncond_range, attention_range)
+MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
+
+
 def _hookwise(method: str, setting: str, *configs, cfg: str = "separate", default: bool = False) -> Method:
     return Method(method, "hookwise", setting, lambda m: hw_apply(m, *configs), lambda m: hw_remove(m), cfg, default)
 
@@ -104,7 +113,7 @@ def hookwise_methods(
     """Every hookwise cache at its default and over a sweep. Calibration runs `calibrate()` once each."""
     out: list[Method] = []
     wanted = wanted or set(HOOKWISE_METHODS)
-    for th in (0.05, 0.1, 0.2, 0.3, 0.5):
+    for th in FIRST_BLOCK_THRESHOLDS:
         out.append(_hookwise("first-block", f"threshold={th}", hw.FirstBlockCache(threshold=th), default=th == 0.1))
     for th in (0.05, 0.08, 0.15, 0.3, 0.5):
         out.append(_hookwise("dual-block", f"threshold={th}", hw.DualBlockCache(threshold=th), default=th == 0.08))
@@ -112,40 +121,41 @@ def hookwise_methods(
         out.append(
             _hookwise("dual-block+taylorseer", f"threshold={th}, order=2", hw.DualBlockCache(threshold=th), hw.TaylorSeer(order=2))
         )
-    for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
+    for order, interval in TAYLOR_SETTINGS:
         out.append(
             _hookwise(
                 "taylorseer",
                 f"order={order}, interval={interval}",
-                hw.TaylorSeer(order=order, interval=interval, warmup=3),
+                hw.TaylorSeer(order=order, interval=interval, warmup=TAYLOR_WARMUP),
                 default=(order, interval) == (1, 3),
             )
         )
-    for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
+    for order, interval in TAYLOR_SETTINGS:
         out.append(
             _hookwise(
                 "taylorseer-attention",
                 f"order={order}, interval={interval}",
-                hw.TaylorSeer(order=order, interval=interval, warmup=3, targets="attention"),
+                hw.TaylorSeer(order=order, interval=interval, warmup=TAYLOR_WARMUP, targets="attention"),
                 default=(order, interval) == (1, 3),
             )
         )
-    for sr in (2, 3, 4):
+    for sr in PAB_SPATIAL_RANGES:
         out.append(
             _hookwise("pab", f"spatial_range={sr}", hw.PyramidAttentionBroadcast(spatial_range=sr), default=sr == 2)
         )
-    for ur, ar in ((5, 2), (3, 2), (5, None), (2, 3)):
+    for ur, ar in FASTERCACHE_SETTINGS:
         out.append(
             _hookwise(
                 "fastercache",
                 f"uncond_range={ur}, attention_range={ar}",
                 hw.FasterCache(uncond_range=ur, attention_range=ar),
+                cfg="batched",  # as diffusers', which only reuses the uncond half of a batched call
                 default=(ur, ar) == (5, 2),
             )
         )
     if "magcache" in wanted:
         mag = hw.calibrate_magcache(model, calibrate)
-        for th in (0.03, 0.06, 0.12, 0.24):
+        for th in MAGCACHE_THRESHOLDS:
             out.append(_hookwise("magcache", f"threshold={th}", mag.replace(threshold=th, num_steps=steps), default=th == 0.06))
     if "teacache" in wanted:
         tea = hw.calibrate_teacache(model, calibrate)
@@ -181,7 +191,8 @@ def diffusers_methods(
         m.disable_cache()
 
     out: list[Method] = []
-    for th in (0.05, 0.1, 0.2, 0.3, 0.5):
+    mmap = describe(model)
+    for th in FIRST_BLOCK_THRESHOLDS:
         out.append(
             Method("first-block", "diffusers", f"threshold={th}", enable(dh.FirstBlockCacheConfig(threshold=th)), disable,
                    default=th == 0.05)
@@ -189,17 +200,17 @@ def diffusers_methods(
     # The modules hookwise's attention TaylorSeer predicts, named for diffusers: its default patterns
     # ("^blocks.*attn", fully matched) match no attention module of Wan ("blocks.0.attn1"), so with them it
     # would silently cache nothing there.
-    attention_paths = [re.escape(a.path) for a in describe(model).attention]
-    for order, interval in ((1, 2), (2, 2), (1, 3), (2, 3), (2, 4)):
+    attention_paths = [re.escape(a.path) for a in mmap.attention]
+    for order, interval in TAYLOR_SETTINGS:
         config = dh.TaylorSeerCacheConfig(
-            cache_interval=interval, disable_cache_before_step=3, max_order=order, taylor_factors_dtype=torch.float32,
+            cache_interval=interval, disable_cache_before_step=TAYLOR_WARMUP, max_order=order, taylor_factors_dtype=torch.float32,
             cache_identifiers=attention_paths,
         )
         out.append(
             Method("taylorseer-attention", "diffusers", f"order={order}, interval={interval}", enable(config), disable,
                    default=(order, interval) == (1, 3))
         )
-    for sr in (2, 3, 4):
+    for sr in PAB_SPATIAL_RANGES:
         config = dh.PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=sr,
             temporal_attention_block_skip_range=3,
@@ -210,8 +221,8 @@ def diffusers_methods(
             current_timestep_callback=timestep_now,
         )
         out.append(Method("pab", "diffusers", f"spatial_range={sr}", enable(config), disable, default=sr == 2))
-    fmt = "BCFHW" if describe(model).architecture == "wan" else "BCHW"
-    for ur, ar in ((5, 2), (3, 2), (5, None), (2, 3)):
+    fmt = "BCFHW" if mmap.architecture == "wan" else "BCHW"
+    for ur, ar in FASTERCACHE_SETTINGS:
         config = dh.FasterCacheConfig(
             spatial_attention_block_skip_range=ar,
             spatial_attention_timestep_skip_range=(-1, 681),
@@ -233,7 +244,7 @@ def diffusers_methods(
         )
     if wanted is None or "magcache" in wanted:
         ratios = calibrate_diffusers()
-        for th in (0.03, 0.06, 0.12, 0.24):
+        for th in MAGCACHE_THRESHOLDS:
             config = dh.MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=ratios)
             out.append(
                 Method("magcache", "diffusers", f"threshold={th}", enable(config), disable, default=th == 0.06)
@@ -248,11 +259,6 @@ def _failed(m: Method, exc: Exception) -> RunResult:
     logger.warning("%s %s %s failed: %s", m.impl, m.method, m.setting, message)
     nan = float("nan")
     return RunResult(m.method, m.impl, m.setting, nan, nan, nan, nan, nan, nan, m.default, f"failed: {message}")
-
-def _fastercache_guard(methods: list[Method]) -> None:
-    for m in methods:
-        if m.method == "fastercache" and m.impl == "hookwise":
-            m.cfg = "batched"  # compared with diffusers', which only reuses the uncond half of a batched call
 
 
 def run_cache_bench(
@@ -352,7 +358,6 @@ def run_cache_bench(
         todo = hookwise_methods(model, calibrate, steps, len(blocks), wanted)
         if compare_diffusers and wanted & set(DIFFUSERS_METHODS):
             todo += diffusers_methods(model, lambda: current_t["t"], calibrate_diffusers, steps, wanted)
-        _fastercache_guard(todo)
         todo = [m for m in todo if m.method in wanted]
         for index, m in enumerate(todo):
             if progress is not None:
