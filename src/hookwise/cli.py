@@ -6,9 +6,8 @@ import argparse
 import json
 import re
 import sys
-from typing import Sequence
-
 from pathlib import Path
+from typing import Sequence
 
 from .errors import ConfigError, HookwiseError
 

@@ -157,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.model == "all":
         return _train_all(args)
-    for name in [args.model]:
-        model = train(name, args.out / name, seed=args.seed, steps=args.steps)
-        if args.grid is not None:
-            from .grid import save_sample_grid
+    name = args.model
+    model = train(name, args.out / name, seed=args.seed, steps=args.steps)
+    if args.grid is not None:
+        from .grid import save_sample_grid
 
-            path = save_sample_grid(model, args.grid / f"{name}-samples.png")
-            logger.info("%s: sample grid in %s", name, path)
+        path = save_sample_grid(model, args.grid / f"{name}-samples.png")
+        logger.info("%s: sample grid in %s", name, path)
     return 0
 
 
