@@ -117,7 +117,7 @@ class _ComponentOffloader:
             if pinned:
                 pin_left -= group.nbytes
             for ref in refs:
-                flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape).copy_(ref.tensor.data)
+                ref.view_in(flat).copy_(ref.tensor.data)
             state = GroupState(group, HostSource(flat, "pinned" if pinned else "pageable"))
             for ref, master in zip(refs, state.masters):
                 device = ref.tensor.device
@@ -141,9 +141,7 @@ class _ComponentOffloader:
         st = comp.state
         with torch.inference_mode(False):  # not inference tensors: the component may train later
             flat = self.engine.alloc_slot(st.group.nbytes)
-            views = [
-                flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape) for ref in st.group.tensors
-            ]
+            views = [ref.view_in(flat) for ref in st.group.tensors]
         # The new buffer may reuse memory the dropped component's kernels still read: wait for them.
         self.engine.wait(self.engine.start_load(st.source, flat, self._marker))
         for ref, view in zip(st.group.tensors, views):

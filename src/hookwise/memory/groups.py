@@ -47,6 +47,10 @@ class TensorRef:
         self.shape: torch.Size = self.tensor.shape
         self.nbytes: int = self.tensor.numel() * self.tensor.element_size()
 
+    def view_in(self, flat: torch.Tensor) -> torch.Tensor:
+        """A view of the group's flat uint8 buffer `flat` holding this tensor, at its offset, contiguous."""
+        return flat[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
     def current(self) -> torch.Tensor | None:
         """The tensor the owner holds under this name now (None if it was removed)."""
         table = self.module._parameters if self.kind == "param" else self.module._buffers

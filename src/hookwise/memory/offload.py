@@ -394,7 +394,7 @@ def _home_device(model: nn.Module) -> torch.device:
 def _fill(flat: torch.Tensor, group: Group) -> None:
     """Copy every tensor of `group` into `flat` at its offset."""
     for ref in group.tensors:
-        flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape).copy_(ref.tensor.data)
+        ref.view_in(flat).copy_(ref.tensor.data)
 
 
 def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:

@@ -83,7 +83,7 @@ class GroupState:
     def __init__(self, group: Group, source: HostSource) -> None:
         self.group = group
         self.source = source
-        self.masters = [_view(source.flat, ref) for ref in group.tensors]
+        self.masters = [ref.view_in(source.flat) for ref in group.tensors]
         self.slot: Slot | None = None
         self.ticket: Any = None
         self.bound = False
@@ -110,18 +110,13 @@ class GroupState:
         if views is None:
             # Views made under inference_mode would be inference tensors, unusable for training later.
             with torch.inference_mode(False):
-                views = [_view(slot.flat, ref) for ref in self.group.tensors]
+                views = [ref.view_in(slot.flat) for ref in self.group.tensors]
             self._views_by_slot[slot.index] = views
         return views
 
     def __repr__(self) -> str:
         where = f"slot {self.slot.index}" if self.slot else "host"
         return f"<{self.name}: {where}{', bound' if self.bound else ''}>"
-
-
-def _view(flat: torch.Tensor, ref: Any) -> torch.Tensor:
-    """A view of `flat` (uint8) holding the tensor `ref` describes, at its offset, contiguous."""
-    return flat[ref.offset : ref.offset + ref.nbytes].view(ref.dtype).view(ref.shape)
 
 
 def _versions(st: GroupState) -> list[int]:
