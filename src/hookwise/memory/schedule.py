@@ -22,6 +22,11 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
   a change made to an unbound tensor (its host master) makes the next use copy the group again.
 - **Trainable tensors** (with `offload_trainable`) get their gradients moved to the host master's
   device when they are unbound and at the end of each backward, so an optimizer sees one device.
+- **torch.compile.** The entry points the hooks call (pass boundaries, `acquire`, `release`,
+  `saving`) are `torch.compiler.disable`d: they run eagerly between compiled graphs, so the
+  scheduler's counters and slot choices never become guards (traced, they made every call
+  recompile until dynamo gave up on the block). Parameters are graph inputs, so a block compiled
+  once runs on whichever slot its group occupies.
 """
 
 from __future__ import annotations
@@ -245,6 +250,7 @@ class Scheduler:
         return bool(self.states)
 
     # ---- pass boundaries (root hook) ---------------------------------------------------------------
+    @torch.compiler.disable
     def begin_pass(self) -> None:
         self._pass_depth += 1
         if self._pass_depth > 1:
@@ -256,6 +262,7 @@ class Scheduler:
         self._node = None
         self._node_groups.clear()
 
+    @torch.compiler.disable
     def end_pass(self, grad_enabled: bool) -> None:
         self._pass_depth -= 1
         if self._pass_depth > 0:
@@ -281,6 +288,7 @@ class Scheduler:
             self._prefetch(nxt)
 
     # ---- use (group hooks, unpack) --------------------------------------------------------------------
+    @torch.compiler.disable
     def acquire(self, st: GroupState) -> saved_tensors_hooks | None:
         """A module of `st` is about to run: make its tensors device views, prefetch what follows.
 
@@ -301,6 +309,7 @@ class Scheduler:
         st.in_use += 1
         return saving
 
+    @torch.compiler.disable
     def release(self, st: GroupState) -> None:
         st.in_use -= 1
         if st.direct and st.in_use == 0 and not torch.is_grad_enabled() and self.phase != "backward":
@@ -417,6 +426,7 @@ class Scheduler:
             self.backward_order = recorded
             self._bcur.set(recorded)
 
+    @torch.compiler.disable
     def saving(self) -> saved_tensors_hooks | None:
         """Our saved-tensor hooks, when gradients are on and no other saved-tensor hooks are active.
 
