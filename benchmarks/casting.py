@@ -118,8 +118,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    configs = {f"hookwise scaling={s}": LayerwiseCasting(scaling=s) for s in ("none", "tensor", "channel", "block")}
-    configs["hookwise block + cast_modulation"] = LayerwiseCasting(scaling="block", cast_modulation=True)
+    # `fused` set explicitly so each row means the same on every device: eager ops (two kernels and a
+    # compute-dtype temporary per weight) or one generated dequantize kernel per weight.
+    configs = {
+        f"hookwise scaling={s}": LayerwiseCasting(scaling=s, fused=False) for s in ("none", "tensor", "channel", "block")
+    }
+    configs["hookwise block + cast_modulation"] = LayerwiseCasting(scaling="block", cast_modulation=True, fused=False)
+    configs["hookwise block, fused"] = LayerwiseCasting(scaling="block", fused=True)
+    configs["hookwise block + cast_modulation, fused"] = LayerwiseCasting(scaling="block", cast_modulation=True, fused=True)
 
     def make(name: str, lora: bool = False) -> torch.nn.Module:
         # A fresh model per variant (same seed, same weights): diffusers' hooked models cannot be
@@ -170,11 +176,11 @@ def main() -> None:
         f"forward: median of {args.repeats} shuffled rounds (1-min load average per round: "
         f"{', '.join(f'{x:.1f}' for x in loads)})"
     )
-    header = f"{'variant':34s} {'weights MiB':>11s} {'x bf16':>7s} {'saved MiB':>10s} {'x bf16':>7s} {'fwd ms':>8s} {'x bf16':>7s} {'out rel err':>11s}"
+    header = f"{'variant':40s} {'weights MiB':>11s} {'x bf16':>7s} {'saved MiB':>10s} {'x bf16':>7s} {'fwd ms':>8s} {'x bf16':>7s} {'out rel err':>11s}"
     print(header)
     for r in rows:
         print(
-            f"{r['variant']:34s} {r['weight_bytes'] / 2**20:11.1f} {r['weight_bytes'] / base_row['weight_bytes']:7.3f} "
+            f"{r['variant']:40s} {r['weight_bytes'] / 2**20:11.1f} {r['weight_bytes'] / base_row['weight_bytes']:7.3f} "
             f"{r['saved_bytes'] / 2**20:10.1f} {r['saved_bytes'] / base_row['saved_bytes']:7.3f} "
             f"{r['forward_s'] * 1e3:8.1f} {r['forward_s'] / base_row['forward_s']:7.3f} {r['error']:11.5f}"
         )
@@ -193,7 +199,7 @@ def main() -> None:
         full_rows[name] = model_bytes(model)
         summary = hookwise.casting_summary(model)
         print(
-            f"  {name:34s} {full_rows[name] / 2**30:6.2f} GiB  x{full_rows[name] / full_bytes:.3f}  "
+            f"  {name:40s} {full_rows[name] / 2**30:6.2f} GiB  x{full_rows[name] / full_bytes:.3f}  "
             f"({len(summary['cast'])} leaves cast, {len(summary['kept'])} kept)"
         )
     if args.json:

@@ -11,6 +11,7 @@ from hookwise.core import Layer, TechniqueConfig, register_technique, unregister
 from hookwise.errors import CompatibilityError, ConfigError, NoTargetError
 from hookwise.memory import LayerwiseCasting, casting_summary, saved_for_backward
 from hookwise.memory import casting as casting_mod
+from hookwise.memory import dequant as dequant_mod
 from tiny_models import TINY_DIFFUSERS, output_of, tiny_flux, tiny_musubi, tiny_wan
 
 # Output relative error bounds per storage dtype: about 3x what the tiny models measure.
@@ -78,8 +79,8 @@ def test_scaled_modes_have_lower_weight_error_than_a_plain_cast_on_real_layer_sh
         w[: out_f // 32] *= 8  # some output channels with larger weights, as trained layers have
         w = w.to(torch.bfloat16)
         for scaling in ("none", "tensor", "channel", "block"):
-            stored, scale, layout = casting_mod._quantize(w, torch.float8_e4m3fn, scaling, 64, torch.bfloat16)
-            back = casting_mod._dequantize(stored, scale, torch.float32, layout)
+            stored, scale, layout = dequant_mod.quantize(w, torch.float8_e4m3fn, scaling, 64, torch.bfloat16)
+            back = dequant_mod.dequantize(stored, scale, torch.float32, layout)
             errors[(name, scaling)] = rel_err(back, w)
     with capsys.disabled():
         print("\nfp8 e4m3fn weight relative error (Frobenius) by scaling mode:")
