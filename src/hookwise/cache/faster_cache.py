@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import HookRegistry, Layer, unwrap
+from ..core.outputs import sample_of
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
@@ -144,16 +145,6 @@ def _low_mask(spec: torch.Tensor, dims: tuple[int, ...], radius: float) -> torch
     for d, n in zip(dims, mask.shape):
         shape[d] = n
     return mask.reshape(shape)
-
-
-def _sample_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if hasattr(output, "sample"):
-        return output.sample
-    raise ConfigError(f"FasterCache: the model returned a {type(output).__name__}; expected a tensor, tuple or .sample")
 
 
 def _with_sample(output: Any, sample: torch.Tensor) -> Any:
@@ -287,17 +278,17 @@ class CfgReuseHook(CacheHook):
     @torch.compiler.disable
     def after(self, mode: str, out: Any) -> Any:
         if mode == "cond":
-            self.cond = (self._step, _sample_of(out).detach())
+            self.cond = (self._step, sample_of(out, "FasterCache").detach())
         elif mode == "uncond":
             if self._uncond_with is not None:
-                self._measure(_sample_of(out), self._uncond_with)
+                self._measure(sample_of(out, "FasterCache"), self._uncond_with)
                 self._template = out
             self._uncond_with = None
         elif mode == "batched-skip":
-            cond = _sample_of(out)
+            cond = sample_of(out, "FasterCache")
             return _with_sample(out, torch.cat([self._approximate(cond, self._t), cond]))
         elif mode == "batched":
-            uncond, cond = _sample_of(out).chunk(2)
+            uncond, cond = sample_of(out, "FasterCache").chunk(2)
             self._measure(uncond, cond)
         return out
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager, Mapping
 import torch
 from torch import nn
 
+from ..core.outputs import sample_of
 from ..core.state import branch as _branch
 from ..errors import ConfigError
 
@@ -34,16 +35,6 @@ def flow_timesteps(steps: int, shift: float = 1.0, device: Any = None) -> torch.
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     t = shift * t / (1 + (shift - 1) * t)
     return t.to(dtype=torch.float32, device=device)
-
-
-def _sample_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ConfigError(f"the model returned a {type(output).__name__}; expected a tensor, a tuple or an object with .sample")
 
 
 def _batched_kwargs(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: int) -> dict[str, Any]:
@@ -97,18 +88,18 @@ def sample(
             if not guided:
                 with branch_context(COND) if uncond is not None else contextlib.nullcontext():
                     ts = torch.full((batch,), t * timestep_scale, device=x.device)
-                    v = _sample_of(model(hidden_states=x, timestep=ts, **cond))
+                    v = sample_of(model(hidden_states=x, timestep=ts, **cond), "sampling")
             elif cfg == "batched":
                 ts = torch.full((2 * batch,), t * timestep_scale, device=x.device)
-                out = _sample_of(model(hidden_states=torch.cat([x, x]), timestep=ts, **both))
+                out = sample_of(model(hidden_states=torch.cat([x, x]), timestep=ts, **both), "sampling")
                 v_uncond, v_cond = out.chunk(2)
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             else:
                 ts = torch.full((batch,), t * timestep_scale, device=x.device)
                 with branch_context(COND):
-                    v_cond = _sample_of(model(hidden_states=x, timestep=ts, **cond))
+                    v_cond = sample_of(model(hidden_states=x, timestep=ts, **cond), "sampling")
                 with branch_context(UNCOND):
-                    v_uncond = _sample_of(model(hidden_states=x, timestep=ts, **uncond))
+                    v_uncond = sample_of(model(hidden_states=x, timestep=ts, **uncond), "sampling")
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             x = x + (t_next - t) * v.to(x.dtype)
             if callback is not None:
