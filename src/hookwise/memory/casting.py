@@ -38,7 +38,7 @@ from ..core.transaction import transaction
 from ..errors import ConfigError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
 from ..introspect.precision import REASON_ADANORM, REASON_MOD
-from .dequant import Dequantizer, Layout, dequantize, fused_available, probe_fused, quantize
+from .dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
 
 logger = logging.getLogger("hookwise.memory.casting")
 
@@ -82,10 +82,10 @@ class LayerwiseCasting(TechniqueConfig):
       memory: the model plus one layer) and a failure restores dequantized (rounded) weights.
     - `fused`: dequantize each weight with one generated kernel (`torch.compile`: Triton on CUDA,
       C++ on the CPU) instead of two eager ops: on a GPU it moves 3 bytes per weight element
-      instead of 7. The values are the same either way. None (default): on CUDA when Triton is
-      installed (the kernels are generated when casting is applied, once per process; a failure
-      falls back to eager ops with a warning); True: wherever the weights are, an error if the
-      kernels cannot be generated there; False: eager ops.
+      instead of 7. The values are the same either way. None (default): for weights computed on
+      CUDA when Triton is installed (generated at the first use, once per process; a failure falls
+      back to eager ops with a warning); True: on every device, and an error at apply time if they
+      cannot be generated where the weights are; False: eager ops.
     """
 
     storage_dtype: torch.dtype = torch.float8_e4m3fn
@@ -528,29 +528,17 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
 
 
 def _dequantizer(config: LayerwiseCasting, devices: set[torch.device], compute_dtype: torch.dtype) -> Dequantizer:
-    """Generated kernels when `config.fused` asks for them (and, for None, they can be had), else eager ops."""
-    devices = {d for d in devices if d.type != "meta"}
-    fused = config.fused
-    if fused is None:
-        fused = bool(devices) and all(fused_available(d) for d in devices)
-    if not fused:
-        return Dequantizer(False)
-    for device in devices:
-        failure = probe_fused(device, config.storage_dtype, compute_dtype, config.block_size)
-        if failure is None:
-            continue
-        if config.fused:
-            raise ConfigError(
-                f"fused=True, but the fused dequantize kernels cannot be generated on {device} ({failure}); "
-                f"install what torch.compile needs there (Triton on CUDA, a C++ compiler on the CPU) or pass "
-                f"fused=None / False for eager ops (same values)"
-            )
-        logger.warning(
-            "hookwise casting: the fused dequantize kernels cannot be generated on %s (%s); using eager ops "
-            "(same values, more memory traffic). Pass fused=False to skip the attempt", device, failure,
-        )  # fmt: skip
-        return Dequantizer(False)
-    return Dequantizer(True)
+    """The dequantizer of this application; `fused=True` first proves the kernels can be generated."""
+    if config.fused:
+        for device in sorted({d for d in devices if d.type != "meta"}, key=str):
+            failure = probe_fused(device, config.storage_dtype, compute_dtype, config.block_size)
+            if failure is not None:
+                raise ConfigError(
+                    f"fused=True, but the fused dequantize kernels cannot be generated on {device} ({failure}); "
+                    f"install what torch.compile needs there (Triton on CUDA, a C++ compiler on the CPU) or pass "
+                    f"fused=None (kernels on CUDA only) / False for eager ops (same values)"
+                )
+    return Dequantizer(config.fused)
 
 
 def _restore_leaf(module: nn.Module, hook: CastHook, original: torch.Tensor | None) -> None:
@@ -621,7 +609,8 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
         "storage_dtype": record.config.storage_dtype if record else None,
         "compute_dtype": record.compute_dtype if record else None,
         "scaling": record.config.scaling if record else None,
-        "fused": record.dequant.fused if record else None,
+        "fused": record.config.fused if record else None,  # None: generated kernels on CUDA (with Triton)
+        "fused_failed": dict(record.dequant.failed) if record else {},  # device type -> why it fell back
         "bytes_before": before,
         "bytes_after": after,
     }

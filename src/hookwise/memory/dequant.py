@@ -125,17 +125,29 @@ def _generated(fn: Callable[..., torch.Tensor], storage: torch.Tensor, dtype: to
 class Dequantizer:
     """Dequantizes the stored weights of one application of casting: generated kernels or eager ops.
 
-    With `fused`, the first failure to generate a kernel (no compiler on this machine, a backend
-    error) is logged once and the eager ops take over. Inside a graph that is being compiled, the
-    eager expression is traced instead: the surrounding compilation fuses it.
+    `fused`: True (kernels on every device), False (eager ops), None (kernels on CUDA with Triton).
+    The choice is made per call from the weight's device, so a model cast on the CPU and streamed
+    to a GPU by offloading gets the kernels where it computes. The first failure to generate a
+    kernel on a device type (no compiler there, a backend error) is logged once and the eager ops
+    take over there. Inside a graph that is being compiled, the eager expression is traced instead:
+    the surrounding compilation fuses it.
     """
 
-    def __init__(self, fused: bool) -> None:
+    def __init__(self, fused: bool | None) -> None:
         self.fused = fused
+        self.failed: dict[str, str] = {}  # device type -> why generating a kernel failed there
+        self._use: dict[str, bool] = {}
+
+    def uses_kernels(self, device: torch.device) -> bool:
+        """Whether weights on `device` are dequantized by generated kernels."""
+        use = self._use.get(device.type)
+        if use is None:
+            use = self._use[device.type] = self.fused is not False and (bool(self.fused) or fused_available(device))
+        return use
 
     def __call__(self, storage: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, layout: Layout) -> torch.Tensor:
         fn, args = _expression(storage, scale, dtype, layout)
-        if self.fused and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and self.uses_kernels(storage.device):
             # Plain tensors: dynamo keeps the shapes of Parameters static, which would defeat the
             # dynamic-shape kernels on CUDA (one compile per shape).
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -144,11 +156,13 @@ class Dequantizer:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops give the same values
-                self.fused = False
+                kind = storage.device.type
+                self._use[kind] = False
+                self.failed[kind] = f"{type(exc).__name__}: {_first_line(exc)}"
                 logger.warning(
-                    "hookwise casting: could not generate the fused dequantize kernel on %s (%s: %s); using eager "
-                    "ops (same values, more memory traffic). Pass fused=False to skip the attempt",
-                    storage.device, type(exc).__name__, _first_line(exc),
+                    "hookwise casting: could not generate the fused dequantize kernel on %s (%s); using eager ops "
+                    "there (same values, more memory traffic). Pass fused=False to skip the attempt",
+                    kind, self.failed[kind],
                 )
         return fn(*args)
 
