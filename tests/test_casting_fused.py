@@ -81,6 +81,23 @@ def test_fused_cast_model_trains_with_the_eager_values_and_gradients():
     assert casting_summary(model)["fused_failed"] == {}
 
 
+def test_fused_kernels_read_offloaded_weights_in_their_slots():
+    # Streamed groups sit at offsets of a shared uint8 slot; the kernels read those views.
+    from hookwise import Offload
+
+    model, inputs = tiny_musubi()
+    add_lora(model)
+    eager = copy.deepcopy(model)
+    hookwise.apply(eager, LayerwiseCasting(fused=False))
+    expected = fwd_bwd(eager, inputs)
+    hookwise.apply(model, LayerwiseCasting(fused=True), Offload(onload_device="cpu", granularity="block"))
+    for _ in range(2):
+        out, grads = fwd_bwd(model, inputs)
+        assert torch.equal(out, expected[0]) and all(torch.equal(grads[k], expected[1][k]) for k in expected[1])
+    assert casting_summary(model)["fused_failed"] == {}
+    assert hookwise.offload_report(model).stats["loads"] > 0
+
+
 def test_default_is_eager_off_cuda_and_compiles_nothing():
     model, inputs = tiny_musubi()
     before = compiled_frames()
