@@ -17,16 +17,12 @@ import hookwise
 from hookwise.errors import ConfigError
 from hookwise.memory import LayerwiseCasting, casting_summary
 from hookwise.memory import dequant as dequant_mod
+from cache_helpers import one_thread  # noqa: F401 - the fixture
 from offload_utils import add_lora, fwd_bwd, main_output
 from tiny_models import tiny_musubi
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compiled_frames() -> int:

@@ -16,6 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hookwise
 from hookwise import LayerwiseCasting, Offload
+from cache_helpers import one_thread  # noqa: F401 - the fixture
 from offload_utils import add_lora, assert_same, fwd_bwd, main_output, scheduler
 from tiny_models import tiny_musubi, tiny_wan
 
@@ -27,12 +28,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def strict():
