@@ -5,9 +5,10 @@ A stored weight is `storage_dtype` values plus, for the scaled modes, a scale in
 Dequantizing is `stored.to(dtype) * scale`, broadcast per mode.
 
 Eagerly that is two kernels and a compute-dtype temporary: on a GPU it moves 7 bytes per weight
-element (read 1, write 2; read 2, write 2) before the matmul reads the weight. A `Dequantizer` with
-`fused=True` runs the same expression through `torch.compile` instead: one generated kernel (Triton
-on CUDA, C++ on the CPU) that reads 1 byte and writes 2. The values are the same bit for bit (both
+element (read 1, write 2; read 2, write 2) before the matmul reads the weight. A `Dequantizer` that
+uses generated kernels (on CUDA with Triton by default, on every device with `fused=True`) runs the
+same expression through `torch.compile` instead: one kernel (Triton on CUDA, C++ on the CPU) that
+reads 1 byte and writes 2. The values are the same bit for bit (both
 round the fp32 product of an exactly representable stored value and a compute-dtype scale once),
 so the choice changes speed only.
 """
