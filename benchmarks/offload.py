@@ -39,6 +39,7 @@ import torch
 
 import hookwise
 from hookwise.memory import Offload, apply_offload, offload_report
+from hookwise.memory.offload import _offloader
 
 GiB = 2**30
 
@@ -270,6 +271,16 @@ def _hookwise_stats(model):
         return None
 
 
+def settle_reads(variants) -> None:
+    """Wait for every hookwise model's background read-ahead (the first groups of its next call, asked
+    for when a call ends) to finish, so it neither loads the disk during another variant's timed step
+    nor lands in the page cache after a cold variant's drop. The engine starts a new reader on demand."""
+    for v in variants:
+        offloader = _offloader(v.model)
+        if offloader is not None:
+            offloader.engine.close()
+
+
 def hookwise_setup(**kw):
     def setup(model):
         report = apply_offload(model, Offload(**kw))
@@ -369,6 +380,7 @@ def cpu_bench(args) -> dict:
             loads.append(os.getloadavg()[0])
             # A fresh order each round: a co-tenant's periodic load must not favour a position.
             for v in shuffle.sample(variants, len(variants)):
+                settle_reads(variants)
                 if v.cold is not None:
                     drop_page_cache(v.cold())
                 else:
