@@ -60,9 +60,7 @@ class Offload(TechniqueConfig):
       ("12GiB"). Counts resident groups, tensors that must stay resident and the prefetch slots.
     - `granularity`: "block" (tower blocks), "leaf" (Linear / Conv / Embedding) or "auto"
       (blocks when they fit the budget, else leaves).
-    - `prefetch`: True (one group ahead), False (load on demand), or how many groups ahead. Disk
-      groups the CPU computes on in place take no slot, so they are read ahead further: at least
-      1 GiB (`schedule.DIRECT_READ_AHEAD`) ahead of the compute.
+    - `prefetch`: True (one group ahead), False (load on demand), or how many groups ahead.
     - `pin`: "auto" (pin what fits under a share of RAM, stage the rest), "all", "none". CUDA only.
     - `disk_path`: folder for `offload_device="disk"` (default: ~/.cache/hookwise/offload).
     - `blocks_per_group`: consecutive tower blocks moved together at block granularity.

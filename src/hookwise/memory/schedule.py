@@ -9,8 +9,7 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
   reuses what is still there); the least recently used group that is not in use is evicted.
 - **Direct groups.** When the engine computes on a source in place (a mapped file on the CPU),
   a group has no slot: prefetching it starts an OS read-ahead, and after use its pages are
-  released (unless written). Order and counters are the same; the read-ahead reaches at least
-  `DIRECT_READ_AHEAD` bytes ahead, since it costs no slot.
+  released (unless written). Order, prefetch and counters are the same.
 - **Order.** Each forward pass records the order in which streamed groups are needed; the next
   pass prefetches along it (`depth` groups ahead). Backward records its own order and, until it has
   one, walks the forward order in reverse. A group that was not predicted loads on demand.
@@ -33,7 +32,6 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +43,6 @@ from .groups import Group
 from .transfer import HostSource, TransferEngine
 
 logger = logging.getLogger("hookwise.memory.schedule")
-
-DIRECT_READ_AHEAD = 2**30  # bytes of mapped (disk, computed in place) groups read ahead of the compute
 
 
 @dataclass
@@ -210,12 +206,6 @@ class Scheduler:
             if st.direct:
                 st.loaded_versions = _versions(st)
         copied = any(not st.direct for st in states)
-        if states and not copied and depth > 0:
-            # Every streamed group is a mapped file read in place: reading ahead costs no slot, only
-            # page cache, and a disk keeps its pace only with enough requested ahead of the compute
-            # (one group ahead left the disk idle between groups; cold steps took read + compute).
-            mean = sum(st.group.nbytes for st in states) / len(states)
-            self.depth = min(len(states), max(depth, math.ceil(DIRECT_READ_AHEAD / max(mean, 1))))
         self.slots = [Slot(i, engine.alloc_slot(slot_bytes)) for i in range(slots if copied else 0)]
         self._by_ptr = {s.ptr: s for s in self.slots}
         self.stats = Stats()
