@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import hookwise
-from hookwise.core import ModelHook, add_hook, remove_hook
+from hookwise.core import add_hook, remove_hook
+from hookwise.sampling.cache_bench import SampleCounter
 from tiny_models import TINY_DIFFUSERS, output_of, tiny_musubi
 
 COUNT = "test.count"
@@ -23,35 +24,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-class Count(ModelHook):
-    """Innermost: counts the samples that really went through a module."""
-
-    layer = 1
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def pre_forward(self, module, args, kwargs):
-        for v in (*args, *kwargs.values()):
-            if isinstance(v, torch.Tensor) and v.ndim >= 1:
-                self.n += v.shape[0]
-                break
-        return args, kwargs
-
-
-def count_blocks(model: nn.Module) -> list[Count]:
+def count_blocks(model: nn.Module) -> list[SampleCounter]:
     counters = []
     for b in (b for t in hookwise.describe(model).main_towers for b in t.blocks):
-        c = Count()
+        c = SampleCounter()
         add_hook(model.get_submodule(b.path), c, COUNT)
         counters.append(c)
     return counters
 
 
-def count_attention(model: nn.Module) -> list[Count]:
+def count_attention(model: nn.Module) -> list[SampleCounter]:
     counters = []
     for a in hookwise.describe(model).attention:
-        c = Count()
+        c = SampleCounter()
         add_hook(model.get_submodule(a.path), c, COUNT)
         counters.append(c)
     return counters

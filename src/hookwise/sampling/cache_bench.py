@@ -64,7 +64,7 @@ class RunResult:
         return out
 
 
-class _Count(ModelHook):
+class SampleCounter(ModelHook):
     """Innermost hook: counts samples that really went through a module (skipped calls never get here)."""
 
     layer = Layer.CAST - 50
@@ -293,8 +293,8 @@ def run_cache_bench(
     mmap = describe(model)
     blocks = [model.get_submodule(b.path) for b in mmap.blocks if b.path in {x.path for t in mmap.main_towers for x in t.blocks}]
     attn = [model.get_submodule(a.path) for a in mmap.attention]
-    counters = [(_Count(), m) for m in blocks]
-    attn_counters = [(_Count(), m) for m in attn]
+    counters = [(SampleCounter(), m) for m in blocks]
+    attn_counters = [(SampleCounter(), m) for m in attn]
     current_t = {"t": 1000.0}
 
     def record_t(module, args, kwargs):
