@@ -488,7 +488,8 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
     if cast_leaves(model):
         raise ConfigError("layerwise casting is already applied to this model; remove it first to change it")
     plan = plan_casting(model, config)
-    for device in {m.weight.device for m in plan.targets.values()}:
+    devices = {m.weight.device for m in plan.targets.values()}
+    for device in devices:
         if not _device_can_hold(device, config.storage_dtype):
             raise ConfigError(
                 f"device {device} cannot hold {config.storage_dtype} tensors; use storage_dtype=torch.bfloat16 or "
@@ -497,7 +498,6 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
     for path, why in plan.skipped.items():
         if why.startswith("dtype read"):
             logger.warning("hookwise casting keeps %s in high precision: %s", path, why)
-    devices = {m.weight.device for m in plan.targets.values()}
     record = CastingRecord(config, plan.compute_dtype, dict(plan.skipped), _dequantizer(config, devices, plan.compute_dtype))
     with transaction() as txn:
         for path, module in plan.targets.items():
