@@ -1,4 +1,5 @@
-"""Helpers for the step-cache tests: a denoising loop over any tiny model, block counters."""
+"""Helpers for the step-cache tests (a denoising loop over any tiny model, block counters) and for the
+tests that compile blocks one by one."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled code and dynamo's counters from other tests are dropped before and after."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def no_recompiles():
+    """Within it any recompilation raises, instead of silently growing the cache until dynamo gives up.
+    (dynamo's own config patch: a test framework's setattr / delattr on its config module can hide the
+    option for every later test.)"""
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
+def compile_blocks(model: nn.Module, **options) -> None:
+    """Compile every main-tower block on its own (regional compilation), with static shapes."""
+    for tower in hookwise.describe(model).main_towers:
+        for block in tower.blocks:
+            model.get_submodule(block.path).compile(dynamic=False, **options)
 
 
 def count_blocks(model: nn.Module) -> list[SampleCounter]:

@@ -27,23 +27,11 @@ from hookwise import (
 
 from hookwise.cache._blocks import span_controller
 
-from cache_helpers import build, denoise, one_thread  # noqa: F401
+from cache_helpers import build, compile_blocks, denoise, fresh_dynamo, no_recompiles, one_thread  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
-def strict():
-    """Within it any recompilation raises, instead of silently growing the cache until dynamo gives up.
-    (dynamo's own config patch: a test framework's setattr / delattr on its config module can hide the
-    option for every later test.)"""
-    return torch._dynamo.config.patch(error_on_recompile=True)
 
 CASES = {
     "first_block": ("musubi", [FirstBlockCache(threshold=0.3)]),
@@ -67,14 +55,12 @@ def test_compiled_blocks_do_not_recompile_from_step_to_step(case):
     expected = denoise(eager, name, inputs, steps=8)
 
     counter = CompileCounter()
-    for tower in hookwise.describe(model).main_towers:
-        for block in tower.blocks:
-            model.get_submodule(block.path).compile(backend=counter, dynamic=False)
+    compile_blocks(model, backend=counter)
     hookwise.apply(model, *configs)
     frames = []
     denoise(model, name, inputs, steps=8, record=frames)
     after_first_run = counter.frame_count
-    with strict():
+    with no_recompiles():
         second = denoise(model, name, inputs, steps=8)  # a new run: state resets, same graphs
     assert counter.frame_count == after_first_run > 0
     if name == "musubi":  # block caches: one graph per block class (double, single), shared by its blocks
@@ -86,9 +72,7 @@ def test_compiled_blocks_do_not_recompile_from_step_to_step(case):
 def test_frames_stop_growing_after_the_first_steps_of_a_run():
     model, inputs = build("musubi")
     counter = CompileCounter()
-    for tower in hookwise.describe(model).main_towers:
-        for block in tower.blocks:
-            model.get_submodule(block.path).compile(backend=counter, dynamic=False)
+    compile_blocks(model, backend=counter)
     hookwise.apply(model, DualBlockCache(threshold=0.3, warmup=1, max_cached=2))
 
     class FrameCounts(list):  # denoise() appends each step's prediction; keep the frame count instead

@@ -17,7 +17,7 @@ import hookwise
 from hookwise.errors import ConfigError
 from hookwise.memory import LayerwiseCasting, casting_summary
 from hookwise.memory import dequant as dequant_mod
-from cache_helpers import one_thread  # noqa: F401 - the fixture
+from cache_helpers import compile_blocks, one_thread  # noqa: F401 - the fixture
 from offload_utils import add_lora, fwd_bwd, main_output
 from tiny_models import tiny_musubi
 
@@ -154,9 +154,7 @@ def test_fused_under_compiled_blocks_matches_eager():
     hookwise.apply(eager, LayerwiseCasting(fused=False))
     expected = fwd_bwd(eager, inputs)
     counter = CompileCounterWithBackend("aot_eager")
-    for tower in hookwise.describe(model).main_towers:
-        for block in tower.blocks:
-            model.get_submodule(block.path).compile(backend=counter, dynamic=False)
+    compile_blocks(model, backend=counter)
     hookwise.apply(model, LayerwiseCasting(fused=True))
     out, grads = fwd_bwd(model, inputs)
     assert counter.frame_count > 0  # the blocks' graphs hold the traced expression

@@ -16,30 +16,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hookwise
 from hookwise import LayerwiseCasting, Offload
-from cache_helpers import one_thread  # noqa: F401 - the fixture
+from cache_helpers import compile_blocks, fresh_dynamo, no_recompiles, one_thread  # noqa: F401 - fixtures
 from offload_utils import add_lora, assert_same, fwd_bwd, main_output, scheduler
 from tiny_models import tiny_musubi, tiny_wan
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def strict():
-    """Any recompilation raises (dynamo's own config patch, so the option is restored afterwards)."""
-    return torch._dynamo.config.patch(error_on_recompile=True)
-
-
-def compile_blocks(model, backend) -> None:
-    for tower in hookwise.describe(model).main_towers:
-        for block in tower.blocks:
-            model.get_submodule(block.path).compile(backend=backend, dynamic=False)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 def sample(model, inputs) -> torch.Tensor:
@@ -61,13 +43,13 @@ def test_compiled_blocks_on_streamed_weights_train_and_sample_exactly_without_re
     expected_step, expected_sample = fwd_bwd(plain, inputs), sample(plain, inputs)
 
     counter = CompileCounterWithBackend("aot_eager")
-    compile_blocks(model, counter)
+    compile_blocks(model, backend=counter)
     hookwise.apply(model, offload(tmp_path, where))
     assert_same(fwd_bwd(model, inputs), expected_step)  # compiles (with gradients) and records the order
     assert torch.equal(sample(model, inputs), expected_sample)  # compiles without gradients
     compiled = counter.frame_count
     assert compiled > 0
-    with strict():
+    with no_recompiles():
         for _ in range(2):
             assert_same(fwd_bwd(model, inputs), expected_step)
             assert torch.equal(sample(model, inputs), expected_sample)
@@ -86,11 +68,11 @@ def test_fp8_casting_offload_lora_and_compiled_blocks_stack(tmp_path):
     expected = fwd_bwd(eager, inputs)
 
     counter = CompileCounterWithBackend("aot_eager")
-    compile_blocks(model, counter)
+    compile_blocks(model, backend=counter)
     hookwise.apply(model, LayerwiseCasting(storage_dtype=torch.float8_e4m3fn), Offload(onload_device="cpu"))
     assert_same(fwd_bwd(model, inputs), expected)
     compiled = counter.frame_count
-    with strict():
+    with no_recompiles():
         assert_same(fwd_bwd(model, inputs), expected)
     assert counter.frame_count == compiled > 0
     hookwise.remove(model)
@@ -103,7 +85,7 @@ def test_leaf_offload_under_compiled_blocks_is_exact(tmp_path):
     model, inputs = tiny_musubi()
     add_lora(model)
     expected = fwd_bwd(copy.deepcopy(model), inputs)
-    compile_blocks(model, CompileCounterWithBackend("aot_eager"))
+    compile_blocks(model, backend=CompileCounterWithBackend("aot_eager"))
     hookwise.apply(model, offload(tmp_path, "cpu", "leaf"))
     for _ in range(2):
         assert_same(fwd_bwd(model, inputs), expected)

@@ -14,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hookwise.memory import ComponentOffload, Offload, apply_component_offload, apply_offload, offload_report
 from hookwise.memory import components_on_device, remove_offload
+from cache_helpers import compile_blocks
 from offload_utils import add_lora, assert_same, fwd_bwd, main_output, scheduler
 from tiny_models import MusubiDiT, mlp, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
 
@@ -215,17 +216,13 @@ def test_full_finetune_with_offload_trainable_on_cuda():
 
 def test_inductor_compiled_blocks_on_streamed_cuda_weights_match_resident_compiled_blocks():
     # Both models run the same inductor kernels; only where the weights come from differs.
-    import hookwise
-
     torch._dynamo.reset()
     model, inputs = tiny_musubi()
     add_lora(model)
     resident = copy.deepcopy(model).cuda()
     inputs = cuda_inputs(inputs)
     for m in (resident, model):
-        for tower in hookwise.describe(m).main_towers:
-            for block in tower.blocks:
-                m.get_submodule(block.path).compile(dynamic=False)
+        compile_blocks(m)
     expected = fwd_bwd(resident, inputs)
     apply_offload(model, Offload(onload_device="cuda", granularity="block"))
     for _ in range(3):
