@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
@@ -279,31 +278,3 @@ class CacheHook(ModelHook):
 
     layer = Layer.CACHE
     stateful = True
-
-
-def check_fraction(name: str, value: float, *, allow_zero: bool = True) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        extra = " or None" if optional else ""
-        raise ConfigError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-
-
-def check_range(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        or value[0] > value[1]
-    ):
-        raise ConfigError(f"{name} must be a (low, high) pair of timesteps with low <= high, or None; got {value!r}")
-

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_fraction, check_int, check_range
 from ..core.hooks import HookRegistry, Layer, unwrap
 from ..core.outputs import sample_of
 from ..core.techniques import register_technique
@@ -33,9 +33,6 @@ from ..introspect.model_map import describe
 from ._attention import IntervalRule, ModuleBranch, attach_module_hooks, attention_kind, computes_at, detach_module_hooks, in_window
 from ._runtime import (
     CacheHook,
-    check_fraction,
-    check_int,
-    check_range,
     hook_name,
     host_values,
     logger,

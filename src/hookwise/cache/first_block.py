@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ._blocks import ResidualDiffPolicy, install_span, uninstall_span
-from ._runtime import check_fraction, check_int
 
 NAME = "first_block_cache"
 BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache")

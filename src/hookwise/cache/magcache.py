@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ._blocks import AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
-from ._runtime import check_fraction, check_int, logger, resolved_step
+from ._runtime import logger, resolved_step
 from .first_block import BLOCK_CACHES
 
 NAME = "magcache"

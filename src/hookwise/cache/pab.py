@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_int, check_range
 from ..core.hooks import Layer, unwrap
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
 from ._attention import IntervalRule, attach_module_hooks, attention_kind, detach_module_hooks
-from ._runtime import check_int, check_range
 
 NAME = "pab"
 

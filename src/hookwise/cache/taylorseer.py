@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..core.transaction import current_transaction
@@ -27,7 +27,7 @@ from ._blocks import IntervalPolicy, Predictor, TaylorPredictor, install_span, s
 from ..core.hooks import unwrap
 from ..introspect.model_map import describe
 from ._attention import ModuleBranch, Rule, _map_output, attach_module_hooks, detach_module_hooks
-from ._runtime import check_int, logger
+from ._runtime import logger
 
 NAME = "taylorseer"
 DEFAULT_INTERVAL = 3

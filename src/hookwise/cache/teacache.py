@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.config import TechniqueConfig
+from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ._blocks import Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
-from ._runtime import check_fraction, check_int, host_values, logger, rel_l1, tensor_inputs
+from ._runtime import host_values, logger, rel_l1, tensor_inputs
 from .first_block import BLOCK_CACHES
 
 NAME = "teacache"

@@ -3,13 +3,15 @@
 A config subclass is a `@dataclass(frozen=True)` that overrides `validate()` to raise `ConfigError`
 with a message naming the field, the bad value and what would work. `to_dict()` gives JSON-safe
 values (dtypes as names, tuples as lists) tagged with the technique name; `from_dict()` reverses it
-using the field annotations.
+using the field annotations. The `check_*` validators give every config the same wording for the
+common field kinds (counts, non-negative numbers, timestep windows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, ClassVar
@@ -122,3 +124,35 @@ def _decode(value: Any, hint: Any, field: str) -> Any:
             except ValueError:
                 pass
     return value
+
+
+# ---- validators for `validate()`: each raises `ConfigError` naming the field, the value and what works ----
+def check_fraction(name: str, value: float, *, allow_zero: bool = True) -> None:
+    """A number >= 0 (> 0 with `allow_zero=False`); despite the name, not bounded above."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    """An integer (not a bool) >= `minimum`; None too with `optional=True`."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        extra = " or None" if optional else ""
+        raise ConfigError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+def check_range(name: str, value: Any) -> None:
+    """None, or a (low, high) pair of numbers with low <= high (a timestep window)."""
+    if value is None:
+        return
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or value[0] > value[1]
+    ):
+        raise ConfigError(f"{name} must be a (low, high) pair of timesteps with low <= high, or None; got {value!r}")
+
