@@ -221,7 +221,7 @@ def test_taylorseer_combines_with_a_block_cache_and_comes_off_cleanly():
 
 
 def test_taylorseer_on_attention_extrapolates_by_backward_differences():
-    from hookwise.cache._attention import ModuleBranch
+    from hookwise.cache._reuse import ModuleBranch
     from hookwise.cache.taylorseer import TaylorRule, taylor_schedule
 
     st1 = ModuleBranch(outputs=[torch.tensor([3.0]), torch.tensor([9.0])], steps=[2, 4])

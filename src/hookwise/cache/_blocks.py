@@ -31,26 +31,44 @@ from torch import nn
 
 from ..core.hooks import remove_hook, unwrap
 from ..core.state import RUN_STATE_HOOK, RunState, get_run_state
-from ..errors import CompatibilityError, ConfigError
-from ._runtime import (
+from ..errors import CompatibilityError, ConfigError, NoTargetError
+from ..introspect.model_map import ModelMap, describe
+from ._state import (
     BranchStore,
     CacheHook,
-    StreamMap,
     add_cache_hook,
     find_hooks,
-    identity_output,
-    infer_stream_map,
-    input_of,
+    host_values,
     logger,
-    main_blocks,
     remove_cache_hooks,
+    resolved_step,
     run_state,
-    tensor_inputs,
-    tower_of,
 )
+from ._streams import StreamMap, identity_output, infer_stream_map, input_of, rel_l1, tensor_inputs
+
+# The block caches: each one drives a span controller, so at most one of them per model.
+BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache")
 
 
 RUN = object()  # `before()` says: run the block
+# ---- targets --------------------------------------------------------------------------------------
+def main_blocks(model: nn.Module, technique: str) -> tuple[ModelMap, list[tuple[str, nn.Module]]]:
+    """The main towers' blocks of `model` in call order, from the model map. Raises when there are none."""
+    model = unwrap(model)
+    model_map = describe(model)
+    blocks = [(b.path, model.get_submodule(b.path)) for t in model_map.main_towers for b in t.blocks]
+    if not blocks:
+        raise NoTargetError(
+            f"{technique}: {type(model).__name__} has no tower of repeated blocks "
+            f"({'; '.join(model_map.notes) or 'nothing found'}), so a block cache has nothing to skip; "
+            f"check `hookwise.describe(model)` or use an attention-level cache"
+        )
+    return model_map, blocks
+
+
+def tower_of(model_map: ModelMap) -> dict[str, str]:
+    """Block path -> name of its tower."""
+    return {b.path: t.name for t in model_map.main_towers for b in t.blocks}
 
 
 # ---- per-branch state -----------------------------------------------------------------------------
@@ -158,14 +176,10 @@ class AlwaysCompute(Policy):
     """Never skips (calibration runs)."""
 
     def after_head(self, ctrl, call, residual):
-        from ._runtime import host_values
-
         host_values(ctrl.state)
         return True
 
     def before_first(self, ctrl, call, args, kwargs):
-        from ._runtime import resolved_step
-
         resolved_step(ctrl.state)
         return True
 
@@ -182,8 +196,6 @@ class ResidualDiffPolicy(Policy):
         self.threshold, self.warmup, self.max_cached = threshold, warmup, max_cached
 
     def after_head(self, ctrl, call, residual):
-        from ._runtime import host_values, rel_l1
-
         st = ctrl.store.get(call.branch)
         prev = st.head_prev
         comparable = (
@@ -217,13 +229,9 @@ class IntervalPolicy(Policy):
         self.interval, self.warmup = interval, warmup
 
     def after_head(self, ctrl, call, residual):
-        from ._runtime import resolved_step
-
         return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
     def before_first(self, ctrl, call, args, kwargs):
-        from ._runtime import resolved_step
-
         return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
 
@@ -263,7 +271,7 @@ class SpanController:
     ) -> None:
         self.technique = technique
         self.model = model
-        mmap, blocks = main_blocks(model, technique)
+        model_map, blocks = main_blocks(model, technique)
         n = len(blocks)
         if front + back >= n:
             raise ConfigError(
@@ -274,7 +282,7 @@ class SpanController:
         self.modules = [m for _, m in blocks]
         self.front, self.back, self.n = front, back, n
         self.tail_start = n - back
-        towers = tower_of(mmap)
+        towers = tower_of(model_map)
         # Segments: maximal runs of middle blocks in one tower.
         self.seg_of: dict[int, int] = {}
         self.seg_first: list[int] = []

@@ -15,8 +15,7 @@ from torch import nn
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
-from ._blocks import ResidualDiffPolicy, install_span, uninstall_span
-from .first_block import BLOCK_CACHES
+from ._blocks import BLOCK_CACHES, ResidualDiffPolicy, install_span, uninstall_span
 
 NAME = "dual_block_cache"
 

@@ -30,16 +30,9 @@ from ..core.outputs import sample_of
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
-from ._attention import IntervalRule, ModuleBranch, attach_module_hooks, attention_kind, computes_at, detach_module_hooks, in_window
-from ._runtime import (
-    CacheHook,
-    hook_name,
-    host_values,
-    logger,
-    resolved_step,
-    run_state,
-    step_timestep_1000,
-)
+from ._reuse import IntervalRule, ModuleBranch, attach_module_hooks, attention_kind, computes_at, detach_module_hooks, in_window
+from ._state import CacheHook, hook_name, host_values, logger, resolved_step, run_state, step_timestep_1000
+from ._streams import map_output
 
 NAME = "faster_cache"
 
@@ -102,10 +95,8 @@ class ExtrapolateRule(IntervalRule):
         self.weight = weight
 
     def answer(self, st: ModuleBranch, step: int, t1000: float | None) -> Any:
-        from ._attention import _map_output
-
         w = self.weight
-        return _map_output(lambda o2, o1: o1 + (o1 - o2) * w, st.outputs[0], st.outputs[1])
+        return map_output(lambda o2, o1: o1 + (o1 - o2) * w, st.outputs[0], st.outputs[1])
 
 
 # ---- frequency bands ------------------------------------------------------------------------------

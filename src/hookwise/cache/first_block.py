@@ -15,10 +15,9 @@ from torch import nn
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
-from ._blocks import ResidualDiffPolicy, install_span, uninstall_span
+from ._blocks import BLOCK_CACHES, ResidualDiffPolicy, install_span, uninstall_span
 
 NAME = "first_block_cache"
-BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache")
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,9 @@ from ..core.config import TechniqueConfig
 from ..core.hooks import Layer, ModelHook, unwrap
 from ..core.techniques import register_technique
 from ..errors import ConfigError, NoTargetError
-from ._runtime import (
-    StreamMap,
-    add_cache_hook,
-    identity_output,
-    infer_stream_map,
-    main_blocks,
-    remove_cache_hooks,
-    resolved_step,
-    run_state,
-)
-from ._attention import _map_output
+from ._blocks import main_blocks
+from ._state import add_cache_hook, remove_cache_hooks, resolved_step, run_state
+from ._streams import StreamMap, identity_output, infer_stream_map, map_output
 
 NAME = "layer_skip"
 RUN, LEARN = object(), object()
@@ -99,21 +91,21 @@ class SkipHook(ModelHook):
             return LEARN
         self.skipped += 1
         if self.zeros:
-            return _map_output(lambda t: torch.zeros_like(t), self.template)
+            return map_output(lambda t: torch.zeros_like(t), self.template)
         return identity_output(self.smap, args, kwargs, None)
 
     @torch.compiler.disable
     def learn(self, args: tuple, kwargs: dict, out: Any) -> Any:
         """The first skipped call runs once to learn the output's structure, then answers as skipped."""
         if self.zeros:
-            self.template = _map_output(lambda t: torch.zeros_like(t), out)
+            self.template = map_output(lambda t: torch.zeros_like(t), out)
         else:
             self.smap = infer_stream_map(self.where, args, kwargs, out)
         return self.before(args, kwargs)
 
 
 def _targets(model: nn.Module, config: LayerSkip) -> list[tuple[str, nn.Module]]:
-    mmap, blocks = main_blocks(model, NAME)
+    model_map, blocks = main_blocks(model, NAME)
     n = len(blocks)
     bad = [i for i in config.blocks if not -n <= i < n]
     if bad:
@@ -121,7 +113,7 @@ def _targets(model: nn.Module, config: LayerSkip) -> list[tuple[str, nn.Module]]
     chosen = [blocks[i % n] for i in config.blocks]
     if config.what == "block":
         return chosen
-    roles = mmap.attention if config.what == "attention" else mmap.ffn
+    roles = model_map.attention if config.what == "attention" else model_map.ffn
     paths = {p for p, _ in chosen}
     out = [(r.path, model.get_submodule(r.path)) for r in roles if r.block in paths]
     if not out:

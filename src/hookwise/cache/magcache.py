@@ -20,9 +20,8 @@ from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
-from ._blocks import AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
-from ._runtime import logger, resolved_step
-from .first_block import BLOCK_CACHES
+from ._blocks import BLOCK_CACHES, AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._state import logger, resolved_step
 
 NAME = "magcache"
 

@@ -18,7 +18,7 @@ from ..core.hooks import Layer, unwrap
 from ..core.techniques import register_technique
 from ..errors import ConfigError
 from ..introspect.model_map import describe
-from ._attention import IntervalRule, attach_module_hooks, attention_kind, detach_module_hooks
+from ._reuse import IntervalRule, attach_module_hooks, attention_kind, detach_module_hooks
 
 NAME = "pab"
 

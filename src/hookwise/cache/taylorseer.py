@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_int
-from ..core.hooks import Layer
+from ..core.hooks import Layer, unwrap
 from ..core.techniques import register_technique
 from ..core.transaction import current_transaction
 from ..errors import ConfigError
-from ._blocks import IntervalPolicy, Predictor, TaylorPredictor, install_span, span_controller, taylor_schedule, uninstall_span
-from ..core.hooks import unwrap
 from ..introspect.model_map import describe
-from ._attention import ModuleBranch, Rule, _map_output, attach_module_hooks, detach_module_hooks
-from ._runtime import logger
+from ._blocks import IntervalPolicy, Predictor, TaylorPredictor, install_span, span_controller, taylor_schedule, uninstall_span
+from ._reuse import ModuleBranch, Rule, attach_module_hooks, detach_module_hooks
+from ._state import logger
+from ._streams import map_output
 
 NAME = "taylorseer"
 DEFAULT_INTERVAL = 3
@@ -89,7 +89,7 @@ class TaylorRule(Rule):
                 value = value + terms[k] * (d**k / math.factorial(k))
             return value.to(ys[-1].dtype)
 
-        return _map_output(expand, *st.outputs)
+        return map_output(expand, *st.outputs)
 
 
 def apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:

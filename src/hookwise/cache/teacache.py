@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +23,9 @@ from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
-from ._blocks import Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
-from ._runtime import host_values, logger, rel_l1, tensor_inputs
-from .first_block import BLOCK_CACHES
+from ._blocks import BLOCK_CACHES, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._state import host_values, logger
+from ._streams import rel_l1, tensor_inputs
 
 NAME = "teacache"
 
@@ -145,8 +146,6 @@ def calibrate_teacache(model: nn.Module, run: Callable[[], Any], degree: int = 2
     Nothing is skipped. Returns a `TeaCache` with the fitted `coefficients` and `settings`
     (threshold, warmup, max_cached). Remove any block cache first.
     """
-    import numpy as np
-
     check_int("calibrate_teacache degree", degree, 1)
     recorder = _TeaRecorder()
     calibration_run("calibrate_teacache", model, run, recorder, recorder)

@@ -1,4 +1,4 @@
-"""The module-output engine behind the attention caches (Pyramid Attention Broadcast, FasterCache).
+"""The module-output reuse engine behind the attention caches (PAB, FasterCache, TaylorSeer on attention).
 
 A hook on each target module (attention modules from the model map, by kind) keeps, per CFG
 branch, the module's last computed outputs. On each call a `Rule` says whether to compute or to
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.hooks import HookRegistry
 from ..errors import CompatibilityError, NoTargetError
-from ._runtime import (
+from ._state import (
     BranchStore,
     CacheHook,
     add_cache_hook,
@@ -26,6 +26,7 @@ from ._runtime import (
     run_state,
     step_timestep_1000,
 )
+from ._streams import map_output
 
 RUN = object()  # `before()` says: run the module
 
@@ -47,20 +48,6 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
     return tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)) + tuple(
         (k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)
     )
-
-
-def _map_output(fn: Callable[..., torch.Tensor], *outputs: Any) -> Any:
-    """Apply `fn` elementwise over matching tensor outputs (a tensor or a tuple of tensors)."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return fn(*outputs)
-    if isinstance(first, (tuple, list)):
-        items = [
-            _map_output(fn, *parts) if isinstance(parts[0], (torch.Tensor, tuple, list)) else parts[0]
-            for parts in zip(*outputs)
-        ]
-        return type(first)(items)
-    return first
 
 
 class Rule:
@@ -128,7 +115,7 @@ class ModuleReuseHook(CacheHook):
             st.outputs.clear()
             st.steps.clear()
         st.signature = signature
-        st.outputs.append(_map_output(lambda t: t.detach(), out))
+        st.outputs.append(map_output(lambda t: t.detach(), out))
         st.steps.append(step)
         if len(st.outputs) > self.rule.keep:
             del st.outputs[0], st.steps[0]
