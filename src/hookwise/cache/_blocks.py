@@ -76,14 +76,14 @@ def tower_of(model_map: ModelMap) -> dict[str, str]:
 class SpanBranch:
     """What a span cache remembers on one CFG branch during one sampling run."""
 
+    policy: Any  # the policy's own state (`Policy.new_policy_state()`)
+    predictor: Any  # the predictor's own state (`Predictor.new_predictor_state()`)
     head_prev: list[torch.Tensor] | None = None  # head residual at the last computed step
     head_shapes: tuple | None = None  # shapes of the head inputs at the last computed step
     consecutive: int = 0  # cached steps in a row
     computed: int = 0
     cached: int = 0
     extra: dict[int, list[Any]] = field(default_factory=dict)  # non-stream outputs of computed blocks
-    predictor: dict[str, Any] = field(default_factory=dict)  # the predictor's own state
-    policy: dict[str, Any] = field(default_factory=dict)  # the policy's own state
 
 
 @dataclass
@@ -99,19 +99,38 @@ class Call:
 
 
 # ---- predictors -----------------------------------------------------------------------------------
+@dataclass
+class Residuals:
+    """The reuse predictor's state: each segment's residual at its last computed step."""
+
+    by_segment: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
+
+
+@dataclass
+class TaylorFactors:
+    """The Taylor predictor's state, per segment: the expansion terms of each stream and their step."""
+
+    by_segment: dict[int, list[list[torch.Tensor] | None]] = field(default_factory=dict)
+    step: dict[int, int] = field(default_factory=dict)
+
+
 class Predictor:
     """Supplies a skipped segment's residual. `order` 0 reuses the last computed residual."""
 
     name = "reuse"
 
-    def update(self, st: SpanBranch, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
-        st.predictor.setdefault("res", {})[seg] = residual
+    def new_predictor_state(self) -> Any:
+        """A fresh state for one branch (at each run, and when the inputs change shape)."""
+        return Residuals()
 
-    def ready(self, st: SpanBranch, segments: int) -> bool:
-        return len(st.predictor.get("res", {})) == segments
+    def update(self, memory: Residuals, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        memory.by_segment[seg] = residual
 
-    def predict(self, st: SpanBranch, seg: int, step: int) -> list[torch.Tensor | None]:
-        return st.predictor["res"][seg]
+    def ready(self, memory: Residuals, segments: int) -> bool:
+        return len(memory.by_segment) == segments
+
+    def predict(self, memory: Residuals, seg: int, step: int) -> list[torch.Tensor | None]:
+        return memory.by_segment[seg]
 
 
 class TaylorPredictor(Predictor):
@@ -123,10 +142,12 @@ class TaylorPredictor(Predictor):
     def __init__(self, order: int) -> None:
         self.order = order
 
-    def update(self, st: SpanBranch, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
-        factors = st.predictor.setdefault("factors", {})
-        last = st.predictor.setdefault("last", {})
-        prev = factors.get(seg)
+    def new_predictor_state(self) -> TaylorFactors:
+        return TaylorFactors()
+
+    def update(self, memory: TaylorFactors, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        prev = memory.by_segment.get(seg)
+        last = memory.step.get(seg)
         new: list[list[torch.Tensor] | None] = []
         for k, r in enumerate(residual):
             if r is None:
@@ -134,22 +155,21 @@ class TaylorPredictor(Predictor):
                 continue
             terms = [r]
             old = prev[k] if prev is not None else None
-            if old is not None and seg in last and step > last[seg] and old[0].shape == r.shape:
-                delta = step - last[seg]
+            if old is not None and last is not None and step > last and old[0].shape == r.shape:
+                delta = step - last
                 for j in range(min(self.order, len(old))):
                     terms.append((terms[j] - old[j]) / delta)
             new.append(terms)
-        factors[seg] = new
-        last[seg] = step
+        memory.by_segment[seg] = new
+        memory.step[seg] = step
 
-    def ready(self, st: SpanBranch, segments: int) -> bool:
-        return len(st.predictor.get("factors", {})) == segments
+    def ready(self, memory: TaylorFactors, segments: int) -> bool:
+        return len(memory.by_segment) == segments
 
-    def predict(self, st: SpanBranch, seg: int, step: int) -> list[torch.Tensor | None]:
-        factors = st.predictor["factors"][seg]
-        d = step - st.predictor["last"][seg]
+    def predict(self, memory: TaylorFactors, seg: int, step: int) -> list[torch.Tensor | None]:
+        d = step - memory.step[seg]
         out: list[torch.Tensor | None] = []
-        for terms in factors:
+        for terms in memory.by_segment[seg]:
             if terms is None:
                 out.append(None)
                 continue
@@ -162,26 +182,36 @@ class TaylorPredictor(Predictor):
 
 # ---- policies -------------------------------------------------------------------------------------
 class Policy:
-    """Decides whether the middle runs. `front` > 0: `after_head`; `front` == 0: `before_first`."""
+    """Decides whether the middle runs. `front` > 0: `after_head`; `front` == 0: `before_first`.
+
+    The base policy never skips; it still resolves a pending timestep, so the run state advances
+    exactly as under a skipping policy. Subclasses override the decision point they use.
+    """
+
+    def new_policy_state(self) -> Any:
+        """A fresh state for one branch (at each run, and when the inputs change shape); None: stateless."""
+        return None
 
     def after_head(self, ctrl: SpanController, call: Call, residual: list[torch.Tensor]) -> bool:
-        raise NotImplementedError
-
-    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
-        """Decide before the first block runs, from the step or from the first block's inputs."""
-        raise NotImplementedError
-
-
-class AlwaysCompute(Policy):
-    """Never skips (calibration runs)."""
-
-    def after_head(self, ctrl, call, residual):
+        """Decide after the head blocks ran, from the head's residual."""
         host_values(ctrl.state)
         return True
 
-    def before_first(self, ctrl, call, args, kwargs):
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        """Decide before the first block runs, from the step or from the first block's inputs."""
         resolved_step(ctrl.state)
         return True
+
+
+class AlwaysCompute(Policy):
+    """Never skips (calibration runs): the base policy, by name."""
+
+
+@dataclass
+class ResidualDiffState:
+    """`ResidualDiffPolicy`'s state: the last change it compared with its threshold."""
+
+    last_diff: float | None = None
 
 
 class ResidualDiffPolicy(Policy):
@@ -195,7 +225,10 @@ class ResidualDiffPolicy(Policy):
     def __init__(self, threshold: float, warmup: int = 0, max_cached: int | None = None) -> None:
         self.threshold, self.warmup, self.max_cached = threshold, warmup, max_cached
 
-    def after_head(self, ctrl, call, residual):
+    def new_policy_state(self) -> ResidualDiffState:
+        return ResidualDiffState()
+
+    def after_head(self, ctrl: SpanController, call: Call, residual: list[torch.Tensor]) -> bool:
         st = ctrl.store.get(call.branch)
         prev = st.head_prev
         comparable = (
@@ -212,7 +245,7 @@ class ResidualDiffPolicy(Policy):
             return True
         if self.max_cached is not None and st.consecutive >= self.max_cached:
             return True
-        st.policy["last_diff"] = host[0]
+        st.policy.last_diff = host[0]
         return host[0] >= self.threshold
 
 
@@ -228,10 +261,10 @@ class IntervalPolicy(Policy):
     def __init__(self, interval: int, warmup: int = 0) -> None:
         self.interval, self.warmup = interval, warmup
 
-    def after_head(self, ctrl, call, residual):
+    def after_head(self, ctrl: SpanController, call: Call, residual: list[torch.Tensor]) -> bool:
         return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
-    def before_first(self, ctrl, call, args, kwargs):
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
         return taylor_schedule(resolved_step(ctrl.state), self.interval, self.warmup)
 
 
@@ -295,7 +328,7 @@ class SpanController:
             self.seg_last[-1] = i
         self.policy = policy
         self.predictor = predictor or Predictor()
-        self.store: BranchStore[SpanBranch] = BranchStore(SpanBranch)
+        self.store: BranchStore[SpanBranch] = BranchStore(self._new_branch)
         self.maps: dict[int, StreamMap] = {}
         self.call: Call | None = None
         self.state: RunState = run_state(model)
@@ -318,6 +351,10 @@ class SpanController:
         if self.call is not None:
             self.call.head_in = None
             self.call.seg_in.clear()
+
+    def _new_branch(self) -> SpanBranch:
+        # Read at each new branch state: TaylorSeer may replace the predictor before the first call.
+        return SpanBranch(policy=self.policy.new_policy_state(), predictor=self.predictor.new_predictor_state())
 
     @property
     def segments(self) -> int:
@@ -353,7 +390,7 @@ class SpanController:
         smap = self.maps[i]
         if i != self.seg_last[seg]:
             return identity_output(smap, args, kwargs, st.extra.get(i))
-        predicted = self.predictor.predict(st, seg, self.state.step)
+        predicted = self.predictor.predict(st.predictor, seg, self.state.step)
         values = []
         cached = st.extra.get(i)
         for k, key in enumerate(smap.slots):
@@ -393,13 +430,13 @@ class SpanController:
                     (v - b).detach() if k is not None and b is not None and b.shape == v.shape else None
                     for k, v, b in zip(smap.slots, values, before)
                 ]
-                self.predictor.update(self.branch_state(), seg, residual, self.state.step)
+                self.predictor.update(self.branch_state().predictor, seg, residual, self.state.step)
         return out
 
     # ---- decisions ------------------------------------------------------------------------------
     def _can_skip(self, st: SpanBranch) -> bool:
         return bool(self.maps) and all(i in self.maps for i in range(self.front, self.tail_start)) and (
-            self.predictor.ready(st, self.segments)
+            self.predictor.ready(st.predictor, self.segments)
         )
 
     def _finish_decision(self, call: Call, compute: bool) -> bool:
@@ -431,7 +468,7 @@ class SpanController:
         st = self.store.get(call.branch)
         if st.head_shapes is not None and st.head_shapes != shapes:
             st.head_prev = None  # the input changed shape: nothing cached applies
-            st.predictor.clear()
+            st.predictor = self.predictor.new_predictor_state()
         compute = self._finish_decision(call, self.policy.after_head(self, call, residual))
         st = self.store.get(call.branch)  # the policy's sync may have started a new run
         st.head_shapes = shapes
@@ -443,8 +480,8 @@ class SpanController:
         shapes = tuple(tuple(x.shape) for x in tensor_inputs(args, kwargs).values())
         st = self.store.get(call.branch)
         if st.head_shapes is not None and st.head_shapes != shapes:
-            st.predictor.clear()  # the inputs changed shape: nothing cached applies
-            st.policy.clear()
+            st.predictor = self.predictor.new_predictor_state()  # the inputs changed shape: nothing cached applies
+            st.policy = self.policy.new_policy_state()
         st.head_shapes = shapes
         self._finish_decision(call, self.policy.before_first(self, call, args, kwargs))
 

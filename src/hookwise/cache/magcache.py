@@ -14,13 +14,25 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
-from ._blocks import BLOCK_CACHES, AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._blocks import (
+    BLOCK_CACHES,
+    AlwaysCompute,
+    Call,
+    Policy,
+    Predictor,
+    Residuals,
+    SpanController,
+    calibration_run,
+    install_span,
+    uninstall_span,
+)
 from ._state import logger, resolved_step
 
 NAME = "magcache"
@@ -81,30 +93,42 @@ def resample_ratios(ratios: tuple[float, ...], steps: int) -> list[float]:
     return [1.0] + [math.exp(values[i] - values[i - 1]) for i in range(1, steps)]
 
 
+@dataclass
+class MagState:
+    """`MagPolicy`'s state on one branch: what has accumulated since the last computed step."""
+
+    ratio: float = 1.0  # product of the skipped steps' ratios
+    steps: int = 0  # skipped steps
+    err: float = 0.0  # accumulated error, sum |1 - ratio|
+
+
 class MagPolicy(Policy):
+    """Skips while the accumulated error of the calibrated ratios stays below the threshold (decides before
+    the first block: MagCache spans every main block)."""
+
     def __init__(self, config: MagCache) -> None:
         self.config = config
         self.steps = config.num_steps or len(config.ratios)
         self.ratios = resample_ratios(config.ratios, self.steps)
         self.keep = int(config.retention * self.steps + 0.5)
 
-    def before_first(self, ctrl, call, args, kwargs):
+    def new_policy_state(self) -> MagState:
+        return MagState()
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
         step = resolved_step(ctrl.state)
-        st = ctrl.store.get(call.branch).policy
+        st: MagState = ctrl.store.get(call.branch).policy
         if step < self.keep:
             return True
         ratio = self.ratios[step] if step < len(self.ratios) else 1.0
-        acc_ratio = st.get("ratio", 1.0) * ratio
-        acc_steps = st.get("steps", 0) + 1
-        acc_err = st.get("err", 0.0) + abs(1.0 - acc_ratio)
+        acc_ratio = st.ratio * ratio
+        acc_steps = st.steps + 1
+        acc_err = st.err + abs(1.0 - acc_ratio)
         if self.config.threshold > 0 and acc_err <= self.config.threshold and acc_steps <= self.config.max_skip:
-            st.update(ratio=acc_ratio, steps=acc_steps, err=acc_err)
+            st.ratio, st.steps, st.err = acc_ratio, acc_steps, acc_err
             return False
-        st.update(ratio=1.0, steps=0, err=0.0)
+        st.ratio, st.steps, st.err = 1.0, 0, 0.0
         return True
-
-    def after_head(self, ctrl, call, residual):  # pragma: no cover - MagCache always has front=0
-        raise NotImplementedError
 
 
 def apply_magcache(model: nn.Module, config: MagCache) -> None:
@@ -123,8 +147,8 @@ class _MagRecorder(Predictor):
         self.ratios: dict[tuple[str, int], list[tuple[float, int]]] = {}
         self.ctrl: SpanController | None = None
 
-    def update(self, st, seg, residual, step):
-        prev = st.predictor.get("res", {}).get(seg)
+    def update(self, memory: Residuals, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        prev = memory.by_segment.get(seg)
         if prev is not None:
             for now, before in zip(residual, prev):
                 if now is None or before is None or now.shape != before.shape:
@@ -133,7 +157,7 @@ class _MagRecorder(Predictor):
                 norm_before = before.float().flatten(2).norm(dim=-1) if before.ndim > 3 else before.float().norm(dim=-1)
                 ratio = float((norm_now / norm_before.clamp_min(1e-8)).mean())
                 self.ratios.setdefault((self.ctrl.call.branch, step), []).append((ratio, now.numel()))
-        super().update(st, seg, residual, step)
+        super().update(memory, seg, residual, step)
 
 
 def calibrate_magcache(model: nn.Module, run: Callable[[], Any], **settings: Any) -> MagCache:

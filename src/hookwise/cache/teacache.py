@@ -23,9 +23,9 @@ from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
 from ..core.techniques import register_technique
 from ..errors import ConfigError
-from ._blocks import BLOCK_CACHES, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
+from ._blocks import BLOCK_CACHES, Call, Policy, Predictor, Residuals, SpanController, calibration_run, install_span, uninstall_span
 from ._state import host_values, logger
-from ._streams import rel_l1, tensor_inputs
+from ._streams import Key, rel_l1, tensor_inputs
 
 NAME = "teacache"
 
@@ -73,31 +73,43 @@ def _polyval(coefficients: tuple[float, ...] | None, x: float) -> float:
     return y
 
 
+@dataclass
+class TeaState:
+    """TeaCache's state on one branch: the first block's inputs at the previous step and the rescaled
+    change accumulated since the last computed step."""
+
+    inputs: dict[Key, torch.Tensor] | None = None  # None: no previous step in this run
+    acc: float = 0.0
+
+
 class TeaPolicy(Policy):
+    """Skips while the accumulated rescaled change of the first block's inputs stays below the threshold
+    (decides before the first block: TeaCache spans every main block)."""
+
     def __init__(self, config: TeaCache) -> None:
         self.config = config
 
-    def before_first(self, ctrl, call, args, kwargs):
-        st = ctrl.store.get(call.branch).policy
-        change = input_change(args, kwargs, st.get("inputs", {})) if self.config.threshold > 0 else None
+    def new_policy_state(self) -> TeaState:
+        return TeaState()
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        st: TeaState = ctrl.store.get(call.branch).policy
+        change = input_change(args, kwargs, st.inputs or {}) if self.config.threshold > 0 else None
         host = host_values(ctrl.state, change) if change is not None else host_values(ctrl.state)
         branch = ctrl.store.get(call.branch)  # a new run may have begun
         st = branch.policy
-        fresh = "inputs" not in st
-        st["inputs"] = {k: v.detach() for k, v in tensor_inputs(args, kwargs).items()}
+        fresh = st.inputs is None
+        st.inputs = {k: v.detach() for k, v in tensor_inputs(args, kwargs).items()}
         if change is None or fresh or ctrl.state.step < self.config.warmup:
-            st["acc"] = 0.0
+            st.acc = 0.0
             return True
-        acc = st.get("acc", 0.0) + _polyval(self.config.coefficients, host[0])
+        acc = st.acc + _polyval(self.config.coefficients, host[0])
         max_cached = self.config.max_cached
         if acc < self.config.threshold and (max_cached is None or branch.consecutive < max_cached):
-            st["acc"] = acc
+            st.acc = acc
             return False
-        st["acc"] = 0.0
+        st.acc = 0.0
         return True
-
-    def after_head(self, ctrl, call, residual):  # pragma: no cover - TeaCache always has front=0
-        raise NotImplementedError
 
 
 def apply_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
@@ -117,27 +129,27 @@ class _TeaRecorder(Policy, Predictor):
         self.y: dict[tuple[str, int], float] = {}
         self.ctrl: SpanController | None = None
 
-    def before_first(self, ctrl, call, args, kwargs):
-        st = ctrl.store.get(call.branch).policy
-        change = input_change(args, kwargs, st.get("inputs", {}))
+    def new_policy_state(self) -> TeaState:
+        return TeaState()
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        st: TeaState = ctrl.store.get(call.branch).policy
+        change = input_change(args, kwargs, st.inputs or {})
         step = ctrl.state.step
         if change is not None:
             self.x[(call.branch, step)] = float(change)
-        st["inputs"] = {k: v.detach() for k, v in tensor_inputs(args, kwargs).items()}
+        st.inputs = {k: v.detach() for k, v in tensor_inputs(args, kwargs).items()}
         return True
 
-    def after_head(self, ctrl, call, residual):  # pragma: no cover
-        raise NotImplementedError
-
-    def update(self, st, seg, residual, step):
-        prev = st.predictor.get("res", {}).get(seg)
+    def update(self, memory: Residuals, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        prev = memory.by_segment.get(seg)
         if prev is not None:
             pairs = [(a, b) for a, b in zip(residual, prev) if a is not None and b is not None and a.shape == b.shape]
             if pairs:
                 key = (self.ctrl.call.branch, step)
                 value = float(rel_l1([a for a, _ in pairs], [b for _, b in pairs]))
                 self.y[key] = self.y.get(key, 0.0) + value / self.ctrl.segments
-        Predictor.update(self, st, seg, residual, step)
+        Predictor.update(self, memory, seg, residual, step)
 
 
 def calibrate_teacache(model: nn.Module, run: Callable[[], Any], degree: int = 2, **settings: Any) -> TeaCache:
