@@ -1,6 +1,7 @@
 """Step caches on the tiny models of every mapped architecture: exactness, skipping, branches, runs, errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ from hookwise import (
     TaylorSeer,
     TeaCache,
 )
-from hookwise.cache import calibrate_magcache, calibrate_teacache
-from hookwise.cache._blocks import TaylorPredictor, span_controller
+from hookwise.cache import cache_stats, calibrate_magcache, calibrate_teacache
+from hookwise.cache._reuse import ModuleBranch
+from hookwise.cache.magcache import resample_ratios
+from hookwise.cache.taylorseer import TaylorRule, taylor_schedule
 from hookwise.core import list_hooks
 
 from cache_helpers import MODELS, build, count_attention, count_blocks, denoise, one_thread, uncount  # noqa: F401
@@ -104,6 +107,8 @@ def test_attention_caches_skip_attention_on_every_mapped_model(cache, name):
     hookwise.apply(model, ATTENTION_SKIPPING[cache])
     out = denoise(model, name, inputs, steps=6)
     assert 0 < sum(c.n for c in counters) < uncached
+    stats = cache_stats(model)[ATTENTION_SKIPPING[cache].technique]
+    assert stats["computed"] > 0 and stats["reused"] > 0
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
     hookwise.remove(model)
 
@@ -142,7 +147,7 @@ def test_cond_and_uncond_never_share_state(cache):
     assert torch.equal(both, apart)
     # and the states really differ per branch
     if cache in ("first_block", "taylorseer", "teacache", "magcache"):
-        assert sorted(span_controller(model).store.branches()) == ["cond", "uncond"]
+        assert sorted(cache_stats(model)[config.technique]["branches"]) == ["cond", "uncond"]
 
 
 @pytest.mark.parametrize("cache", ["first_block", "dual_block", "taylorseer", "teacache", "magcache", "pab", "faster_cache"])
@@ -179,8 +184,8 @@ def test_batched_cfg_uses_one_state_and_fastercache_detects_it():
         c.n = 0
     hookwise.apply(model, FasterCache(attention_range=None, uncond_range=2, uncond_window=None))
     out = denoise(model, "sd3", inputs, steps=8, cfg="batched")
-    hook = hookwise.get_hook(model, "hookwise.cache.faster_cache")
-    assert hook.batched is True and hook.skipped == 4  # steps 1, 3, 5, 7 (step 0 measured the difference)
+    stats = cache_stats(model)["faster_cache"]
+    assert stats["batched"] is True and stats["uncond_skipped"] == 4  # steps 1, 3, 5, 7 (step 0 measured the difference)
     assert sum(c.n for c in counters) == full - 4 * (full // 16)  # each skipped step runs the cond half only
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
 
@@ -192,7 +197,7 @@ def test_fastercache_does_not_mistake_a_batch_of_equal_latents_for_cfg():
     inputs["pooled_projections"] = inputs["pooled_projections"][:1].expand(2, -1).contiguous()
     hookwise.apply(model, FasterCache(attention_range=None, uncond_range=2, uncond_window=None))
     denoise(model, "sd3", inputs, steps=4, cfg=None)
-    assert hookwise.get_hook(model, "hookwise.cache.faster_cache").batched is False
+    assert cache_stats(model)["faster_cache"]["batched"] is False
 
 
 def test_fastercache_reuses_the_uncond_call_of_separate_cfg():
@@ -209,11 +214,10 @@ def test_taylorseer_combines_with_a_block_cache_and_comes_off_cleanly():
     model, inputs = build("musubi")
     reference = denoise(model, "musubi", inputs)
     hookwise.apply(model, TaylorSeer(order=2), DualBlockCache(threshold=10.0, warmup=1, max_cached=1))
-    controller = span_controller(model)
-    assert controller.technique == "dual_block_cache" and isinstance(controller.predictor, TaylorPredictor)
+    assert cache_stats(model) == {"dual_block_cache": {"predictor": "taylor", "branches": {}}}
     with_taylor = denoise(model, "musubi", inputs)
     hookwise.remove(model, "taylorseer")
-    assert not isinstance(span_controller(model).predictor, TaylorPredictor)
+    assert cache_stats(model)["dual_block_cache"]["predictor"] == "reuse"
     reuse = denoise(model, "musubi", inputs)
     assert not torch.equal(with_taylor, reuse)
     hookwise.remove(model)
@@ -221,9 +225,6 @@ def test_taylorseer_combines_with_a_block_cache_and_comes_off_cleanly():
 
 
 def test_taylorseer_on_attention_extrapolates_by_backward_differences():
-    from hookwise.cache._reuse import ModuleBranch
-    from hookwise.cache.taylorseer import TaylorRule, taylor_schedule
-
     st1 = ModuleBranch(outputs=[torch.tensor([3.0]), torch.tensor([9.0])], steps=[2, 4])
     assert TaylorRule(1, 3, 0).answer(st1, 5, None).item() == pytest.approx(12.0)  # 9 + 3 * 1
     st = ModuleBranch(outputs=[torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([9.0])], steps=[0, 2, 4])
@@ -322,6 +323,7 @@ def test_layer_skip_of_attention_zeroes_its_contribution_within_the_step_window(
     # block 0 has two attention modules, skipped on steps 2 and 3; the first skipped call runs once to learn
     # the output's shape
     assert sum(c.n for c in counters) == 6 * 4 - 2 * 2 + 2
+    assert cache_stats(model) == {"layer_skip": {"skipped": 2 * 2}}
 
 
 def test_calibrations_produce_configs_that_skip():
@@ -360,14 +362,10 @@ def test_calibration_under_a_block_cache_is_refused_and_a_failing_run_leaves_no_
 
 
 def test_magcache_ratios_are_resampled_on_progress_for_other_step_counts():
-    from hookwise.cache.magcache import resample_ratios
-
     ratios = (1.0, 1.2, 1.1, 1.0, 0.9)
     assert resample_ratios(ratios, 5) == list(ratios)
     twice = resample_ratios(ratios, 9)
     # the total change of magnitude over the run is kept
-    import math
-
     assert math.prod(twice) == pytest.approx(math.prod(ratios))
     assert len(twice) == 9 and twice[0] == 1.0
 

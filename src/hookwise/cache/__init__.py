@@ -1,16 +1,30 @@
 """Step caches for sampling: each one a technique config for `hookwise.apply`.
 
-Block caches (they skip main-tower blocks on cached steps; one per model):
-`FirstBlockCache`, `DualBlockCache`, `MagCache` (with `calibrate_magcache`), `TeaCache` (with
-`calibrate_teacache`), and `TaylorSeer` (alone, or on top of one of them to extrapolate instead of
-reusing). Attention caches: `PyramidAttentionBroadcast`, `FasterCache` (which also reuses the
-unconditional CFG branch). `LayerSkip` drops blocks or their attention / FFN modules by index.
+Techniques, one file each (a config, its validation, its registration):
+
+- `first_block.py` (`FirstBlockCache`), `dual_block.py` (`DualBlockCache`), `magcache.py` (`MagCache`,
+  `calibrate_magcache`), `teacache.py` (`TeaCache`, `calibrate_teacache`): block caches that skip
+  main-tower blocks on cached steps, one per model.
+- `taylorseer.py` (`TaylorSeer`): alone, or on top of a block cache to extrapolate instead of
+  reusing; with `targets="attention"`, an attention cache.
+- `pab.py` (`PyramidAttentionBroadcast`), `faster_cache.py` (`FasterCache`, which also reuses the
+  unconditional CFG branch): attention caches.
+- `layer_skip.py` (`LayerSkip`): drops blocks or their attention / FFN modules by index.
+
+Machinery, private to this folder (no technique imports another technique's file):
+
+- `_state.py`: run state, per-branch state, the one host sync per step, the cache hooks' names and
+  `cache_stats`.
+- `_streams.py`: how a module's outputs continue its inputs (stream maps) and `map_output`.
+- `_blocks.py`: the block-span engine behind the block caches (policies, predictors, targets).
+- `_reuse.py`: the module-output reuse engine behind the attention caches.
 
 All of them read the timestep and step from the run state, keep their state per CFG branch, reset
 with each sampling run, take their targets from `hookwise.describe`, and make at most one host
-synchronization per step for their decision.
+synchronization per step for their decision. `cache_stats(model)` says what each has done.
 """
 
+from ._state import cache_stats
 from .dual_block import DualBlockCache, apply_dual_block_cache, remove_dual_block_cache
 from .faster_cache import FasterCache, apply_faster_cache, remove_faster_cache
 from .first_block import FirstBlockCache, apply_first_block_cache, remove_first_block_cache
@@ -37,6 +51,7 @@ __all__ = [
     "apply_pab",
     "apply_taylorseer",
     "apply_teacache",
+    "cache_stats",
     "calibrate_magcache",
     "calibrate_teacache",
     "remove_dual_block_cache",

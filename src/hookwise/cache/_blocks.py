@@ -289,6 +289,10 @@ class SpanBlockHook(CacheHook):
     def reset(self) -> None:
         self.controller.reset()
 
+    def stats(self) -> dict[str, Any]:
+        # The hook on the first block speaks for the controller its blocks share.
+        return self.controller.stats() if self.index == 0 else {}
+
 
 class SpanController:
     """Runs a head / middle / tail split of the main blocks with a policy and a predictor."""
@@ -351,6 +355,14 @@ class SpanController:
         if self.call is not None:
             self.call.head_in = None
             self.call.seg_in.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """The predictor's name and, per branch of the current run, its computed and cached steps."""
+        branches = {b: self.store.peek(b) for b in self.store.branches()}
+        return {
+            "predictor": self.predictor.name,
+            "branches": {b: {"computed": st.computed, "cached": st.cached} for b, st in branches.items()},
+        }
 
     def _new_branch(self) -> SpanBranch:
         # Read at each new branch state: TaylorSeer may replace the predictor before the first call.
@@ -515,7 +527,7 @@ def install_span(technique: str, model: nn.Module, front: int, back: int, policy
 def uninstall_span(technique: str, model: nn.Module) -> None:
     controller = span_controller(model)
     if controller is not None and controller.technique == technique and isinstance(controller.predictor, TaylorPredictor):
-        if getattr(controller, "taylor_attached", False):
+        if controller.taylor_attached:
             raise CompatibilityError(
                 f"TaylorSeer predicts the skipped residuals of {technique}; remove 'taylorseer' first "
                 f"(hookwise.remove(model, 'taylorseer')), then {technique!r}"

@@ -2,7 +2,8 @@
 
 A hook on each target module (attention modules from the model map, by kind) keeps, per CFG
 branch, the module's last computed outputs. On each call a `Rule` says whether to compute or to
-answer from them: reuse the last output as is (PAB) or extrapolate from the last two (FasterCache).
+answer from them: reuse the last output as is (PAB) or extrapolate it (FasterCache from the last two,
+TaylorSeer by a Taylor expansion over steps).
 The step and timestep come from the run state; the timestep is read on the host at most once per
 call, and not at all when it already is a host number.
 """
@@ -77,6 +78,9 @@ class ModuleReuseHook(CacheHook):
 
     def reset(self) -> None:
         self.store.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"computed": self.computed, "reused": self.reused}
 
     # Skipped by dynamo, not what it calls: a compiled module stays compiled, the cache logic is eager.
     @torch.compiler.disable(recursive=False)

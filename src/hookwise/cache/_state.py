@@ -8,12 +8,13 @@
   when the timestep rises (or on `hookwise.new_run`).
 - `host_values()` reads a cache's decision scalars and, when it is still on the device, the run's
   timestep in one transfer: a step costs at most one host synchronization per cache.
+- Cache hooks are named "hookwise.cache.<technique>"; `cache_stats(model)` gathers their counters.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, TypeVar
 
 import torch
 from torch import nn
@@ -145,3 +146,31 @@ class CacheHook(ModelHook):
 
     layer = Layer.CACHE
     stateful = True
+
+    def stats(self) -> dict[str, Any]:
+        """This hook's counters for `cache_stats` (the hooks of one technique are merged)."""
+        return {}
+
+
+def cache_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What each step cache on `model` has done, by technique name.
+
+    Block caches (first-block, dual-block, TaylorSeer, MagCache, TeaCache): `predictor` ("reuse" or
+    "taylor": TaylorSeer extrapolates for it) and `branches`: per CFG branch of the current run, the
+    `computed` and `cached` steps. Attention caches (PAB, FasterCache, TaylorSeer on attention):
+    `computed` and `reused` module calls since they were applied, over all their modules. FasterCache's
+    CFG reuse: `batched` (batched CFG detected; None before the first call of a run) and
+    `uncond_skipped` (unconditional predictions answered without a call). LayerSkip: `skipped` calls.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for _, registry in iter_registries(unwrap(model)):
+        for name in registry.names(order="inner"):
+            if not name.startswith(HOOK_PREFIX):
+                continue
+            merged = out.setdefault(name[len(HOOK_PREFIX) :], {})
+            for key, value in registry.get(name).stats().items():
+                if key in merged and isinstance(value, int) and not isinstance(value, bool):
+                    merged[key] += value  # counters of the technique's hooks on several modules add up
+                else:
+                    merged.setdefault(key, value)
+    return out

@@ -166,6 +166,9 @@ class CfgReuseHook(CacheHook):
         self._step = 0
         self._t: float | None = None
 
+    def stats(self) -> dict[str, Any]:
+        return {"batched": self.batched, "uncond_skipped": self.skipped}
+
     # ---- timestep -----------------------------------------------------------------------------
     def _t1000(self, step: int) -> float | None:
         self.first_t, t1000 = step_timestep_1000(self.state, self.config.timestep_scale, self.first_t, step)

@@ -72,6 +72,10 @@ class SkipHook(ModelHook):
         self.template: Any = None
         self.skipped = 0
 
+    def stats(self) -> dict[str, Any]:
+        """For `cache_stats`: the calls answered without computing, since it was applied."""
+        return {"skipped": self.skipped}
+
     @torch.compiler.disable(recursive=False)
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out = self.before(args, kwargs)
