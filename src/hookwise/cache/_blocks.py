@@ -49,8 +49,9 @@ from ._streams import StreamMap, identity_output, infer_stream_map, input_of, re
 # The block caches: each one drives a span controller, so at most one of them per model.
 BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache")
 
-
 RUN = object()  # `before()` says: run the block
+
+
 # ---- targets --------------------------------------------------------------------------------------
 def main_blocks(model: nn.Module, technique: str) -> tuple[ModelMap, list[tuple[str, nn.Module]]]:
     """The main towers' blocks of `model` in call order, from the model map. Raises when there are none."""
