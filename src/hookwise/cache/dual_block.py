@@ -61,6 +61,6 @@ register_technique(
     DualBlockCache,
     apply=apply_dual_block_cache,
     remove=remove_dual_block_cache,
-    order=Layer.CACHE,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

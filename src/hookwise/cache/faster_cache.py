@@ -326,5 +326,5 @@ def remove_faster_cache(model: nn.Module, config: FasterCache | None = None) -> 
 
 
 register_technique(
-    NAME, FasterCache, apply=apply_faster_cache, remove=remove_faster_cache, order=Layer.CACHE, conflicts=("pab",)
+    NAME, FasterCache, apply=apply_faster_cache, remove=remove_faster_cache, layer=Layer.CACHE, conflicts=("pab",)
 )

@@ -58,6 +58,6 @@ register_technique(
     FirstBlockCache,
     apply=apply_first_block_cache,
     remove=remove_first_block_cache,
-    order=Layer.CACHE,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

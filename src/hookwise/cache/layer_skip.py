@@ -71,7 +71,7 @@ class LayerSkip(TechniqueConfig):
 class SkipHook(ModelHook):
     """Returns the inputs of a block (or zeros for an attention / FFN module) instead of computing it."""
 
-    layer = Layer.CACHE - 10  # inside the step caches: a skipped block looks computed to them
+    layer = Layer.CACHE_SKIP
 
     def __init__(self, model: nn.Module, where: str, zeros: bool, steps: tuple[int, int] | None) -> None:
         self.state = run_state(model)
@@ -143,4 +143,4 @@ def remove_layer_skip(model: nn.Module, config: LayerSkip | None = None) -> None
     remove_cache_hooks(model, NAME)
 
 
-register_technique(NAME, LayerSkip, apply=apply_layer_skip, remove=remove_layer_skip, order=Layer.CACHE)
+register_technique(NAME, LayerSkip, apply=apply_layer_skip, remove=remove_layer_skip, layer=Layer.CACHE)

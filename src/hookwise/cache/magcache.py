@@ -165,6 +165,6 @@ register_technique(
     MagCache,
     apply=apply_magcache,
     remove=remove_magcache,
-    order=Layer.CACHE,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

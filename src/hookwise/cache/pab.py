@@ -84,5 +84,5 @@ def remove_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None
 
 
 register_technique(
-    NAME, PyramidAttentionBroadcast, apply=apply_pab, remove=remove_pab, order=Layer.CACHE, conflicts=("faster_cache",)
+    NAME, PyramidAttentionBroadcast, apply=apply_pab, remove=remove_pab, layer=Layer.CACHE, conflicts=("faster_cache",)
 )

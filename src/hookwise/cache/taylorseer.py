@@ -146,5 +146,5 @@ register_technique(
     TaylorSeer,
     apply=apply_taylorseer,
     remove=remove_taylorseer,
-    order=Layer.CACHE + 10,  # after the block caches, so it can attach to one applied in the same call
+    layer=Layer.CACHE_PREDICTOR,
 )

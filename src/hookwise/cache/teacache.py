@@ -167,6 +167,6 @@ register_technique(
     TeaCache,
     apply=apply_teacache,
     remove=remove_teacache,
-    order=Layer.CACHE,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

@@ -1,17 +1,17 @@
 """The table of techniques, and applying / removing them on a model.
 
-Config class -> how to apply and remove it, its order, its conflicts.
+Config class -> how to apply and remove it, its layer, its conflicts.
 
 Each technique file registers itself once at import:
 
     register_technique("casting", LayerwiseCasting, apply=apply_casting, remove=remove_casting,
-                       order=Layer.CAST, conflicts=("quantization",))
+                       layer=Layer.CAST, conflicts=("quantization",))
 
 `apply(model, config)` changes the model (recording undo steps in the open transaction for anything
 that is not a hook); `remove(model, config)` undoes what that config applied.
 
 `hookwise.apply` reads this table to validate a stack (no duplicates unless `multiple`, no declared
-conflict in either direction) and to apply it in canonical order, lowest `order` first.
+conflict in either direction) and to apply it in canonical order, lowest layer first.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Technique:
     config_cls: type[TechniqueConfig]
     apply: Callable[[nn.Module, Any], Any]
     remove: Callable[[nn.Module, Any], Any] | None
-    order: int
+    layer: int
     conflicts: frozenset[str]
     multiple: bool
     description: str
@@ -56,12 +56,16 @@ def register_technique(
     *,
     apply: Callable[[nn.Module, Any], Any],
     remove: Callable[[nn.Module, Any], Any] | None,
-    order: int,
+    layer: int,
     conflicts: Iterable[str] = (),
     multiple: bool = False,
     description: str = "",
 ) -> Technique:
-    """Add a technique to the table. `remove=None` marks it irreversible."""
+    """Add a technique to the table. `remove=None` marks it irreversible.
+
+    `layer` (a `Layer` member) orders the techniques applied in one call, lowest first; it is also
+    readable as the config class's `layer`.
+    """
     if not (isinstance(config_cls, type) and issubclass(config_cls, TechniqueConfig)):
         raise ConfigError(f"technique {name!r}: its config class must subclass hookwise TechniqueConfig")
     existing = _BY_NAME.get(name)
@@ -72,12 +76,13 @@ def register_technique(
         config_cls=config_cls,
         apply=apply,
         remove=remove,
-        order=int(order),
+        layer=int(layer),
         conflicts=frozenset(conflicts),
         multiple=multiple,
         description=description or (config_cls.__doc__ or "").strip().split("\n")[0],
     )
     config_cls.technique = name
+    config_cls.layer = technique.layer
     _BY_NAME[name] = technique
     _BY_CONFIG[config_cls] = technique
     return technique
@@ -110,7 +115,7 @@ def technique_named(name: str) -> Technique:
 
 def techniques() -> list[Technique]:
     """Every registered technique, in canonical order."""
-    return sorted(_BY_NAME.values(), key=lambda t: (t.order, t.name))
+    return sorted(_BY_NAME.values(), key=lambda t: (t.layer, t.name))
 
 
 def _conflict(a: Technique, b: Technique) -> bool:
@@ -163,7 +168,7 @@ def apply_techniques(
     root = _root(model)
     existing = list(root.applied) if root else []
     check_compatible(existing + list(configs))
-    ordered = sorted(configs, key=lambda c: technique_of(c).order)
+    ordered = sorted(configs, key=lambda c: technique_of(c).layer)
     with transaction() as txn:
         root = attach_run_state(model, timestep_arg)
         for config in ordered:

@@ -124,9 +124,9 @@ class _ComponentOffloader:
                 ref.tensor.data = master
                 txn.on_rollback(lambda t=ref.tensor, d=device, m=master: setattr(t, "data", m.to(d, copy=True)))
             self.components[name] = _Component(name, module, state, home)
-            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK)
             for child_name, child in module.named_children():
-                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK)
         if not any(c.state is not None for c in self.components.values()):
             raise NoTargetError("ComponentOffload found no component with weights to manage")
 
@@ -185,7 +185,7 @@ class _ComponentOffloader:
 
 
 class _ComponentHook(ModelHook):
-    layer = Layer.OFFLOAD
+    layer = Layer.COMPONENT
 
     def __init__(self, offloader: _ComponentOffloader, name: str, *, root: bool) -> None:
         self.offloader = offloader
@@ -313,6 +313,6 @@ register_technique(
     ComponentOffload,
     apply=lambda model, config: apply_component_offload(model, config),
     remove=lambda model, config: remove_component_offload(model),
-    order=Layer.OFFLOAD,
+    layer=Layer.OFFLOAD,
     conflicts=("offload",),
 )

@@ -245,7 +245,7 @@ class _Offloader:
         self.scheduler = Scheduler(
             self.states, self.engine, slots=self.slots, slot_bytes=self.plan.slot_bytes, depth=self.config.depth
         )
-        add_hook(self.model, _RootHook(self), ROOT_HOOK, layer=Layer.OFFLOAD + 50)
+        add_hook(self.model, _RootHook(self), ROOT_HOOK)
         for state in self.states:
             for _, module in state.group.modules:
                 add_hook(module, _GroupHook(self.scheduler, state), GROUP_HOOK)
@@ -456,7 +456,7 @@ class _GroupHook(ModelHook):
 class _RootHook(ModelHook):
     """On the model: inputs to the device, pass boundaries, and saved-tensor packing with gradients."""
 
-    layer = Layer.OFFLOAD
+    layer = Layer.OFFLOAD_ROOT
 
     def __init__(self, offloader: _Offloader) -> None:
         self.offloader = offloader
@@ -562,6 +562,6 @@ register_technique(
     Offload,
     apply=lambda model, config: apply_offload(model, config),
     remove=lambda model, config: remove_offload(model),
-    order=Layer.OFFLOAD,
+    layer=Layer.OFFLOAD,
     conflicts=("component_offload",),
 )
