@@ -15,7 +15,9 @@ from hookwise.core import (
     TechniqueConfig,
     add_hook,
     current_transaction,
+    ledger_of,
     list_hooks,
+    run_state_hook,
     register_technique,
     remove_hooks,
     unregister_technique,
@@ -145,6 +147,7 @@ def test_apply_is_atomic_when_a_technique_fails_half_way():
         hookwise.apply(model, ScaleBlocks(2.0), Explode())
     assert state_of(model) == before_state
     assert list_hooks(model) == {}
+    assert ledger_of(model) is None and hookwise.applied(model).names() == []
     assert torch.equal(output_of(model, inputs), before_out)
 
 
@@ -183,6 +186,19 @@ def test_remove_undoes_everything_and_restores_the_model_exactly():
     assert state_of(model) == before_state
     assert torch.equal(output_of(model, inputs), before_out)
     assert hookwise.remove(model) == []
+
+
+def test_the_ledger_is_its_own_object_and_goes_with_the_last_technique():
+    model, _ = tiny_musubi()
+    scale, trace = ScaleBlocks(2.0), Trace()
+    hookwise.apply(model, scale, trace)
+    assert ledger_of(model).configs == [trace, scale]
+    assert not hasattr(run_state_hook(model), "applied")
+    hookwise.remove(model, "test.trace")
+    assert ledger_of(model).configs == [scale] and run_state_hook(model) is not None
+    hookwise.remove(model)
+    assert ledger_of(model) is None and run_state_hook(model) is None
+    assert not [k for k in vars(model) if k.startswith("_hookwise")]
 
 
 def test_techniques_are_applied_in_the_order_of_their_registered_layer():
