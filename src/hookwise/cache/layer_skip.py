@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import Layer, ModelHook, unwrap
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
 from ._runtime import (
     StreamMap,
@@ -132,15 +132,28 @@ def _targets(model: nn.Module, config: LayerSkip) -> list[tuple[str, nn.Module]]
     return out
 
 
-def apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
+def _apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
     """Skip the configured blocks (or their attention / FFN modules) of `model`."""
     model = unwrap(model)
     for path, module in _targets(model, config):
         add_cache_hook(module, SkipHook(model, path, config.what != "block", config.steps), NAME)
 
 
-def remove_layer_skip(model: nn.Module, config: LayerSkip | None = None) -> None:
+def _remove_layer_skip(model: nn.Module, config: LayerSkip | None = None) -> None:
     remove_cache_hooks(model, NAME)
 
 
-register_technique(NAME, LayerSkip, apply=apply_layer_skip, remove=remove_layer_skip, layer=Layer.CACHE)
+def apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
+    """Skip the configured blocks (or their attention / FFN modules) of `model`.
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config])
+
+
+def remove_layer_skip(model: nn.Module) -> None:
+    """Remove LayerSkip from `model` (the same as `hookwise.remove(model, "layer_skip")`)."""
+    remove_techniques(model, [NAME])
+
+
+register_technique(NAME, LayerSkip, apply=_apply_layer_skip, remove=_remove_layer_skip, layer=Layer.CACHE)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import Layer
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ._blocks import AlwaysCompute, Policy, Predictor, SpanController, calibration_run, install_span, uninstall_span
 from ._runtime import check_fraction, check_int, logger, resolved_step
@@ -108,12 +108,12 @@ class MagPolicy(Policy):
         raise NotImplementedError
 
 
-def apply_magcache(model: nn.Module, config: MagCache) -> None:
+def _apply_magcache(model: nn.Module, config: MagCache) -> None:
     """Attach MagCache over all main blocks of `model`."""
     install_span(NAME, model, 0, 0, MagPolicy(config))
 
 
-def remove_magcache(model: nn.Module, config: MagCache | None = None) -> None:
+def _remove_magcache(model: nn.Module, config: MagCache | None = None) -> None:
     uninstall_span(NAME, model)
 
 
@@ -160,11 +160,21 @@ def calibrate_magcache(model: nn.Module, run: Callable[[], Any], **settings: Any
     return MagCache(ratios=tuple(round(r, 6) for r in ratios), **settings)
 
 
+def apply_magcache(model: nn.Module, config: MagCache) -> None:
+    """Attach MagCache over all main blocks of `model`; the same as `hookwise.apply(model, config)`."""
+    apply_techniques(model, [config])
+
+
+def remove_magcache(model: nn.Module) -> None:
+    """Remove MagCache from `model` (the same as `hookwise.remove(model, "magcache")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
     NAME,
     MagCache,
-    apply=apply_magcache,
-    remove=remove_magcache,
+    apply=_apply_magcache,
+    remove=_remove_magcache,
     layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

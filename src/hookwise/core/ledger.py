@@ -2,7 +2,8 @@
 
 It is a small object kept on the root model, apart from the run-state hook: the run state says what
 the model is doing now, the ledger what was done to it. `hookwise.apply` writes it, `hookwise.applied`
-reads it, `hookwise.remove` undoes what it lists.
+reads it, `hookwise.remove` undoes what it lists. Every public `apply_<name>` goes through
+`hookwise.apply`, so the ledger lists every technique on the model.
 """
 
 from __future__ import annotations

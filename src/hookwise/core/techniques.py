@@ -10,9 +10,10 @@ Each technique file registers its private handlers once at import:
 `apply(model, config)` changes the model (recording undo steps in the open transaction for anything
 that is not a hook); `remove(model, config)` undoes what that config applied.
 
-`hookwise.apply` reads this table to validate a stack (no duplicates unless `multiple`, no declared
-conflict in either direction), applies it in canonical order (lowest layer first) and records each
-config in the model's ledger.
+This is the one entry path: `hookwise.apply` reads this table to validate a stack (no duplicates
+unless `multiple`, no declared conflict in either direction), applies it in canonical order (lowest
+layer first) and records each config in the model's ledger; every public `apply_<name>` is a call of
+it, and every `remove_<name>` a call of `remove_techniques` for that one name.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core import Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
-from ..core import remove_hooks, transaction, unwrap
+from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from .groups import Group, TensorRef, tensors_of
 from .offload import COMPONENT_HOOK, PIN_SHARE, _offloader, _parse_device, _to
@@ -236,7 +236,34 @@ def _components_of(target: Any) -> tuple[dict[str, nn.Module], list[str]]:
 
 
 def apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
-    """Apply component offloading to a pipeline / dict / module (all-or-nothing); returns the order."""
+    """Apply component offloading to a pipeline / dict / module (all-or-nothing); returns the order.
+
+    On a module, the same as `hookwise.apply(target, config)`. A pipeline or a dict of modules has no
+    forward of its own and no ledger, so it gets the handler directly and loses it with
+    `remove_component_offload`.
+    """
+    if config is None:
+        config = ComponentOffload(**kwargs)
+    elif kwargs:
+        raise ConfigError("pass either a ComponentOffload config or keyword arguments, not both")
+    if not isinstance(unwrap(target), nn.Module):
+        return _apply_component_offload(target, config)
+    apply_techniques(target, [config])
+    return list(_controller(unwrap(target)).order)
+
+
+def remove_component_offload(target: Any) -> None:
+    """Undo component offloading: every component back on the device it was on, with its values.
+
+    On a module, the same as `hookwise.remove(target, "component_offload")`.
+    """
+    if not isinstance(unwrap(target), nn.Module):
+        _remove_component_offload(target)
+        return
+    remove_techniques(target, ["component_offload"])
+
+
+def _apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
     if config is None:
         config = ComponentOffload(**kwargs)
     elif kwargs:
@@ -259,8 +286,7 @@ def apply_component_offload(target: Any, config: ComponentOffload | None = None,
     return order
 
 
-def remove_component_offload(target: Any) -> None:
-    """Undo component offloading: every component back on the device it was on, with its values."""
+def _remove_component_offload(target: Any, config: ComponentOffload | None = None) -> None:
     controller = _controller(target)
     if controller is None:
         raise ConfigError("no component offloading to remove here")
@@ -311,8 +337,8 @@ def _component_hook(module: nn.Module) -> _ComponentHook | None:
 register_technique(
     "component_offload",
     ComponentOffload,
-    apply=lambda model, config: apply_component_offload(model, config),
-    remove=lambda model, config: remove_component_offload(model),
+    apply=_apply_component_offload,
+    remove=_remove_component_offload,
     layer=Layer.OFFLOAD,
     conflicts=("offload",),
 )
