@@ -316,7 +316,7 @@ def test_a_failed_stack_restores_the_original_weights_exactly():
     def fail(model, config):
         raise RuntimeError("boom")
 
-    register_technique("test.boom", Boom, apply=fail, remove=None, order=Layer.OFFLOAD)
+    register_technique("test.boom", Boom, apply=fail, remove=None, layer=Layer.OFFLOAD)
     try:
         model, inputs = tiny_musubi()
         params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}

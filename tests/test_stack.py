@@ -15,7 +15,9 @@ from hookwise.core import (
     TechniqueConfig,
     add_hook,
     current_transaction,
+    ledger_of,
     list_hooks,
+    run_state_hook,
     register_technique,
     remove_hooks,
     unregister_technique,
@@ -27,8 +29,9 @@ LOG: list[str] = []
 
 
 class Tag(ModelHook):
-    def __init__(self, tag):
+    def __init__(self, tag, layer=Layer.DEFAULT):
         self.tag = tag
+        self.layer = layer
 
     def pre_forward(self, module, args, kwargs):
         LOG.append(self.tag)
@@ -78,7 +81,7 @@ class Trace(TechniqueConfig):
 
 
 def apply_trace(model, config):
-    add_hook(model, Tag("trace"), "test.trace", layer=Layer.CAST)
+    add_hook(model, Tag("trace", Layer.CAST), "test.trace")
 
 
 def remove_trace(model, config):
@@ -112,12 +115,12 @@ class Forever(TechniqueConfig):
 @pytest.fixture(autouse=True)
 def techniques():
     LOG.clear()
-    register_technique("test.scale", ScaleBlocks, apply=apply_scale, remove=remove_scale, order=Layer.CACHE)
+    register_technique("test.scale", ScaleBlocks, apply=apply_scale, remove=remove_scale, layer=Layer.CACHE)
     register_technique(
-        "test.trace", Trace, apply=apply_trace, remove=remove_trace, order=Layer.CAST, conflicts=("test.forever",)
+        "test.trace", Trace, apply=apply_trace, remove=remove_trace, layer=Layer.CAST, conflicts=("test.forever",)
     )
-    register_technique("test.explode", Explode, apply=apply_explode, remove=None, order=Layer.OFFLOAD)
-    register_technique("test.forever", Forever, apply=lambda m, c: None, remove=None, order=Layer.DEFAULT)
+    register_technique("test.explode", Explode, apply=apply_explode, remove=None, layer=Layer.OFFLOAD)
+    register_technique("test.forever", Forever, apply=lambda m, c: None, remove=None, layer=Layer.DEFAULT)
     yield
     for name in ("test.scale", "test.trace", "test.explode", "test.forever"):
         unregister_technique(name)
@@ -144,6 +147,7 @@ def test_apply_is_atomic_when_a_technique_fails_half_way():
         hookwise.apply(model, ScaleBlocks(2.0), Explode())
     assert state_of(model) == before_state
     assert list_hooks(model) == {}
+    assert ledger_of(model) is None and hookwise.applied(model).names() == []
     assert torch.equal(output_of(model, inputs), before_out)
 
 
@@ -182,6 +186,25 @@ def test_remove_undoes_everything_and_restores_the_model_exactly():
     assert state_of(model) == before_state
     assert torch.equal(output_of(model, inputs), before_out)
     assert hookwise.remove(model) == []
+
+
+def test_the_ledger_is_its_own_object_and_goes_with_the_last_technique():
+    model, _ = tiny_musubi()
+    scale, trace = ScaleBlocks(2.0), Trace()
+    hookwise.apply(model, scale, trace)
+    assert ledger_of(model).configs == [trace, scale]
+    assert not hasattr(run_state_hook(model), "applied")
+    hookwise.remove(model, "test.trace")
+    assert ledger_of(model).configs == [scale] and run_state_hook(model) is not None
+    hookwise.remove(model)
+    assert ledger_of(model) is None and run_state_hook(model) is None
+    assert not [k for k in vars(model) if k.startswith("_hookwise")]
+
+
+def test_techniques_are_applied_in_the_order_of_their_registered_layer():
+    assert ScaleBlocks.layer == Layer.CACHE and Trace.layer == Layer.CAST
+    stack = hookwise.Stack(ScaleBlocks(2.0), Explode(), Trace())
+    assert stack.names() == ["test.trace", "test.explode", "test.scale"]
 
 
 def test_remove_by_name_keeps_the_others_and_rejects_unknown_names():

@@ -2,9 +2,10 @@
 
 `hookwise.apply(model, *configs)` checks the whole stack (what is already on the model plus what is
 asked) against the technique table before touching anything, then applies the new techniques in
-canonical order inside a transaction: if any step raises, every hook it attached and every change
-it recorded is undone, and the model computes exactly as before. The machinery lives in
-`core.techniques` so that each technique's own `apply_<name>` can use it too.
+canonical order (lowest layer first) inside a transaction: if any step raises, every hook it
+attached and every change it recorded is undone, and the model computes exactly as before. The
+machinery lives in `core.techniques`; it is the one entry path, which each technique's own
+`apply_<name>` calls too, so `applied` and `remove` see every technique however it was applied.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ class Stack:
     def __init__(self, *configs: TechniqueConfig | Stack) -> None:
         flat = _flatten(configs)
         check_compatible(flat)
-        order = {id(c): technique_of(c).order for c in flat}
-        self._configs: tuple[TechniqueConfig, ...] = tuple(sorted(flat, key=lambda c: order[id(c)]))
+        self._configs: tuple[TechniqueConfig, ...] = tuple(sorted(flat, key=lambda c: technique_of(c).layer))
 
     @property
     def configs(self) -> tuple[TechniqueConfig, ...]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ._blocks import BLOCK_CACHES, ResidualDiffPolicy, install_span, uninstall_span
 
 NAME = "dual_block_cache"
@@ -43,22 +43,32 @@ class DualBlockCache(TechniqueConfig):
         check_int("DualBlockCache.max_cached", self.max_cached, 1, optional=True)
 
 
-def apply_dual_block_cache(model: nn.Module, config: DualBlockCache | None = None) -> None:
+def _apply_dual_block_cache(model: nn.Module, config: DualBlockCache | None = None) -> None:
     """Attach a dual-block cache to the main blocks of `model`."""
     config = config or DualBlockCache()
     policy = ResidualDiffPolicy(config.threshold, config.warmup, config.max_cached)
     install_span(NAME, model, config.front, config.back, policy)
 
 
-def remove_dual_block_cache(model: nn.Module, config: DualBlockCache | None = None) -> None:
+def _remove_dual_block_cache(model: nn.Module, config: DualBlockCache | None = None) -> None:
     uninstall_span(NAME, model)
+
+
+def apply_dual_block_cache(model: nn.Module, config: DualBlockCache | None = None) -> None:
+    """Attach a dual-block cache to the main blocks of `model`; the same as `hookwise.apply(model, config)`."""
+    apply_techniques(model, [config or DualBlockCache()])
+
+
+def remove_dual_block_cache(model: nn.Module) -> None:
+    """Remove DualBlockCache from `model` (the same as `hookwise.remove(model, "dual_block_cache")`)."""
+    remove_techniques(model, [NAME])
 
 
 register_technique(
     NAME,
     DualBlockCache,
-    apply=apply_dual_block_cache,
-    remove=remove_dual_block_cache,
-    order=Layer.CACHE,
+    apply=_apply_dual_block_cache,
+    remove=_remove_dual_block_cache,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

@@ -27,7 +27,7 @@ from torch import nn
 from ..core.config import TechniqueConfig, check_fraction, check_int, check_range
 from ..core.hooks import HookRegistry, Layer, unwrap
 from ..core.outputs import sample_of
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ..introspect.model_map import describe
 from ._reuse import IntervalRule, ModuleBranch, attach_module_hooks, attention_kind, computes_at, detach_module_hooks, in_window
@@ -287,18 +287,18 @@ class CfgReuseHook(CacheHook):
         return sample if self._template is None else _with_sample(self._template, sample)
 
 
-def apply_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:
+def _apply_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:
     """Hook the spatial / temporal attention modules of `model` and its root (for CFG reuse)."""
     config = config or FasterCache()
     model = unwrap(model)
     if config.attention_range is not None:
-        mmap = describe(model)
+        model_map = describe(model)
         targets = [
             (r.path, model.get_submodule(r.path), ExtrapolateRule(config.attention_range, config.attention_window, config.attention_weight))
-            for r in mmap.attention
+            for r in model_map.attention
             if attention_kind(r.kind) in ("spatial", "temporal")
         ]
-        kinds = sorted({r.kind for r in mmap.attention})
+        kinds = sorted({r.kind for r in model_map.attention})
         attach_module_hooks(
             NAME,
             model,
@@ -312,10 +312,23 @@ def apply_faster_cache(model: nn.Module, config: FasterCache | None = None) -> N
         HookRegistry.get_or_create(model).add(hook_name(NAME), CfgReuseHook(model, config))
 
 
-def remove_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:
+def _remove_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:
     detach_module_hooks(NAME, model)
 
 
+def apply_faster_cache(model: nn.Module, config: FasterCache | None = None) -> None:
+    """Hook the spatial / temporal attention modules of `model` and its root (for CFG reuse).
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config or FasterCache()])
+
+
+def remove_faster_cache(model: nn.Module) -> None:
+    """Remove FasterCache from `model` (the same as `hookwise.remove(model, "faster_cache")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
-    NAME, FasterCache, apply=apply_faster_cache, remove=remove_faster_cache, order=Layer.CACHE, conflicts=("pab",)
+    NAME, FasterCache, apply=_apply_faster_cache, remove=_remove_faster_cache, layer=Layer.CACHE, conflicts=("pab",)
 )

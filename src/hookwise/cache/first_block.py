@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ._blocks import BLOCK_CACHES, ResidualDiffPolicy, install_span, uninstall_span
 
 NAME = "first_block_cache"
@@ -41,21 +41,34 @@ class FirstBlockCache(TechniqueConfig):
         check_int("FirstBlockCache.max_cached", self.max_cached, 1, optional=True)
 
 
-def apply_first_block_cache(model: nn.Module, config: FirstBlockCache | None = None) -> None:
+def _apply_first_block_cache(model: nn.Module, config: FirstBlockCache | None = None) -> None:
     """Attach a first-block cache to the main blocks of `model` (found by `hookwise.describe`)."""
     config = config or FirstBlockCache()
     install_span(NAME, model, 1, 0, ResidualDiffPolicy(config.threshold, config.warmup, config.max_cached))
 
 
-def remove_first_block_cache(model: nn.Module, config: FirstBlockCache | None = None) -> None:
+def _remove_first_block_cache(model: nn.Module, config: FirstBlockCache | None = None) -> None:
     uninstall_span(NAME, model)
+
+
+def apply_first_block_cache(model: nn.Module, config: FirstBlockCache | None = None) -> None:
+    """Attach a first-block cache to the main blocks of `model` (found by `hookwise.describe`).
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config or FirstBlockCache()])
+
+
+def remove_first_block_cache(model: nn.Module) -> None:
+    """Remove FirstBlockCache from `model` (the same as `hookwise.remove(model, "first_block_cache")`)."""
+    remove_techniques(model, [NAME])
 
 
 register_technique(
     NAME,
     FirstBlockCache,
-    apply=apply_first_block_cache,
-    remove=remove_first_block_cache,
-    order=Layer.CACHE,
+    apply=_apply_first_block_cache,
+    remove=_remove_first_block_cache,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

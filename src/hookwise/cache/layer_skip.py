@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import Layer, ModelHook, unwrap
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
 from ._blocks import main_blocks
 from ._state import add_cache_hook, remove_cache_hooks, resolved_step, run_state
@@ -63,7 +63,7 @@ class LayerSkip(TechniqueConfig):
 class SkipHook(ModelHook):
     """Returns the inputs of a block (or zeros for an attention / FFN module) instead of computing it."""
 
-    layer = Layer.CACHE - 10  # inside the step caches: a skipped block looks computed to them
+    layer = Layer.CACHE_SKIP
 
     def __init__(self, model: nn.Module, where: str, zeros: bool, steps: tuple[int, int] | None) -> None:
         self.state = run_state(model)
@@ -128,15 +128,28 @@ def _targets(model: nn.Module, config: LayerSkip) -> list[tuple[str, nn.Module]]
     return out
 
 
-def apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
+def _apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
     """Skip the configured blocks (or their attention / FFN modules) of `model`."""
     model = unwrap(model)
     for path, module in _targets(model, config):
         add_cache_hook(module, SkipHook(model, path, config.what != "block", config.steps), NAME)
 
 
-def remove_layer_skip(model: nn.Module, config: LayerSkip | None = None) -> None:
+def _remove_layer_skip(model: nn.Module, config: LayerSkip | None = None) -> None:
     remove_cache_hooks(model, NAME)
 
 
-register_technique(NAME, LayerSkip, apply=apply_layer_skip, remove=remove_layer_skip, order=Layer.CACHE)
+def apply_layer_skip(model: nn.Module, config: LayerSkip) -> None:
+    """Skip the configured blocks (or their attention / FFN modules) of `model`.
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config])
+
+
+def remove_layer_skip(model: nn.Module) -> None:
+    """Remove LayerSkip from `model` (the same as `hookwise.remove(model, "layer_skip")`)."""
+    remove_techniques(model, [NAME])
+
+
+register_technique(NAME, LayerSkip, apply=_apply_layer_skip, remove=_remove_layer_skip, layer=Layer.CACHE)

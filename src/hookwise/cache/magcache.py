@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ._blocks import (
     BLOCK_CACHES,
@@ -131,12 +131,12 @@ class MagPolicy(Policy):
         return True
 
 
-def apply_magcache(model: nn.Module, config: MagCache) -> None:
+def _apply_magcache(model: nn.Module, config: MagCache) -> None:
     """Attach MagCache over all main blocks of `model`."""
     install_span(NAME, model, 0, 0, MagPolicy(config))
 
 
-def remove_magcache(model: nn.Module, config: MagCache | None = None) -> None:
+def _remove_magcache(model: nn.Module, config: MagCache | None = None) -> None:
     uninstall_span(NAME, model)
 
 
@@ -183,11 +183,21 @@ def calibrate_magcache(model: nn.Module, run: Callable[[], Any], **settings: Any
     return MagCache(ratios=tuple(round(r, 6) for r in ratios), **settings)
 
 
+def apply_magcache(model: nn.Module, config: MagCache) -> None:
+    """Attach MagCache over all main blocks of `model`; the same as `hookwise.apply(model, config)`."""
+    apply_techniques(model, [config])
+
+
+def remove_magcache(model: nn.Module) -> None:
+    """Remove MagCache from `model` (the same as `hookwise.remove(model, "magcache")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
     NAME,
     MagCache,
-    apply=apply_magcache,
-    remove=remove_magcache,
-    order=Layer.CACHE,
+    apply=_apply_magcache,
+    remove=_remove_magcache,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

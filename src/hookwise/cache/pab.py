@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_int, check_range
 from ..core.hooks import Layer, unwrap
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ..introspect.model_map import describe
 from ._reuse import IntervalRule, attach_module_hooks, attention_kind, detach_module_hooks
@@ -52,19 +52,19 @@ class PyramidAttentionBroadcast(TechniqueConfig):
             raise ConfigError(f"PyramidAttentionBroadcast.timestep_scale must be > 0 or None, got {self.timestep_scale!r}")
 
 
-def apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
+def _apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
     """Hook every attention module of `model` whose kind has a range set."""
     config = config or PyramidAttentionBroadcast()
     model = unwrap(model)
-    mmap = describe(model)
+    model_map = describe(model)
     targets = []
-    for role in mmap.attention:
+    for role in model_map.attention:
         kind = attention_kind(role.kind)
         interval = getattr(config, f"{kind}_range")
         if interval is None:
             continue
         targets.append((role.path, model.get_submodule(role.path), IntervalRule(interval, getattr(config, f"{kind}_window"))))
-    kinds = sorted({attention_kind(r.kind) for r in mmap.attention})
+    kinds = sorted({attention_kind(r.kind) for r in model_map.attention})
     attach_module_hooks(
         NAME,
         model,
@@ -78,10 +78,23 @@ def apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None)
     )
 
 
-def remove_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
+def _remove_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
     detach_module_hooks(NAME, model)
 
 
+def apply_pab(model: nn.Module, config: PyramidAttentionBroadcast | None = None) -> None:
+    """Hook every attention module of `model` whose kind has a range set.
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config or PyramidAttentionBroadcast()])
+
+
+def remove_pab(model: nn.Module) -> None:
+    """Remove PyramidAttentionBroadcast from `model` (the same as `hookwise.remove(model, "pab")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
-    NAME, PyramidAttentionBroadcast, apply=apply_pab, remove=remove_pab, order=Layer.CACHE, conflicts=("faster_cache",)
+    NAME, PyramidAttentionBroadcast, apply=_apply_pab, remove=_remove_pab, layer=Layer.CACHE, conflicts=("faster_cache",)
 )

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_int
 from ..core.hooks import Layer, unwrap
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
 from ..errors import ConfigError
 from ..introspect.model_map import describe
@@ -92,7 +92,7 @@ class TaylorRule(Rule):
         return map_output(expand, *st.outputs)
 
 
-def apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:
+def _apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:
     """Alone: a span cache over all main blocks on a fixed schedule. With a block cache: its predictor."""
     config = config or TaylorSeer()
     interval = DEFAULT_INTERVAL if config.interval is None else config.interval
@@ -130,10 +130,10 @@ def apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None
         txn.on_rollback(undo, "TaylorSeer predictor")
 
 
-def remove_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:
+def _remove_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:
     detach_module_hooks(NAME, model)
     controller = span_controller(model)
-    if controller is not None and controller.technique != NAME and getattr(controller, "taylor_attached", False):
+    if controller is not None and controller.technique != NAME and controller.taylor_attached:
         controller.predictor = Predictor()
         controller.taylor_attached = False
         controller.reset()
@@ -141,10 +141,23 @@ def remove_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> Non
     uninstall_span(NAME, model)
 
 
+def apply_taylorseer(model: nn.Module, config: TaylorSeer | None = None) -> None:
+    """Attach TaylorSeer: alone, a span cache on a fixed schedule; with a block cache, its predictor.
+
+    The same as `hookwise.apply(model, config)`.
+    """
+    apply_techniques(model, [config or TaylorSeer()])
+
+
+def remove_taylorseer(model: nn.Module) -> None:
+    """Remove TaylorSeer from `model` (the same as `hookwise.remove(model, "taylorseer")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
     NAME,
     TaylorSeer,
-    apply=apply_taylorseer,
-    remove=remove_taylorseer,
-    order=Layer.CACHE + 10,  # after the block caches, so it can attach to one applied in the same call
+    apply=_apply_taylorseer,
+    remove=_remove_taylorseer,
+    layer=Layer.CACHE_PREDICTOR,
 )

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import Layer
-from ..core.techniques import register_technique
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ._blocks import BLOCK_CACHES, Call, Policy, Predictor, Residuals, SpanController, calibration_run, install_span, uninstall_span
 from ._state import host_values, logger
@@ -112,12 +112,12 @@ class TeaPolicy(Policy):
         return True
 
 
-def apply_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
+def _apply_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
     """Attach TeaCache over all main blocks of `model`."""
     install_span(NAME, model, 0, 0, TeaPolicy(config or TeaCache()))
 
 
-def remove_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
+def _remove_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
     uninstall_span(NAME, model)
 
 
@@ -173,11 +173,21 @@ def calibrate_teacache(model: nn.Module, run: Callable[[], Any], degree: int = 2
     return TeaCache(coefficients=coefficients, **settings)
 
 
+def apply_teacache(model: nn.Module, config: TeaCache | None = None) -> None:
+    """Attach TeaCache over all main blocks of `model`; the same as `hookwise.apply(model, config)`."""
+    apply_techniques(model, [config or TeaCache()])
+
+
+def remove_teacache(model: nn.Module) -> None:
+    """Remove TeaCache from `model` (the same as `hookwise.remove(model, "teacache")`)."""
+    remove_techniques(model, [NAME])
+
+
 register_technique(
     NAME,
     TeaCache,
-    apply=apply_teacache,
-    remove=remove_teacache,
-    order=Layer.CACHE,
+    apply=_apply_teacache,
+    remove=_remove_teacache,
+    layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
 )

@@ -1,4 +1,4 @@
-"""The hook engine, run state, transactions and the technique table. Imports nothing else of hookwise."""
+"""The hook engine, run state, the ledger, transactions and the technique table. Imports nothing else of hookwise."""
 
 from .config import TechniqueConfig, parse_dtype
 from .hooks import (
@@ -14,6 +14,7 @@ from .hooks import (
     reset_stateful_hooks,
     unwrap,
 )
+from .ledger import Ledger, ledger_of
 from .state import (
     DEFAULT_BRANCH,
     RUN_STATE_HOOK,
@@ -21,9 +22,11 @@ from .state import (
     RunStateHook,
     attach_run_state,
     branch,
+    detach_run_state,
     find_timestep_parameter,
     get_run_state,
     new_run,
+    run_state_hook,
 )
 from .techniques import (
     Technique,
@@ -44,6 +47,7 @@ __all__ = [
     "RUN_STATE_HOOK",
     "HookRegistry",
     "Layer",
+    "Ledger",
     "ModelHook",
     "RunState",
     "RunStateHook",
@@ -57,10 +61,12 @@ __all__ = [
     "branch",
     "check_compatible",
     "current_transaction",
+    "detach_run_state",
     "find_timestep_parameter",
     "get_hook",
     "get_run_state",
     "iter_registries",
+    "ledger_of",
     "list_hooks",
     "new_run",
     "parse_dtype",
@@ -69,6 +75,7 @@ __all__ = [
     "remove_hooks",
     "remove_techniques",
     "reset_stateful_hooks",
+    "run_state_hook",
     "technique_named",
     "technique_of",
     "techniques",

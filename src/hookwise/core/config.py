@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
+from .hooks import Layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class TechniqueConfig:
     """Base of every technique config."""
 
     technique: ClassVar[str] = ""  # set by register_technique
+    layer: ClassVar[int] = Layer.DEFAULT  # set by register_technique; orders the techniques of one apply
 
     def __post_init__(self) -> None:
         self.validate()

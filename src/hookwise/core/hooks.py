@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from ..errors import HookError
+from .transaction import current_transaction
 
 REGISTRY_ATTR = "_hookwise_registry"
 
@@ -27,18 +28,35 @@ REGISTRY_ATTR = "_hookwise_registry"
 class Layer(IntEnum):
     """Where a hook sits in its module's chain; lower values run closer to the module's own forward.
 
-    Techniques declare their layer so the order never depends on the order a user applied them in:
-    casting is innermost, offloading wraps casting, caches wrap everything, and the run-state hook of
-    the root model is outermost.
+    This is the one ordering concept of hookwise. A hook declares its place with its `layer`
+    attribute, and a technique registers its layer, which also orders the techniques applied in one
+    `hookwise.apply` call (lowest first). So the order never depends on the order a user applied
+    them in: casting is innermost, offloading wraps casting, caches wrap everything, and the
+    run-state hook of the root model is outermost. A place between two layers gets a named member
+    here, with the reason it sits there; never arithmetic on a member at a call site.
     """
 
+    # Observers that count the calls which really reach a module (tests, benchmarks): inside every
+    # technique, so a call a cache skips or offloading reroutes is never counted.
+    PROBE = 50
     CAST = 100
     QUANT = 200
     OFFLOAD = 300
+    # The offloader's hook on the root model: outside the group hooks (a block that is also the root
+    # is entered through it), so inputs reach the device and a pass begins before any group loads.
+    OFFLOAD_ROOT = 350
+    # Component offloading on each component and its direct children: outside every offloading hook
+    # of the same module, so the component is on the device before anything inside it runs.
+    COMPONENT = 360
     KERNEL = 400
     DEFAULT = 500
     PARALLEL = 600
+    # Layer skipping: inside the step caches, so a skipped block looks computed to them.
+    CACHE_SKIP = 690
     CACHE = 700
+    # A technique that attaches to a step cache (TaylorSeer predicting a block cache's skipped
+    # residuals): applied after the block caches, so it finds one applied in the same call.
+    CACHE_PREDICTOR = 710
     STATE = 1000
 
 
@@ -208,8 +226,8 @@ class HookRegistry:
         return isinstance(fn, types.MethodType) and fn.__self__ is self
 
     # ---- mutation -----------------------------------------------------------------------------
-    def add(self, name: str, hook: ModelHook, *, layer: int | None = None) -> ModelHook:
-        """Add `hook` under `name`. Its place in the chain comes from `layer` (default: `hook.layer`)."""
+    def add(self, name: str, hook: ModelHook) -> ModelHook:
+        """Add `hook` under `name`. Its place in the chain comes from `hook.layer`."""
         if not isinstance(hook, ModelHook):
             raise HookError(f"hook {name!r} is a {type(hook).__name__}, not a hookwise ModelHook subclass")
         if any(e.name == name for e in self._entries):
@@ -222,7 +240,7 @@ class HookRegistry:
             self._had_forward = "forward" in self.module.__dict__
             self._orig_forward = self.module.__dict__.get("forward")
         hook.on_attach(self.module)
-        entry = _Entry(name, hook, int(hook.layer if layer is None else layer), self._seq)
+        entry = _Entry(name, hook, int(hook.layer), self._seq)
         self._seq += 1
         self._entries.append(entry)
         self._entries.sort(key=lambda e: (e.layer, e.seq))
@@ -230,8 +248,6 @@ class HookRegistry:
         if not self._attached():
             self.module.__dict__[REGISTRY_ATTR] = self
             self.module.__dict__["forward"] = self._installed
-        from .transaction import current_transaction
-
         txn = current_transaction()
         if txn is not None:
             txn.on_rollback(functools.partial(self.remove, name, missing_ok=True), f"hook {name!r}")
@@ -365,9 +381,9 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-def add_hook(module: nn.Module, hook: ModelHook, name: str, *, layer: int | None = None) -> ModelHook:
-    """Add `hook` to `module` under `name`."""
-    return HookRegistry.get_or_create(module).add(name, hook, layer=layer)
+def add_hook(module: nn.Module, hook: ModelHook, name: str) -> ModelHook:
+    """Add `hook` to `module` under `name`, at the place its `layer` gives it."""
+    return HookRegistry.get_or_create(module).add(name, hook)
 
 
 def get_hook(module: nn.Module, name: str) -> ModelHook | None:

@@ -194,7 +194,6 @@ class RunStateHook(ModelHook):
         self.state = RunState()
         self.timestep_arg = timestep_arg
         self._t_index: int | None = None
-        self.applied: list[Any] = []  # technique configs applied through hookwise.apply, in order
         self.module: nn.Module | None = None
 
     def on_attach(self, module: nn.Module) -> None:
@@ -276,11 +275,12 @@ def find_timestep_parameter(module: nn.Module, name: str | None = None) -> tuple
 # ---- public helpers -----------------------------------------------------------------------------
 def get_run_state(model: nn.Module) -> RunState | None:
     """The `RunState` of a hooked model, or None if hookwise has not attached one."""
-    hook = _root_hook(model)
+    hook = run_state_hook(model)
     return hook.state if hook else None
 
 
-def _root_hook(model: nn.Module) -> RunStateHook | None:
+def run_state_hook(model: nn.Module) -> RunStateHook | None:
+    """The root run-state hook of `model`, or None if hookwise has not attached one."""
     registry = HookRegistry.of(model)
     hook = registry.get(RUN_STATE_HOOK) if registry else None
     return hook if isinstance(hook, RunStateHook) else None
@@ -288,7 +288,7 @@ def _root_hook(model: nn.Module) -> RunStateHook | None:
 
 def attach_run_state(model: nn.Module, timestep_arg: str | None = None) -> RunStateHook:
     """The root run-state hook of `model`, added if missing."""
-    hook = _root_hook(model)
+    hook = run_state_hook(model)
     if hook is not None:
         if timestep_arg is not None and hook.timestep_arg != timestep_arg:
             raise ConfigError(
@@ -299,6 +299,13 @@ def attach_run_state(model: nn.Module, timestep_arg: str | None = None) -> RunSt
     hook = RunStateHook(timestep_arg)
     HookRegistry.get_or_create(model).add(RUN_STATE_HOOK, hook)
     return hook
+
+
+def detach_run_state(model: nn.Module) -> None:
+    """Take the root run-state hook off `model`, if it has one."""
+    registry = HookRegistry.of(model)
+    if registry is not None:
+        registry.remove(RUN_STATE_HOOK, missing_ok=True)
 
 
 @contextmanager

@@ -1,21 +1,24 @@
 """The table of techniques, and applying / removing them on a model.
 
-Config class -> how to apply and remove it, its order, its conflicts.
+Config class -> how to apply and remove it, its layer, its conflicts.
 
-Each technique file registers itself once at import:
+Each technique file registers its private handlers once at import:
 
-    register_technique("casting", LayerwiseCasting, apply=apply_casting, remove=remove_casting,
-                       order=Layer.CAST, conflicts=("quantization",))
+    register_technique("casting", LayerwiseCasting, apply=_apply, remove=_remove,
+                       layer=Layer.CAST, conflicts=("quantization",))
 
 `apply(model, config)` changes the model (recording undo steps in the open transaction for anything
 that is not a hook); `remove(model, config)` undoes what that config applied.
 
-`hookwise.apply` reads this table to validate a stack (no duplicates unless `multiple`, no declared
-conflict in either direction) and to apply it in canonical order, lowest `order` first.
+This is the one entry path: `hookwise.apply` reads this table to validate a stack (no duplicates
+unless `multiple`, no declared conflict in either direction), applies it in canonical order (lowest
+layer first) and records each config in the model's ledger; every public `apply_<name>` is a call of
+it, and every `remove_<name>` a call of `remove_techniques` for that one name.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -23,8 +26,9 @@ from torch import nn
 
 from ..errors import CompatibilityError, ConfigError
 from .config import TechniqueConfig
-from .hooks import HookRegistry, unwrap
-from .state import RUN_STATE_HOOK, RunStateHook, attach_run_state
+from .hooks import unwrap
+from .ledger import close_ledger, ledger_of, open_ledger
+from .state import attach_run_state, detach_run_state
 from .transaction import transaction
 
 
@@ -35,8 +39,8 @@ class Technique:
     name: str
     config_cls: type[TechniqueConfig]
     apply: Callable[[nn.Module, Any], Any]
-    remove: Callable[[nn.Module, Any], Any] | None
-    order: int
+    remove: Callable[..., Any] | None
+    layer: int
     conflicts: frozenset[str]
     multiple: bool
     description: str
@@ -55,13 +59,17 @@ def register_technique(
     config_cls: type[TechniqueConfig],
     *,
     apply: Callable[[nn.Module, Any], Any],
-    remove: Callable[[nn.Module, Any], Any] | None,
-    order: int,
+    remove: Callable[..., Any] | None,
+    layer: int,
     conflicts: Iterable[str] = (),
     multiple: bool = False,
     description: str = "",
 ) -> Technique:
-    """Add a technique to the table. `remove=None` marks it irreversible."""
+    """Add a technique to the table. `remove=None` marks it irreversible.
+
+    `layer` (a `Layer` member) orders the techniques applied in one call, lowest first; it is also
+    readable as the config class's `layer`.
+    """
     if not (isinstance(config_cls, type) and issubclass(config_cls, TechniqueConfig)):
         raise ConfigError(f"technique {name!r}: its config class must subclass hookwise TechniqueConfig")
     existing = _BY_NAME.get(name)
@@ -72,12 +80,13 @@ def register_technique(
         config_cls=config_cls,
         apply=apply,
         remove=remove,
-        order=int(order),
+        layer=int(layer),
         conflicts=frozenset(conflicts),
         multiple=multiple,
         description=description or (config_cls.__doc__ or "").strip().split("\n")[0],
     )
     config_cls.technique = name
+    config_cls.layer = technique.layer
     _BY_NAME[name] = technique
     _BY_CONFIG[config_cls] = technique
     return technique
@@ -110,41 +119,40 @@ def technique_named(name: str) -> Technique:
 
 def techniques() -> list[Technique]:
     """Every registered technique, in canonical order."""
-    return sorted(_BY_NAME.values(), key=lambda t: (t.order, t.name))
+    return sorted(_BY_NAME.values(), key=lambda t: (t.layer, t.name))
 
 
 def _conflict(a: Technique, b: Technique) -> bool:
     return b.name in a.conflicts or a.name in b.conflicts
 
 
-def check_compatible(configs: Sequence[Any]) -> list[Technique]:
-    """Validate a list of configs as one stack; return their techniques. Raises `CompatibilityError`."""
-    found = [technique_of(c) for c in configs]
+def check_compatible(configs: Sequence[Any], *, applied: Sequence[Any] = ()) -> list[Technique]:
+    """Validate `configs` as one stack, on a model that has `applied` already; return their techniques.
+
+    Raises `CompatibilityError`.
+    """
+    on_model = [technique_of(c) for c in applied]
+    found = on_model + [technique_of(c) for c in configs]
     for i, a in enumerate(found):
         for b in found[i + 1 :]:
             if a is b and not a.multiple:
+                where = "is already applied to this model" if i < len(on_model) else "is given twice"
                 raise CompatibilityError(
-                    f"technique {a.name!r} appears twice in the stack; it can be applied once per model "
-                    f"(remove the existing one with hookwise.remove first to change its settings)"
+                    f"technique {a.name!r} appears twice in the stack ({where}); it can be applied once per model "
+                    f"(remove the existing one with hookwise.remove(model, {a.name!r}) first to change its settings)"
                 )
             if a is not b and _conflict(a, b):
                 raise CompatibilityError(
                     f"techniques {a.name!r} and {b.name!r} cannot be combined on one model; choose one"
                 )
-    return found
+    return found[len(on_model) :]
 
 
 # ---- applying and removing techniques on a model ------------------------------------------------------
-def _root(model: nn.Module) -> RunStateHook | None:
-    registry = HookRegistry.of(model)
-    hook = registry.get(RUN_STATE_HOOK) if registry else None
-    return hook if isinstance(hook, RunStateHook) else None
-
-
 def applied_configs(model: nn.Module) -> list[TechniqueConfig]:
     """The configs hookwise has applied to `model`, in the order they were applied."""
-    root = _root(unwrap(model))
-    return list(root.applied) if root else []
+    ledger = ledger_of(unwrap(model))
+    return ledger.configs if ledger else []
 
 
 def apply_techniques(
@@ -152,7 +160,8 @@ def apply_techniques(
 ) -> list[TechniqueConfig]:
     """Validate `configs` together with what is already applied, then apply them all-or-nothing.
 
-    New configs are applied in canonical order inside a transaction; returns every applied config.
+    New configs are applied in canonical order inside a transaction and recorded in the model's
+    ledger; returns every applied config.
     """
     model = unwrap(model)
     if not isinstance(model, nn.Module):
@@ -160,40 +169,39 @@ def apply_techniques(
     if not configs:
         known = ", ".join(t.config_cls.__name__ for t in techniques()) or "none registered"
         raise ConfigError(f"hookwise.apply was given no technique config (available: {known})")
-    root = _root(model)
-    existing = list(root.applied) if root else []
-    check_compatible(existing + list(configs))
-    ordered = sorted(configs, key=lambda c: technique_of(c).order)
-    with transaction() as txn:
-        root = attach_run_state(model, timestep_arg)
+    check_compatible(configs, applied=applied_configs(model))
+    ordered = sorted(configs, key=lambda c: technique_of(c).layer)
+    with transaction():
+        attach_run_state(model, timestep_arg)
+        ledger = open_ledger(model)
         for config in ordered:
-            technique = technique_of(config)
-            technique.apply(model, config)
-            root.applied.append(config)
-            txn.on_rollback(lambda c=config: root.applied.remove(c), f"record of {technique.name}")
-    return list(root.applied)
+            technique_of(config).apply(model, config)
+            ledger.record(config)
+    return ledger.configs
 
 
-def remove_techniques(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
+def remove_techniques(model: nn.Module, names: Sequence[str] = (), **options: Any) -> list[str]:
     """Undo techniques (all, or those named), newest first; returns the names undone.
 
-    An irreversible technique stays, with a warning. When nothing applied is left, the run-state
-    hook goes too.
+    `options` go to the remove handler of each technique undone (for a `remove_<name>` that takes
+    more than the model). An irreversible technique stays, with a warning. When nothing applied is
+    left, the ledger and the run-state hook go too.
     """
-    import warnings
-
     model = unwrap(model)
-    root = _root(model)
-    if root is None:
+    ledger = ledger_of(model)
+    if ledger is None:
         if names:
-            raise ConfigError(f"cannot remove {list(names)}: hookwise has applied nothing to this model")
+            raise ConfigError(
+                f"cannot remove {list(names)}: hookwise has applied nothing to this model (apply it with "
+                f"hookwise.apply or its apply_<name> first)"
+            )
         return []
-    present = [technique_of(c).name for c in root.applied]
+    present = [technique_of(c).name for c in ledger]
     unknown = [n for n in names if n not in present]
     if unknown:
         raise ConfigError(f"cannot remove {unknown}: not applied to this model (applied: {present})")
     removed: list[str] = []
-    for config in reversed(list(root.applied)):
+    for config in reversed(ledger.configs):
         technique = technique_of(config)
         if names and technique.name not in names:
             continue
@@ -202,9 +210,10 @@ def remove_techniques(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
                 f"hookwise: technique {technique.name!r} cannot be undone and stays on the model", stacklevel=3
             )
             continue
-        technique.remove(model, config)
-        root.applied.remove(config)
+        technique.remove(model, config, **options)
+        ledger.forget(config)
         removed.append(technique.name)
-    if not root.applied:
-        HookRegistry.of(model).remove(RUN_STATE_HOOK)
+    if not len(ledger):
+        close_ledger(model)
+        detach_run_state(model)
     return removed

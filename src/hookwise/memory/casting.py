@@ -621,7 +621,7 @@ register_technique(
     LayerwiseCasting,
     apply=_apply,
     remove=_remove,
-    order=Layer.CAST,
+    layer=Layer.CAST,
     conflicts=("quantization",),
     description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",
 )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core import Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
-from ..core import remove_hooks, transaction, unwrap
+from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from .groups import Group, TensorRef, tensors_of
 from .offload import COMPONENT_HOOK, PIN_SHARE, _offloader, _parse_device, _to
@@ -124,9 +124,9 @@ class _ComponentOffloader:
                 ref.tensor.data = master
                 txn.on_rollback(lambda t=ref.tensor, d=device, m=master: setattr(t, "data", m.to(d, copy=True)))
             self.components[name] = _Component(name, module, state, home)
-            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK)
             for child_name, child in module.named_children():
-                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK, layer=Layer.OFFLOAD + 60)
+                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK)
         if not any(c.state is not None for c in self.components.values()):
             raise NoTargetError("ComponentOffload found no component with weights to manage")
 
@@ -185,7 +185,7 @@ class _ComponentOffloader:
 
 
 class _ComponentHook(ModelHook):
-    layer = Layer.OFFLOAD
+    layer = Layer.COMPONENT
 
     def __init__(self, offloader: _ComponentOffloader, name: str, *, root: bool) -> None:
         self.offloader = offloader
@@ -236,7 +236,34 @@ def _components_of(target: Any) -> tuple[dict[str, nn.Module], list[str]]:
 
 
 def apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
-    """Apply component offloading to a pipeline / dict / module (all-or-nothing); returns the order."""
+    """Apply component offloading to a pipeline / dict / module (all-or-nothing); returns the order.
+
+    On a module, the same as `hookwise.apply(target, config)`. A pipeline or a dict of modules has no
+    forward of its own and no ledger, so it gets the handler directly and loses it with
+    `remove_component_offload`.
+    """
+    if config is None:
+        config = ComponentOffload(**kwargs)
+    elif kwargs:
+        raise ConfigError("pass either a ComponentOffload config or keyword arguments, not both")
+    if not isinstance(unwrap(target), nn.Module):
+        return _apply_component_offload(target, config)
+    apply_techniques(target, [config])
+    return list(_controller(unwrap(target)).order)
+
+
+def remove_component_offload(target: Any) -> None:
+    """Undo component offloading: every component back on the device it was on, with its values.
+
+    On a module, the same as `hookwise.remove(target, "component_offload")`.
+    """
+    if not isinstance(unwrap(target), nn.Module):
+        _remove_component_offload(target)
+        return
+    remove_techniques(target, ["component_offload"])
+
+
+def _apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
     if config is None:
         config = ComponentOffload(**kwargs)
     elif kwargs:
@@ -259,8 +286,7 @@ def apply_component_offload(target: Any, config: ComponentOffload | None = None,
     return order
 
 
-def remove_component_offload(target: Any) -> None:
-    """Undo component offloading: every component back on the device it was on, with its values."""
+def _remove_component_offload(target: Any, config: ComponentOffload | None = None) -> None:
     controller = _controller(target)
     if controller is None:
         raise ConfigError("no component offloading to remove here")
@@ -311,8 +337,8 @@ def _component_hook(module: nn.Module) -> _ComponentHook | None:
 register_technique(
     "component_offload",
     ComponentOffload,
-    apply=lambda model, config: apply_component_offload(model, config),
-    remove=lambda model, config: remove_component_offload(model),
-    order=Layer.OFFLOAD,
+    apply=_apply_component_offload,
+    remove=_remove_component_offload,
+    layer=Layer.OFFLOAD,
     conflicts=("offload",),
 )

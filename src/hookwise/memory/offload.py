@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
-from ..core import remove_hooks, transaction, unwrap
+from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
 from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
@@ -245,7 +245,7 @@ class _Offloader:
         self.scheduler = Scheduler(
             self.states, self.engine, slots=self.slots, slot_bytes=self.plan.slot_bytes, depth=self.config.depth
         )
-        add_hook(self.model, _RootHook(self), ROOT_HOOK, layer=Layer.OFFLOAD + 50)
+        add_hook(self.model, _RootHook(self), ROOT_HOOK)
         for state in self.states:
             for _, module in state.group.modules:
                 add_hook(module, _GroupHook(self.scheduler, state), GROUP_HOOK)
@@ -456,7 +456,7 @@ class _GroupHook(ModelHook):
 class _RootHook(ModelHook):
     """On the model: inputs to the device, pass boundaries, and saved-tensor packing with gradients."""
 
-    layer = Layer.OFFLOAD
+    layer = Layer.OFFLOAD_ROOT
 
     def __init__(self, offloader: _Offloader) -> None:
         self.offloader = offloader
@@ -520,25 +520,39 @@ def _check_foreign(model: nn.Module) -> None:
 
 
 def apply_offload(model: nn.Module, config: Offload | None = None, **kwargs: Any) -> OffloadReport:
-    """Apply offloading to `model` (all-or-nothing); returns the report. kwargs build an `Offload`."""
+    """Apply offloading to `model` (all-or-nothing); returns the report. kwargs build an `Offload`.
+
+    The same as `hookwise.apply(model, config)` followed by `offload_report(model)`.
+    """
     if config is None:
         config = Offload(**kwargs)
     elif kwargs:
         raise ConfigError("pass either an Offload config or keyword arguments, not both")
     if not isinstance(config, Offload):
         raise ConfigError(f"apply_offload needs an Offload config, got {type(config).__name__}")
-    model = unwrap(model)
-    if not isinstance(model, nn.Module):
+    if not isinstance(unwrap(model), nn.Module):
         raise ConfigError(f"apply_offload needs a torch.nn.Module, got {type(model).__name__}")
+    apply_techniques(model, [config])
+    return offload_report(model)
+
+
+def remove_offload(model: nn.Module, device: str | torch.device | None = None) -> None:
+    """Undo offloading: every weight back on one device (default: where the model was) with its values.
+
+    The same as `hookwise.remove(model, "offload")`, with the device to gather the weights on.
+    """
+    remove_techniques(model, ["offload"], device=device)
+
+
+def _apply_offload(model: nn.Module, config: Offload) -> None:
+    model = unwrap(model)
     with transaction(), torch.inference_mode(False):
         _check_foreign(model)
         offloader = _Offloader(model, config)
         offloader.build()
-    return offloader.report()
 
 
-def remove_offload(model: nn.Module, device: str | torch.device | None = None) -> None:
-    """Undo offloading: every weight back on one device (default: where the model was) with its values."""
+def _remove_offload(model: nn.Module, config: Offload | None = None, device: str | torch.device | None = None) -> None:
     model = unwrap(model)
     offloader = _offloader(model)
     if offloader is None:
@@ -560,8 +574,8 @@ def offload_report(model: nn.Module) -> OffloadReport:
 register_technique(
     "offload",
     Offload,
-    apply=lambda model, config: apply_offload(model, config),
-    remove=lambda model, config: remove_offload(model),
-    order=Layer.OFFLOAD,
+    apply=_apply_offload,
+    remove=_remove_offload,
+    layer=Layer.OFFLOAD,
     conflicts=("component_offload",),
 )
