@@ -268,11 +268,35 @@ def _leaf_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _is_attention(module: nn.Module) -> bool:
+def _named_attention(module: nn.Module) -> bool:
     cls = type(module).__name__.lower()
-    if "attention" in cls and "processor" not in cls:
+    return "attention" in cls and "processor" not in cls
+
+
+def _attention_like(module: nn.Module) -> bool:
+    if _named_attention(module):
         return True
     return (hasattr(module, "to_q") and hasattr(module, "to_k")) or isinstance(getattr(module, "qkv", None), nn.Linear)
+
+
+def _holds_block_parts(module: nn.Module) -> bool:
+    """Whether `module` holds what only a whole block holds: a feed-forward, or an attention module of its own."""
+    for name, sub in module.named_modules():
+        if name and ((_is_ffn(name, sub) and _leaf_kind(sub) is None) or _attention_like(sub)):
+            return True
+    return False
+
+
+def _is_attention(path: str, module: nn.Module, block_paths: set[str]) -> bool:
+    """The static rule: attention-like by class or projections, and not a whole block.
+
+    A block that holds a fused `qkv` Linear next to its norms and MLP computes attention inline; it is
+    no attention module (reusing its output would drop the residual stream), nor is a class named
+    `...AttentionBlock` that holds its own attention and feed-forward modules.
+    """
+    if not _attention_like(module) or _holds_block_parts(module):
+        return False
+    return path not in block_paths or _named_attention(module)
 
 
 def _attention_kind(path: str, module: nn.Module) -> str:
@@ -378,7 +402,7 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
             if block is not None:
                 leaf_count[block] = leaf_count.get(block, 0) + 1
         if path and not inside_role.intersection(_prefixes(path)[:-1]):
-            if _is_attention(module):
+            if _is_attention(path, module, block_set):
                 attention.append(ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path)))
                 inside_role.add(path)
             elif _is_ffn(path, module) and kind is None:
