@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from hookwise.errors import ConfigError
-from hookwise.introspect import ModuleRole, check_against_trace, describe, trace_calls
+from hookwise.introspect import ModuleRole, check_against_trace, describe, example_inputs, trace_calls
+from tiny_models import TINY_DIFFUSERS
 
 DIM = 8
 HEADS = 2
@@ -382,6 +383,21 @@ def test_stated_paths_are_validated():
         describe(model, towers="a.b.c.blocks")
     with pytest.raises(ConfigError, match="holds no blocks"):
         describe(model, towers=["head"])
+
+
+# ---- known architectures ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+def test_known_architectures_trace_on_meta_to_their_static_map(arch):
+    with torch.device("meta"):
+        model, _ = TINY_DIFFUSERS[arch]()
+    inputs = example_inputs(model)
+    assert all(t.is_meta for t in inputs.values())
+    static, traced = describe(model), describe(model, inputs)
+    assert traced.traced and not static.traced
+    assert traced.towers == static.towers
+    assert traced.attention == static.attention and traced.attention
+    assert traced.ffn == static.ffn
+    assert check_against_trace(static, trace_calls(model, inputs)) == []
 
 
 # ---- property: random module trees ------------------------------------------------------------
