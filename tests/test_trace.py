@@ -106,10 +106,10 @@ def tower_paths(m):
 class DictStages(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stages = nn.ModuleList(
-            [nn.ModuleDict({"blocks": nn.ModuleList([SplitBlock(), SplitBlock()]), "down": nn.Linear(DIM, DIM)})
-             for _ in range(2)]
+        stage = lambda: nn.ModuleDict(  # noqa: E731
+            {"blocks": nn.ModuleList([SplitBlock(), SplitBlock()]), "down": nn.Linear(DIM, DIM)}
         )
+        self.stages = nn.ModuleList([stage() for _ in range(2)])
 
     def forward(self, x):
         for stage in self.stages:
@@ -215,7 +215,8 @@ class AttentionBlockModel(nn.Module):
 def test_attention_named_whole_block_is_a_block_and_its_attention_and_ffn_are_found():
     model = AttentionBlockModel()
     inputs = {"x": x_input(), "context": torch.randn(1, 3, DIM)}
-    expected_attention = {f"layers.{i}.{n}": k for i in range(2) for n, k in (("self_attn", "self"), ("cross_attn", "cross"))}
+    roles = (("self_attn", "self"), ("cross_attn", "cross"))
+    expected_attention = {f"layers.{i}.{n}": k for i in range(2) for n, k in roles}
     for m in (describe(model), describe(model, inputs)):
         assert tower_paths(m) == {"layers": ("layers.0", "layers.1")}
         assert {a.path: a.kind for a in m.attention} == expected_attention

@@ -76,7 +76,9 @@ def is_block(module: nn.Module) -> bool:
     return has_child and next(module.parameters(), None) is not None and not is_container(module)
 
 
-def _runs(children: list[tuple[str, nn.Module]], block: Callable[[nn.Module], bool]) -> list[list[tuple[str, nn.Module]]]:
+def _runs(
+    children: list[tuple[str, nn.Module]], block: Callable[[nn.Module], bool]
+) -> list[list[tuple[str, nn.Module]]]:
     """Maximal runs of consecutive same-class blocks."""
     runs: list[list[tuple[str, nn.Module]]] = []
     for name, child in children:
