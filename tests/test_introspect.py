@@ -233,3 +233,67 @@ def test_describe_unwraps_torch_compile():
     model, _ = tiny_musubi()
     compiled = torch.compile(model, backend="eager")
     assert describe(compiled).model_cls == "MusubiDiT"
+
+
+def _block_parts():
+    return dict(norm1=nn.LayerNorm(4), mlp=nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)))
+
+
+def test_containers_of_block_lists_are_searched_through_never_taken_for_blocks():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = nn.GELU()
+
+    class Holder(nn.Module):  # no forward: only holds the list
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    class Stages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dicts = nn.ModuleList([nn.ModuleDict({"blocks": nn.ModuleList([Block(), Block()])}) for _ in range(2)])
+            self.seqs = nn.ModuleList([nn.Sequential(Block(), Block()) for _ in range(2)])
+            self.deep = Holder(Holder(Holder(nn.ModuleList([Block(), Block()]))))
+
+    m = describe(Stages())
+    assert {t.name for t in m.towers} == {
+        "dicts.0.blocks", "dicts.1.blocks", "seqs.0", "seqs.1", "deep.inner.inner.inner",
+    }
+    assert all(b.cls == "Block" for b in m.blocks)
+
+
+def test_whole_blocks_are_never_attention_modules():
+    class FusedBlock(nn.Module):  # fused qkv next to norms and MLP: attention is inline in the block
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+            for name, module in _block_parts().items():
+                setattr(self, name, module)
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class TransformerAttentionBlock(nn.Module):  # named for attention, holds attention and FFN
+        def __init__(self):
+            super().__init__()
+            self.attn1, self.attn2 = SelfAttention(), SelfAttention()
+            for name, module in _block_parts().items():
+                setattr(self, name, module)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fused = nn.ModuleList([FusedBlock() for _ in range(2)])
+            self.named = nn.ModuleList([TransformerAttentionBlock() for _ in range(2)])
+
+    m = describe(Model())
+    assert [t.name for t in m.towers] == ["fused", "named"]
+    assert {a.path: a.kind for a in m.attention} == {
+        "named.0.attn1": "self", "named.0.attn2": "cross", "named.1.attn1": "self", "named.1.attn2": "cross",
+    }
+    assert {f.path for f in m.ffn} == {f"{t}.{i}.mlp" for t in ("fused", "named") for i in range(2)}

@@ -4,10 +4,17 @@ The map lists the towers (with each block's parameter and buffer bytes), the lea
 Embedding) with their bytes, the modules that keep high precision and why, the attention and
 feed-forward modules, and the known architecture. It works on models on the `meta` device: sizes
 come from shapes and nothing is allocated.
+
+Without example inputs the towers and roles come from static rules (structure, names, known
+architectures). With example inputs, one forward is traced (`trace.py`) and the map follows what ran:
+a block is a module that was called, an attention module is the innermost module in which attention
+was computed and never a whole block. Towers and attention modules the user states (`towers=`,
+`attention=`, module paths) win over both and are kept in `ModelMap.overrides`.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,6 +28,7 @@ from ..errors import ConfigError
 from .architectures import Architecture, architecture_named, detect_architecture
 from .precision import _prefixes, find_high_precision
 from .towers import FoundTower, find_towers
+from .trace import CallTrace, trace_calls
 
 LEAF_TYPES: dict[str, tuple[type, ...]] = {
     "linear": (nn.Linear,),
@@ -108,6 +116,8 @@ class ModelMap:
     device: str
     timestep_arg: str | None
     notes: tuple[str, ...] = field(default=())
+    traced: bool = False  # towers and roles were checked against a traced forward
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # "towers" / "attention" -> stated paths
 
     # ---- towers and blocks --------------------------------------------------------------------
     @property
@@ -268,11 +278,35 @@ def _leaf_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _is_attention(module: nn.Module) -> bool:
+def _named_attention(module: nn.Module) -> bool:
     cls = type(module).__name__.lower()
-    if "attention" in cls and "processor" not in cls:
+    return "attention" in cls and "processor" not in cls
+
+
+def _attention_like(module: nn.Module) -> bool:
+    if _named_attention(module):
         return True
     return (hasattr(module, "to_q") and hasattr(module, "to_k")) or isinstance(getattr(module, "qkv", None), nn.Linear)
+
+
+def _holds_block_parts(module: nn.Module) -> bool:
+    """Whether `module` holds what only a whole block holds: a feed-forward, or an attention module of its own."""
+    for name, sub in module.named_modules():
+        if name and ((_is_ffn(name, sub) and _leaf_kind(sub) is None) or _attention_like(sub)):
+            return True
+    return False
+
+
+def _is_attention(path: str, module: nn.Module, block_paths: set[str]) -> bool:
+    """The static rule: attention-like by class or projections, and not a whole block.
+
+    A block that holds a fused `qkv` Linear next to its norms and MLP computes attention inline; it is
+    no attention module (reusing its output would drop the residual stream), nor is a class named
+    `...AttentionBlock` that holds its own attention and feed-forward modules.
+    """
+    if not _attention_like(module) or _holds_block_parts(module):
+        return False
+    return path not in block_paths or _named_attention(module)
 
 
 def _attention_kind(path: str, module: nn.Module) -> str:
@@ -307,16 +341,100 @@ def _main_towers(found: list[FoundTower], arch: Architecture | None, notes: list
     return [t.name for t in found if t.depth == depth]
 
 
-def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_arg: str | None = None) -> ModelMap:
+def _module_at(modules: dict[str, nn.Module], path: Any, what: str) -> nn.Module:
+    """The module at a user-stated `path`, or a ConfigError naming the nearest paths."""
+    if not isinstance(path, str) or path not in modules or not path:
+        near = difflib.get_close_matches(str(path), [p for p in modules if p], n=5)
+        hint = f" Nearest module paths: {near}." if near else ""
+        raise ConfigError(
+            f"describe({what}=[...]): the model has no module {path!r}; give paths as in "
+            f"model.named_modules() (e.g. 'blocks' for a tower, 'blocks.0.attn' for an attention module).{hint}"
+        )
+    return modules[path]
+
+
+def _stated_towers(
+    modules: dict[str, nn.Module], paths: list[str], trace: CallTrace | None
+) -> list[FoundTower]:
+    """Towers the user stated: each path is the container whose children (those that ran, if traced) are the blocks."""
+    found = []
+    for path in paths:
+        container = _module_at(modules, path, "towers")
+        members = [
+            (f"{path}.{n}", c) for n, c in container.named_children() if trace is None or trace.ran(f"{path}.{n}")
+        ]
+        if not members:
+            raise ConfigError(
+                f"describe(towers=[...]): {path!r} holds no blocks"
+                + (" that ran in the traced forward" if trace is not None else "")
+                + "; name the container (ModuleList, Sequential...) whose children are the blocks"
+            )
+        found.append(FoundTower(path, path, tuple(members)))
+    return found
+
+
+def _traced_roles(
+    model: nn.Module, trace: CallTrace, block_set: set[str], block_of, notes: list[str]
+) -> tuple[list[ModuleRole], list[ModuleRole]]:
+    """Attention and feed-forward modules from a trace: attention where it ran innermost, never a whole block."""
+    attention: list[ModuleRole] = []
+    ffn: list[ModuleRole] = []
+    claimed: set[str] = set()
+    inline: list[str] = []
+    for path, module in model.named_modules():
+        if not path or not trace.ran(path) or claimed.intersection(_prefixes(path)[:-1]):
+            continue
+        if path in trace.attention:
+            whole_block = path in block_set or any(b.startswith(path + ".") for b in block_set)
+            if whole_block or _holds_block_parts(module):
+                inline.append(path)
+                continue
+            attention.append(ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path)))
+            claimed.add(path)
+        elif _is_ffn(path, module) and _leaf_kind(module) is None and path not in block_set:
+            if not any(a.startswith(path + ".") for a in trace.attention):
+                ffn.append(ModuleRole(path, type(module).__name__, "ffn", block_of(path)))
+                claimed.add(path)
+    if inline:
+        shown = ", ".join(inline[:4]) + (", ..." if len(inline) > 4 else "")
+        notes.append(
+            f"attention is computed inline in the forward of {len(inline)} module(s) that are whole blocks "
+            f"({shown}): no attention module to target there"
+        )
+    return attention, ffn
+
+
+def describe(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    towers: list[str] | tuple[str, ...] | None = None,
+    attention: list[str] | tuple[str, ...] | None = None,
+    architecture: str | None = "auto",
+    timestep_arg: str | None = None,
+) -> ModelMap:
     """Map `model`: towers, blocks, leaves, high-precision modules, attention / FFN, architecture.
 
-    `architecture="auto"` recognises known architectures; pass a name to force one, or None to map
-    the model purely structurally.
+    `example_inputs` (a kwargs dict, an args tuple or one tensor, on the model's device, `meta`
+    included) runs one traced forward, and the towers and attention modules are those that ran.
+    `towers=` (container paths) and `attention=` (module paths) state them outright and win over the
+    static rules and the trace. `architecture="auto"` recognises known architectures; pass a name to
+    force one, or None to map the model purely structurally.
     """
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"describe() needs a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
+    modules = dict(model.named_modules())
+    overrides: dict[str, tuple[str, ...]] = {}
+    for key, value in (("towers", towers), ("attention", attention)):
+        if value is not None:
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"describe({key}=...) takes a list of module paths, got {value!r}")
+            for path in value:
+                _module_at(modules, path, key)
+            overrides[key] = tuple(value)
+    trace = trace_calls(model, example_inputs) if example_inputs is not None else None
     if architecture == "auto":
         arch = detect_architecture(model)
     elif architecture is None:
@@ -326,8 +444,19 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
         if not arch.matches(model):
             notes.append(f"architecture {arch.name} was forced on a {type(model).__name__}")
 
-    found = find_towers(model)
-    main_names = _main_towers(found, arch, notes)
+    if "towers" in overrides:
+        found = _stated_towers(modules, list(overrides["towers"]), trace)
+        main_names = [t.name for t in found]
+    else:
+        called = None
+        if trace is not None:
+            ran = {id(modules[p]) for p in trace.order}
+            called = lambda m: id(m) in ran  # noqa: E731
+        found = find_towers(model, called)
+        main_names = _main_towers(found, arch, notes)
+        if trace is not None and arch is None:
+            first = trace.first_calls
+            main_names.sort(key=lambda n: first[next(t for t in found if t.name == n).members[0][0]])
     order = {name: i for i, name in enumerate(main_names)}
     found.sort(key=lambda t: (0, order[t.name]) if t.name in order else (1, 0))
     if not found:
@@ -352,7 +481,7 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
 
     leaves: list[LeafInfo] = []
     leaf_count: dict[str, int] = {}
-    attention: list[ModuleRole] = []
+    attention_roles: list[ModuleRole] = []
     ffn: list[ModuleRole] = []
     inside_role: set[str] = set()
     for path, module in model.named_modules():
@@ -378,22 +507,32 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
             if block is not None:
                 leaf_count[block] = leaf_count.get(block, 0) + 1
         if path and not inside_role.intersection(_prefixes(path)[:-1]):
-            if _is_attention(module):
-                attention.append(ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path)))
+            if _is_attention(path, module, block_set):
+                attention_roles.append(
+                    ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path))
+                )
                 inside_role.add(path)
             elif _is_ffn(path, module) and kind is None:
                 ffn.append(ModuleRole(path, type(module).__name__, "ffn", block_of(path)))
                 inside_role.add(path)
 
-    towers: list[TowerInfo] = []
+    if trace is not None:
+        attention_roles, ffn = _traced_roles(model, trace, block_set, block_of, notes)
+    if "attention" in overrides:
+        attention_roles = [
+            ModuleRole(p, type(modules[p]).__name__, _attention_kind(p, modules[p]), block_of(p))
+            for p in overrides["attention"]
+        ]
+
+    tower_infos: list[TowerInfo] = []
     for t in found:
         blocks = []
         for index, (path, block) in enumerate(t.members):
             count, pbytes, bbytes = _sizes(block)
             blocks.append(BlockInfo(path, index, type(block).__name__, count, pbytes, bbytes, leaf_count.get(path, 0)))
-        towers.append(TowerInfo(t.name, t.container, type(t.members[0][1]).__name__, tuple(blocks), t.name in order))
-
-    modules = dict(model.named_modules())
+        tower_infos.append(
+            TowerInfo(t.name, t.container, type(t.members[0][1]).__name__, tuple(blocks), t.name in order)
+        )
     params = dict(model.named_parameters())
     high_bytes: dict[str, int] = {}
     for path in high:
@@ -422,11 +561,11 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
     return ModelMap(
         model_cls=type(model).__name__,
         architecture=arch.name if arch else None,
-        towers=tuple(towers),
+        towers=tuple(tower_infos),
         leaves=tuple(leaves),
         high_precision=high,
         high_precision_bytes=high_bytes,
-        attention=tuple(attention),
+        attention=tuple(attention_roles),
         ffn=tuple(ffn),
         param_count=count,
         param_bytes=pbytes,
@@ -435,4 +574,6 @@ def describe(model: nn.Module, *, architecture: str | None = "auto", timestep_ar
         device=",".join(sorted(devices)) or "none",
         timestep_arg=t_name,
         notes=tuple(notes),
+        traced=trace is not None,
+        overrides=overrides,
     )

@@ -214,3 +214,49 @@ def build_spec(name: str, dtype: torch.dtype | None = torch.bfloat16) -> nn.Modu
     """The full-size model `name` on the `meta` device, in `dtype` (bf16 by default, as shipped)."""
     spec = get_spec(name)
     return build_diffusers_model(spec.diffusers_class, spec.config, dtype)
+
+
+def _flux_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    image, text = 16, 8  # tokens: enough to run every path, small enough to be instant
+    inputs = dict(
+        hidden_states=torch.zeros(1, image, config.in_channels, device=device, dtype=dtype),
+        encoder_hidden_states=torch.zeros(1, text, config.joint_attention_dim, device=device, dtype=dtype),
+        pooled_projections=torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype),
+        timestep=torch.ones(1, device=device, dtype=dtype),
+        img_ids=torch.zeros(image, 3, device=device, dtype=dtype),
+        txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.ones(1, device=device, dtype=dtype)
+    return inputs
+
+
+def _wan_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    pt, ph, pw = config.patch_size
+    return dict(
+        hidden_states=torch.zeros(1, config.in_channels, pt, 2 * ph, 2 * pw, device=device, dtype=dtype),
+        encoder_hidden_states=torch.zeros(1, 8, config.text_dim, device=device, dtype=dtype),
+        timestep=torch.ones(1, device=device, dtype=torch.long),
+    )
+
+
+_INPUT_BUILDERS = {"FluxTransformer2DModel": _flux_inputs, "WanTransformer3DModel": _wan_inputs}
+
+
+def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Small keyword inputs for one forward of a known diffusers transformer, on its device and dtype.
+
+    On a `meta` model they are `meta` tensors, so `describe(model, example_inputs(model))` traces a
+    full-size spec without allocating. Known: FLUX and Wan transformers.
+    """
+    name = type(model).__name__
+    builder = _INPUT_BUILDERS.get(name)
+    if builder is None:
+        raise ModelResolveError(
+            f"no example-input builder for {name}; known: {sorted(_INPUT_BUILDERS)}. "
+            f"Pass your own inputs to describe(model, example_inputs=...)"
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return builder(model.config, device, dtype)
