@@ -35,6 +35,8 @@ from ..core import remove_hooks, transaction, unwrap
 from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
+from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, pin_allowance, to_device
+from ._placement import parse_device as _parse_device  # the name the public functions below use
 from .budget import BudgetError, Plan, check_budget_value, fmt_bytes, minimum_bytes, parse_budget, plan
 from .disk import DiskFile, check_writable, default_dir, store
 from .groups import Group, Partition, TensorRef, partition
@@ -43,11 +45,9 @@ from .transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.offload")
 
-ROOT_HOOK = "hookwise.offload.root"
+ROOT_HOOK = OFFLOAD_ROOT_HOOK
 GROUP_HOOK = "hookwise.offload"
 OWNER = "hookwise.offload"
-COMPONENT_HOOK = "hookwise.component_offload"  # set by components.py on each managed component
-PIN_SHARE = 0.5  # pin="auto": pinned host memory stays under this share of (free RAM + the model's host bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +111,6 @@ class Offload(TechniqueConfig):
         if isinstance(self.prefetch, bool):
             return 1 if self.prefetch else 0
         return int(self.prefetch)
-
-
-def _parse_device(value: Any, field: str) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"{field}={value!r} is not a device; use e.g. 'cuda', 'cuda:1' or 'cpu'") from exc
-    if device.type == "meta":
-        raise ConfigError(f"{field}='meta' cannot hold weights; use 'cuda' or 'cpu'")
-    return device
 
 
 def _resolve_onload(config: Offload) -> torch.device:
@@ -196,7 +186,7 @@ class _Offloader:
         self.config = config
         self.onload = _resolve_onload(config)
         self.streams = config.use_streams if config.use_streams is not None else self.onload.type == "cuda"
-        self.home = _home_device(model)
+        self.home = home_device(model)
         self.model_map: ModelMap = describe(model)
         self.budget = parse_budget(config.vram_budget, self.onload)
         # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
@@ -268,16 +258,11 @@ class _Offloader:
             current_transaction().on_rollback(undo, f"move {ref.path}")
         self.resident.append(ref)
 
-    def _pin_allowance(self, streamed: list[Group]) -> int:
-        if self.disk_dir is not None or not self.engine.streams or self.config.pin == "none":
+    def _pin_allowance(self, streamed: list[Group]) -> float:
+        if self.disk_dir is not None or not self.engine.streams:
             return 0
-        total = sum(g.nbytes for g in streamed)
-        if self.config.pin == "all":
-            return total
-        import psutil
-
         host = sum(ref.nbytes for g in streamed for ref in g.tensors if ref.tensor.device.type == "cpu")
-        return int(PIN_SHARE * (psutil.virtual_memory().available + host))
+        return pin_allowance(self.config.pin, host)
 
     def _to_disk(self, group: Group) -> HostSource:
         flat = torch.zeros(group.nbytes, dtype=torch.uint8)
@@ -291,7 +276,7 @@ class _Offloader:
 
     # ---- running ----------------------------------------------------------------------------------
     def inputs_to_device(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _to(args, self.onload), _to(kwargs, self.onload)
+        return to_device(args, self.onload), to_device(kwargs, self.onload)
 
     # ---- removing ----------------------------------------------------------------------------------
     def close(self, device: torch.device) -> None:
@@ -386,11 +371,6 @@ def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int 
     raise BudgetError(message, need=first.need)
 
 
-def _home_device(model: nn.Module) -> torch.device:
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
-
-
 def _fill(flat: torch.Tensor, group: Group) -> None:
     """Copy every tensor of `group` into `flat` at its offset."""
     for ref in group.tensors:
@@ -407,18 +387,6 @@ def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:
         t.data = master.to(device, copy=True)
 
     txn.on_rollback(undo, f"restore {ref.path}")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _ignore_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
