@@ -19,7 +19,8 @@ from ..core.hooks import unwrap
 from ..core.state import find_timestep_parameter
 from ..errors import ConfigError
 from .architectures import Architecture, architecture_named, detect_architecture
-from .precision import _prefixes, find_high_precision
+from .paths import prefixes as _prefixes
+from .precision import find_high_precision
 from .towers import FoundTower, find_towers
 
 LEAF_TYPES: dict[str, tuple[type, ...]] = {

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .paths import join
+
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
 
 
@@ -28,10 +30,6 @@ class FoundTower:
     @property
     def depth(self) -> int:
         return 0 if not self.container else self.container.count(".") + 1
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def is_block(module: nn.Module) -> bool:
@@ -60,14 +58,14 @@ def find_towers(model: nn.Module) -> list[FoundTower]:
         claimed: set[str] = set()
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and children:
             if len({type(c) for _, c in children}) == 1 and all(is_block(c) for _, c in children):
-                towers.append(FoundTower(path, path, tuple((_join(path, n), c) for n, c in children)))
+                towers.append(FoundTower(path, path, tuple((join(path, n), c) for n, c in children)))
                 return
             names = [n for n, _ in children]
             for run in _runs(children):
                 if len(run) < 2:
                     continue
                 i, j = names.index(run[0][0]), names.index(run[-1][0]) + 1
-                towers.append(FoundTower(f"{path}[{i}:{j}]", path, tuple((_join(path, n), c) for n, c in run)))
+                towers.append(FoundTower(f"{path}[{i}:{j}]", path, tuple((join(path, n), c) for n, c in run)))
                 claimed.update(n for n, _ in run)
         else:
             groups: dict[tuple[str, type], list[tuple[int, str, nn.Module]]] = {}
@@ -80,12 +78,12 @@ def find_towers(model: nn.Module) -> list[FoundTower]:
                 if len(items) < 2:
                     continue
                 items.sort(key=lambda t: t[0])
-                members = tuple((_join(path, n), c) for _, n, c in items)
-                towers.append(FoundTower(_join(path, f"{prefix}*") if prefix else f"{path}[*]", path, members))
+                members = tuple((join(path, n), c) for _, n, c in items)
+                towers.append(FoundTower(join(path, f"{prefix}*") if prefix else f"{path}[*]", path, members))
                 claimed.update(n for _, n, _ in items)
         for name, child in children:
             if name not in claimed:
-                visit(child, _join(path, name))
+                visit(child, join(path, name))
 
     visit(model, "")
     return towers
