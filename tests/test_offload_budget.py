@@ -58,7 +58,7 @@ def test_budget_keeps_exactly_the_expected_groups_resident():
     streamed = ["single_blocks.1", "single_blocks.3", "single_blocks.5"]
     assert list(report.streamed) == streamed
     assert set(report.resident) == set(size) - set(streamed)
-    assert _offloader(model).plan.device_bytes == budget  # resident groups + two slots, as planned
+    assert _offloader(model).residency.device_bytes == budget  # resident groups + two slots, as planned
     assert budget - 64 * len(size) <= report.device_bytes <= budget  # measured (groups are padded in the plan)
     strict(model)
     for _ in range(2):

@@ -37,7 +37,7 @@ from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
 from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, pin_allowance, to_device
 from ._placement import parse_device as _parse_device  # the name the public functions below use
-from .budget import BudgetError, Plan, check_budget_value, fmt_bytes, minimum_bytes, parse_budget, plan
+from .budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
 from .disk import DiskFile, check_writable, default_dir, store
 from .groups import Group, Partition, TensorRef, partition
 from .schedule import GroupState, Scheduler
@@ -192,7 +192,7 @@ class _Offloader:
         # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
         self.direct = config.offload_device == "disk" and self.onload.type == "cpu" and not self.streams
         self.slots = 0 if self.direct else config.depth + 1
-        self.part, self.plan = _choose(model, self.model_map, config, self.budget, self.slots)
+        self.part, self.residency = _choose(model, self.model_map, config, self.budget, self.slots)
         self.disk_dir: Path | None = None
         if config.offload_device == "disk":
             self.disk_dir = check_writable(Path(config.disk_path) if config.disk_path else default_dir())
@@ -213,10 +213,10 @@ class _Offloader:
         txn = current_transaction()
         txn.on_rollback(self.engine.close, "offload engine")
         groups = self.part.groups
-        resident_groups = [g for g in groups if g.index in self.plan.resident]
+        resident_groups = [g for g in groups if g.index in self.residency.resident]
         for ref in self.part.pinned + [ref for g in resident_groups for ref in g.tensors]:
             self._make_resident(ref)
-        streamed = [g for g in groups if g.index not in self.plan.resident]
+        streamed = [g for g in groups if g.index not in self.residency.resident]
         pin_left = self._pin_allowance(streamed)
         for group in streamed:
             if self.disk_dir is not None:
@@ -233,7 +233,7 @@ class _Offloader:
                 _point(ref, master, txn)
             self.states.append(state)
         self.scheduler = Scheduler(
-            self.states, self.engine, slots=self.slots, slot_bytes=self.plan.slot_bytes, depth=self.config.depth
+            self.states, self.engine, slots=self.slots, slot_bytes=self.residency.slot_bytes, depth=self.config.depth
         )
         add_hook(self.model, _RootHook(self), ROOT_HOOK, layer=Layer.OFFLOAD + 50)
         for state in self.states:
@@ -328,7 +328,7 @@ class _Offloader:
             groups=tuple(groups),
             always_resident=dict(self.part.reasons),
             slots=len(sched.slots) if sched else 0,
-            slot_bytes=self.plan.slot_bytes,
+            slot_bytes=self.residency.slot_bytes,
             device_bytes=resident_bytes + slot_bytes,
             host_bytes=sum(s.source.nbytes for s in host),
             pinned_host_bytes=sum(s.source.nbytes for s in host if s.source.kind == "pinned"),
@@ -339,8 +339,8 @@ class _Offloader:
         )
 
 
-def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Plan]:
-    """The partition and residency plan: the granularity asked for, or for "auto" the first that fits."""
+def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Residency]:
+    """The partition and the residency: the granularity asked for, or for "auto" the first that fits."""
     if config.granularity == "auto":
         options = ["block", "leaf"] if model_map.towers else ["leaf"]
     else:
@@ -352,7 +352,7 @@ def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int 
             offload_trainable=config.offload_trainable,
         )
         try:
-            return part, plan(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
+            return part, choose_residency(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
         except BudgetError as exc:
             failures.append((granularity, exc))
     granularity, first = failures[0]
