@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 
 from ..errors import ConfigError
@@ -67,8 +68,6 @@ def device_total_bytes(device: torch.device) -> int:
     """Total memory of the onload device (host RAM for the CPU)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
-
     return int(psutil.virtual_memory().total)
 
 
