@@ -136,6 +136,7 @@ class GroupReport:
     resident: bool
     storage: str  # "device" (resident), "pinned", "pageable", "disk"
     file: str | None = None
+    file_reused: bool | None = None  # the file already held these bytes (None: no file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +152,13 @@ class OffloadReport:
     slots: int
     slot_bytes: int
     device_bytes: int  # weight bytes on the onload device: resident tensors + slots (measured)
+    planned_device_bytes: int  # the same as the budget planned it (groups padded to their layout)
     host_bytes: int  # streamed masters in RAM (disk: 0)
     pinned_host_bytes: int
     disk_bytes: int
     order: tuple[str, ...]  # recorded forward order of streamed groups
     backward_order: tuple[str, ...]
+    bound: tuple[str, ...]  # streamed groups whose tensors are their device copies now
     stats: dict[str, int]
 
     @property
@@ -314,7 +317,7 @@ class _Offloader:
             file = files.get(g.index)
             groups.append(
                 GroupReport(g.name, g.kind, tuple(p for p, _ in g.modules), g.nbytes, st is None, storage,
-                            str(file.path) if file else None)
+                            str(file.path) if file else None, file.reused if file else None)
             )
         sched = self.scheduler
         slot_bytes = sum(s.flat.numel() for s in sched.slots) if sched else 0
@@ -330,11 +333,13 @@ class _Offloader:
             slots=len(sched.slots) if sched else 0,
             slot_bytes=self.residency.slot_bytes,
             device_bytes=resident_bytes + slot_bytes,
+            planned_device_bytes=self.residency.device_bytes,
             host_bytes=sum(s.source.nbytes for s in host),
             pinned_host_bytes=sum(s.source.nbytes for s in host if s.source.kind == "pinned"),
             disk_bytes=sum(f.path.stat().st_size for f in files.values()),
             order=tuple(s.name for s in sched.forward_order) if sched else (),
             backward_order=tuple(s.name for s in sched.backward_order) if sched else (),
+            bound=tuple(s.name for s in self.states if s.bound),
             stats=sched.stats.as_dict() if sched else {},
         )
 
