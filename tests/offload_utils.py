@@ -48,6 +48,8 @@ def assert_same(a, b) -> None:
 
 
 def scheduler(model: nn.Module):
+    """The offload scheduler of `model`, for tests of its decisions that no report shows: strict mode,
+    the event trace, the transfer engine. Everything `offload_report` shows is read from it instead."""
     return _offloader(model).scheduler
 
 

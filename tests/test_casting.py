@@ -69,7 +69,7 @@ def test_targeted_weight_bytes_halve_and_skipped_modules_are_untouched(arch):
             assert param is params_before[name]
 
 
-def test_scaled_modes_have_lower_weight_error_than_a_plain_cast_on_real_layer_shapes(capsys):
+def test_scaled_modes_have_lower_weight_error_than_a_plain_cast_on_real_layer_shapes():
     # Layer shapes of Wan2.1-1.3B (width 1536, FFN 8960); weights drawn like a trained layer's.
     torch.manual_seed(0)
     shapes = {"attn.to_q": (1536, 1536), "ffn.net.0.proj": (8960, 1536), "ffn.net.2": (1536, 8960)}
@@ -82,10 +82,6 @@ def test_scaled_modes_have_lower_weight_error_than_a_plain_cast_on_real_layer_sh
             stored, scale, layout = dequant_mod.quantize(w, torch.float8_e4m3fn, scaling, 64, torch.bfloat16)
             back = dequant_mod.dequantize(stored, scale, torch.float32, layout)
             errors[(name, scaling)] = rel_err(back, w)
-    with capsys.disabled():
-        print("\nfp8 e4m3fn weight relative error (Frobenius) by scaling mode:")
-        for name in shapes:
-            print(f"  {name:16s} " + "  ".join(f"{s}={errors[(name, s)]:.4f}" for s in ("none", "tensor", "channel", "block")))
     for name in shapes:
         # Scaling lifts small weights out of fp8's subnormal range, where a plain cast loses precision.
         # (Between scaled modes fp8's error is nearly scale-invariant, so no order is asserted.)
@@ -164,14 +160,11 @@ def test_conv_leaves_compute_exactly_with_their_dequantized_weights(scaling, pad
     y = blocks(x)
     y.square().mean().backward()
     grad, x.grad = x.grad.clone(), None
-    # the same network with the dequantized weights as plain fp32 parameters
-    hooks = casting_mod.cast_leaves(blocks)
-    reference = nn.Sequential(*[nn.Sequential(conv(), nn.GELU()) for _ in range(2)])
-    for i in range(2):
-        conv = blocks[i][0]
-        reference[i][0].weight.data = hooks[f"{i}.0"].dequantized(conv).float()
-        reference[i][0].bias.data = conv.bias.data
-    y_ref = reference(x)
+    # the same network with the dequantized weights as plain fp32 parameters (what removal leaves)
+    with pytest.warns(UserWarning, match="storage rounding stays"):
+        hookwise.remove(blocks)
+    assert blocks[0][0].weight.dtype == torch.float32
+    y_ref = blocks(x)
     y_ref.square().mean().backward()
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(grad, x.grad)

@@ -116,9 +116,9 @@ def test_prefetch_order_follows_execution_order_of_towers_called_out_of_definiti
         report = offload_report(model)
         assert [n for n in report.order if n.startswith(("first", "second"))] == towers_in_call_order
         sched.trace = []
-        on_demand = sched.stats.on_demand
+        on_demand = offload_report(model).stats["on_demand"]
         assert torch.equal(model(x), expected)
-    assert sched.stats.on_demand == on_demand, "after the first pass every group is prefetched"
+    assert offload_report(model).stats["on_demand"] == on_demand, "after the first pass every group is prefetched"
     trace = sched.trace
     order = uses(trace)
     assert order == list(report.order)
@@ -138,12 +138,12 @@ def test_backward_prefetches_groups_in_reverse_order():
     sched = scheduler(model)
     assert_same(fwd_bwd(model, {"x": x}), expected)
     sched.trace = []
-    on_demand = sched.stats.on_demand
+    on_demand = offload_report(model).stats["on_demand"]
     assert_same(fwd_bwd(model, {"x": x}), expected)
     forward, backward = uses(sched.trace, False), uses(sched.trace, True)
     blocks = [n for n in forward if n.startswith(("first", "second"))]
     assert [n for n in backward if n.startswith(("first", "second"))] == blocks[::-1]
-    assert sched.stats.on_demand == on_demand
+    assert offload_report(model).stats["on_demand"] == on_demand
     backward_loads = [name for kind, name, prefetch in sched.trace if kind == "load"]
     assert all(prefetch for kind, name, prefetch in sched.trace if kind == "load")
     assert backward_loads, "the groups evicted during forward were fetched again for backward"
@@ -168,12 +168,11 @@ def test_a_group_that_was_not_predicted_loads_on_demand():
         full, skipped = model(x), model(x, skip=True)
     apply_offload(model, Offload(onload_device="cpu", granularity="block"))
     strict(model)
-    sched = scheduler(model)
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(x), full)
         assert torch.equal(model(x, skip=True), skipped)  # block 1 was prefetched but is skipped
-        misses = sched.stats.mispredictions
+        misses = offload_report(model).stats["mispredictions"]
         assert misses >= 1
         assert torch.equal(model(x), full)  # the order changed twice: still correct
         assert torch.equal(model(x), full)
@@ -202,7 +201,7 @@ def test_full_finetune_with_offload_trainable_matches_sgd_on_the_plain_model(off
     assert train(model, inputs) == expected
     # Trainable groups are unbound at the end of each backward, so the optimizer stepped on the
     # host masters (and kept its state there); the changed groups were copied again.
-    assert all(not s.bound for s in scheduler(model).states)
+    assert offload_report(model).bound == ()
     remove_offload(model)
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.equal(p, q), n
@@ -231,8 +230,7 @@ def test_in_place_updates_to_offloaded_weights_are_kept():
     model.requires_grad_(False)  # frozen (an inference model): groups stay bound after a pass
     apply_offload(model, Offload(onload_device="cpu", granularity="block"))
     output_of(model, inputs)  # the last groups stay bound in their slots after the pass
-    sched = scheduler(model)
-    bound = {s.name for s in sched.states if s.bound}
+    bound = set(offload_report(model).bound)
     assert "final_layer" in bound and "img_in" not in bound
     with torch.no_grad():
         for m in (model, plain):
@@ -241,7 +239,7 @@ def test_in_place_updates_to_offloaded_weights_are_kept():
             m.single_blocks[0].load_state_dict({k: v * 0.5 for k, v in m.single_blocks[0].state_dict().items()})
     for _ in range(3):
         assert torch.equal(output_of(model, inputs), output_of(plain, inputs))
-    assert sched.stats.writebacks >= 1
+    assert offload_report(model).stats["writebacks"] >= 1
     remove_offload(model)
     for (n, p), q in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(p, q), n

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from hookwise.errors import ConfigError
 from hookwise.memory import Offload, apply_offload, offload_report, remove_offload
-from hookwise.memory.offload import _offloader
 from offload_utils import strict
 from tiny_models import output_of, tiny_musubi
 
@@ -51,14 +50,16 @@ def test_each_group_is_a_valid_safetensors_file_holding_its_weights(tmp_path):
 
 def test_streamed_weights_are_views_of_the_mapped_files_not_copies_in_ram(tmp_path):
     model, _ = tiny_musubi()
-    apply_offload(model, offload_to(tmp_path))
-    offloader = _offloader(model)
-    for state in offloader.scheduler.states:
-        mapped = state.source.flat
-        base = mapped.untyped_storage().data_ptr()
-        for ref in state.group.tensors:
-            ptr = ref.tensor.data_ptr()
-            assert base <= ptr < base + mapped.untyped_storage().nbytes(), ref.path
+    report = apply_offload(model, offload_to(tmp_path))
+    assert report.streamed and report.host_bytes == 0
+    for group in report.groups:
+        # Every tensor of the group views one buffer exactly the size of its file (header included):
+        # the mapping of the file, not a copy of its layout.
+        modules = [model.get_submodule(path) for path in group.modules]
+        tensors = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
+        storages = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storages) == 1, group.name
+        assert tensors[0].untyped_storage().nbytes() == os.path.getsize(group.file), group.name
 
 
 def test_identical_weights_reuse_their_files_and_changed_weights_never_do(tmp_path):
@@ -70,7 +71,7 @@ def test_identical_weights_reuse_their_files_and_changed_weights_never_do(tmp_pa
     b, _ = tiny_musubi()
     apply_offload(b, offload_to(tmp_path))
     assert files_of(b) == first
-    assert all(f.reused for f in _offloader(b).files.values())
+    assert all(g.file_reused for g in offload_report(b).groups)
     assert {p: os.stat(p).st_mtime_ns for p in first.values()} == mtimes
 
     c, _ = tiny_musubi()
@@ -112,14 +113,10 @@ def test_a_corrupt_or_truncated_file_is_detected_and_rewritten_never_loaded(tmp_
         apply_offload(fresh, offload_to(tmp_path))
     assert any("rewriting" in r.message for r in caplog.records)
     assert files_of(fresh)["double_blocks.1"] == path
-    assert not _offloader(fresh).files[_group_index(fresh, "double_blocks.1")].reused
+    assert [g.file_reused for g in offload_report(fresh).groups if g.name == "double_blocks.1"] == [False]
     assert open(path, "rb").read() == good
     strict(fresh)
     assert torch.equal(output_of(fresh, inputs), expected)
-
-
-def _group_index(model, name):
-    return next(g.index for g in _offloader(model).part.groups if g.name == name)
 
 
 def test_writes_are_atomic_no_partial_file_survives_a_failure(tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ from typing import Callable
 
 from torch import nn
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -124,6 +126,4 @@ def architecture_named(name: str) -> Architecture:
     for arch in ARCHITECTURES:
         if arch.name == name:
             return arch
-    from ..errors import ConfigError
-
     raise ConfigError(f"unknown architecture {name!r}; known: {[a.name for a in ARCHITECTURES]}")

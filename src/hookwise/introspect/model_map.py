@@ -26,7 +26,8 @@ from ..core.hooks import unwrap
 from ..core.state import find_timestep_parameter
 from ..errors import ConfigError
 from .architectures import Architecture, architecture_named, detect_architecture
-from .precision import _prefixes, find_high_precision
+from .paths import prefixes as _prefixes
+from .precision import find_high_precision
 from .towers import FoundTower, find_towers
 from .trace import CallTrace, trace_calls
 

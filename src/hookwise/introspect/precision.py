@@ -12,14 +12,21 @@ Rules, in the order they are tried for each module (the first that matches gives
 
 Only the outermost matching module is reported; everything below it inherits the reason.
 Parameters held directly by a non-leaf module (Wan's `scale_shift_table`) are reported by path too.
+
+One more reason depends on the layers a technique would change: `find_dtype_readers` finds, among
+candidate leaves, those whose weight dtype some forward reads (`x.to(self.proj.weight.dtype)`), from
+the source of their ancestors' forwards; casting keeps them in high precision (`REASON_DTYPE_READ`).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 from torch import nn
+
+from .paths import join, prefixes
 
 _NORM_TYPES: tuple[type, ...] = (
     nn.LayerNorm,
@@ -48,6 +55,7 @@ REASON_ADANORM = "adaptive norm (modulation)"
 REASON_EMBED = "embedding"
 REASON_MOD = "modulation"
 REASON_IO = "input / output projection"
+REASON_DTYPE_READ = "dtype read"
 
 
 def _model_rules(model: nn.Module) -> tuple[list[str], list[re.Pattern]]:
@@ -112,10 +120,10 @@ def find_high_precision(
     found: dict[str, str] = {}
     covered: set[str] = set()
     for path, module in model.named_modules():
-        prefixes = _prefixes(path)
-        if covered.intersection(prefixes):
+        lineage = prefixes(path)
+        if covered.intersection(lineage):
             continue
-        in_tower = bool(blocks.intersection(prefixes))
+        in_tower = bool(blocks.intersection(lineage))
         reason = module_reason(path, module, keep=keep, skip=skip, arch_patterns=arch, in_tower=in_tower)
         if reason is not None:
             found[path] = reason
@@ -123,16 +131,106 @@ def find_high_precision(
             continue
         if next(module.children(), None) is not None:
             for name, _ in module.named_parameters(recurse=False):
-                full = f"{path}.{name}" if path else name
+                full = join(path, name)
                 preason = param_reason(full, keep=keep, skip=skip)
                 if preason is not None:
                     found[full] = preason
     return found
 
 
-def _prefixes(path: str) -> list[str]:
-    """`path` and every ancestor path of it ("a.b.c" -> ["a", "a.b", "a.b.c"])."""
-    if not path:
-        return []
-    parts = path.split(".")
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+# ---- dtype reads ----------------------------------------------------------------------------------
+# A forward that reads a weight's dtype (`x.to(self.proj.weight.dtype)`, `next(self.embedder.
+# parameters()).dtype`, a model's `.dtype`) would see a storage dtype if that weight were cast, so
+# the module it reads keeps high precision (REASON_DTYPE_READ). Found in the source of forwards.
+_WEIGHT_DTYPE_READ = re.compile(r"((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.weight\.dtype")
+_PARAMS_DTYPE_READ = re.compile(
+    r"(next\((?:iter\()?)?((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.parameters\(\)\)*\.dtype"
+)
+
+
+def _source(fn: Any) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _forward_sources(module: nn.Module) -> list[str]:
+    """Source of the module's forward, and of its attention processor's __call__ if it has one."""
+    sources = [_source(type(module).forward)]
+    processor = getattr(module, "processor", None)
+    if processor is not None and not isinstance(processor, nn.Module):
+        sources.append(_source(type(processor).__call__))
+    return sources
+
+
+def _relative(expr: str) -> str:
+    """`self.to_k_ip[0]` -> `to_k_ip.0`; `attn.to_q` -> `to_q`; `self` -> ``."""
+    parts = re.split(r"\.|\[(\d+)\]", expr)
+    parts = [p for p in parts if p]
+    return ".".join(parts[1:])
+
+
+def find_dtype_readers(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[str, str]:
+    """{leaf path: why} for candidate leaves whose weight dtype some forward reads."""
+    found: dict[str, str] = {}
+    if not candidates:
+        return found
+    paths = list(candidates)
+    ancestors: set[str] = {""}
+    for path in paths:
+        ancestors.update(prefixes(path))
+    modules = dict(model.named_modules())
+    cache: dict[Any, list[str]] = {}
+
+    def mark(target: str, why: str, first_only: bool) -> None:
+        if first_only:  # next(iter(x.parameters())).dtype reads the first parameter only
+            owner = _first_floating_owner(modules.get(target))
+            if owner is not None:
+                full = join(target, owner)
+                if full in candidates:
+                    found.setdefault(full, why)
+            return
+        for path in paths:
+            if path == target or path.startswith(target + "."):
+                found.setdefault(path, why)
+
+    for apath, module in modules.items():
+        if apath not in ancestors:
+            continue
+        key = (type(module), type(getattr(module, "processor", None)))
+        if key not in cache:
+            cache[key] = _forward_sources(module)
+        for source in cache[key]:
+            for match in _WEIGHT_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(1))
+                target = join(apath, rel)
+                mark(target, f"{type(module).__name__}.forward reads {match.group(0)}", first_only=False)
+            for match in _PARAMS_DTYPE_READ.finditer(source):
+                rel = _relative(match.group(2))
+                target = join(apath, rel)
+                why = f"{type(module).__name__}.forward reads {match.group(0)}"
+                mark(target, why, first_only=match.group(1) is not None)
+    # A model-level `.dtype` property (diffusers, transformers) reports its first floating parameter.
+    root = model
+    if isinstance(getattr(type(root), "dtype", None), property):
+        keep = getattr(root, "_keep_in_fp32_modules", None) or []
+        for name, param in root.named_parameters():
+            if keep and any(k in name for k in keep):
+                continue
+            if param.is_floating_point():
+                owner = name.rsplit(".", 1)[0]
+                if owner in candidates:
+                    found.setdefault(owner, f"{type(root).__name__}.dtype reports this layer's weight dtype")
+                break
+    return found
+
+
+def _first_floating_owner(module: nn.Module | None) -> str | None:
+    """Relative path of the module owning `module`'s first floating-point parameter."""
+    if module is None:
+        return None
+    for name, param in module.named_parameters():
+        if param.is_floating_point():
+            return name.rsplit(".", 1)[0] if "." in name else ""
+    return None

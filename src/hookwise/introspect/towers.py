@@ -24,6 +24,8 @@ from typing import Callable
 
 from torch import nn
 
+from .paths import join
+
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)$")
 
 
@@ -38,10 +40,6 @@ class FoundTower:
     @property
     def depth(self) -> int:
         return 0 if not self.container else self.container.count(".") + 1
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def has_forward(module: nn.Module) -> bool:
@@ -106,18 +104,18 @@ def find_towers(model: nn.Module, called: Callable[[nn.Module], bool] | None = N
             # Blocks defined but never run are not members; the list of those that ran is the tower.
             ran = [(n, c) for n, c in children if called(c)]
             if ran and len({type(c) for _, c in ran}) == 1 and all(block(c) for _, c in ran):
-                towers.append(FoundTower(path, path, tuple((_join(path, n), c) for n, c in ran)))
+                towers.append(FoundTower(path, path, tuple((join(path, n), c) for n, c in ran)))
                 return
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and children:
             if len({type(c) for _, c in children}) == 1 and all(block(c) for _, c in children):
-                towers.append(FoundTower(path, path, tuple((_join(path, n), c) for n, c in children)))
+                towers.append(FoundTower(path, path, tuple((join(path, n), c) for n, c in children)))
                 return
             names = [n for n, _ in children]
             for run in _runs(children, block):
                 if len(run) < 2:
                     continue
                 i, j = names.index(run[0][0]), names.index(run[-1][0]) + 1
-                towers.append(FoundTower(f"{path}[{i}:{j}]", path, tuple((_join(path, n), c) for n, c in run)))
+                towers.append(FoundTower(f"{path}[{i}:{j}]", path, tuple((join(path, n), c) for n, c in run)))
                 claimed.update(n for n, _ in run)
         else:
             groups: dict[tuple[str, type], list[tuple[int, str, nn.Module]]] = {}
@@ -130,12 +128,12 @@ def find_towers(model: nn.Module, called: Callable[[nn.Module], bool] | None = N
                 if len(items) < 2:
                     continue
                 items.sort(key=lambda t: t[0])
-                members = tuple((_join(path, n), c) for _, n, c in items)
-                towers.append(FoundTower(_join(path, f"{prefix}*") if prefix else f"{path}[*]", path, members))
+                members = tuple((join(path, n), c) for _, n, c in items)
+                towers.append(FoundTower(join(path, f"{prefix}*") if prefix else f"{path}[*]", path, members))
                 claimed.update(n for _, n, _ in items)
         for name, child in children:
             if name not in claimed:
-                visit(child, _join(path, name))
+                visit(child, join(path, name))
 
     visit(model, "")
     return towers

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 
 from ..errors import ConfigError
@@ -67,8 +68,6 @@ def device_total_bytes(device: torch.device) -> int:
     """Total memory of the onload device (host RAM for the CPU)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
-
     return int(psutil.virtual_memory().total)
 
 
@@ -85,7 +84,7 @@ def parse_budget(value: int | str | None, device: torch.device) -> int | None:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Residency:
     """Which groups stay resident, and what the onload device holds for weights."""
 
     resident: frozenset[int]  # group indices
@@ -116,19 +115,19 @@ def minimum_bytes(groups: list[Group], pinned_bytes: int, slots: int) -> int:
     return pinned_bytes + slots * max((g.nbytes for g in groups), default=0)
 
 
-def plan(groups: list[Group], *, pinned_bytes: int, slots: int, budget: int | None) -> Plan:
+def choose_residency(groups: list[Group], *, pinned_bytes: int, slots: int, budget: int | None) -> Residency:
     """Choose the resident groups under `budget` (see the module docstring)."""
     sizes = np.array([g.nbytes for g in groups], dtype=np.int64)
     if budget is None:
         streamed = tuple(g.index for g in groups)
-        return Plan(frozenset(), streamed, slots, int(sizes.max(initial=0)), pinned_bytes, 0, None)
+        return Residency(frozenset(), streamed, slots, int(sizes.max(initial=0)), pinned_bytes, 0, None)
 
     rest = sorted((g for g in groups if not g.in_tower), key=lambda g: (g.nbytes, g.index))
     tower = [g for g in groups if g.in_tower]
     tower_sizes = np.array([g.nbytes for g in tower], dtype=np.int64)
     n = len(tower)
 
-    def attempt(rest_resident: int, tower_streamed: int) -> Plan | None:
+    def attempt(rest_resident: int, tower_streamed: int) -> Residency | None:
         streamed_idx = spread(n, tower_streamed)
         streamed_mask = np.zeros(n, dtype=bool)
         streamed_mask[streamed_idx] = True
@@ -137,7 +136,7 @@ def plan(groups: list[Group], *, pinned_bytes: int, slots: int, budget: int | No
         stream_sizes = [g.nbytes for g in rest[rest_resident:]] + tower_sizes[streamed_mask].tolist()
         slot = max(stream_sizes, default=0)
         res_bytes = int(sum(g.nbytes for g in rest[:rest_resident]) + tower_sizes[~streamed_mask].sum())
-        candidate = Plan(
+        candidate = Residency(
             frozenset(resident),
             tuple(g.index for g in groups if g.index not in resident),
             slots,

@@ -20,7 +20,6 @@ Removing the technique gives back compute-dtype weights, but lossily: the storag
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import warnings
@@ -37,7 +36,8 @@ from ..core.techniques import apply_techniques, register_technique, remove_techn
 from ..core.transaction import transaction
 from ..errors import ConfigError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
-from ..introspect.precision import REASON_ADANORM, REASON_MOD
+from ..introspect.paths import prefixes
+from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
 from .dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
 
 logger = logging.getLogger("hookwise.memory.casting")
@@ -256,103 +256,10 @@ class CastHook(ModelHook):
 
 
 # ---- choosing targets --------------------------------------------------------------------------------
-_WEIGHT_DTYPE_READ = re.compile(r"((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.weight\.dtype")
-_PARAMS_DTYPE_READ = re.compile(
-    r"(next\((?:iter\()?)?((?:self|attn|module)(?:\.\w+|\[\d+\])*)\.parameters\(\)\)*\.dtype"
-)
-
-
-def _source(fn: Any) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
-
-
-def _forward_sources(module: nn.Module) -> list[str]:
-    """Source of the module's forward, and of its attention processor's __call__ if it has one."""
-    sources = [_source(type(module).forward)]
-    processor = getattr(module, "processor", None)
-    if processor is not None and not isinstance(processor, nn.Module):
-        sources.append(_source(type(processor).__call__))
-    return sources
-
-
-def _relative(expr: str) -> str:
-    """`self.to_k_ip[0]` -> `to_k_ip.0`; `attn.to_q` -> `to_q`; `self` -> ``."""
-    parts = re.split(r"\.|\[(\d+)\]", expr)
-    parts = [p for p in parts if p]
-    return ".".join(parts[1:])
-
-
-def find_dtype_readers(model: nn.Module, candidates: dict[str, nn.Module]) -> dict[str, str]:
-    """{leaf path: why} for candidate leaves whose weight dtype some forward reads."""
-    found: dict[str, str] = {}
-    if not candidates:
-        return found
-    paths = list(candidates)
-    ancestors: set[str] = {""}
-    for path in paths:
-        parts = path.split(".")
-        ancestors.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    modules = dict(model.named_modules())
-    cache: dict[Any, list[str]] = {}
-
-    def mark(target: str, why: str, first_only: bool) -> None:
-        if first_only:  # next(iter(x.parameters())).dtype reads the first parameter only
-            owner = _first_floating_owner(modules.get(target))
-            if owner is not None:
-                full = f"{target}.{owner}" if target and owner else (target or owner)
-                if full in candidates:
-                    found.setdefault(full, why)
-            return
-        for path in paths:
-            if path == target or path.startswith(target + "."):
-                found.setdefault(path, why)
-
-    for apath, module in modules.items():
-        if apath not in ancestors:
-            continue
-        key = (type(module), type(getattr(module, "processor", None)))
-        if key not in cache:
-            cache[key] = _forward_sources(module)
-        for source in cache[key]:
-            for match in _WEIGHT_DTYPE_READ.finditer(source):
-                rel = _relative(match.group(1))
-                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
-                mark(target, f"{type(module).__name__}.forward reads {match.group(0)}", first_only=False)
-            for match in _PARAMS_DTYPE_READ.finditer(source):
-                rel = _relative(match.group(2))
-                target = f"{apath}.{rel}" if apath and rel else (apath or rel)
-                why = f"{type(module).__name__}.forward reads {match.group(0)}"
-                mark(target, why, first_only=match.group(1) is not None)
-    # A model-level `.dtype` property (diffusers, transformers) reports its first floating parameter.
-    root = model
-    if isinstance(getattr(type(root), "dtype", None), property):
-        keep = getattr(root, "_keep_in_fp32_modules", None) or []
-        for name, param in root.named_parameters():
-            if keep and any(k in name for k in keep):
-                continue
-            if param.is_floating_point():
-                owner = name.rsplit(".", 1)[0]
-                if owner in candidates:
-                    found.setdefault(owner, f"{type(root).__name__}.dtype reports this layer's weight dtype")
-                break
-    return found
-
-
-def _first_floating_owner(module: nn.Module | None) -> str | None:
-    """Relative path of the module owning `module`'s first floating-point parameter."""
-    if module is None:
-        return None
-    for name, param in module.named_parameters():
-        if param.is_floating_point():
-            return name.rsplit(".", 1)[0] if "." in name else ""
-    return None
-
-
 @dataclass
-class _Plan:
+class _CastTargets:
+    """The leaves one application casts, the leaves it keeps (and why), and the compute dtype."""
+
     targets: dict[str, nn.Module]
     skipped: dict[str, str]  # path -> reason
     compute_dtype: torch.dtype
@@ -368,7 +275,7 @@ def _castable(module: nn.Module) -> bool:
     return False
 
 
-def plan_casting(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap | None = None) -> _Plan:
+def cast_targets(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap | None = None) -> _CastTargets:
     """Decide which leaves to cast, without changing anything. Raises on bad input."""
     model_map = model_map or describe(model)
     modules = dict(model.named_modules())
@@ -394,7 +301,7 @@ def plan_casting(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap
                 pattern_hits[p] += 1
             skipped[leaf.path] = f"skip pattern {matched[0]!r}"
             continue
-        lineage = {type(modules[a]).__name__ for a in _ancestors(leaf.path)} | {type(module).__name__}
+        lineage = {type(modules[a]).__name__ for a in ["", *prefixes(leaf.path)]}
         classes = [c for c in config.skip_classes if c in lineage]
         if classes:
             for c in classes:
@@ -421,7 +328,7 @@ def plan_casting(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap
         )
     for path, why in find_dtype_readers(model, candidates).items():
         candidates.pop(path, None)
-        skipped[path] = f"dtype read: {why}"
+        skipped[path] = f"{REASON_DTYPE_READ}: {why}"
     if not candidates:
         raise NoTargetError(
             f"layerwise casting found nothing to cast in {type(model).__name__}: {len(skipped)} leaves were "
@@ -437,12 +344,7 @@ def plan_casting(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap
             f"first (model.requires_grad_(False), then add LoRA) or keep these modules with skip_patterns; "
             f"for inference, call model.eval() or model.requires_grad_(False) before casting"
         )
-    return _Plan(candidates, skipped, compute)
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = path.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts))]
+    return _CastTargets(candidates, skipped, compute)
 
 
 def _summarize(skipped: dict[str, str]) -> str:
@@ -487,23 +389,23 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
     model = unwrap(model)
     if cast_leaves(model):
         raise ConfigError("layerwise casting is already applied to this model; remove it first to change it")
-    plan = plan_casting(model, config)
-    devices = {m.weight.device for m in plan.targets.values()}
+    chosen = cast_targets(model, config)
+    devices = {m.weight.device for m in chosen.targets.values()}
     for device in devices:
         if not _device_can_hold(device, config.storage_dtype):
             raise ConfigError(
                 f"device {device} cannot hold {config.storage_dtype} tensors; use storage_dtype=torch.bfloat16 or "
                 f"torch.float16 there, or move the model to a device that supports it"
             )
-    for path, why in plan.skipped.items():
-        if why.startswith("dtype read"):
+    for path, why in chosen.skipped.items():
+        if why.startswith(REASON_DTYPE_READ):
             logger.warning("hookwise casting keeps %s in high precision: %s", path, why)
-    record = CastingRecord(config, plan.compute_dtype, dict(plan.skipped), _dequantizer(config, devices, plan.compute_dtype))
+    record = CastingRecord(config, chosen.compute_dtype, dict(chosen.skipped), _dequantizer(config, devices, chosen.compute_dtype))
     with transaction() as txn:
-        for path, module in plan.targets.items():
+        for path, module in chosen.targets.items():
             original = module.weight
             stored, scale, layout = quantize(
-                original, config.storage_dtype, config.scaling, config.block_size, plan.compute_dtype
+                original, config.storage_dtype, config.scaling, config.block_size, chosen.compute_dtype
             )
             hook = CastHook(record, layout, original.dtype, original.requires_grad)
             module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
@@ -512,7 +414,7 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
             if "compute_dtype" not in module.__dict__:
                 # PEFT gives adapters the dtype of `base_layer.compute_dtype` when it exists (its path
                 # for quantized bases), so LoRA layers added after casting stay in the compute dtype.
-                module.compute_dtype = plan.compute_dtype
+                module.compute_dtype = chosen.compute_dtype
                 hook.set_compute_attr = True
             hook.load_hook = module._register_load_state_dict_pre_hook(hook._load_pre_hook, with_module=True)
             keep = original if config.exact_undo else None
@@ -523,7 +425,7 @@ def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
     logger.info(
         "hookwise casting: %d leaves to %s (%.1f -> %.1f MiB), %d kept",
         len(summary["cast"]), config.storage_dtype, summary["bytes_before"] / 2**20, summary["bytes_after"] / 2**20,
-        len(plan.skipped),
+        len(chosen.skipped),
     )  # fmt: skip
 
 

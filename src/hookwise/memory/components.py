@@ -21,11 +21,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..core import Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
+from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
 from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
 from ..errors import CompatibilityError, ConfigError, NoTargetError
+from ._placement import COMPONENT_HOOK, home_device, offload_applied, parse_device, pin_allowance, to_device
 from .groups import Group, TensorRef, tensors_of
-from .offload import COMPONENT_HOOK, PIN_SHARE, _offloader, _parse_device, _to
 from .schedule import GroupState
 from .transfer import HostSource, TransferEngine, make_engine
 
@@ -52,7 +52,7 @@ class ComponentOffload(TechniqueConfig):
     pin: str = "auto"
 
     def validate(self) -> None:
-        _parse_device(self.onload_device, "onload_device")
+        parse_device(self.onload_device, "onload_device")
         if self.pin not in ("auto", "all", "none"):
             raise ConfigError(f"pin={self.pin!r}: use 'auto', 'all' or 'none'")
         if self.order is not None and len(set(self.order)) != len(self.order):
@@ -76,7 +76,7 @@ class _Component:
 class _ComponentOffloader:
     def __init__(self, components: dict[str, nn.Module], config: ComponentOffload, order: list[str]) -> None:
         self.config = config
-        self.onload = _parse_device(config.onload_device, "onload_device")
+        self.onload = parse_device(config.onload_device, "onload_device")
         if self.onload.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(
                 f"onload_device={config.onload_device!r} but CUDA is not available; pass onload_device='cpu' or run "
@@ -96,15 +96,13 @@ class _ComponentOffloader:
     def build(self) -> None:
         txn = current_transaction()
         txn.on_rollback(self.engine.close, "component engine")
-        pin_left = 0
-        if self.engine.streams and self.config.pin != "none":
-            import psutil
-
+        pin_left = 0.0
+        if self.engine.streams:
             host = sum(t.numel() * t.element_size() for m in self._raw.values() for t in m.parameters() if t.device.type == "cpu")
-            pin_left = float("inf") if self.config.pin == "all" else PIN_SHARE * (psutil.virtual_memory().available + host)
+            pin_left = pin_allowance(self.config.pin, host)
         for name, module in self._raw.items():
-            home = _home(module)
-            if _offloader(module) is not None:
+            home = home_device(module)
+            if offload_applied(module):
                 logger.info("hookwise component offload: %s has its own Offload; leaving it alone", name)
                 self.components[name] = _Component(name, module, None, home)
                 continue
@@ -144,27 +142,15 @@ class _ComponentOffloader:
             views = [ref.view_in(flat) for ref in st.group.tensors]
         # The new buffer may reuse memory the dropped component's kernels still read: wait for them.
         self.engine.wait(self.engine.start_load(st.source, flat, self._marker))
-        for ref, view in zip(st.group.tensors, views):
-            ref.tensor.data = view
-        st.views = views
-        st.ptrs = [v.data_ptr() for v in views]
-        st.versions = [ref.tensor._version for ref in st.group.tensors]
-        st.bound = True
+        st.bind(views, grads=False)
         comp.active = True
         self.loads += 1
         logger.debug("hookwise component offload: %s on %s", name, self.onload)
 
     def _deactivate(self, comp: _Component) -> None:
         st = comp.state
-        for i, (ref, master) in enumerate(zip(st.group.tensors, st.masters)):
-            t = ref.tensor
-            if ref.current() is not t:
-                continue
-            if t._version != st.versions[i] or t.data.data_ptr() != st.ptrs[i]:
-                self.engine.copy_back(t.data, master)  # changed in place while on the device: keep it
-            t.data = master
+        st.unbind(self.engine, settle_grads=False)  # what changed in place on the device is written back
         st.views = []
-        st.bound = False
         comp.active = False
         self._marker = self.engine.mark_done()
 
@@ -196,7 +182,7 @@ class _ComponentHook(ModelHook):
         self.offloader.activate(self.name)
         if self.root:
             device = self.offloader.onload
-            return _to(args, device), _to(kwargs, device)
+            return to_device(args, device), to_device(kwargs, device)
         return args, kwargs
 
 
@@ -208,11 +194,6 @@ def _unique(refs: Any) -> list[TensorRef]:
             seen.add(id(ref.tensor))
             out.append(ref)
     return out
-
-
-def _home(module: nn.Module) -> torch.device:
-    devices = {t.device for t in list(module.parameters()) + list(module.buffers())}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
 def _components_of(target: Any) -> tuple[dict[str, nn.Module], list[str]]:
@@ -327,8 +308,6 @@ def _set_controller(target: Any, controller: _ComponentOffloader | None) -> None
 
 
 def _component_hook(module: nn.Module) -> _ComponentHook | None:
-    from ..core import HookRegistry
-
     registry = HookRegistry.of(module)
     hook = registry.get(COMPONENT_HOOK) if registry else None
     return hook if isinstance(hook, _ComponentHook) else None

@@ -22,6 +22,11 @@ from typing import Callable
 
 import torch
 
+try:
+    from torch.utils._triton import has_triton
+except ImportError:  # pragma: no cover - a torch without it
+    has_triton = None
+
 logger = logging.getLogger("hookwise.memory.casting")
 
 
@@ -197,9 +202,5 @@ def fused_available(device: torch.device) -> bool:
     """Whether `fused=None` turns fusion on for weights on `device` (CUDA with Triton)."""
     if device.type != "cuda":
         return False
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:  # pragma: no cover - a torch without it
-        return False
-    return bool(has_triton())
+    return has_triton is not None and bool(has_triton())
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, NoTargetError
 from ..introspect import ModelMap
+from ..introspect.paths import join, prefixes, under
 
 ALIGN = 64  # bytes; a multiple of every element size, and of the GPU's preferred copy alignment
 
@@ -103,26 +104,16 @@ class Partition:
 def _direct(module: nn.Module, path: str) -> Iterator[TensorRef]:
     for name, p in module._parameters.items():
         if p is not None:
-            yield TensorRef(module, name, _join(path, name), "param", p)
+            yield TensorRef(module, name, join(path, name), "param", p)
     for name, b in module._buffers.items():
         if b is not None:
-            yield TensorRef(module, name, _join(path, name), "buffer", b)
+            yield TensorRef(module, name, join(path, name), "buffer", b)
 
 
 def tensors_of(module: nn.Module, path: str = "") -> Iterator[TensorRef]:
     """Every parameter and buffer in the subtree of `module` (paths prefixed by `path`)."""
     for sub_path, sub in module.named_modules(prefix=path, remove_duplicate=False):
         yield from _direct(sub, sub_path)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _under(path: str, prefixes: set[str]) -> bool:
-    """`path` is one of `prefixes` or lies below one of them."""
-    parts = path.split(".") if path else []
-    return any(".".join(parts[: i + 1]) in prefixes for i in range(len(parts)))
 
 
 def _check_tensor(ref: TensorRef) -> str | None:
@@ -233,8 +224,7 @@ def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tupl
 
     ancestors = {""}
     for path in block_paths:
-        parts = path.split(".")
-        ancestors.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        ancestors.update(prefixes(path)[:-1])
     containers: list[TensorRef] = []
 
     def visit(path: str, module: nn.Module) -> None:
@@ -247,7 +237,7 @@ def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tupl
             return
         containers.extend(_direct(module, path))
         for name, child in module.named_children():
-            visit(_join(path, name), child)
+            visit(join(path, name), child)
 
     visit("", model)
     return groups, containers
@@ -267,7 +257,7 @@ def _leaf_groups(model: nn.Module, model_map: ModelMap) -> tuple[list[Group], li
         groups.append(Group(len(groups), leaf.path, "leaf", [(leaf.path, module)], refs, leaf.block is not None))
     containers: list[TensorRef] = []
     for path, module in model.named_modules():
-        if _under(path, leaf_paths):
+        if under(path, leaf_paths):
             continue
         direct = list(_direct(module, path))
         if not direct:

@@ -35,7 +35,8 @@ from ..core import apply_techniques, remove_hooks, remove_techniques, transactio
 from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
-from .budget import BudgetError, Plan, check_budget_value, fmt_bytes, minimum_bytes, parse_budget, plan
+from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, parse_device, pin_allowance, to_device
+from .budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
 from .disk import DiskFile, check_writable, default_dir, store
 from .groups import Group, Partition, TensorRef, partition
 from .schedule import GroupState, Scheduler
@@ -43,11 +44,8 @@ from .transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.offload")
 
-ROOT_HOOK = "hookwise.offload.root"
 GROUP_HOOK = "hookwise.offload"
 OWNER = "hookwise.offload"
-COMPONENT_HOOK = "hookwise.component_offload"  # set by components.py on each managed component
-PIN_SHARE = 0.5  # pin="auto": pinned host memory stays under this share of (free RAM + the model's host bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +81,7 @@ class Offload(TechniqueConfig):
     use_streams: bool | None = None
 
     def validate(self) -> None:
-        onload = _parse_device(self.onload_device, "onload_device")
+        onload = parse_device(self.onload_device, "onload_device")
         if self.offload_device not in ("cpu", "disk"):
             raise ConfigError(f"offload_device={self.offload_device!r}: use 'cpu' (host RAM) or 'disk'")
         check_budget_value(self.vram_budget)
@@ -113,18 +111,8 @@ class Offload(TechniqueConfig):
         return int(self.prefetch)
 
 
-def _parse_device(value: Any, field: str) -> torch.device:
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"{field}={value!r} is not a device; use e.g. 'cuda', 'cuda:1' or 'cpu'") from exc
-    if device.type == "meta":
-        raise ConfigError(f"{field}='meta' cannot hold weights; use 'cuda' or 'cpu'")
-    return device
-
-
 def _resolve_onload(config: Offload) -> torch.device:
-    device = _parse_device(config.onload_device, "onload_device")
+    device = parse_device(config.onload_device, "onload_device")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -146,6 +134,7 @@ class GroupReport:
     resident: bool
     storage: str  # "device" (resident), "pinned", "pageable", "disk"
     file: str | None = None
+    file_reused: bool | None = None  # the file already held these bytes (None: no file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +150,13 @@ class OffloadReport:
     slots: int
     slot_bytes: int
     device_bytes: int  # weight bytes on the onload device: resident tensors + slots (measured)
+    planned_device_bytes: int  # the same as the budget planned it (groups padded to their layout)
     host_bytes: int  # streamed masters in RAM (disk: 0)
     pinned_host_bytes: int
     disk_bytes: int
     order: tuple[str, ...]  # recorded forward order of streamed groups
     backward_order: tuple[str, ...]
+    bound: tuple[str, ...]  # streamed groups whose tensors are their device copies now
     stats: dict[str, int]
 
     @property
@@ -196,13 +187,13 @@ class _Offloader:
         self.config = config
         self.onload = _resolve_onload(config)
         self.streams = config.use_streams if config.use_streams is not None else self.onload.type == "cuda"
-        self.home = _home_device(model)
+        self.home = home_device(model)
         self.model_map: ModelMap = describe(model)
         self.budget = parse_budget(config.vram_budget, self.onload)
         # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
         self.direct = config.offload_device == "disk" and self.onload.type == "cpu" and not self.streams
         self.slots = 0 if self.direct else config.depth + 1
-        self.part, self.plan = _choose(model, self.model_map, config, self.budget, self.slots)
+        self.part, self.residency = _choose(model, self.model_map, config, self.budget, self.slots)
         self.disk_dir: Path | None = None
         if config.offload_device == "disk":
             self.disk_dir = check_writable(Path(config.disk_path) if config.disk_path else default_dir())
@@ -223,10 +214,10 @@ class _Offloader:
         txn = current_transaction()
         txn.on_rollback(self.engine.close, "offload engine")
         groups = self.part.groups
-        resident_groups = [g for g in groups if g.index in self.plan.resident]
+        resident_groups = [g for g in groups if g.index in self.residency.resident]
         for ref in self.part.pinned + [ref for g in resident_groups for ref in g.tensors]:
             self._make_resident(ref)
-        streamed = [g for g in groups if g.index not in self.plan.resident]
+        streamed = [g for g in groups if g.index not in self.residency.resident]
         pin_left = self._pin_allowance(streamed)
         for group in streamed:
             if self.disk_dir is not None:
@@ -243,9 +234,9 @@ class _Offloader:
                 _point(ref, master, txn)
             self.states.append(state)
         self.scheduler = Scheduler(
-            self.states, self.engine, slots=self.slots, slot_bytes=self.plan.slot_bytes, depth=self.config.depth
+            self.states, self.engine, slots=self.slots, slot_bytes=self.residency.slot_bytes, depth=self.config.depth
         )
-        add_hook(self.model, _RootHook(self), ROOT_HOOK)
+        add_hook(self.model, _RootHook(self), OFFLOAD_ROOT_HOOK)
         for state in self.states:
             for _, module in state.group.modules:
                 add_hook(module, _GroupHook(self.scheduler, state), GROUP_HOOK)
@@ -268,16 +259,11 @@ class _Offloader:
             current_transaction().on_rollback(undo, f"move {ref.path}")
         self.resident.append(ref)
 
-    def _pin_allowance(self, streamed: list[Group]) -> int:
-        if self.disk_dir is not None or not self.engine.streams or self.config.pin == "none":
+    def _pin_allowance(self, streamed: list[Group]) -> float:
+        if self.disk_dir is not None or not self.engine.streams:
             return 0
-        total = sum(g.nbytes for g in streamed)
-        if self.config.pin == "all":
-            return total
-        import psutil
-
         host = sum(ref.nbytes for g in streamed for ref in g.tensors if ref.tensor.device.type == "cpu")
-        return int(PIN_SHARE * (psutil.virtual_memory().available + host))
+        return pin_allowance(self.config.pin, host)
 
     def _to_disk(self, group: Group) -> HostSource:
         flat = torch.zeros(group.nbytes, dtype=torch.uint8)
@@ -291,7 +277,7 @@ class _Offloader:
 
     # ---- running ----------------------------------------------------------------------------------
     def inputs_to_device(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return _to(args, self.onload), _to(kwargs, self.onload)
+        return to_device(args, self.onload), to_device(kwargs, self.onload)
 
     # ---- removing ----------------------------------------------------------------------------------
     def close(self, device: torch.device) -> None:
@@ -329,7 +315,7 @@ class _Offloader:
             file = files.get(g.index)
             groups.append(
                 GroupReport(g.name, g.kind, tuple(p for p, _ in g.modules), g.nbytes, st is None, storage,
-                            str(file.path) if file else None)
+                            str(file.path) if file else None, file.reused if file else None)
             )
         sched = self.scheduler
         slot_bytes = sum(s.flat.numel() for s in sched.slots) if sched else 0
@@ -343,19 +329,21 @@ class _Offloader:
             groups=tuple(groups),
             always_resident=dict(self.part.reasons),
             slots=len(sched.slots) if sched else 0,
-            slot_bytes=self.plan.slot_bytes,
+            slot_bytes=self.residency.slot_bytes,
             device_bytes=resident_bytes + slot_bytes,
+            planned_device_bytes=self.residency.device_bytes,
             host_bytes=sum(s.source.nbytes for s in host),
             pinned_host_bytes=sum(s.source.nbytes for s in host if s.source.kind == "pinned"),
             disk_bytes=sum(f.path.stat().st_size for f in files.values()),
             order=tuple(s.name for s in sched.forward_order) if sched else (),
             backward_order=tuple(s.name for s in sched.backward_order) if sched else (),
+            bound=tuple(s.name for s in self.states if s.bound),
             stats=sched.stats.as_dict() if sched else {},
         )
 
 
-def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Plan]:
-    """The partition and residency plan: the granularity asked for, or for "auto" the first that fits."""
+def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Residency]:
+    """The partition and the residency: the granularity asked for, or for "auto" the first that fits."""
     if config.granularity == "auto":
         options = ["block", "leaf"] if model_map.towers else ["leaf"]
     else:
@@ -367,7 +355,7 @@ def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int 
             offload_trainable=config.offload_trainable,
         )
         try:
-            return part, plan(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
+            return part, choose_residency(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
         except BudgetError as exc:
             failures.append((granularity, exc))
     granularity, first = failures[0]
@@ -386,11 +374,6 @@ def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int 
     raise BudgetError(message, need=first.need)
 
 
-def _home_device(model: nn.Module) -> torch.device:
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
-
-
 def _fill(flat: torch.Tensor, group: Group) -> None:
     """Copy every tensor of `group` into `flat` at its offset."""
     for ref in group.tensors:
@@ -407,18 +390,6 @@ def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:
         t.data = master.to(device, copy=True)
 
     txn.on_rollback(undo, f"restore {ref.path}")
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value if value.device == device else value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _ignore_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
@@ -480,7 +451,7 @@ class _RootHook(ModelHook):
 # ---- public functions --------------------------------------------------------------------------------
 def _offloader(model: nn.Module) -> _Offloader | None:
     registry = HookRegistry.of(model)
-    hook = registry.get(ROOT_HOOK) if registry else None
+    hook = registry.get(OFFLOAD_ROOT_HOOK) if registry else None
     return hook.offloader if isinstance(hook, _RootHook) else None
 
 
@@ -557,9 +528,9 @@ def _remove_offload(model: nn.Module, config: Offload | None = None, device: str
     offloader = _offloader(model)
     if offloader is None:
         raise ConfigError("this model has no hookwise offloading to remove")
-    target = offloader.home if device is None else _parse_device(device, "device")
+    target = offloader.home if device is None else parse_device(device, "device")
     offloader.close(target)
-    remove_hooks(model, lambda name, hook: name in (GROUP_HOOK, ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)))
+    remove_hooks(model, lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)))
     restore_method(model, "_apply", owner=OWNER)
 
 

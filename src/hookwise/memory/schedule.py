@@ -7,6 +7,8 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
   buffers (`tensor.data`) at a view into that slot. Unbinding points them back at the host master.
   A group stays in its slot after use until the slot is needed (so a forward followed by backward
   reuses what is still there); the least recently used group that is not in use is evicted.
+  Binding, unbinding, write-back and gradient settling are the group's own (`GroupState`), so
+  component offloading binds whole models the same way.
 - **Direct groups.** When the engine computes on a source in place (a mapped file on the CPU),
   a group has no slot: prefetching it starts an OS read-ahead, and after use its pages are
   released (unless written). Order, prefetch and counters are the same.
@@ -33,13 +35,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from ..errors import HookError
-from .groups import Group
+from .groups import Group, TensorRef
 from .transfer import HostSource, TransferEngine
 
 logger = logging.getLogger("hookwise.memory.schedule")
@@ -119,13 +121,83 @@ class GroupState:
             self._views_by_slot[slot.index] = views
         return views
 
+    def current_versions(self) -> list[int]:
+        """The version counter of each of the group's tensors now."""
+        return [ref.tensor._version for ref in self.group.tensors]
+
+    def bind(
+        self, views: list[torch.Tensor], on_replaced: Callable[[TensorRef], None] | None = None, *, grads: bool = True
+    ) -> None:
+        """Point each tensor at its view in `views` (device memory holding the group's values).
+
+        A tensor the model replaced since the group was built is left alone and passed to
+        `on_replaced`. With `grads`, a trainable tensor's gradient on another device is set aside
+        (gradients accumulate on the device while bound) and added back by `settle_grad`.
+        """
+        for i, (ref, view) in enumerate(zip(self.group.tensors, views)):
+            t = ref.tensor
+            if ref.current() is not t:
+                if on_replaced is not None:
+                    on_replaced(ref)
+                continue
+            if grads and self.trainable and t.grad is not None and t.grad.device != view.device:
+                self.grad_stash[i] = t.grad
+                t.grad = None
+            t.data = view
+        self.views = views
+        self.ptrs = [v.data_ptr() for v in views]
+        self.versions = self.current_versions()
+        self.bound = True
+
+    def unbind(self, engine: TransferEngine, *, settle_grads: bool) -> int:
+        """Point each tensor back at its home, writing changed values to the host master first.
+
+        With `settle_grads`, a trainable tensor's gradient moves to its master's device. Returns how
+        many tensors were written back.
+        """
+        writes = 0
+        for i, (ref, master) in enumerate(zip(self.group.tensors, self.masters)):
+            t = ref.tensor
+            if ref.current() is not t:
+                continue
+            data = t.data
+            if t._version != self.versions[i] or data.data_ptr() != self.ptrs[i]:
+                self.write_back(engine, ref, data, master)
+                writes += 1
+            t.data = self.homes[i]
+            if settle_grads and self.trainable:
+                self.settle_grad(i)
+        self.loaded_versions = self.current_versions()
+        self.bound = False
+        return writes
+
+    def write_back(self, engine: TransferEngine, ref: TensorRef, data: torch.Tensor, master: torch.Tensor) -> None:
+        """Copy `data`, the current values of `ref`, into its host `master`."""
+        if data.shape != master.shape or data.dtype != master.dtype:
+            raise HookError(
+                f"{ref.path} was given data of shape {tuple(data.shape)} / {data.dtype} while offloaded "
+                f"(it was {tuple(master.shape)} / {master.dtype}); remove offloading before changing shapes or dtypes"
+            )
+        engine.copy_back(data, master)
+        self.source.mark_written()
+
+    def settle_grad(self, i: int) -> None:
+        """Give tensor `i` one gradient on its master's device: its own plus any set aside at bind."""
+        t = self.group.tensors[i].tensor
+        master = self.masters[i]
+        grad = t.grad
+        stash = self.grad_stash.pop(i, None)
+        if grad is not None and grad.device != master.device:
+            t.grad = None
+            grad = grad.to(master.device)
+        if stash is not None:
+            grad = stash if grad is None else stash.add_(grad)
+        if grad is not None and t.grad is not grad:
+            t.grad = grad
+
     def __repr__(self) -> str:
         where = f"slot {self.slot.index}" if self.slot else "host"
         return f"<{self.name}: {where}{', bound' if self.bound else ''}>"
-
-
-def _versions(st: GroupState) -> list[int]:
-    return [ref.tensor._version for ref in st.group.tensors]
 
 
 def _poison(like: torch.Tensor) -> torch.Tensor:
@@ -204,7 +276,7 @@ class Scheduler:
         for st in states:
             st.direct = engine.direct(st.source)
             if st.direct:
-                st.loaded_versions = _versions(st)
+                st.loaded_versions = st.current_versions()
         copied = any(not st.direct for st in states)
         self.slots = [Slot(i, engine.alloc_slot(slot_bytes)) for i in range(slots if copied else 0)]
         self._by_ptr = {s.ptr: s for s in self.slots}
@@ -317,7 +389,7 @@ class Scheduler:
 
     def _cool(self, st: GroupState) -> None:
         """A direct group is done: release its mapped pages (unless they were written)."""
-        versions = _versions(st)
+        versions = st.current_versions()
         if versions != st.loaded_versions:
             st.source.mark_written()  # changed in place: its copy-on-write pages must stay
             st.loaded_versions = versions
@@ -365,7 +437,7 @@ class Scheduler:
             # Updated through its host master (an optimizer step, load_state_dict) since it was
             # copied: the slot is stale, copy again.
             st.ticket = self.engine.start_load(st.source, st.slot.flat, self.engine.mark_done())
-            st.loaded_versions = _versions(st)
+            st.loaded_versions = st.current_versions()
             self.stats.loads += 1
             self.stats.bytes_loaded += st.group.nbytes
         elif st.prefetched:
@@ -374,7 +446,7 @@ class Scheduler:
         if st.ticket is not None:
             ticket, st.ticket = st.ticket, None
             self.engine.wait(ticket)
-            if st.source.kind == "disk" and st.loaded_versions == _versions(st):
+            if st.source.kind == "disk" and st.loaded_versions == st.current_versions():
                 # The host has read the file pages into the slot and nothing wrote them: let them go.
                 st.source.after_read()
         if not st.bound and not st.direct:
@@ -499,7 +571,7 @@ class Scheduler:
         if self.trace is not None:
             self.trace.append(("load", st.name, not required))
         self._changed_on_host(st)
-        st.loaded_versions = _versions(st)
+        st.loaded_versions = st.current_versions()
         self.engine.read_ahead(st.source)
         st.ticket = self.engine.start_load(st.source, slot.flat, slot.marker)
         slot.marker = None
@@ -525,23 +597,9 @@ class Scheduler:
 
     # ---- binding -----------------------------------------------------------------------------------------
     def _bind(self, st: GroupState) -> None:
-        views = st.views_in(st.slot)
-        for i, (ref, view) in enumerate(zip(st.group.tensors, views)):
-            t = ref.tensor
-            if ref.current() is not t:
-                self._replaced(ref)
-                continue
-            if st.trainable and t.grad is not None and t.grad.device != view.device:
-                # Gradients accumulate on the device while bound; the host part waits here.
-                st.grad_stash[i] = t.grad
-                t.grad = None
-            t.data = view
-        st.views = views
-        st.ptrs = [v.data_ptr() for v in views]
-        st.versions = [ref.tensor._version for ref in st.group.tensors]
-        st.bound = True
+        st.bind(st.views_in(st.slot), self._replaced)
 
-    def _replaced(self, ref: Any) -> None:
+    def _replaced(self, ref: TensorRef) -> None:
         if ref.kind == "param":
             raise HookError(
                 f"parameter {ref.path} was replaced after offloading was applied (an adapter injected or "
@@ -553,19 +611,8 @@ class Scheduler:
             logger.info("hookwise offload: buffer %s was reassigned by the model; it is no longer streamed", ref.path)
 
     def _unbind(self, st: GroupState) -> None:
-        for i, (ref, master) in enumerate(zip(st.group.tensors, st.masters)):
-            t = ref.tensor
-            if ref.current() is not t:
-                continue
-            data = t.data
-            if t._version != st.versions[i] or data.data_ptr() != st.ptrs[i]:
-                self._write_back(st, ref, data, master)
-            t.data = st.homes[i]
-            # During backward, AccumulateGrad may still write a device gradient: settle at its end.
-            if st.trainable and self.phase != "backward":
-                self._settle_grad(st, i, t, master)
-        st.loaded_versions = _versions(st)
-        st.bound = False
+        # During backward, AccumulateGrad may still write a device gradient: settle at its end.
+        self.stats.writebacks += st.unbind(self.engine, settle_grads=self.phase != "backward")
 
     def _changed_on_host(self, st: GroupState) -> bool:
         """Whether an unbound group's tensors changed since its slot copy; adopts replaced `.data`."""
@@ -578,36 +625,16 @@ class Scheduler:
             data = t.data
             if data.data_ptr() != home.data_ptr() or data.shape != home.shape:
                 # `.data` was replaced while offloaded: its values become the new master.
-                self._write_back(st, ref, data, st.masters[i])
+                st.write_back(self.engine, ref, data, st.masters[i])
+                self.stats.writebacks += 1
                 t.data = home
                 changed = True
-        if st.loaded_versions and st.loaded_versions != _versions(st):
+        if st.loaded_versions and st.loaded_versions != st.current_versions():
             changed = True
         if changed:
             # Changed host pages of a disk-backed group differ from its file: never drop them.
             st.source.mark_written()
         return changed
-
-    def _write_back(self, st: GroupState, ref: Any, data: torch.Tensor, master: torch.Tensor) -> None:
-        if data.shape != master.shape or data.dtype != master.dtype:
-            raise HookError(
-                f"{ref.path} was given data of shape {tuple(data.shape)} / {data.dtype} while offloaded "
-                f"(it was {tuple(master.shape)} / {master.dtype}); remove offloading before changing shapes or dtypes"
-            )
-        self.engine.copy_back(data, master)
-        self.stats.writebacks += 1
-        st.source.mark_written()
-
-    def _settle_grad(self, st: GroupState, i: int, t: torch.Tensor, master: torch.Tensor) -> None:
-        grad = t.grad
-        stash = st.grad_stash.pop(i, None)
-        if grad is not None and grad.device != master.device:
-            t.grad = None
-            grad = grad.to(master.device)
-        if stash is not None:
-            grad = stash if grad is None else stash.add_(grad)
-        if grad is not None and t.grad is not grad:
-            t.grad = grad
 
     def _release_trainable(self) -> None:
         for st in self.states:
@@ -619,8 +646,8 @@ class Scheduler:
                     self.engine.wait(ticket)
                 self._unbind(st)
             else:
-                for i, (ref, master) in enumerate(zip(st.group.tensors, st.masters)):
-                    self._settle_grad(st, i, ref.tensor, master)
+                for i in range(len(st.masters)):
+                    st.settle_grad(i)
 
     def flush(self) -> None:
         """Unbind every group (writing back changes) and empty the slots."""
