@@ -34,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hookwise.sampling.cache_bench import (
+    from hookwise.bench import (
         RunResult,
         compare_at_equal_work,
         comparison_markdown,

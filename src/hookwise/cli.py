@@ -124,7 +124,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .sampling.cache_bench import run_cache_bench, save_plot, to_markdown
+    from .bench import run_cache_bench, save_plot, to_markdown
     from .zoo import load_reference
 
     console = Console(stderr=True)
