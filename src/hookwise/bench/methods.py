@@ -141,7 +141,7 @@ def diffusers_methods(
         m.disable_cache()
 
     out: list[Method] = []
-    mmap = describe(model)
+    model_map = describe(model)
     for th in FIRST_BLOCK_THRESHOLDS:
         out.append(
             Method("first-block", "diffusers", f"threshold={th}", enable(dh.FirstBlockCacheConfig(threshold=th)), disable,
@@ -150,7 +150,7 @@ def diffusers_methods(
     # The modules hookwise's attention TaylorSeer predicts, named for diffusers: its default patterns
     # ("^blocks.*attn", fully matched) match no attention module of Wan ("blocks.0.attn1"), so with them it
     # would silently cache nothing there.
-    attention_paths = [re.escape(a.path) for a in mmap.attention]
+    attention_paths = [re.escape(a.path) for a in model_map.attention]
     for order, interval in TAYLOR_SETTINGS:
         config = dh.TaylorSeerCacheConfig(
             cache_interval=interval, disable_cache_before_step=TAYLOR_WARMUP, max_order=order, taylor_factors_dtype=torch.float32,
@@ -171,7 +171,7 @@ def diffusers_methods(
             current_timestep_callback=timestep_now,
         )
         out.append(Method("pab", "diffusers", f"spatial_range={sr}", enable(config), disable, default=sr == 2))
-    fmt = "BCFHW" if mmap.architecture == "wan" else "BCHW"
+    fmt = "BCFHW" if model_map.architecture == "wan" else "BCHW"
     for ur, ar in FASTERCACHE_SETTINGS:
         config = dh.FasterCacheConfig(
             spatial_attention_block_skip_range=ar,

@@ -109,9 +109,10 @@ def run_cache_bench(
     noise = reference.noise(labels.shape[0], generator)
     cond = reference.conditioning(labels)
     uncond = reference.conditioning(torch.full_like(labels, -1))
-    mmap = describe(model)
-    blocks = [model.get_submodule(b.path) for b in mmap.blocks if b.path in {x.path for t in mmap.main_towers for x in t.blocks}]
-    attn = [model.get_submodule(a.path) for a in mmap.attention]
+    model_map = describe(model)
+    main_blocks = {b.path for t in model_map.main_towers for b in t.blocks}
+    blocks = [model.get_submodule(b.path) for b in model_map.blocks if b.path in main_blocks]
+    attn = [model.get_submodule(a.path) for a in model_map.attention]
     counters = [(SampleCounter(), m) for m in blocks]
     attn_counters = [(SampleCounter(), m) for m in attn]
     current_t = {"t": 1000.0}
