@@ -7,6 +7,7 @@ A `Method` is one benchmarked setting: how to apply it to the model, how to remo
 from __future__ import annotations
 
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,7 +27,8 @@ from .. import (
 )
 from .. import apply as hw_apply
 from .. import remove as hw_remove
-from ..errors import require
+from ..errors import ConfigError, require
+from ..sampling.flow import COND, UNCOND
 
 
 @dataclass
@@ -126,11 +128,14 @@ DIFFUSERS_METHODS = ("first-block", "taylorseer-attention", "pab", "fastercache"
 def diffusers_methods(
     model: nn.Module,
     timestep_now: Callable[[], float],
-    calibrate_diffusers: Callable[[], list[float]],
+    calibrate: Callable[[], None],
     steps: int,
     wanted: set[str] | None = None,
 ) -> list[Method]:
-    """diffusers' own caches at the same settings as the hookwise sweep (where diffusers has the method)."""
+    """diffusers' own caches at the same settings as the hookwise sweep (where diffusers has the method).
+
+    `calibrate()` samples once with diffusers' branch contexts; its MagCache calibration runs it once.
+    """
     # diffusers is optional: only this comparison needs it.
     dh = require("diffusers.hooks", "diffusers", "comparing with diffusers' step caches")
 
@@ -193,10 +198,43 @@ def diffusers_methods(
                    cfg="batched", default=(ur, ar) == (5, 2))
         )
     if wanted is None or "magcache" in wanted:
-        ratios = calibrate_diffusers()
+        ratios = _diffusers_magcache_ratios(dh, model, calibrate, steps)
         for th in MAGCACHE_THRESHOLDS:
             config = dh.MagCacheConfig(threshold=th, num_inference_steps=steps, mag_ratios=ratios)
             out.append(
                 Method("magcache", "diffusers", f"threshold={th}", enable(config), disable, default=th == 0.06)
             )
     return out
+
+
+def _diffusers_magcache_ratios(dh: Any, model: nn.Module, calibrate: Callable[[], None], steps: int) -> list[float]:
+    """diffusers' MagCache calibration of `model`: its magnitude ratio per step, averaged over the CFG branches."""
+    # diffusers returns no calibration result: its hooks keep the ratios in the state of each branch
+    # (`MagCacheState.calibration_ratios`), print them, and clear that state when the last step ends.
+    # Told one step more than `calibrate()` runs, the calibration keeps its state after the last step
+    # (in calibration the step count only decides when the run ends: no step is ever skipped), and the
+    # ratios are read from that state, not from the printed text.
+    model.enable_cache(dh.MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
+    try:
+        calibrate()
+        head = _diffusers_hook_of_type(model, dh.mag_cache.MagCacheHeadHook)
+        per_branch = []
+        for name in (COND, UNCOND):
+            with model.cache_context(name):
+                per_branch.append(list(head.state_manager.get_state().calibration_ratios))
+    finally:
+        model.disable_cache()
+    lists = [ratios for ratios in per_branch if ratios]
+    if not lists:
+        raise ConfigError("diffusers' MagCache calibration recorded no ratios: the calibration run called no block")
+    return [statistics.fmean(v) for v in zip(*lists)]
+
+
+def _diffusers_hook_of_type(model: nn.Module, cls: type) -> Any:
+    """The first hook of class `cls` in the diffusers hook registries of `model`'s modules."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)  # where diffusers keeps a module's registry
+        for hook in getattr(registry, "hooks", {}).values():
+            if isinstance(hook, cls):
+                return hook
+    raise ConfigError(f"diffusers attached no {cls.__name__} to {type(model).__name__}")

@@ -11,11 +11,8 @@ and PSNR / SSIM against the reference, computed in float.
 from __future__ import annotations
 
 import contextlib
-import io
-import ast
 import logging
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -23,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .. import Layer, ModelHook, add_hook, describe, remove_hook
-from ..errors import ConfigError, require
+from ..errors import ConfigError
 from ..sampling import psnr, sample, ssim
 from .methods import DIFFUSERS_METHODS, HOOKWISE_METHODS, Method, diffusers_methods, hookwise_methods
 
@@ -160,20 +157,8 @@ def run_cache_bench(
         def calibrate() -> None:
             once("separate")
 
-        def calibrate_diffusers() -> list[float]:
-            dh = require("diffusers.hooks", "diffusers", "comparing with diffusers' step caches")
-
-            model.enable_cache(dh.MagCacheConfig(calibrate=True, num_inference_steps=steps))
-            buffer = io.StringIO()
-            try:
-                with contextlib.redirect_stdout(buffer):
-                    once("separate", branch_context=lambda name: model.cache_context(name))
-            finally:
-                model.disable_cache()
-            lists = [ast.literal_eval(line) for line in buffer.getvalue().splitlines() if line.startswith("[") and not line.startswith("[MagCache]")]
-            if not lists:
-                raise ConfigError("diffusers' MagCache calibration printed no ratios")
-            return [statistics.fmean(v) for v in zip(*lists)]
+        def calibrate_diffusers() -> None:
+            once("separate", branch_context=lambda name: model.cache_context(name))
 
         todo = hookwise_methods(model, calibrate, steps, len(blocks), wanted)
         if compare_diffusers and wanted & set(DIFFUSERS_METHODS):
