@@ -11,6 +11,7 @@ from .run import RunResult
 
 
 def to_markdown(results: list[RunResult]) -> str:
+    """Every run as a Markdown table row; each method's default setting in bold."""
     lines = [
         "| method | impl | setting | block evals | attention evals | seconds | speed-up | PSNR dB | SSIM |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -160,6 +161,7 @@ def compare_at_equal_work(results: list[RunResult]) -> list[dict[str, Any]]:
 
 
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows of `compare_at_equal_work` as a Markdown table."""
     lines = [
         "| method | setting | work | hookwise: fraction, PSNR | diffusers same setting: fraction, PSNR | "
         "hookwise best at this work | diffusers best at this work (interpolated) | hookwise - diffusers at equal work |",

@@ -31,6 +31,8 @@ COUNT_HOOK = "hookwise.bench.count"
 
 @dataclass
 class RunResult:
+    """One run of the harness: evaluations as fractions of the uncached run, time, and quality."""
+
     method: str
     impl: str  # "hookwise" | "diffusers" | "reference"
     setting: str
@@ -68,7 +70,6 @@ class SampleCounter(ModelHook):
         return args, kwargs
 
 
-# ---- running ----------------------------------------------------------------------------------------
 def _failed(m: Method, exc: Exception) -> RunResult:
     """A peer's run that raised: recorded, not hidden (hookwise's own errors propagate)."""
     message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
