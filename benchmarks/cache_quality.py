@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from hookwise.bench import RunResult, compare_at_equal_work, comparison_markdown, run_cache_bench, save_plot, to_markdown
+from hookwise.zoo import load_reference
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,15 +37,6 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from hookwise.sampling.cache_bench import (
-        RunResult,
-        compare_at_equal_work,
-        comparison_markdown,
-        run_cache_bench,
-        save_plot,
-        to_markdown,
-    )
-
     if args.tables_from:
         for name in args.models.split(","):
             rows = json.loads((Path(args.tables_from) / f"cache-{name}.json").read_text())
@@ -54,8 +48,6 @@ def main() -> int:
             print(to_markdown(results) + "\n")
             print(comparison_markdown(compare_at_equal_work(results)) + "\n")
         return 0
-    from hookwise.zoo import load_reference
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import diffusers

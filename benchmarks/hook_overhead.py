@@ -17,7 +17,10 @@ import platform
 import statistics
 import time
 
+import diffusers
 import torch
+from diffusers.hooks.hooks import HookRegistry
+from diffusers.hooks.hooks import ModelHook as DiffusersHook
 from torch import nn
 
 import hookwise
@@ -33,8 +36,6 @@ class HookwiseIdentity(ModelHook):
 
 
 def diffusers_hooks():
-    from diffusers.hooks.hooks import HookRegistry, ModelHook as DiffusersHook
-
     class DiffusersIdentity(DiffusersHook):
         def pre_forward(self, module, *args, **kwargs):
             return args, kwargs
@@ -99,8 +100,6 @@ def main() -> None:
     per_call = {name: statistics.median(values) for name, values in samples.items()}
     base = per_call["no hook"]
     overhead = {name: value - base for name, value in per_call.items()}
-
-    import diffusers
 
     print(
         f"hook overhead: {args.layers} x Linear({args.width}, {args.width}) on {args.device}, "

@@ -9,7 +9,7 @@ from torch import nn
 
 import hookwise
 from hookwise.core import add_hook, remove_hook
-from hookwise.sampling.cache_bench import SampleCounter
+from hookwise.bench import SampleCounter
 from tiny_models import TINY_DIFFUSERS, output_of, tiny_musubi
 
 COUNT = "test.count"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hookwise.core.outputs import sample_of
 from hookwise.memory.offload import _offloader
 from tiny_models import MusubiDiT, timestep_embedding
 
@@ -22,18 +23,10 @@ def add_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 4) -> nn.Module:
     return model
 
 
-def main_output(out):
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, tuple):
-        return out[0]
-    return out
-
-
 def fwd_bwd(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Output and every parameter gradient of one forward + backward of a squared-output loss."""
     model.zero_grad(set_to_none=True)
-    out = main_output(model(**inputs))
+    out = sample_of(model(**inputs), "fwd_bwd")
     (out.float() ** 2).mean().backward()
     return out.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

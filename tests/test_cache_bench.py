@@ -8,7 +8,7 @@ import torch
 
 from hookwise.cli import main
 from hookwise.errors import ConfigError
-from hookwise.sampling.cache_bench import RunResult, compare_at_equal_work, run_cache_bench, save_plot, to_markdown
+from hookwise.bench import RunResult, compare_at_equal_work, run_cache_bench, save_plot, to_markdown
 from hookwise.zoo.reference import ReferenceModel, get_reference_spec
 
 from cache_helpers import one_thread  # noqa: F401

@@ -14,11 +14,12 @@ import torch
 from torch._dynamo.utils import counters
 
 import hookwise
+from hookwise.core.outputs import sample_of
 from hookwise.errors import ConfigError
 from hookwise.memory import LayerwiseCasting, casting_summary
 from hookwise.memory import dequant as dequant_mod
 from cache_helpers import compile_blocks, one_thread  # noqa: F401 - the fixture
-from offload_utils import add_lora, fwd_bwd, main_output
+from offload_utils import add_lora, fwd_bwd
 from tiny_models import tiny_musubi
 
 
@@ -98,7 +99,7 @@ def test_default_is_eager_off_cuda_and_compiles_nothing():
     model, inputs = tiny_musubi()
     before = compiled_frames()
     hookwise.apply(model, LayerwiseCasting())
-    main_output(model(**inputs))
+    sample_of(model(**inputs), "test")
     assert casting_summary(model)["fused"] is None
     assert compiled_frames() == before
 
@@ -138,7 +139,7 @@ def test_a_kernel_that_fails_later_falls_back_to_eager_ops_with_one_warning(monk
     monkeypatch.setattr(dequant_mod, "_generated", broken)
     with caplog.at_level(logging.WARNING, logger="hookwise.memory.casting"):
         for _ in range(2):
-            assert torch.equal(main_output(model(**inputs)), main_output(eager(**inputs)))
+            assert torch.equal(sample_of(model(**inputs), "test"), sample_of(eager(**inputs), "test"))
     warned = [r for r in caplog.records if "fused dequantize" in r.getMessage()]
     assert len(warned) == 1 and "backend failed for this shape" in warned[0].getMessage()
     assert "backend failed for this shape" in casting_summary(model)["fused_failed"]["cpu"]

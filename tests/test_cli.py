@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from hookwise import __version__
 from hookwise.cli import main
 
 
@@ -71,8 +72,12 @@ def test_inspect_a_local_diffusers_folder(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["inspect", "--help"]])
-def test_console_entry_point_runs(argv):
+@pytest.mark.parametrize(
+    "argv, expected",
+    [(["--version"], f"hookwise {__version__}\n"), (["inspect", "--help"], "usage: hookwise inspect [-h]")],
+    ids=["version", "inspect-help"],
+)
+def test_console_entry_point_runs(argv, expected):
     result = subprocess.run([sys.executable, "-m", "hookwise", *argv], capture_output=True, text=True)
     assert result.returncode == 0
-    assert "hookwise" in result.stdout or "MODEL" in result.stdout
+    assert result.stdout.startswith(expected)

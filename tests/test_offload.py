@@ -17,6 +17,7 @@ from torch import nn
 import hookwise
 from hookwise.core import list_hooks
 from hookwise.core.overrides import overridden
+from hookwise.core.outputs import sample_of
 from hookwise.errors import CompatibilityError, ConfigError, HookError, NoTargetError
 from hookwise.memory import Offload, apply_offload, offload_report, remove_offload
 from offload_utils import (
@@ -25,7 +26,6 @@ from offload_utils import (
     add_lora,
     assert_same,
     fwd_bwd,
-    main_output,
     scheduler,
     strict,
     uses,
@@ -52,14 +52,14 @@ def test_offload_outputs_and_lora_gradients_equal_the_plain_model(name, granular
     add_lora(model)
     expected = fwd_bwd(model, inputs)
     with torch.no_grad():
-        expected_eval = main_output(model(**inputs))
+        expected_eval = sample_of(model(**inputs), "test")
     config = disk(tmp_path, granularity=granularity) if offload_device == "disk" else slots(granularity=granularity)
     apply_offload(model, config)
     strict(model)
     for _ in range(2):  # the first pass records the order, the second prefetches along it
         assert_same(fwd_bwd(model, inputs), expected)
         with torch.no_grad():
-            assert torch.equal(main_output(model(**inputs)), expected_eval)
+            assert torch.equal(sample_of(model(**inputs), "test"), expected_eval)
     report = offload_report(model)
     assert report.granularity == granularity
     assert report.streamed and report.stats["prefetch_hits"] > 0
@@ -94,7 +94,7 @@ def test_forward_without_lora_under_grad_matches():
     expected = output_of(model, inputs)
     apply_offload(model, Offload(onload_device="cpu", granularity="block"))
     strict(model)
-    out = main_output(model(**inputs))  # grad mode on, nothing trainable outside the streamed weights
+    out = sample_of(model(**inputs), "test")  # grad mode on, nothing trainable outside the streamed weights
     assert torch.equal(out.detach(), expected)
 
 
@@ -186,7 +186,7 @@ def test_full_finetune_with_offload_trainable_matches_sgd_on_the_plain_model(off
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             for _ in range(micro):  # gradient accumulation across micro-batches
-                loss = (main_output(model(**inputs)) ** 2).mean()
+                loss = (sample_of(model(**inputs), "test") ** 2).mean()
                 loss.backward()
                 losses.append(loss.item())
             opt.step()
@@ -444,7 +444,7 @@ def test_offloading_composes_with_layerwise_casting_and_lora(where, granularity,
         warnings.simplefilter("ignore")
         assert hookwise.remove(model) == ["offload", "casting"]
     assert list_hooks(model) == {}
-    torch.testing.assert_close(main_output(model(**inputs)), expected[0])
+    torch.testing.assert_close(sample_of(model(**inputs), "test"), expected[0])
 
 
 def test_inference_mode_passes_do_not_spoil_later_training():

@@ -16,9 +16,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import hookwise
 from hookwise import LayerwiseCasting, Offload
+from hookwise.core.outputs import sample_of
 from hookwise.memory import offload_report
 from cache_helpers import compile_blocks, fresh_dynamo, no_recompiles, one_thread  # noqa: F401 - fixtures
-from offload_utils import add_lora, assert_same, fwd_bwd, main_output
+from offload_utils import add_lora, assert_same, fwd_bwd
 from tiny_models import tiny_musubi, tiny_wan
 
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 def sample(model, inputs) -> torch.Tensor:
     with torch.no_grad():
-        return main_output(model(**inputs)).clone()
+        return sample_of(model(**inputs), "test").clone()
 
 
 def offload(tmp_path, where: str, granularity: str = "block") -> Offload:

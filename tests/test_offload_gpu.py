@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hookwise.core.outputs import sample_of
 from hookwise.memory import ComponentOffload, Offload, apply_component_offload, apply_offload, offload_report
 from hookwise.memory import components_on_device, remove_offload
 from cache_helpers import compile_blocks
-from offload_utils import add_lora, assert_same, fwd_bwd, main_output
+from offload_utils import add_lora, assert_same, fwd_bwd
 from tiny_models import MusubiDiT, mlp, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
 
 pytestmark = pytest.mark.gpu
@@ -86,7 +87,7 @@ def peak_forward(model, inputs, grad=False):
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.set_grad_enabled(grad):
-        out = main_output(model(**inputs))
+        out = sample_of(model(**inputs), "test")
         if grad:
             out.float().pow(2).mean().backward()
     torch.cuda.synchronize()
@@ -205,7 +206,7 @@ def test_full_finetune_with_offload_trainable_on_cuda():
         for m, opt in zip((resident, model), optimizers):
             opt.zero_grad(set_to_none=True)
             for _ in range(2):
-                main_output(m(**inputs)).pow(2).mean().backward()
+                sample_of(m(**inputs), "test").pow(2).mean().backward()
             # The offloaded model's trainable weights and gradients are on the host for the step.
             opt.step()
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hookwise.core.outputs import sample_of
+
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -344,9 +346,4 @@ def mlp(width: int = 16, depth: int = 3) -> nn.Sequential:
 def output_of(model: nn.Module, inputs: dict) -> torch.Tensor:
     """The main output tensor of a model call, for diffusers models and plain ones."""
     with torch.no_grad():
-        out = model(**inputs)
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, tuple):
-        return out[0]
-    return out
+        return sample_of(model(**inputs), "output_of")

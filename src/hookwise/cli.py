@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .bench import run_cache_bench, save_plot, to_markdown
 from .errors import ConfigError, HookwiseError
+from .introspect import describe, load_model, spec_names
+from .zoo import load_reference, reference_names
 
 _MIB = 1 / 2**20
 
@@ -24,9 +33,6 @@ def _pattern(path: str) -> str:
 
 
 def _inspect_tables(model_map, source: str):
-    from rich.table import Table
-    from rich.text import Text
-
     m = model_map
     yield Text.assemble((f"{m.model_cls}", "bold"), f"  from {source}")
     yield Text.assemble(
@@ -102,16 +108,12 @@ def _inspect_tables(model_map, source: str):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .introspect import describe, load_model
-
     model, source = load_model(args.model, dtype=args.dtype)
     model_map = describe(model)
     if args.json:
         data = {"model": args.model, "source": source, **model_map.to_dict()}
         print(json.dumps(data, indent=2))
         return 0
-    from rich.console import Console
-
     console = Console()
     if not console.is_terminal:  # piped: wide enough that module paths are never cut
         console = Console(width=160)
@@ -121,12 +123,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cache(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .sampling.cache_bench import run_cache_bench, save_plot, to_markdown
-    from .zoo import load_reference
-
     console = Console(stderr=True)
     reference = load_reference(args.model)
     labels = None
@@ -173,8 +169,6 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub) -> None:
-    from .zoo.reference import reference_names
-
     bench = sub.add_parser("bench", help="side-by-side benchmarks", description="Benchmarks of hookwise techniques.")
     what = bench.add_subparsers(dest="bench", metavar="WHAT")
     cache = what.add_parser(
@@ -198,9 +192,6 @@ def _add_bench(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .introspect import spec_names
-
     parser = argparse.ArgumentParser(
         prog="hookwise",
         description="Make diffusion transformers fit and run fast: inspect a model's structure and what applies to it.",

@@ -1,7 +1,6 @@
 """A flow-matching Euler sampler with classifier-free guidance, and float quality metrics.
 
-The quality harness of the caches (`cache_bench`, behind `hookwise bench cache`) is imported on
-demand: it sits on top of `cache/` and the stack.
+The quality harness of the step caches (`hookwise bench cache`) lives in `hookwise.bench`, on top.
 """
 
 from .flow import flow_timesteps, sample, sample_reference

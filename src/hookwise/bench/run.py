@@ -1,0 +1,223 @@
+"""One run of the step-cache quality harness (`hookwise bench cache`).
+
+For a reference model and a prompt set it samples once without a cache (the reference), then
+with each cache at its default and over a sweep of settings, and with diffusers' own
+implementations of the same methods at equal settings, all in one process on one loaded model.
+Per run it reports the block (and attention) evaluations as a fraction of the uncached run
+(counted per sample by `SampleCounter` hooks inside every cache), the wall time and speed-up,
+and PSNR / SSIM against the reference, computed in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .. import Layer, ModelHook, add_hook, describe, remove_hook
+from ..errors import ConfigError
+from ..sampling import psnr, sample, ssim
+from .methods import DIFFUSERS_METHODS, HOOKWISE_METHODS, Method, diffusers_methods, hookwise_methods
+
+logger = logging.getLogger("hookwise.bench")
+
+COUNT_HOOK = "hookwise.bench.count"
+
+
+@dataclass
+class RunResult:
+    """One run of the harness: evaluations as fractions of the uncached run, time, and quality."""
+
+    method: str
+    impl: str  # "hookwise" | "diffusers" | "reference"
+    setting: str
+    block_frac: float
+    attn_frac: float
+    seconds: float
+    speedup: float
+    psnr: float
+    ssim: float
+    default: bool = False
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: infinite PSNR (identical samples) as "inf", a failed run's numbers as None."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = "inf" if value == math.inf else None
+        return out
+
+
+class SampleCounter(ModelHook):
+    """Innermost hook: counts samples that really went through a module (skipped calls never get here)."""
+
+    layer = Layer.PROBE
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def pre_forward(self, module, args, kwargs):
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.ndim >= 1:
+                self.n += v.shape[0]
+                break
+        return args, kwargs
+
+
+def _failed(m: Method, exc: Exception) -> RunResult:
+    """A peer's run that raised: recorded, not hidden (hookwise's own errors propagate)."""
+    message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    logger.warning("%s %s %s failed: %s", m.impl, m.method, m.setting, message)
+    nan = float("nan")
+    return RunResult(m.method, m.impl, m.setting, nan, nan, nan, nan, nan, nan, m.default, f"failed: {message}")
+
+
+def run_cache_bench(
+    reference: Any,
+    *,
+    labels: Iterable[int] | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    repeats: int = 2,
+    methods: Iterable[str] | None = None,
+    compare_diffusers: bool = True,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[RunResult]:
+    """Benchmark the caches on a `hookwise.zoo` reference model; returns one result per run.
+
+    `labels`: class ids of the prompt set (default: every class once). `repeats`: timed runs
+    per setting (the fastest counts); each setting's speed-up is against the faster of two uncached
+    runs made right before and right after it. `methods`: names to keep (default: all).
+    """
+    wanted = set(methods) if methods is not None else set(HOOKWISE_METHODS)
+    unknown = wanted - set(HOOKWISE_METHODS)
+    if unknown:
+        raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {list(HOOKWISE_METHODS)}")
+    spec = reference.spec
+    model = reference.transformer
+    steps = steps or spec.steps
+    labels = torch.as_tensor(list(labels) if labels is not None else range(len(spec.classes)), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    noise = reference.noise(labels.shape[0], generator)
+    cond = reference.conditioning(labels)
+    uncond = reference.conditioning(torch.full_like(labels, -1))
+    model_map = describe(model)
+    main_blocks = {b.path for t in model_map.main_towers for b in t.blocks}
+    blocks = [model.get_submodule(b.path) for b in model_map.blocks if b.path in main_blocks]
+    attn = [model.get_submodule(a.path) for a in model_map.attention]
+    counters = [(SampleCounter(), m) for m in blocks]
+    attn_counters = [(SampleCounter(), m) for m in attn]
+    current_t = {"t": 1000.0}
+
+    def record_t(module, args, kwargs):
+        t = kwargs.get("timestep")
+        if isinstance(t, torch.Tensor):
+            # diffusers' callbacks take timesteps in 0..1000; the model gets t * timestep_scale, t in [0, 1].
+            current_t["t"] = float(t.reshape(-1)[0]) * 1000.0 / spec.timestep_scale
+        return None
+
+    pre = model.register_forward_pre_hook(record_t, with_kwargs=True)
+    for c, m in counters + attn_counters:
+        add_hook(m, c, COUNT_HOOK)
+
+    def once(cfg: str, branch_context=None, wrap=None) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        ctx = wrap() if wrap is not None else contextlib.nullcontext()
+        with ctx:
+            latents = sample(
+                model, noise, cond, uncond, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
+                timestep_scale=spec.timestep_scale, branch_context=branch_context,
+            )
+        return reference.decode(latents), time.perf_counter() - start
+
+    def counted(fn: Callable[[], tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float, int, int]:
+        for c, _ in counters + attn_counters:
+            c.n = 0
+        images, seconds = fn()
+        return images, seconds, sum(c.n for c, _ in counters), sum(c.n for c, _ in attn_counters)
+
+    try:
+        results: list[RunResult] = []
+        reference_images: dict[str, torch.Tensor] = {}
+        base_counts: dict[str, tuple[int, int]] = {}
+        base_seconds: dict[str, float] = {}
+        for cfg in ("separate", "batched"):
+            times = []
+            for _ in range(max(1, repeats)):
+                images, seconds, nb, na = counted(lambda: once(cfg))
+                times.append(seconds)
+            reference_images[cfg], base_counts[cfg], base_seconds[cfg] = images, (nb, na), min(times)
+            results.append(RunResult("none", "reference", f"cfg={cfg}", 1.0, 1.0, min(times), 1.0, math.inf, 1.0, True))
+
+        def calibrate() -> None:
+            once("separate")
+
+        def calibrate_diffusers() -> None:
+            once("separate", branch_context=lambda name: model.cache_context(name))
+
+        todo = hookwise_methods(model, calibrate, steps, len(blocks), wanted)
+        if compare_diffusers and wanted & set(DIFFUSERS_METHODS):
+            todo += diffusers_methods(model, lambda: current_t["t"], calibrate_diffusers, steps, wanted)
+        todo = [m for m in todo if m.method in wanted]
+        for index, m in enumerate(todo):
+            if progress is not None:
+                progress(index, len(todo), f"{m.impl} {m.method} {m.setting}")
+            # Other processes may share the CPU: each setting is timed between two uncached runs made
+            # just before and just after it, and its speed-up is against the faster of those two.
+            local_base = once(m.cfg)[1]
+            try:
+                m.apply(model)
+            except Exception as exc:
+                if m.impl != "diffusers":
+                    raise
+                results.append(_failed(m, exc))
+                continue
+            failed = None
+            try:
+                if m.impl == "diffusers":
+                    branch_context = lambda name: model.cache_context(name)  # noqa: E731
+                    wrap = (lambda: model.cache_context("batched")) if m.cfg == "batched" else None
+                else:
+                    branch_context, wrap = None, None
+                times = []
+                for _ in range(max(1, repeats)):
+                    if m.impl == "diffusers":
+                        model._reset_stateful_cache()  # diffusers needs it between runs; hookwise detects new runs
+                    images, seconds, nb, na = counted(lambda: once(m.cfg, branch_context, wrap))
+                    times.append(seconds)
+            except Exception as exc:
+                if m.impl != "diffusers":
+                    raise
+                failed = _failed(m, exc)
+            finally:
+                m.remove(model)
+            local_base = min(local_base, once(m.cfg)[1])
+            base_seconds[m.cfg] = min(base_seconds[m.cfg], local_base)
+            if failed is not None:
+                results.append(failed)
+                continue
+            ref = reference_images[m.cfg]
+            b0, a0 = base_counts[m.cfg]
+            best = min(times)
+            results.append(
+                RunResult(
+                    m.method, m.impl, m.setting, nb / b0, (na / a0) if a0 else 1.0, best, local_base / best,
+                    psnr(images, ref), ssim(images, ref), m.default, f"cfg={m.cfg}",
+                )
+            )
+        for r in results:
+            if r.impl == "reference":  # the fastest uncached run of the whole session
+                r.seconds = base_seconds[r.setting.removeprefix("cfg=")]
+        if progress is not None:
+            progress(len(todo), len(todo), "done")
+        return results
+    finally:
+        pre.remove()
+        for c, m in counters + attn_counters:
+            remove_hook(m, COUNT_HOOK, missing_ok=True)
