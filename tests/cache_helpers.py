@@ -10,7 +10,7 @@ from torch import nn
 import hookwise
 from hookwise.core import add_hook, remove_hook
 from hookwise.bench import SampleCounter
-from tiny_models import TINY_DIFFUSERS, output_of, tiny_musubi
+from model_helpers import TINY_DIFFUSERS, output_of, tiny_musubi
 
 COUNT = "test.count"
 
@@ -74,7 +74,7 @@ def tiny_ltx_two_layers(batch: int = 1):
     """LTX with two blocks (the shared tiny LTX has one, which leaves a block cache nothing to skip)."""
     from diffusers import LTXVideoTransformer3DModel
 
-    from tiny_models import tiny_ltx
+    from model_helpers import tiny_ltx
 
     _, inputs = tiny_ltx(batch)
     torch.manual_seed(0)

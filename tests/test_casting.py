@@ -11,8 +11,8 @@ from hookwise.core import Layer, TechniqueConfig, register_technique, unregister
 from hookwise.errors import CompatibilityError, ConfigError, NoTargetError
 from hookwise.memory import LayerwiseCasting, casting_summary, saved_for_backward
 from hookwise.memory import casting as casting_mod
-from hookwise.memory import dequant as dequant_mod
-from tiny_models import TINY_DIFFUSERS, output_of, tiny_flux, tiny_musubi, tiny_wan
+from hookwise.memory import _dequant as dequant_mod
+from model_helpers import TINY_DIFFUSERS, output_of, tiny_flux, tiny_musubi, tiny_wan
 
 # Output relative error bounds per storage dtype: about 3x what the tiny models measure.
 BOUNDS = {

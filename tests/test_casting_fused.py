@@ -17,10 +17,10 @@ import hookwise
 from hookwise.core.outputs import sample_of
 from hookwise.errors import ConfigError
 from hookwise.memory import LayerwiseCasting, casting_summary
-from hookwise.memory import dequant as dequant_mod
+from hookwise.memory import _dequant as dequant_mod
 from cache_helpers import compile_blocks, one_thread  # noqa: F401 - the fixture
-from offload_utils import add_lora, fwd_bwd
-from tiny_models import tiny_musubi
+from offload_helpers import add_lora, fwd_bwd
+from model_helpers import tiny_musubi
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

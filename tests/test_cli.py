@@ -35,7 +35,7 @@ def test_inspect_unknown_model_fails_with_the_choices(capsys):
 
 
 def test_inspect_a_module_factory(capsys):
-    assert main(["inspect", "tiny_models:MusubiDiT", "--json"]) == 0
+    assert main(["inspect", "model_helpers:MusubiDiT", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["architecture"] == "musubi-double-single"
 
@@ -59,7 +59,7 @@ def test_inspect_a_file_factory_and_a_bad_factory(tmp_path, capsys):
 
 
 def test_inspect_a_local_diffusers_folder(tmp_path, capsys):
-    from tiny_models import tiny_wan
+    from model_helpers import tiny_wan
 
     model, _ = tiny_wan()
     model.to(dtype=__import__("torch").bfloat16).save_pretrained(tmp_path / "wan")

@@ -15,7 +15,7 @@ from hookwise.memory import (
     components_on_device,
     remove_component_offload,
 )
-from tiny_models import mlp, output_of, tiny_musubi
+from model_helpers import mlp, output_of, tiny_musubi
 
 
 class Encoder(nn.Module):

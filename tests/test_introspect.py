@@ -4,7 +4,7 @@ from torch import nn
 
 import hookwise
 from hookwise.introspect import describe
-from tiny_models import TINY_DIFFUSERS, MusubiDiT, mlp, tiny_musubi
+from model_helpers import TINY_DIFFUSERS, MusubiDiT, mlp, tiny_musubi
 
 # (main towers in call order, number of blocks in each)
 EXPECTED_TOWERS = {

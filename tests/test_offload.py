@@ -20,7 +20,7 @@ from hookwise.core.overrides import overridden
 from hookwise.core.outputs import sample_of
 from hookwise.errors import CompatibilityError, ConfigError, HookError, NoTargetError
 from hookwise.memory import Offload, apply_offload, offload_report, remove_offload
-from offload_utils import (
+from offload_helpers import (
     CheckpointedDiT,
     Reordered,
     add_lora,
@@ -30,7 +30,7 @@ from offload_utils import (
     strict,
     uses,
 )
-from tiny_models import mlp, output_of, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
+from model_helpers import mlp, output_of, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
 
 MODELS = {"flux": tiny_flux, "wan": tiny_wan, "hunyuanvideo": tiny_hunyuanvideo, "musubi": tiny_musubi}
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hookwise.memory import Offload, apply_offload, offload_report
-from hookwise.memory.budget import BudgetError, parse_budget, spread
-from offload_utils import add_lora, fwd_bwd, strict
-from tiny_models import output_of, tiny_musubi
+from hookwise.memory._budget import BudgetError, parse_budget, spread
+from offload_helpers import add_lora, fwd_bwd, strict
+from model_helpers import output_of, tiny_musubi
 
 def sizes():
     model, _ = tiny_musubi()
@@ -34,7 +34,7 @@ def test_budget_strings_parse_to_bytes():
 
 def single_stream_dit():
     """The musubi-style DiT with six equal single-stream blocks (uniform groups make the arithmetic plain)."""
-    from tiny_models import MusubiDiT
+    from model_helpers import MusubiDiT
 
     torch.manual_seed(0)
     model = MusubiDiT(depth=0, depth_single=6).eval()

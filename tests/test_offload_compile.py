@@ -19,8 +19,8 @@ from hookwise import LayerwiseCasting, Offload
 from hookwise.core.outputs import sample_of
 from hookwise.memory import offload_report
 from cache_helpers import compile_blocks, fresh_dynamo, no_recompiles, one_thread  # noqa: F401 - fixtures
-from offload_utils import add_lora, assert_same, fwd_bwd
-from tiny_models import tiny_musubi, tiny_wan
+from offload_helpers import add_lora, assert_same, fwd_bwd
+from model_helpers import tiny_musubi, tiny_wan
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")

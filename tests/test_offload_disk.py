@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from hookwise.errors import ConfigError
 from hookwise.memory import Offload, apply_offload, offload_report, remove_offload
-from offload_utils import strict
-from tiny_models import output_of, tiny_musubi
+from offload_helpers import strict
+from model_helpers import output_of, tiny_musubi
 
 
 def files_of(model):

@@ -14,10 +14,10 @@ import torch
 
 from hookwise.memory import Offload, apply_offload, offload_report
 from hookwise.memory import offload as offload_module
-from hookwise.memory.disk import DiskFile
-from hookwise.memory.transfer import StagingRing, StreamEngine, SyncEngine, chunks
-from offload_utils import add_lora, assert_same, fwd_bwd, scheduler, strict
-from tiny_models import output_of, tiny_musubi
+from hookwise.memory._disk import DiskFile
+from hookwise.memory._transfer import StagingRing, StreamEngine, SyncEngine, chunks
+from offload_helpers import add_lora, assert_same, fwd_bwd, scheduler, strict
+from model_helpers import output_of, tiny_musubi
 
 
 class FakeEvent:

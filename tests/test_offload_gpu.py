@@ -16,8 +16,8 @@ from hookwise.core.outputs import sample_of
 from hookwise.memory import ComponentOffload, Offload, apply_component_offload, apply_offload, offload_report
 from hookwise.memory import components_on_device, remove_offload
 from cache_helpers import compile_blocks
-from offload_utils import add_lora, assert_same, fwd_bwd
-from tiny_models import MusubiDiT, mlp, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
+from offload_helpers import add_lora, assert_same, fwd_bwd
+from model_helpers import MusubiDiT, mlp, tiny_flux, tiny_hunyuanvideo, tiny_musubi, tiny_wan
 
 pytestmark = pytest.mark.gpu
 

@@ -23,7 +23,7 @@ from hookwise.core import (
     unregister_technique,
 )
 from hookwise.errors import CompatibilityError, ConfigError
-from tiny_models import output_of, tiny_musubi
+from model_helpers import output_of, tiny_musubi
 
 LOG: list[str] = []
 

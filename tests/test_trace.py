@@ -13,7 +13,7 @@ from torch import nn
 
 from hookwise.errors import ConfigError
 from hookwise.introspect import ModuleRole, check_against_trace, describe, example_inputs, trace_calls
-from tiny_models import TINY_DIFFUSERS
+from model_helpers import TINY_DIFFUSERS
 
 DIM = 8
 HEADS = 2

@@ -11,12 +11,12 @@ Public tools: `meters.py` (weight bytes per device, bytes saved for backward).
 
 Machinery, private to this folder:
 
-- `dequant.py`: the storage formats of casting (quantize, dequantize, fused kernels);
-- `groups.py`: partitioning a model into offload groups laid out in flat buffers;
-- `budget.py`: parsing a VRAM budget and choosing the resident groups (`Residency`);
-- `schedule.py`: the offload scheduler (slots, prefetch order, binding, backward);
-- `transfer.py`: the transfer engines (copy streams, pinned staging, synchronous copies);
-- `disk.py`: group files on disk, mapped with mmap;
+- `_dequant.py`: the storage formats of casting (quantize, dequantize, fused kernels);
+- `_groups.py`: partitioning a model into offload groups laid out in flat buffers;
+- `_budget.py`: parsing a VRAM budget and choosing the resident groups (`Residency`);
+- `_schedule.py`: the offload scheduler (slots, prefetch order, binding, backward);
+- `_transfer.py`: the transfer engines (copy streams, pinned staging, synchronous copies);
+- `_disk.py`: group files on disk, mapped with mmap;
 - `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques.
 """
 

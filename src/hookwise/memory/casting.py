@@ -13,7 +13,7 @@ precision. LoRA / PEFT adapter layers are never cast. Modules whose dtype a forw
 (`x.to(self.proj.weight.dtype)`, `next(self.embedder.parameters()).dtype`, a model's `.dtype`) are
 detected from the source of their ancestors' forwards and kept in high precision, with a warning.
 
-The storage format (quantize, dequantize, the fused dequantize kernels) lives in `dequant.py`.
+The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`.
 
 Removing the technique gives back compute-dtype weights, but lossily: the storage rounding stays.
 """
@@ -38,7 +38,7 @@ from ..errors import ConfigError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
 from ..introspect.paths import prefixes
 from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
-from .dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
+from ._dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
 
 logger = logging.getLogger("hookwise.memory.casting")
 
@@ -385,7 +385,7 @@ def remove_casting(model: nn.Module) -> list[str]:
     return remove_techniques(model, ["casting"])
 
 
-def _apply(model: nn.Module, config: LayerwiseCasting) -> None:
+def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
     model = unwrap(model)
     if cast_leaves(model):
         raise ConfigError("layerwise casting is already applied to this model; remove it first to change it")
@@ -461,7 +461,7 @@ def _restore_leaf(module: nn.Module, hook: CastHook, original: torch.Tensor | No
         registry.remove(HOOK_NAME)
 
 
-def _remove(model: nn.Module, config: LayerwiseCasting | None = None) -> int:
+def _remove_casting(model: nn.Module, config: LayerwiseCasting | None = None) -> int:
     """Give every cast leaf a compute-dtype weight again; returns how many."""
     model = unwrap(model)
     count = 0
@@ -521,8 +521,8 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
 register_technique(
     "casting",
     LayerwiseCasting,
-    apply=_apply,
-    remove=_remove,
+    apply=_apply_casting,
+    remove=_remove_casting,
     layer=Layer.CAST,
     conflicts=("quantization",),
     description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",

@@ -25,9 +25,9 @@ from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, cu
 from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from ._placement import COMPONENT_HOOK, home_device, offload_applied, parse_device, pin_allowance, to_device
-from .groups import Group, TensorRef, tensors_of
-from .schedule import GroupState
-from .transfer import HostSource, TransferEngine, make_engine
+from ._groups import Group, TensorRef, tensors_of
+from ._schedule import GroupState
+from ._transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.components")
 

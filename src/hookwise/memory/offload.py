@@ -2,14 +2,14 @@
 
     hookwise.apply(transformer, Offload(onload_device="cuda", vram_budget="50%"))
 
-Groups come from the model map (`groups.py`): tower blocks at block granularity, Linear / Conv /
+Groups come from the model map (`_groups.py`): tower blocks at block granularity, Linear / Conv /
 Embedding leaves at leaf granularity, and everything outside them in groups of its own. With a
 VRAM budget as many groups as fit stay resident for good and the rest stream, spread evenly
-(`budget.py`). Streamed groups move through a few device slots, prefetched along the execution
-order recorded by the first forward, forward and backward (`schedule.py`), by an engine that
+(`_budget.py`). Streamed groups move through a few device slots, prefetched along the execution
+order recorded by the first forward, forward and backward (`_schedule.py`), by an engine that
 uses a copy stream, flat pinned buffers and events on CUDA and synchronous copies elsewhere
-(`transfer.py`). With `offload_device="disk"` each group is one safetensors file named by its
-content (`disk.py`); when the CPU computes, its parameters are views of the mapped files, read
+(`_transfer.py`). With `offload_device="disk"` each group is one safetensors file named by its
+content (`_disk.py`); when the CPU computes, its parameters are views of the mapped files, read
 ahead by the OS when prefetched and released after use (no slots, no copies).
 
 Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay resident unless
@@ -36,11 +36,11 @@ from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
 from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, parse_device, pin_allowance, to_device
-from .budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
-from .disk import DiskFile, check_writable, default_dir, store
-from .groups import Group, Partition, TensorRef, partition
-from .schedule import GroupState, Scheduler
-from .transfer import HostSource, TransferEngine, make_engine
+from ._budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
+from ._disk import DiskFile, check_writable, default_dir, store
+from ._groups import Group, Partition, TensorRef, partition
+from ._schedule import GroupState, Scheduler
+from ._transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.offload")
 

@@ -41,8 +41,8 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from ..errors import HookError
-from .groups import Group, TensorRef
-from .transfer import HostSource, TransferEngine
+from ._groups import Group, TensorRef
+from ._transfer import HostSource, TransferEngine
 
 logger = logging.getLogger("hookwise.memory.schedule")
 

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hookwise.core.outputs import sample_of
 from hookwise.memory.offload import _offloader
-from tiny_models import MusubiDiT, timestep_embedding
+from model_helpers import MusubiDiT, timestep_embedding
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "qkv", "proj", "linear1", "linear2"]
 

@@ -17,7 +17,7 @@ import psutil
 import torch
 
 from ..errors import ConfigError
-from .groups import Group
+from ._groups import Group
 
 _SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1}

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .groups import ALIGN, Group
+from ._groups import ALIGN, Group
 
 logger = logging.getLogger("hookwise.memory.disk")
 
