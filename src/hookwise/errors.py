@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 
 class HookwiseError(Exception):
     """Base class of every error hookwise raises on purpose."""
@@ -33,8 +35,6 @@ class MissingDependencyError(HookwiseError, ImportError):
 
 def require(module_name: str, extra: str, purpose: str):
     """Import an optional dependency or raise `MissingDependencyError` naming the extra to install."""
-    import importlib
-
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
 from ..errors import require
+from ..sampling.flow import sample_reference
+from .reference import load_reference, reference_names
 
 
 def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -29,8 +32,6 @@ def save_sample_grid(
     Images: one row per class, `per_class` samples across. Videos: one row per sample (the first
     two of each class), its frames across.
     """
-    from ..sampling.flow import sample_reference
-
     Image = require("PIL.Image", "plot", "saving a sample grid")
     ImageDraw = require("PIL.ImageDraw", "plot", "saving a sample grid")
     spec = reference.spec
@@ -69,10 +70,6 @@ def save_sample_grid(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m hookwise.zoo.grid NAME PNG`: save the sample grid of a shipped reference model."""
-    import argparse
-
-    from .reference import load_reference, reference_names
-
     parser = argparse.ArgumentParser(prog="python -m hookwise.zoo.grid", description=main.__doc__)
     parser.add_argument("model", choices=reference_names())
     parser.add_argument("png")

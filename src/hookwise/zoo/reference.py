@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ConfigError, require
@@ -204,7 +205,6 @@ class ReferenceModel(nn.Module):
     # ---- files ---------------------------------------------------------------------------------
     def save(self, folder: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write the transformer (diffusers `save_pretrained`), the class embeddings and a metadata file."""
-        from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -232,7 +232,6 @@ def reference_path(name: str) -> Path:
 
 def load_reference(name: str, folder: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load a shipped reference model (or one trained into `folder`), in eval mode."""
-    from safetensors.torch import load_file
 
     spec = get_reference_spec(name)
     folder = Path(folder) if folder is not None else reference_path(name)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .data import make_images, make_videos
+from .grid import save_sample_grid
 from .reference import WEIGHTS_DIR, ReferenceModel, get_reference_spec, reference_names
 
 logger = logging.getLogger("hookwise.zoo.train")
@@ -160,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model
     model = train(name, args.out / name, seed=args.seed, steps=args.steps)
     if args.grid is not None:
-        from .grid import save_sample_grid
-
         path = save_sample_grid(model, args.grid / f"{name}-samples.png")
         logger.info("%s: sample grid in %s", name, path)
     return 0
