@@ -287,6 +287,13 @@ def test_two_block_caches_conflict_and_nothing_is_attached():
         (lambda: LayerSkip(), "at least one"),
         (lambda: LayerSkip(blocks=(1,), what="mlp"), "what"),
         (lambda: LayerSkip(blocks=(1,), steps=(5, 2)), "steps"),
+        (lambda: FirstBlockCache(threshold=float("inf")), "finite"),
+        (lambda: DualBlockCache(threshold=float("nan")), "finite"),
+        (lambda: TeaCache(threshold=float("inf")), "finite"),
+        (lambda: MagCache(ratios=RATIOS, threshold=float("inf")), "finite"),
+        (lambda: FasterCache(alpha_low=float("inf")), "finite"),
+        (lambda: PyramidAttentionBroadcast(spatial_window=(float("nan"), 800)), "low <= high"),
+        (lambda: FasterCache(attention_window=(100, float("nan"))), "low <= high"),
     ],
 )
 def test_bad_settings_raise_a_clear_config_error(make, match):

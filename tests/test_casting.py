@@ -376,6 +376,13 @@ def test_bad_settings_raise_clear_errors(monkeypatch):
         LayerwiseCasting(scaling="row")
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         LayerwiseCasting(skip_patterns=("(",))
+    with pytest.raises(ConfigError, match=r"skip_patterns='attn' must be a list or tuple.*\('attn',\)"):
+        LayerwiseCasting(skip_patterns="attn")  # a string would be split into one-letter patterns
+    with pytest.raises(ConfigError, match="skip_classes"):
+        LayerwiseCasting(skip_classes="SelfAttention")
+    for bad in (2.5, 0, True):
+        with pytest.raises(ConfigError, match="block_size"):
+            LayerwiseCasting(scaling="block", block_size=bad)
     model, _ = tiny_musubi()
     with pytest.raises(ConfigError, match=r"attn_typo.*match no castable"):
         cast(model, skip_patterns=("attn_typo",))

@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from hookwise import __version__
+from hookwise.bench import HOOKWISE_METHODS
 from hookwise.cli import main
+from hookwise.zoo.reference import get_reference_spec
 
 
 def test_inspect_a_spec_prints_towers_leaves_precision_and_capabilities(capsys):
@@ -81,3 +83,59 @@ def test_console_entry_point_runs(argv, expected):
     result = subprocess.run([sys.executable, "-m", "hookwise", *argv], capture_output=True, text=True)
     assert result.returncode == 0
     assert result.stdout.startswith(expected)
+
+
+def test_inspect_a_missing_path_says_it_does_not_exist(capsys, tmp_path):
+    missing = tmp_path / "no" / "model"
+    assert main(["inspect", str(missing)]) == 2
+    assert f"{missing}: no such file or folder" in capsys.readouterr().err
+
+
+def test_inspect_a_file_says_it_is_not_a_model_folder(capsys, tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"x")
+    assert main(["inspect", str(path)]) == 2
+    assert "is a file, not a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_bench_cache_rejects_non_positive_counts(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "cache", flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_bench_cache_help_lists_methods_prompt_classes_and_the_table_legend(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "cache", "--help"])
+    out = capsys.readouterr().out
+    for method in HOOKWISE_METHODS:
+        assert method in out
+    assert "0=red circle" in out and get_reference_spec("wan-moving").classes[5] in out
+    assert "bold setting is the method's default" in out and "failed: ..." in out
+
+
+def test_cache_info_and_clean_touch_only_offload_files(capsys, tmp_path):
+    group_file = tmp_path / ("0123456789abcdef" * 2 + ".safetensors")
+    temp_file = tmp_path / (group_file.name + ".tmp-12-0123abcd")
+    other = tmp_path / "notes.safetensors"
+    for path in (group_file, temp_file, other):
+        path.write_bytes(b"\0" * 1024)
+    assert main(["cache", "info", "--path", str(tmp_path)]) == 0
+    assert "2 disk offload files" in capsys.readouterr().out
+    assert main(["cache", "clean", "--path", str(tmp_path), "--dry-run"]) == 0
+    assert "would remove 2" in capsys.readouterr().out and group_file.exists()
+    assert main(["cache", "clean", "--path", str(tmp_path)]) == 0
+    assert "removed 2" in capsys.readouterr().out
+    assert not group_file.exists() and not temp_file.exists() and other.exists()
+
+
+def test_cache_clean_defaults_to_the_folder_disk_offload_writes_to(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = tmp_path / "hookwise" / "offload"
+    folder.mkdir(parents=True)
+    (folder / ("ab" * 16 + ".safetensors")).write_bytes(b"1")
+    assert main(["cache", "clean"]) == 0
+    assert str(folder) in capsys.readouterr().out and not any(folder.iterdir())

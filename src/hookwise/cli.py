@@ -1,4 +1,5 @@
-"""The `hookwise` command line: `hookwise inspect MODEL [--json]`, `hookwise bench cache [--model NAME]`."""
+"""The `hookwise` command line: `hookwise inspect MODEL [--json]`, `hookwise bench cache [--model NAME]`,
+`hookwise cache info|clean`."""
 
 from __future__ import annotations
 
@@ -15,16 +16,29 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .bench import run_cache_bench, save_plot, to_markdown
+from .bench import DIFFUSERS_METHODS, HOOKWISE_METHODS, run_cache_bench, save_plot, to_markdown
 from .errors import ConfigError, HookwiseError
 from .introspect import describe, load_model, spec_names
+from .memory import clean_offload_cache, default_offload_dir, offload_cache_files
 from .zoo import load_reference, reference_names
+from .zoo.reference import get_reference_spec
 
 _MIB = 1 / 2**20
 
 
 def _mib(n: int) -> str:
     return f"{n * _MIB:,.1f}"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _pattern(path: str) -> str:
@@ -158,6 +172,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
         )
     table = to_markdown(results)
     print(table)
+    console.print(TABLE_LEGEND, style="dim")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.json:
@@ -168,6 +183,24 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_cache_epilog() -> str:
+    lines = ["methods (--methods):", "  " + ", ".join(HOOKWISE_METHODS),
+             "  diffusers runs its own implementation of: " + ", ".join(DIFFUSERS_METHODS), "",
+             "prompt classes (--prompts, by id or name):"]
+    for name in reference_names():
+        classes = get_reference_spec(name).classes
+        lines.append(f"  {name}: " + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+    lines += ["", TABLE_LEGEND]
+    return "\n".join(lines)
+
+
+TABLE_LEGEND = (
+    "In the table, a bold setting is the method's default; 'ref' rows are the uncached reference. A peer's "
+    "row noted 'failed: ...' is a run of that library's implementation that raised (its message follows; "
+    "its numbers are empty): hookwise reports it and goes on."
+)
+
+
 def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="side-by-side benchmarks", description="Benchmarks of hookwise techniques.")
     what = bench.add_subparsers(dest="bench", metavar="WHAT")
@@ -176,19 +209,48 @@ def _add_bench(sub) -> None:
         help="quality vs speed of the step caches on a reference model, with diffusers' caches at equal settings",
         description="Sample a reference model uncached, then with every step cache over a sweep of settings (and "
         "diffusers' implementations of the same methods); report block evaluations, time, speed-up, PSNR and SSIM.",
+        epilog=_bench_cache_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cache.add_argument("--model", default="flux-shapes", choices=reference_names(), help="reference model (default flux-shapes)")
-    cache.add_argument("--prompts", default=None, help="comma-separated class ids or names (default: every class)")
+    cache.add_argument("--prompts", default=None, help="comma-separated class ids or names of the model's prompt classes (listed below; default: every class)")
     cache.add_argument("--seed", type=int, default=0)
-    cache.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 28)")
-    cache.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the fastest counts")
-    cache.add_argument("--methods", default=None, help="comma-separated methods to run (default: all)")
+    cache.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's, 28)")
+    cache.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per setting; the fastest counts")
+    cache.add_argument("--methods", default=None, help="comma-separated methods to run (listed below; default: all)")
     cache.add_argument("--no-diffusers", action="store_true", help="skip diffusers' implementations")
     cache.add_argument("--plot", default=None, metavar="PNG", help="save the quality vs speed-up plot here")
     cache.add_argument("--json", default=None, metavar="FILE", help="save the results as JSON")
     cache.add_argument("--markdown", default=None, metavar="FILE", help="save the table as Markdown")
     cache.set_defaults(func=cmd_bench_cache)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    folder = Path(args.path).expanduser() if args.path else default_offload_dir()
+    files = offload_cache_files(folder)
+    size = sum(p.stat().st_size for p in files)
+    if args.action == "info":
+        print(f"{folder}: {len(files)} disk offload files, {_mib(size)} MiB")
+        return 0
+    count, freed = clean_offload_cache(folder, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{folder}: {verb} {count} disk offload files, {_mib(freed)} MiB")
+    return 0
+
+
+def _add_cache(sub) -> None:
+    cache = sub.add_parser(
+        "cache",
+        help="show or delete the group files that disk offloading keeps",
+        description="Disk offloading (Offload(offload_device='disk')) writes one file per group, named by its "
+        f"content, to disk_path or, without one, to {default_offload_dir()} ($XDG_CACHE_HOME/hookwise/offload). "
+        "The files are reused by later runs with the same weights and are never deleted by hookwise itself.",
+    )
+    cache.add_argument("action", choices=("info", "clean"), help="info: count and size; clean: delete them")
+    cache.add_argument("--path", default=None, help="the disk_path folder to look in (default: the cache folder above)")
+    cache.add_argument("--dry-run", action="store_true", help="with clean: say what would be deleted, delete nothing")
+    cache.set_defaults(func=cmd_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dtype", default=None, help="parameter dtype to size the model in (default: bf16 for specs)")
     inspect.set_defaults(func=cmd_inspect)
     _add_bench(sub)
+    _add_cache(sub)
     return parser
 
 

@@ -130,9 +130,9 @@ def _decode(value: Any, hint: Any, field: str) -> Any:
 
 # ---- validators for `validate()`: each raises `ConfigError` naming the field, the value and what works ----
 def check_fraction(name: str, value: float, *, allow_zero: bool = True) -> None:
-    """A number >= 0 (> 0 with `allow_zero=False`); despite the name, not bounded above."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+    """A finite number >= 0 (> 0 with `allow_zero=False`); despite the name, not bounded above."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
@@ -147,13 +147,13 @@ def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) ->
 
 
 def check_range(name: str, value: Any) -> None:
-    """None, or a (low, high) pair of numbers with low <= high (a timestep window)."""
+    """None, or a (low, high) pair of numbers (not NaN; infinite ends are open) with low <= high (a timestep window)."""
     if value is None:
         return
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in value)
         or value[0] > value[1]
     ):
         raise ConfigError(f"{name} must be a (low, high) pair of timesteps with low <= high, or None; got {value!r}")

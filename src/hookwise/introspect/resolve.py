@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -45,6 +46,10 @@ def load_model(ref: str, *, dtype: torch.dtype | str | None = None) -> tuple[nn.
         return _load_folder(path, dtype)
     if ":" in ref:
         return _load_factory(ref, dtype)
+    if not path.exists() and (os.sep in ref or "/" in ref or ref.startswith((".", "~"))):
+        raise ModelResolveError(f"{ref}: no such file or folder (expected {_choices()})")
+    if path.exists():
+        raise ModelResolveError(f"{ref} is a file, not a model folder; expected {_choices()}")
     raise ModelResolveError(f"unknown model {ref!r}: expected {_choices()}")
 
 

@@ -20,6 +20,8 @@ Machinery, private to this folder:
 - `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques.
 """
 
+from ._disk import clean_offload_cache, offload_cache_files
+from ._disk import default_dir as default_offload_dir
 from .casting import LayerwiseCasting, apply_casting, casting_summary, remove_casting
 from .components import ComponentOffload, apply_component_offload, components_on_device, remove_component_offload
 from .meters import SavedForBackward, parameter_bytes, saved_for_backward
@@ -35,7 +37,10 @@ __all__ = [
     "apply_component_offload",
     "apply_offload",
     "casting_summary",
+    "clean_offload_cache",
     "components_on_device",
+    "default_offload_dir",
+    "offload_cache_files",
     "offload_report",
     "parameter_bytes",
     "remove_casting",

@@ -27,6 +27,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -63,6 +64,36 @@ def default_dir() -> Path:
     """Where disk offloading writes when no `disk_path` is given: the user's cache folder."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hookwise" / "offload"
+
+
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}\.safetensors(\.tmp-\d+-[0-9a-f]{8})?$")
+
+
+def offload_cache_files(directory: str | Path | None = None) -> list[Path]:
+    """The group files disk offloading wrote in `directory` (default: `default_dir()`), oldest first.
+
+    Only files named as `store` names them (content hash, or a temporary of one) are listed, so a
+    folder shared with other files is safe to clean.
+    """
+    folder = Path(directory).expanduser() if directory is not None else default_dir()
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.is_file() and _FILE_NAME.match(p.name)]
+    return sorted(files, key=lambda p: p.stat().st_mtime)
+
+
+def clean_offload_cache(directory: str | Path | None = None, *, dry_run: bool = False) -> tuple[int, int]:
+    """Delete the group files of `offload_cache_files(directory)`; returns (files, bytes) removed.
+
+    Meant for when no process offloads from the folder; the next disk offload writes what it needs again.
+    """
+    count = size = 0
+    for path in offload_cache_files(directory):
+        nbytes = path.stat().st_size
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        count, size = count + 1, size + nbytes
+    return count, size
 
 
 def check_writable(directory: Path) -> Path:

@@ -24,6 +24,7 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -104,8 +105,12 @@ class LayerwiseCasting(TechniqueConfig):
         object.__setattr__(self, "storage_dtype", parse_dtype(self.storage_dtype, "storage_dtype"))
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype", parse_dtype(self.compute_dtype, "compute_dtype"))
-        object.__setattr__(self, "skip_patterns", tuple(self.skip_patterns))
-        object.__setattr__(self, "skip_classes", tuple(self.skip_classes))
+        for name in ("skip_patterns", "skip_classes"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                # tuple("attn") would be the patterns "a", "t", "t", "n": say so instead.
+                raise ConfigError(f"{name}={value!r} must be a list or tuple of names, e.g. {name}=({value!r},)")
+            object.__setattr__(self, name, tuple(value))
         super().__post_init__()
 
     def validate(self) -> None:
@@ -120,8 +125,8 @@ class LayerwiseCasting(TechniqueConfig):
             raise ConfigError(f"skip={self.skip!r}: use 'auto' or 'none', and skip_patterns / skip_classes to add more")
         if self.scaling not in SCALINGS:
             raise ConfigError(f"scaling={self.scaling!r}: use one of {SCALINGS}")
-        if self.block_size < 1:
-            raise ConfigError(f"block_size={self.block_size}: must be a positive number of input columns")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size!r}: must be a positive whole number of input columns")
         if self.fused not in (None, True, False):
             raise ConfigError(f"fused={self.fused!r}: use None (on CUDA with Triton), True or False")
         for pattern in self.skip_patterns:
