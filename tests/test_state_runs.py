@@ -1,5 +1,6 @@
 """Run state: when a run starts, which branch a call is on without user code, what it records and prints."""
 
+import copy
 import logging
 from pathlib import Path
 
@@ -205,3 +206,16 @@ def test_diffusers_cache_context_still_reaches_diffusers_hooks():
         registry = DiffusersRegistry.check_if_exists_or_initialize(model)
         assert registry is not None
         assert get_run_state(model).branch == "cond"
+
+
+def test_a_deep_copy_of_a_hooked_diffusers_model_gets_its_own_branches_and_comes_off_exactly():
+    model, inputs = _tiny_flux()
+    attach_run_state(model)
+    copied = copy.deepcopy(model)
+    with copied.cache_context("uncond"):
+        copied(**inputs)
+        assert get_run_state(copied).branch == "uncond" and get_run_state(model).branch == "default"
+    detach_run_state(copied)
+    assert "cache_context" not in copied.__dict__ and "_hookwise_overrides" not in copied.__dict__
+    with copied.cache_context("cond"):
+        copied(**inputs)
