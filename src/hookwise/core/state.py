@@ -501,7 +501,8 @@ def new_run(model: nn.Module) -> None:
     """Tell the hooked model that a new sampling run starts (stateful hooks reset, steps restart).
 
     Not needed when the timestep reaches the model as a Python number or a CPU tensor: a rising
-    timestep is detected as a new run automatically.
+    timestep, or a branch repeating its run's first timestep, is detected as a new run
+    automatically. Needed when a run starts at or below where the previous one ended.
     """
     state = get_run_state(model)
     if state is not None:
