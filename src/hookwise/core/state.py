@@ -195,6 +195,8 @@ class RunState:
         """
         host_t = _host_float(timestep)
         sampling = not training
+        if not inputs and latents is not None:
+            inputs = (latents,)
         if sampling and self._explicit is None:
             self._auto = self._call_order(inputs, timestep, host_t)
         else:
