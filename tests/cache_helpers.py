@@ -142,7 +142,9 @@ def denoise(model: nn.Module, name: str, inputs: dict, *, steps: int = 8, cfg: s
                 vu = output_of(model, dict(unc, **{xk: x, tk: kw[tk]}))
             v = vu + 3.0 * (vc - vu)
         elif cfg == "batched":
-            both = {k: (torch.cat([unc[k], v]) if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b else v)
+            # both halves at this step's timestep and latents (as pipelines batch them)
+            unc_now = dict(unc, **{xk: x, tk: kw[tk]})
+            both = {k: (torch.cat([unc_now[k], v]) if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == b else v)
                     for k, v in kw.items()}
             vu, vc = output_of(model, both).chunk(2)
             v = vu + 3.0 * (vc - vu)

@@ -2,10 +2,11 @@
 
 - The timestep and step come from the model's `RunState` (attached by `hookwise.apply`); no cache
   takes callbacks.
-- Every cache keeps its state in a `BranchStore`, one entry per CFG branch (`hookwise.branch`), so
-  cond and uncond never share state; a batched-CFG call is one branch whose tensors hold both halves.
+- Every cache keeps its state in a `BranchStore`, one entry per CFG branch (`hookwise.branch`, a
+  diffusers pipeline's `cache_context`, or the call order of CFG as two calls with no branch named),
+  so cond and uncond never share state; a batched-CFG call is one branch whose tensors hold both halves.
 - State resets with each new sampling run: cache hooks are `stateful` and the run state resets them
-  when the timestep rises (or on `hookwise.new_run`).
+  when the timestep rises or a branch repeats its run's first timestep (or on `hookwise.new_run`).
 - `host_values()` reads a cache's decision scalars and, when it is still on the device, the run's
   timestep in one transfer: a step costs at most one host synchronization per cache.
 - Cache hooks are named "hookwise.cache.<technique>"; `cache_stats(model)` gathers their counters.
