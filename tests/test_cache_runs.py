@@ -11,7 +11,7 @@ from hookwise.cache import cache_stats
 from hookwise.core.state import auto_branch
 
 from cache_helpers import build, one_thread, uncond_inputs  # noqa: F401
-from tiny_models import output_of
+from model_helpers import output_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,3 +81,12 @@ def test_back_to_back_one_step_runs_are_exact(cache):
         call = dict(inputs, hidden_states=torch.randn(inputs["hidden_states"].shape, generator=g))
         assert torch.equal(output_of(model, call), output_of(plain, call))
     assert hookwise.get_run_state(model).run == 3
+
+
+def test_fastercache_says_once_how_to_name_unnamed_two_call_cfg_branches():
+    model, inputs = build("sd3")
+    hookwise.apply(model, FasterCache(attention_range=None, uncond_range=3, uncond_window=None))
+    with pytest.warns(UserWarning, match=r"no CFG branch names.*auto_branch\(0\)") as caught:
+        two_call_cfg(model, inputs, None)
+    assert sum("no CFG branch names" in str(w.message) for w in caught) == 1
+    assert cache_stats(model)["faster_cache"]["uncond_skipped"] == 0

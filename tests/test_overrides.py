@@ -1,5 +1,7 @@
 """Reversible per-instance method overrides (core.overrides)."""
 
+import copy
+
 import pytest
 from torch import nn
 
@@ -35,3 +37,16 @@ def test_a_previous_instance_attribute_comes_back_and_rollback_undoes():
             override_method(n, "extra_repr", lambda self: "patched", owner="t")
             raise RuntimeError("boom")
     assert "extra_repr" not in n.__dict__ and overridden(n) == {}
+
+
+def test_restoring_on_a_deep_copy_leaves_no_instance_attribute():
+    m = nn.Linear(2, 2)
+    override_method(m, "extra_repr", _patched_repr, owner="t")
+    c = copy.deepcopy(m)
+    assert repr(c) == "Linear(patched)"
+    restore_method(c, "extra_repr", owner="t")
+    assert "extra_repr" not in c.__dict__ and repr(c) == "Linear(in_features=2, out_features=2, bias=True)"
+
+
+def _patched_repr(self):
+    return "patched"

@@ -174,7 +174,7 @@ def test_the_readme_run_state_lines_print_what_they_say(capsys):
 
 # ---- diffusers' cache_context ------------------------------------------------------------------
 def _tiny_flux():
-    from tiny_models import tiny_flux
+    from model_helpers import tiny_flux
 
     return tiny_flux()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from torch import nn
 from ..core.config import TechniqueConfig, check_fraction, check_int, check_range
 from ..core.hooks import HookRegistry, Layer, unwrap
 from ..core.outputs import sample_of
+from ..core.state import auto_branch
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ..introspect.model_map import describe
@@ -154,6 +156,7 @@ class CfgReuseHook(CacheHook):
         self.state = run_state(model)
         self.config = config
         self.skipped = 0
+        self._told_unnamed = False
         self.reset()
 
     def reset(self) -> None:
@@ -251,6 +254,18 @@ class CfgReuseHook(CacheHook):
                 return ("answer", self._rebuild(self._approximate(cond, t1000)))
             self._uncond_with = cond
             return ("uncond", args, kwargs)
+        if branch == auto_branch(1) and not self._told_unnamed:
+            # Which of two unnamed calls is the unconditional one is the caller's convention: say how
+            # to name it rather than guess (a wrong guess would extrapolate the wrong branch).
+            self._told_unnamed = True
+            warnings.warn(
+                "hookwise FasterCache: the model is called twice per step with no CFG branch names, so the "
+                "unconditional call is not reused (attention reuse still works). Name the branches with "
+                "hookwise.branch(model, 'cond' / 'uncond'), or, if the first call of each step is the "
+                "conditional one, pass FasterCache(cond_branch=auto_branch(0), uncond_branch=auto_branch(1)) "
+                "with auto_branch from hookwise.core.state",
+                stacklevel=2,
+            )
         if self.batched is None:
             batched = self._detect_batched(args, kwargs)  # one read, at the first call of a run
             self.batched = batched  # set after the read: it may have started a new run

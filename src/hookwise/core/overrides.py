@@ -18,7 +18,34 @@ from ..errors import HookError
 from .transaction import current_transaction
 
 OVERRIDES_ATTR = "_hookwise_overrides"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "the instance had no such attribute". One object, also after a deep copy or pickling of
+    a model (a plain `object()` would be copied, and restoring an override on the copy would then
+    put the copied marker back as the attribute)."""
+
+    _instance: "_Missing | None" = None
+
+    def __new__(cls) -> "_Missing":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __deepcopy__(self, memo: dict) -> "_Missing":
+        return self
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (_Missing, ())
+
+    def __repr__(self) -> str:
+        return "<no instance attribute>"
+
+
+_MISSING = _Missing()
 
 
 def override_method(module: nn.Module, name: str, fn: Callable[..., Any], *, owner: str) -> None:

@@ -315,11 +315,6 @@ class RunStateHook(ModelHook):
 
     def on_detach(self, module: nn.Module) -> None:
         restore_method(module, CACHE_CONTEXT, owner=RUN_STATE_HOOK, missing_ok=True)
-        # In a deep copy of a hooked model the overrides table's "there was no instance attribute"
-        # marker is a copy, so restoring puts that copy back as the attribute: drop it, so the class's
-        # method shows through again.
-        if CACHE_CONTEXT in module.__dict__ and not callable(module.__dict__[CACHE_CONTEXT]):
-            del module.__dict__[CACHE_CONTEXT]
 
     def _reset_model(self) -> None:
         if self.module is not None:
