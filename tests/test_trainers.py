@@ -257,3 +257,23 @@ def test_offload_loads_weights_for_a_recompute_outside_the_block_call(reentrant,
         assert_close_grads(grads, expected, rtol=0, atol=0)
     hookwise.remove(model)
     assert list_hooks(model) == {}
+
+
+@pytest.mark.parametrize("order", ["lora_then_casting", "casting_then_lora"])
+def test_cast_offloaded_checkpointing_model_trains_a_lora_network(order, tmp_path):
+    model, x = trainer_model(reentrant=False)
+    network = LoRANetwork(model)
+    if order == "lora_then_casting":
+        network.apply_to()
+        hookwise.apply(model, CASTING)
+    else:
+        hookwise.apply(model, CASTING)
+        network.apply_to()
+    expected_out, expected = lora_step(model, network, x)
+    hookwise.apply(model, offload_config("cpu", "block", tmp_path))
+    strict(model)
+    for _ in range(2):
+        out, grads = lora_step(model, network, x)
+        assert_every_lora_gradient(grads)
+        assert torch.equal(out, expected_out)
+        assert_close_grads(grads, expected, rtol=0, atol=0)
