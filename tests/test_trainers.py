@@ -277,3 +277,29 @@ def test_cast_offloaded_checkpointing_model_trains_a_lora_network(order, tmp_pat
         assert_every_lora_gradient(grads)
         assert torch.equal(out, expected_out)
         assert_close_grads(grads, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload_device", ["cpu", "disk"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_cuda_block_offload_loads_weights_for_a_recompute_outside_the_block_call(reentrant, offload_device, tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    resident, x = trainer_model(reentrant)
+    x = x.detach().cuda().requires_grad_(reentrant is True)
+    resident_net = LoRANetwork(resident.cuda())
+    resident_net.apply_to()
+    model, _ = trainer_model(reentrant)
+    network = LoRANetwork(model)
+    network.apply_to()
+    network.cuda()
+    with sdpa_kernel(SDPBackend.MATH):  # bitwise reproducible, so "equal" can mean equal
+        expected_out, expected = lora_step(resident, resident_net, x)
+        config = Offload(onload_device="cuda", offload_device=offload_device, granularity="block")
+        if offload_device == "disk":
+            config = config.replace(disk_path=str(tmp_path))
+        hookwise.apply(model, config)
+        for _ in range(3):
+            out, grads = lora_step(model, network, x)
+            assert torch.equal(out, expected_out)
+            assert_close_grads(grads, expected, rtol=0, atol=0)
