@@ -18,7 +18,13 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 - **Backward.** With gradients enabled, tensors autograd saves that live in a slot are packed as
   references to their group (`saved_tensors_hooks`), not kept alive: backward loads the group
   again (prefetching the group before it) and rebuilds the same view. Gradient checkpointing
-  (reentrant or not) re-runs the block's forward, which loads the group through its hook.
+  (reentrant or not) re-runs the checkpointed code in backward. Around a module call that loads
+  the group through its hook; but a block may checkpoint its own body
+  (`checkpoint(self._forward, ...)`), whose recompute runs outside the block's call and reaches
+  no hook of its group. So a module call of a group with submodules also marks the autograd nodes
+  that produced its outputs: before backward runs one of them, the group is loaded and kept, and
+  every recompute of the call's region comes after that node (it is triggered by the region's own
+  nodes, which only run once the output's node has passed its gradient on).
 - **Writes.** If a bound tensor was changed in place (its version counter moved) or its `.data`
   was replaced, unbinding copies the new values into the host master first, so no update is lost;
   a change made to an unbound tensor (its host master) makes the next use copy the group again.
@@ -33,12 +39,14 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._pytree import tree_leaves
 
 from ..errors import HookError
 from ._groups import Group, TensorRef
@@ -380,6 +388,18 @@ class Scheduler:
         self._touch(st, backward, protect=backward and foreign)
         st.in_use += 1
         return saving
+
+    @torch.compiler.disable
+    def guard_recompute(self, st: GroupState, output: Any) -> None:
+        """Load `st` in backward before the nodes that produced `output` run (see the module docstring)."""
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return
+        nodes = {id(t.grad_fn): t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn}
+        for node in nodes.values():
+            node.register_prehook(functools.partial(self._before_node, st))
+
+    def _before_node(self, st: GroupState, grad_outputs: Any) -> None:
+        self._touch(st, backward=True, protect=True)
 
     @torch.compiler.disable
     def release(self, st: GroupState) -> None:

@@ -13,6 +13,13 @@ precision. LoRA / PEFT adapter layers are never cast. Modules whose dtype a forw
 (`x.to(self.proj.weight.dtype)`, `next(self.embedder.parameters()).dtype`, a model's `.dtype`) are
 detected from the source of their ancestors' forwards and kept in high precision, with a warning.
 
+A leaf whose `forward` was replaced on the instance (kohya / musubi LoRA networks set
+`org_module.forward = lora.forward`, the LoRA calling the original inside) runs that forward: if it
+was set before casting, the cast computation takes the place of the layer's own `F.linear` /
+`F.conv*` on its weight inside it (a forward that never computes one is refused with an error); if
+it was set after, it calls hookwise's forward as its original. Removing casting leaves the instance
+the forward it has then, and a forward captured before removal passes straight through.
+
 The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`.
 
 Removing the technique gives back compute-dtype weights, but lossily: the storage rounding stays.
@@ -30,12 +37,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
-from ..errors import ConfigError, NoTargetError
+from ..errors import ConfigError, HookError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
 from ..introspect.paths import prefixes
 from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
@@ -198,6 +206,47 @@ class _CastConvFn(torch.autograd.Function):
         return grad_x, None, None, grad_bias, None, None, None, None, None, None, None, None
 
 
+def _is_class_forward(module: nn.Module, fn: Any) -> bool:
+    """Whether `fn` is the module's class forward bound to it (no instance forward, no hook inside)."""
+    return getattr(fn, "__func__", None) is type(module).forward and getattr(fn, "__self__", None) is module
+
+
+def _leaf_func(module: nn.Module) -> Any:
+    """The functional op a castable leaf's own forward computes with: F.linear or F.conv1d/2d/3d."""
+    if isinstance(module, nn.Linear):
+        return F.linear
+    return next(f for k, f in _CONV_FUNCS.items() if isinstance(module, k))
+
+
+class _CastCompute(TorchFunctionMode):
+    """While a cast leaf's instance forward runs: its own F.linear / F.conv* on its weight is cast.
+
+    The layer's original computation happens wherever that forward calls it (a LoRA module calls
+    its `org_forward`, the class forward bound to the layer), out of a hook's reach; only the
+    function call that receives the stored weight identifies it.
+    """
+
+    def __init__(self, hook: CastHook, module: nn.Module) -> None:
+        super().__init__()
+        self.hook = hook
+        self.module = module
+        self.func = _leaf_func(module)
+        self.hits = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.func:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is not None and weight is self.module._parameters.get("weight"):
+                self.hits += 1
+                x = args[0] if args else kwargs["input"]
+                padding = None
+                if func is not F.linear:
+                    padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
+                return self.hook.compute(self.module, x, padding)
+        return func(*args, **kwargs)
+
+
 @dataclass
 class CastingRecord:
     """What one application of layerwise casting did; shared by the hooks it attached."""
@@ -213,33 +262,69 @@ class CastHook(ModelHook):
 
     layer = Layer.CAST
 
-    def __init__(self, record: CastingRecord, layout: Layout, original_dtype: torch.dtype, requires_grad: bool):
+    def __init__(
+        self, record: CastingRecord, layout: Layout, original_dtype: torch.dtype, requires_grad: bool, path: str = ""
+    ) -> None:
         self.record = record
         self.compute_dtype = record.compute_dtype
         self.layout = layout
         self.original_dtype = original_dtype
         self.requires_grad = requires_grad  # the original weight's flag, restored on removal
+        self.path = path
         self.set_compute_attr = False
         self.load_hook: Any = None
+        # Set on removal: a forward captured before it (an adapter's `org_forward`) still calls this
+        # hook, which must then leave the restored weight to the layer's own forward.
+        self.detached = False
 
     def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
+        if self.detached:
+            return next_fn(*args, **kwargs)
+        if not _is_class_forward(module, next_fn):
+            # A forward set on the instance (a LoRA network's) or an observer sits inside: run it,
+            # casting the layer's own computation wherever it happens in there.
+            return self._run_inner(module, next_fn, args, kwargs)
         x = args[0] if args else kwargs["input"]
+        return self.compute(module, x)
+
+    def compute(self, module: nn.Module, x: torch.Tensor, padding: Any = None) -> torch.Tensor:
+        """The leaf's own computation on input `x`, with the stored weight.
+
+        `padding`: a convolution's padding argument when the caller padded `x` itself (the class
+        forward with a padding mode other than zeros passes 0); None pads as the module says.
+        """
         scale = module._buffers.get("weight_scale")
         if isinstance(module, nn.Linear):
             return _CastLinearFn.apply(
                 x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant
             )
         kind = next(k for k in _CONV_FUNCS if isinstance(module, k))
-        padding = module.padding
-        if module.padding_mode != "zeros" or isinstance(padding, str):
-            # Pad explicitly ("same", reflect, ...) so the input-gradient function sees plain numbers.
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
+        if padding is None or isinstance(padding, str):
+            padding = module.padding
+            if module.padding_mode != "zeros" or isinstance(padding, str):
+                # Pad explicitly ("same", reflect, ...) so the input-gradient function sees plain numbers.
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
         return _CastConvFn.apply(
             x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant, kind,
             module.stride, padding, module.dilation, module.groups,
         )  # fmt: skip
+
+    def _run_inner(self, module: nn.Module, next_fn, args: tuple, kwargs: dict) -> Any:
+        with _CastCompute(self, module) as mode:
+            out = next_fn(*args, **kwargs)
+        if not mode.hits:
+            where = self.path or type(module).__name__
+            forward = module.__dict__.get("forward")
+            name = getattr(forward, "__qualname__", type(forward).__name__)
+            raise HookError(
+                f"the forward set on {where} ({name}) never computes the layer's own "
+                f"{_leaf_func(module).__name__} on its weight, so layerwise casting cannot take its place and "
+                f"the weight would be read as stored ({module.weight.dtype}); keep this module in high "
+                f'precision with skip_patterns=[r"^{re.escape(where)}$"]'
+            )
+        return out
 
     def dequantized(self, module: nn.Module) -> torch.Tensor:
         return dequantize(module.weight.data, module._buffers.get("weight_scale"), self.compute_dtype, self.layout)
@@ -412,7 +497,7 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
             stored, scale, layout = quantize(
                 original, config.storage_dtype, config.scaling, config.block_size, chosen.compute_dtype
             )
-            hook = CastHook(record, layout, original.dtype, original.requires_grad)
+            hook = CastHook(record, layout, original.dtype, original.requires_grad, path)
             module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
             if scale is not None:
                 module.register_buffer("weight_scale", scale, persistent=True)
@@ -461,9 +546,26 @@ def _restore_leaf(module: nn.Module, hook: CastHook, original: torch.Tensor | No
     if hook.load_hook is not None:
         hook.load_hook.remove()
         hook.load_hook = None
+    hook.detached = True
     registry = HookRegistry.of(module)
     if registry is not None and HOOK_NAME in registry:
+        _remove_hook(module, registry)
+
+
+def _remove_hook(module: nn.Module, registry: HookRegistry) -> None:
+    """Take the cast hook off `module`, leaving the instance whatever forward it has now."""
+    current = module.__dict__.get("forward")
+    if getattr(current, "__self__", None) is registry:
         registry.remove(HOOK_NAME)
+        return
+    # An adapter replaced the forward after casting, calling hookwise's as its original (kohya's
+    # `org_forward`): its forward stays, and the detached hook it calls passes through. The registry
+    # checks that it removes its own forward, so it is shown that one while it detaches.
+    module.__dict__["forward"] = registry._installed
+    try:
+        registry.remove(HOOK_NAME)
+    finally:
+        module.__dict__["forward"] = current
 
 
 def _remove_casting(model: nn.Module, config: LayerwiseCasting | None = None) -> int:

@@ -239,7 +239,7 @@ class _Offloader:
         add_hook(self.model, _RootHook(self), OFFLOAD_ROOT_HOOK)
         for state in self.states:
             for _, module in state.group.modules:
-                add_hook(module, _GroupHook(self.scheduler, state), GROUP_HOOK)
+                add_hook(module, _GroupHook(self.scheduler, state, module), GROUP_HOOK)
         override_method(self.model, "_apply", _ignore_apply, owner=OWNER)
         logger.info("hookwise %s", self.report().summary())
 
@@ -408,20 +408,27 @@ class _GroupHook(ModelHook):
 
     layer = Layer.OFFLOAD
 
-    def __init__(self, scheduler: Scheduler, state: GroupState) -> None:
+    def __init__(self, scheduler: Scheduler, state: GroupState, module: nn.Module | None = None) -> None:
         self.scheduler = scheduler
         self.state = state
+        # A module with submodules may checkpoint its own body, recomputed in backward outside this
+        # hook: its outputs' autograd nodes load the group first (`Scheduler.guard_recompute`).
+        self.guards_recompute = module is not None and next(module.children(), None) is not None
 
     def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
         sched = self.scheduler
         saving = sched.acquire(self.state)
         try:
             if saving is None:
-                return next_fn(*args, **kwargs)
-            with saving:
-                return next_fn(*args, **kwargs)
+                output = next_fn(*args, **kwargs)
+            else:
+                with saving:
+                    output = next_fn(*args, **kwargs)
         finally:
             sched.release(self.state)
+        if self.guards_recompute and torch.is_grad_enabled():
+            sched.guard_recompute(self.state, output)
+        return output
 
 
 class _RootHook(ModelHook):
