@@ -20,20 +20,23 @@ Machinery, private to this folder:
 - `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques.
 """
 
-from .casting import LayerwiseCasting, apply_casting, casting_summary, remove_casting
+from .casting import LayerwiseCasting, apply_casting, casting_state_dict, casting_summary, remove_casting
 from .components import ComponentOffload, apply_component_offload, components_on_device, remove_component_offload
 from .meters import SavedForBackward, parameter_bytes, saved_for_backward
+from .disk import OffloadFileError
 from .offload import Offload, OffloadReport, apply_offload, offload_report, remove_offload
 
 __all__ = [
     "ComponentOffload",
     "LayerwiseCasting",
     "Offload",
+    "OffloadFileError",
     "OffloadReport",
     "SavedForBackward",
     "apply_casting",
     "apply_component_offload",
     "apply_offload",
+    "casting_state_dict",
     "casting_summary",
     "components_on_device",
     "offload_report",
