@@ -40,6 +40,7 @@ from .errors import (
     MissingDependencyError,
     ModelResolveError,
     NoTargetError,
+    OffloadFileError,
 )
 from .introspect import ModelMap, describe, load_model, spec_names
 from .memory import (
@@ -83,6 +84,7 @@ __all__ = [
     "ModelMap",
     "ModelResolveError",
     "NoTargetError",
+    "OffloadFileError",
     "Offload",
     "RunState",
     "Stack",

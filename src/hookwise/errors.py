@@ -17,6 +17,10 @@ class HookError(HookwiseError):
     """The hook engine was used in a way it cannot honour (duplicate name, missing hook, foreign wrapper)."""
 
 
+class OffloadFileError(HookError):
+    """A group's offload file changed on disk while a model used it."""
+
+
 class CompatibilityError(HookwiseError):
     """Two techniques in a stack cannot be combined, or one appears twice."""
 

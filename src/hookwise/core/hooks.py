@@ -353,6 +353,25 @@ class HookRegistry:
             new._rebuild()
         return new
 
+    # ---- pickling (torch.save(model)) -----------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # The installed chain is closures: it is rebuilt from the entries when loaded.
+        state = dict(self.__dict__)
+        state["_installed"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward as a loaded (unpickled) model first finds it: build the chain, then run it.
+
+        A pickled bound entry point is restored as `getattr(registry, "forward")`, i.e. this method.
+        """
+        if self._installed is None and self._entries:
+            self._rebuild()
+        return self._forward_from_copy(*args, **kwargs)
+
     def __repr__(self) -> str:
         return f"HookRegistry({type(self.module).__name__}: {self.names()})"
 

@@ -20,9 +20,9 @@ Machinery, private to this folder:
 - `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques.
 """
 
-from ._disk import clean_offload_cache, offload_cache_files
+from ._disk import OffloadFileError, clean_offload_cache, offload_cache_files
 from ._disk import default_dir as default_offload_dir
-from .casting import LayerwiseCasting, apply_casting, casting_summary, remove_casting
+from .casting import LayerwiseCasting, apply_casting, casting_state_dict, casting_summary, remove_casting
 from .components import ComponentOffload, apply_component_offload, components_on_device, remove_component_offload
 from .meters import SavedForBackward, parameter_bytes, saved_for_backward
 from .offload import Offload, OffloadReport, apply_offload, offload_report, remove_offload
@@ -31,11 +31,13 @@ __all__ = [
     "ComponentOffload",
     "LayerwiseCasting",
     "Offload",
+    "OffloadFileError",
     "OffloadReport",
     "SavedForBackward",
     "apply_casting",
     "apply_component_offload",
     "apply_offload",
+    "casting_state_dict",
     "casting_summary",
     "clean_offload_cache",
     "components_on_device",

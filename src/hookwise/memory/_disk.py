@@ -18,6 +18,14 @@ section starts at an aligned file offset.
   per group or chunk, no page faults, no pages kept in this process; the OS page cache serves
   repeated reads. Once a write-back changed mapped (copy-on-write) pages, loads copy from the
   mapping instead, and its pages are never dropped.
+- Writes that bypass version counters (`weight.data.add_(1)`, `EMAModel.copy_to`) change mapped
+  pages too: before pages are dropped, the page table (`/proc/self/pagemap`) says whether any of
+  them became a private copy; if so (or where that cannot be known) the file counts as written and
+  its pages are kept, so the write is never dropped. The file itself is never changed.
+- Checks: the file must not change under a running model. Every use checks its size and mtime
+  (`check`, one `fstat`, before the mapping is touched: a truncated mapping would kill the process
+  with SIGBUS); where the weights become the model's again (`remove`) its content is hashed and
+  compared with its name (`verify`). A changed file raises `OffloadFileError`.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CompatibilityError, ConfigError, OffloadFileError
 from ._groups import ALIGN, Group
 
 logger = logging.getLogger("hookwise.memory.disk")
@@ -136,6 +145,37 @@ def header_for(group: Group) -> bytes:
     return text
 
 
+def _changed(path: Path, what: str) -> OffloadFileError:
+    return OffloadFileError(
+        f"the offload file {path} {what} while the model used it, so its weights can no longer be trusted "
+        f"(another process or a cleanup touched the offload folder?). Leave the files of a running model "
+        f"alone; load the weights again (a fresh model from its checkpoint) and apply offloading again "
+        f"(a corrupt file is detected and rewritten then)"
+    )
+
+
+def _private_pages(address: int, length: int) -> bool | None:
+    """Whether any page of this process in [address, address + length) is a private (written) copy
+    of a mapped file page, or swapped out; None when the page table cannot be read (not Linux)."""
+    if length <= 0:
+        return False
+    page = mmap.PAGESIZE
+    first, last = address // page, (address + length - 1) // page
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            f.seek(first * 8)
+            raw = f.read((last - first + 1) * 8)
+    except OSError:
+        return None
+    if len(raw) != (last - first + 1) * 8:
+        return None
+    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    present = entries < 0  # bit 63
+    swapped = (entries >> 62) & 1
+    file_page = (entries >> 61) & 1
+    return bool(((present & (file_page == 0)) | (swapped == 1)).any())
+
+
 @dataclass
 class DiskFile:
     """A group's mapped file: `data` is the flat layout (a uint8 view into the mapping)."""
@@ -149,13 +189,59 @@ class DiskFile:
     fd: int | None = None
 
     def __post_init__(self) -> None:
-        if hasattr(os, "preadv"):
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # The descriptor pins the inode this mapping reads; its size and mtime are what `check` compares.
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        st = os.fstat(self.fd)
+        self.stat = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def __deepcopy__(self, memo: dict) -> DiskFile:
+        raise CompatibilityError(
+            f"a model with disk offloading cannot be deep-copied or pickled (its weights are mapped from {self.path}); "
+            f"remove offloading first (hookwise.remove(model)), copy or save, then apply it again to each copy"
+        )
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        self.__deepcopy__({})
+
+    def check(self) -> None:
+        """Raise `OffloadFileError` if the file changed (size, mtime, or another file under its name)."""
+        if self.fd is None:
+            return
+        st = os.fstat(self.fd)
+        if st.st_size != self.stat[1]:
+            raise _changed(self.path, f"has {st.st_size} bytes instead of {self.stat[1]} (truncated or rewritten)")
+        if st.st_mtime_ns != self.stat[2]:
+            raise _changed(self.path, "was modified")
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            return  # deleted: the mapping (and `fd`) still hold its bytes
+        if inode != self.stat[0]:
+            # Replaced under the same name (another process rewrote it): its content is what the name says,
+            # and this process still reads the file it mapped.
+            logger.debug("hookwise offload: %s was replaced by another file of the same name", self.path)
+
+    def verify(self) -> None:
+        """`check`, then hash the file and compare with its name; raise `OffloadFileError` on mismatch."""
+        self.check()
+        if self.fd is None:
+            return
+        digest = hashlib.sha256()
+        pos, size = 8, self.stat[1]
+        while pos < size:
+            chunk = os.pread(self.fd, min(2**24, size - pos), pos)
+            if not chunk:
+                raise _changed(self.path, "ended early")
+            digest.update(chunk)
+            pos += len(chunk)
+        if digest.hexdigest()[:32] != self.path.name.split(".", 1)[0]:
+            raise _changed(self.path, "does not hold the bytes its name promises (changed in place)")
 
     def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
         """Copy bytes [start, start + dst.numel()) of the flat layout into the CPU uint8 tensor `dst`."""
         n = dst.numel()
-        if self.fd is None or self.dirty or n == 0:
+        self.check()
+        if not hasattr(os, "preadv") or self.dirty or n == 0:
             dst.copy_(self.data[start : start + n])
             return
         view = memoryview(dst.numpy()).cast("B")
@@ -163,7 +249,7 @@ class DiskFile:
         while done < n:
             got = os.preadv(self.fd, [view[done:]], self.data_offset + start + done)
             if got <= 0:
-                raise OSError(f"hookwise offload: {self.path} ended early (read {done} of {n} bytes); was it truncated?")
+                raise _changed(self.path, f"ended early (read {done} of {n} bytes)")
             done += got
 
     def will_need(self, start: int = 0, length: int = 0) -> None:
@@ -179,9 +265,18 @@ class DiskFile:
             os.close(self.fd)
             self.fd = None
 
+    def written(self) -> bool:
+        """Whether the mapping holds writes (known ones, or private copies of pages in the page table)."""
+        if not self.dirty:
+            private = _private_pages(self.data.data_ptr(), self.data.numel())
+            if private is None or private:
+                # Written through an alias no version counter sees (`.data`): keep those pages.
+                self.dirty = True
+        return self.dirty
+
     def drop_pages(self) -> None:
-        """Release this process's mapped pages (they stay in the OS page cache)."""
-        if self.dirty or not hasattr(self.mapping, "madvise"):
+        """Release this process's mapped pages (they stay in the OS page cache), unless written."""
+        if not hasattr(self.mapping, "madvise") or self.written():
             return
         try:
             self.mapping.madvise(mmap.MADV_DONTNEED)

@@ -23,6 +23,13 @@ the forward it has then, and a forward captured before removal passes straight t
 The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`.
 
 Removing the technique gives back compute-dtype weights, but lossily: the storage rounding stays.
+
+Saving: `model.state_dict()` of a cast model holds what is stored, each cast weight in the storage
+dtype with its `weight_scale` beside it. It loads back into a cast model as is (and a full-precision
+state dict loads too: it is quantized on the way in), not into the plain model.
+`casting_state_dict(model, "compute")` gives the compute-dtype form instead (dequantized weights, no
+scales: what the plain model loads), `casting_state_dict(model, "stored")` the stored form; both as
+tensors of their own, also under offloading.
 """
 
 from __future__ import annotations
@@ -593,6 +600,32 @@ def cast_leaves(model: nn.Module) -> dict[str, CastHook]:
         for path, reg in iter_registries(unwrap(model))
         if isinstance(reg.get(HOOK_NAME), CastHook)
     }
+
+
+def casting_state_dict(model: nn.Module, form: str = "compute") -> dict[str, torch.Tensor]:
+    """The state dict of a cast model in `form`, every entry a tensor of its own.
+
+    - "compute": each cast weight dequantized to the compute dtype and no `weight_scale` entries;
+      it loads into the plain (uncast) model, and into a cast model (quantized on the way in).
+    - "stored": what `state_dict()` holds: cast weights in the storage dtype with their scales.
+    """
+    if form not in ("compute", "stored"):
+        raise ConfigError(f"form={form!r}: use 'compute' (loads into the plain model) or 'stored' (fp8 + scales)")
+    model = unwrap(model)
+    leaves = cast_leaves(model)
+    if not leaves:
+        raise ConfigError("this model has no layerwise casting; model.state_dict() is already its plain form")
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if form == "stored":
+        return state
+    for path, hook in leaves.items():
+        prefix = f"{path}." if path else ""
+        key = prefix + "weight"
+        if key not in state:
+            continue
+        scale = state.pop(prefix + "weight_scale", None)
+        state[key] = dequantize(state[key], scale, hook.compute_dtype, hook.layout).clone()
+    return state
 
 
 def casting_summary(model: nn.Module) -> dict[str, Any]:

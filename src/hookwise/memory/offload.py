@@ -17,6 +17,12 @@ Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay res
 `scale_shift_table` on the root) stay resident too: they are read during the whole forward. Both
 count against the budget. `model.to(...)` on an offloaded model warns and changes nothing;
 `remove_offload` puts every weight back on one device with its current values.
+
+Saving and copying: `state_dict()` gives each streamed tensor as a plain copy of its current
+values in a storage of its own, on the host (not a view into a group buffer, a slot or a mapped
+file), so it saves its own bytes and loads into the plain model. `torch.save(model)`, pickling and
+`copy.deepcopy` of an offloaded model raise `CompatibilityError` (its weights live in shared
+buffers, slots and mapped files): save the state dict, or remove offloading first.
 """
 
 from __future__ import annotations
@@ -202,12 +208,10 @@ class _Offloader:
         self.states: list[GroupState] = []
         self.files: dict[int, DiskFile] = {}
         self.scheduler: Scheduler | None = None
+        self.state_dict_hooks: list[Any] = []
 
     def __deepcopy__(self, memo: dict) -> Any:
-        raise CompatibilityError(
-            "a model with hookwise offloading cannot be deep-copied (its weights live in shared host buffers "
-            "and device slots); remove offloading first, copy, then apply it to each copy"
-        )
+        raise _not_copyable()
 
     # ---- building -----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -241,6 +245,9 @@ class _Offloader:
             for _, module in state.group.modules:
                 add_hook(module, _GroupHook(self.scheduler, state, module), GROUP_HOOK)
         override_method(self.model, "_apply", _ignore_apply, owner=OWNER)
+        # Found by attribute lookup (pickle and deepcopy both ask the instance): refuse before writing.
+        override_method(self.model, "__getstate__", _refuse_pickle, owner=OWNER)
+        self._hook_state_dict(txn)
         logger.info("hookwise %s", self.report().summary())
 
     def _make_resident(self, ref: TensorRef) -> None:
@@ -258,6 +265,31 @@ class _Offloader:
 
             current_transaction().on_rollback(undo, f"move {ref.path}")
         self.resident.append(ref)
+
+    def _hook_state_dict(self, txn: Any) -> None:
+        """Make `state_dict()` copy streamed tensors out of their group buffers (see `_StateDictCopies`)."""
+        owners: dict[int, tuple[nn.Module, dict[str, tuple[GroupState, int]]]] = {}
+        for state in self.states:
+            for i, ref in enumerate(state.group.tensors):
+                owners.setdefault(id(ref.module), (ref.module, {}))[1][ref.name] = (state, i)
+        for module, names in owners.values():
+            handle = module.register_state_dict_post_hook(_StateDictCopies(self, names))
+            self.state_dict_hooks.append(handle)
+            txn.on_rollback(handle.remove, "state_dict hook")
+
+    def plain_copy(self, state: GroupState, i: int, value: torch.Tensor) -> torch.Tensor:
+        """The current values of tensor `i` of `state` (read as `value`) in a host tensor of its own."""
+        master = state.masters[i]
+        file = state.source.disk
+        if file is not None and not state.bound:
+            file.check()  # before reading the mapping: a truncated file would kill the process
+        sched = self.scheduler
+        if sched is not None and sched.strict and not state.bound and not state.direct:
+            value = master  # strict mode's placeholder holds no values
+        out = torch.empty(value.shape, dtype=value.dtype, device=master.device)
+        with torch.no_grad():
+            out.copy_(value)
+        return out
 
     def _pin_allowance(self, streamed: list[Group]) -> float:
         if self.disk_dir is not None or not self.engine.streams:
@@ -281,7 +313,16 @@ class _Offloader:
 
     # ---- removing ----------------------------------------------------------------------------------
     def close(self, device: torch.device) -> None:
-        """Put every weight (and gradient) back on `device`, each in storage of its own."""
+        """Put every weight (and gradient) back on `device`, each in storage of its own.
+
+        Every offload file is checked first (its content hashed): a changed file raises
+        `OffloadFileError` and leaves the model as it was, so corrupt values never become its weights.
+        """
+        for file in self.files.values():
+            file.verify()
+        for handle in self.state_dict_hooks:
+            handle.remove()
+        self.state_dict_hooks.clear()
         if self.scheduler is not None:
             self.scheduler.flush()
         for state in self.states:
@@ -392,6 +433,40 @@ def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:
     txn.on_rollback(undo, f"restore {ref.path}")
 
 
+def _not_copyable() -> CompatibilityError:
+    return CompatibilityError(
+        "a model with hookwise offloading cannot be pickled, saved whole (torch.save(model)) or deep-copied: its "
+        "weights live in shared host buffers, device slots or mapped files. Save model.state_dict() instead "
+        "(plain tensors that load into the plain model), or remove offloading first (hookwise.remove(model)), "
+        "copy or save, then apply it again"
+    )
+
+
+def _refuse_pickle(module: nn.Module) -> Any:
+    raise _not_copyable()
+
+
+class _StateDictCopies:
+    """A state_dict post-hook on a module that owns streamed tensors: their entries become plain copies.
+
+    Without it an entry is a view into the group's flat buffer (saving it writes the whole buffer;
+    views of one buffer in several dtypes cannot be saved at all), a device slot, or a mapped file.
+    Entries asked for with `keep_vars=True` are the tensors themselves and stay so.
+    """
+
+    def __init__(self, offloader: _Offloader, names: dict[str, tuple[GroupState, int]]) -> None:
+        self.offloader = offloader
+        self.names = names
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for name, (state, i) in self.names.items():
+            key = prefix + name
+            value = state_dict.get(key)
+            if value is None or value is state.group.tensors[i].tensor:
+                continue
+            state_dict[key] = self.offloader.plain_copy(state, i, value)
+
+
 def _ignore_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
     warnings.warn(
         "hookwise: this model has offloading applied, so .to() / .cuda() / .cpu() / .half() and other "
@@ -415,8 +490,14 @@ class _GroupHook(ModelHook):
         # hook: its outputs' autograd nodes load the group first (`Scheduler.guard_recompute`).
         self.guards_recompute = module is not None and next(module.children(), None) is not None
 
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise _not_copyable()
+
     def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
         sched = self.scheduler
+        file = self.state.source.disk
+        if file is not None and not self.state.bound:
+            file.check()  # before the mapping is touched (a truncated file: SIGBUS)
         saving = sched.acquire(self.state)
         try:
             if saving is None:
@@ -539,6 +620,7 @@ def _remove_offload(model: nn.Module, config: Offload | None = None, device: str
     offloader.close(target)
     remove_hooks(model, lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)))
     restore_method(model, "_apply", owner=OWNER)
+    restore_method(model, "__getstate__", owner=OWNER, missing_ok=True)
 
 
 def offload_report(model: nn.Module) -> OffloadReport:
