@@ -41,7 +41,7 @@ from .errors import (
     ModelResolveError,
     NoTargetError,
 )
-from .introspect import ModelMap, describe, load_model, spec_names
+from .introspect import MapMismatchError, ModelMap, describe, load_model, spec_names
 from .memory import (
     ComponentOffload,
     LayerwiseCasting,
@@ -68,6 +68,7 @@ __all__ = [
     "FirstBlockCache",
     "LayerSkip",
     "MagCache",
+    "MapMismatchError",
     "PyramidAttentionBroadcast",
     "TaylorSeer",
     "TeaCache",

@@ -10,18 +10,27 @@ machinery lives in `core.techniques`; it is the one entry path, which each techn
 The model map the techniques take their targets from can be stated (`towers=`, `attention=`): it is
 kept on the model's ledger, where `describe(model)` finds it, and in the stack, so a saved stack
 re-applies with the same map.
+
+The first real call after techniques are applied is checked against the map: the blocks and
+attention modules they hooked must all run, and the blocks a step cache or layer skip hooked in
+their tower's order. The check records
+that one call (`introspect.trace.CallRecorder`, module calls only) and compares before the call
+returns, so a wrong map (a container taken for a block, a block the model never calls) raises
+`MapMismatchError` instead of returning a result computed without the techniques' hooks, such as
+offloaded weights that were never loaded. It then removes itself: later calls cost nothing extra.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .core.config import TechniqueConfig
-from .core.hooks import unwrap
-from .core.ledger import MAP_KEYS, ledger_of, open_ledger, stated_map
+from .core.hooks import HookRegistry, Layer, ModelHook, add_hook, get_hook, iter_registries, remove_hook, unwrap
+from .core.ledger import MAP_KEYS, ledger_of, open_ledger, stated_map, watch_ledgers
 from .core.techniques import (
     apply_techniques,
     applied_configs,
@@ -33,7 +42,8 @@ from .core.techniques import (
 )
 from .core.transaction import transaction
 from .errors import ConfigError
-from .introspect.model_map import describe
+from .introspect.model_map import ModelMap, describe
+from .introspect.trace import CallRecorder, MapMismatchError, check_against_trace
 
 STACK_FORMAT = "hookwise.stack"
 STACK_VERSION = 1
@@ -228,5 +238,95 @@ def remove(model: nn.Module, *names: str) -> list[str]:
     """
     return remove_techniques(model, names)
 
+
+# ---- the first-call check of the model map ---------------------------------------------------------
+FIRST_CALL_CHECK = "hookwise.first_call_check"
+
+
+def _technique_hooks(registry: HookRegistry) -> list[ModelHook]:
+    return [registry.get(n) for n in registry.names() if n.startswith("hookwise.") and n != FIRST_CALL_CHECK]
+
+
+def _checked_targets(model: nn.Module, model_map: ModelMap) -> tuple[set[str], set[str]]:
+    """The map's blocks and attention modules that carry a hookwise technique's hook, and of those the
+    blocks whose tower order matters.
+
+    Order matters to the techniques at the step-cache layers and above (layer skip included): they
+    split a tower into head, middle and tail, or pick blocks by index. Those below (casting,
+    offloading...) act on each module on its own; offloading learns the order blocks really run in.
+    """
+    candidates = {b.path for t in model_map.towers for b in t.blocks} | {a.path for a in model_map.attention}
+    targets: set[str] = set()
+    ordered: set[str] = set()
+    for path, registry in iter_registries(model):
+        hooks = _technique_hooks(registry) if path in candidates else []
+        if hooks:
+            targets.add(path)
+            if any(hook.layer >= Layer.CACHE_SKIP for hook in hooks):
+                ordered.add(path)
+    return targets, ordered
+
+
+class _FirstCallCheck(ModelHook):
+    """Records the model's next call and checks that the hooked blocks and attention modules ran, in order.
+
+    It compares only which modules ran and in what order (no attention watch): that is what decides
+    whether a technique's hooks acted, and it adds no work per tensor operation to the call.
+    """
+
+    # The run-state hook's layer, added after it, so outermost: the recorder sees the whole call,
+    # and nothing outside it can act on the call's result before the check.
+    layer = Layer.STATE
+
+    def __init__(self, model_map: ModelMap) -> None:
+        self.model_map = model_map
+
+    # Eager as a whole, compiled modules inside included (stance "force_eager"): dynamo would trace
+    # the recorder's hooks into their graphs, then compile them again once the hooks are gone. So a
+    # compiled model compiles from its second call, as it would run from then on.
+    @torch.compiler.disable
+    def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        targets, ordered = _checked_targets(module, self.model_map)
+        if not targets:  # the techniques that hooked blocks or attention modules were removed
+            remove_hook(module, FIRST_CALL_CHECK)
+            return next_fn(*args, **kwargs)
+        # No cached result is served inside this call: a step cache computes every block until it
+        # has stored a result, and only a call of its own stores one. A cache applied in the middle
+        # of a run (its first call not a first step) starts empty all the same. A cached or skipped
+        # block is still called (its hook answers for it), so the trace is complete either way.
+        recorder = CallRecorder(module, attention=False)
+        with torch.compiler.set_stance("force_eager"), recorder:
+            output = next_fn(*args, **kwargs)
+        problems = check_against_trace(self.model_map, recorder.trace, targets, ordered=ordered)
+        if problems:
+            # The check stays: every call raises until the techniques are applied with a right map.
+            raise MapMismatchError(
+                f"the model map of this {type(module).__name__} disagrees with its first call, so hookwise's "
+                f"techniques would not act where they should (a never-run block's offloaded weights are "
+                f"never loaded; a cache or skip on it does nothing): "
+                + "; ".join(problems)
+                + ". With techniques on the model, remove them (hookwise.remove(model)) and apply them "
+                "again with the map stated: hookwise.apply(model, *configs, towers=[...], attention=[...]); "
+                "the map is kept with the model and in the saved stack"
+            )
+        remove_hook(module, FIRST_CALL_CHECK)
+        return output
+
+
+def _watch_first_call(model: nn.Module, config: TechniqueConfig) -> None:
+    """After a config is recorded: have the model's next call checked, if a technique hooked the map's
+    blocks or attention modules (undone with the applying transaction)."""
+    if get_hook(model, FIRST_CALL_CHECK) is not None:
+        return
+    model_map = describe(model)
+    if _checked_targets(model, model_map)[0]:
+        add_hook(model, _FirstCallCheck(model_map), FIRST_CALL_CHECK)
+
+
+def _drop_first_call_check(model: nn.Module) -> None:
+    remove_hook(model, FIRST_CALL_CHECK, missing_ok=True)
+
+
+watch_ledgers(_watch_first_call, _drop_first_call_check)
 
 __all__ = ["Stack", "applied", "apply", "remove"]

@@ -41,6 +41,11 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .model_map import ModelMap
 
+class MapMismatchError(ConfigError):
+    """The model map disagrees with what the model ran: a hooked block or attention module never ran,
+    or a tower's blocks ran out of order."""
+
+
 _SDPA = {F.scaled_dot_product_attention}
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.einsum}
 _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
@@ -299,20 +304,39 @@ def _under(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".")
 
 
+def _called_containers(trace: CallTrace, path: str) -> list[str]:
+    """The parents of the outermost modules under `path` that were called from outside it, in call order."""
+    out: list[str] = []
+    for c in trace.calls:
+        if c.path == path or not _under(c.path, path):
+            continue
+        if c.parent is None or not _under(trace.calls[c.parent].path, path):
+            container = c.path.rsplit(".", 1)[0]
+            if container not in out:
+                out.append(container)
+    return out
+
+
 def check_against_trace(
-    model_map: ModelMap, trace: CallTrace, targets: Iterable[str] | None = None
+    model_map: ModelMap,
+    trace: CallTrace,
+    targets: Iterable[str] | None = None,
+    *,
+    ordered: Iterable[str] | None = None,
 ) -> list[str]:
     """Where `model_map` disagrees with what the traced forward did; an empty list when it agrees.
 
     Checked: every tower block ran, and its tower's blocks first ran in tower order; every attention
     module ran, attention was computed inside it, and it is not a whole block. `targets` (module paths
     that techniques hooked) limits the check to those; a target that is neither a block nor an
-    attention module of the map is checked for having run. Pure: nothing is run or changed.
+    attention module of the map is checked for having run. `ordered` (block paths) limits the order
+    check to those blocks (None: every checked block). Pure: nothing is run or changed.
     """
     first = trace.first_calls
     blocks = {b.path: t for t in model_map.towers for b in t.blocks}
     attention = {a.path for a in model_map.attention}
     wanted = None if targets is None else set(targets)
+    in_order = None if ordered is None else set(ordered)
     problems: list[str] = []
 
     def checked(path: str) -> bool:
@@ -328,6 +352,8 @@ def check_against_trace(
                     f"block {block.path!r} of tower {tower.name!r} never ran in the traced forward "
                     f"(a container, or a block the model does not call)"
                 )
+                continue
+            if in_order is not None and block.path not in in_order:
                 continue
             if last is not None and first[block.path] < last[0]:
                 problems.append(
@@ -358,7 +384,13 @@ def check_against_trace(
         whole = {p for p in trace.attention if any(_under(b, p) for b in blocks)}
         ran_attention = [p for p in trace.attention if p and p not in whole]
         ran_towers = [t.container or t.name for t in model_map.towers if any(b.path in first for b in t.blocks)]
-        seen = f"towers={ran_towers!r}, attention={ran_attention!r}" if trace.watched_attention else f"towers={ran_towers!r}"
+        for tower in model_map.towers:
+            for block in tower.blocks:
+                if block.path not in first:  # a container: the blocks are what it holds and the model called
+                    ran_towers += [c for c in _called_containers(trace, block.path) if c not in ran_towers]
+        seen = f"towers={ran_towers!r}"
+        if trace.watched_attention:
+            seen += f", attention={ran_attention!r}"
         problems.append(
             "state the map with hookwise.describe(model, towers=[...], attention=[...]) "
             f"(from this trace: {seen}), "
