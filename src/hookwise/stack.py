@@ -219,9 +219,10 @@ def apply(
         raise ConfigError(f"hookwise.apply needs a torch.nn.Module, got {type(root).__name__}")
     ledger = ledger_of(root)
     if ledger is not None and len(ledger) and ledger.stated_map != stated:
+        was = ledger.stated_map or "that describe() finds"
         raise ConfigError(
-            f"the techniques already on this model were applied with the map {ledger.stated_map or 'that describe() finds'}; "
-            f"a model has one map: remove them (hookwise.remove(model)) and apply everything with the new one"
+            f"the techniques already on this model were applied with the map {was}; a model has one map: "
+            f"remove them (hookwise.remove(model)) and apply everything with the new one"
         )
     describe(root, towers=stated.get("towers"), attention=stated.get("attention"))  # checks the paths
     with transaction():

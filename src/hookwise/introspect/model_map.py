@@ -421,8 +421,8 @@ def describe(
     included) runs one traced forward, and the towers and attention modules are those that ran.
     `towers=` (container paths) and `attention=` (module paths) state them outright and win over the
     static rules and the trace; left out, they default to those stated when techniques were applied
-    (`hookwise.apply(model, ..., towers=..., attention=...)`). `architecture="auto"` recognises known architectures; pass a name to
-    force one, or None to map the model purely structurally.
+    (`hookwise.apply(model, ..., towers=..., attention=...)`). `architecture="auto"` recognises known
+    architectures; pass a name to force one, or None to map the model purely structurally.
     """
     model = unwrap(model)
     if not isinstance(model, nn.Module):
