@@ -42,7 +42,7 @@ from .errors import (
     NoTargetError,
     OffloadFileError,
 )
-from .introspect import ModelMap, describe, load_model, spec_names
+from .introspect import MapMismatchError, ModelMap, describe, load_model, spec_names
 from .memory import (
     ComponentOffload,
     LayerwiseCasting,
@@ -69,6 +69,7 @@ __all__ = [
     "FirstBlockCache",
     "LayerSkip",
     "MagCache",
+    "MapMismatchError",
     "PyramidAttentionBroadcast",
     "TaylorSeer",
     "TeaCache",

@@ -1,21 +1,23 @@
 """describe(model) -> ModelMap: towers, blocks, leaves, high-precision modules, known architectures, specs.
 
-Traced call structure (`trace_calls`, `check_against_trace`) confirms the map against what a forward ran.
+Traced call structure (`CallRecorder`, `trace_calls`, `check_against_trace`) confirms the map against what a forward ran.
 """
 
 from .architectures import ARCHITECTURES, Architecture, detect_architecture
 from .model_map import BlockInfo, LeafInfo, ModelMap, ModuleRole, TowerInfo, describe
 from .resolve import load_model
 from .specs import SPECS, ModelSpec, build_spec, example_inputs, spec_names
-from .trace import CallTrace, ModuleCall, check_against_trace, trace_calls
+from .trace import CallRecorder, CallTrace, MapMismatchError, ModuleCall, check_against_trace, trace_calls
 
 __all__ = [
     "ARCHITECTURES",
     "SPECS",
     "Architecture",
     "BlockInfo",
+    "CallRecorder",
     "CallTrace",
     "LeafInfo",
+    "MapMismatchError",
     "ModelMap",
     "ModelSpec",
     "ModuleCall",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.hooks import unwrap
+from ..core.ledger import stated_map
 from ..core.state import find_timestep_parameter
 from ..errors import ConfigError
 from .architectures import Architecture, architecture_named, detect_architecture
@@ -419,14 +420,18 @@ def describe(
     `example_inputs` (a kwargs dict, an args tuple or one tensor, on the model's device, `meta`
     included) runs one traced forward, and the towers and attention modules are those that ran.
     `towers=` (container paths) and `attention=` (module paths) state them outright and win over the
-    static rules and the trace. `architecture="auto"` recognises known architectures; pass a name to
-    force one, or None to map the model purely structurally.
+    static rules and the trace; left out, they default to those stated when techniques were applied
+    (`hookwise.apply(model, ..., towers=..., attention=...)`). `architecture="auto"` recognises known
+    architectures; pass a name to force one, or None to map the model purely structurally.
     """
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"describe() needs a torch.nn.Module, got {type(model).__name__}")
     notes: list[str] = []
     modules = dict(model.named_modules())
+    stated = stated_map(model)  # the map stated when techniques were applied: theirs and ours agree
+    towers = stated.get("towers") if towers is None else towers
+    attention = stated.get("attention") if attention is None else attention
     overrides: dict[str, tuple[str, ...]] = {}
     for key, value in (("towers", towers), ("attention", attention)):
         if value is not None:

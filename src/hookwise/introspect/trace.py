@@ -13,6 +13,10 @@ innermost module call open at that moment. Attention is recognised as:
 - a `softmax` of a matmul of two activations (q @ k^T), through elementwise steps such as scaling and
   masking in between.
 
+`CallRecorder` is the recorder itself, a context manager around any call: `trace_calls` opens it
+around a forward of its own, and the first-call check of a hooked model around the model's first
+real call (with the attention watch off: that check asks only which modules ran, and in what order).
+
 On the `meta` device nothing is computed, so a full-size model is traced in moments; the example
 inputs must then be on `meta` too (the model is never moved).
 """
@@ -37,6 +41,11 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .model_map import ModelMap
 
+class MapMismatchError(ConfigError):
+    """The model map disagrees with what the model ran: a hooked block or attention module never ran,
+    or a tower's blocks ran out of order."""
+
+
 _SDPA = {F.scaled_dot_product_attention}
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.einsum}
 _BADDBMM = {torch.baddbmm, torch.Tensor.baddbmm}
@@ -59,6 +68,7 @@ class CallTrace:
     model_cls: str
     calls: tuple[ModuleCall, ...]
     attention: dict[str, int] = field(default_factory=dict)  # path -> calls of it in which attention ran (innermost)
+    watched_attention: bool = True  # False: only module calls were recorded, `attention` is empty
 
     def count(self, path: str) -> int:
         """How many times the module at `path` was called."""
@@ -93,6 +103,7 @@ class CallTrace:
             "model_cls": self.model_cls,
             "calls": [[c.path, c.parent] for c in self.calls],
             "attention": dict(self.attention),
+            "watched_attention": self.watched_attention,
         }
 
 
@@ -183,6 +194,96 @@ def _check_devices(model: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
+class CallRecorder:
+    """Records the module calls made while it is open, and (with `attention=True`) where attention ran.
+
+        with CallRecorder(model) as recorder:
+            model(x)                # a real call: gradients, devices and hooks as the caller has them
+        recorder.trace              # the CallTrace of what ran inside the `with`
+
+    Opening adds a forward pre-hook and an always-called forward hook to every module of `model` (and
+    the attention watch); closing removes them all, even when the call inside raised, so a closed
+    recorder costs nothing. One recorder records one `with` block at a time.
+    """
+
+    def __init__(self, model: nn.Module, *, attention: bool = True) -> None:
+        model = unwrap(model)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"CallRecorder needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.watches_attention = attention
+        self._handles: list[Any] = []
+        self._watch: _AttentionWatch | None = None
+        self._calls: list[ModuleCall] = []
+        self._stack: list[int] = []
+        self._attention_calls: set[int] = set()
+        self._trace: CallTrace | None = None
+
+    @property
+    def recording(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def trace(self) -> CallTrace:
+        """What ran while the recorder was open (available once it is closed)."""
+        if self._trace is None:
+            state = "still open" if self.recording else "never opened"
+            raise ConfigError(f"the call recorder is {state}: read `trace` after its `with` block has closed")
+        return self._trace
+
+    def _on_attention(self) -> None:
+        if self._stack:
+            self._attention_calls.add(self._stack[-1])
+
+    def _pre(self, path: str) -> Callable:
+        calls, stack = self._calls, self._stack
+
+        def hook(module: nn.Module, inputs: Any) -> None:
+            calls.append(ModuleCall(len(calls), path, stack[-1] if stack else None))
+            stack.append(len(calls) - 1)
+
+        return hook
+
+    def _post(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def __enter__(self) -> CallRecorder:
+        if self.recording:
+            raise ConfigError("this call recorder is already open; use one recorder per `with` block")
+        self._calls, self._stack, self._attention_calls, self._trace = [], [], set(), None
+        try:
+            for path, module in self.model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(self._pre(path)))
+                self._handles.append(module.register_forward_hook(self._post, always_call=True))
+            if self.watches_attention:
+                stack, marked = self._stack, self._attention_calls
+                self._watch = _AttentionWatch(self._on_attention, lambda: bool(stack) and stack[-1] in marked)
+                self._watch.__enter__()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._close(exc_type, exc, tb)
+        attention: dict[str, int] = {}
+        for index in sorted(self._attention_calls):
+            path = self._calls[index].path
+            attention[path] = attention.get(path, 0) + 1
+        self._trace = CallTrace(type(self.model).__name__, tuple(self._calls), attention, self.watches_attention)
+
+    def _close(self, *exc_info: Any) -> None:
+        watch, self._watch = self._watch, None
+        try:
+            if watch is not None:
+                watch.__exit__(*(exc_info or (None, None, None)))
+        finally:
+            handles, self._handles = self._handles, []
+            for handle in handles:
+                handle.remove()
+
+
 def trace_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
     """Run one forward of `model` on `example_inputs` (kwargs dict, args tuple, or one tensor) and record it.
 
@@ -193,63 +294,49 @@ def trace_calls(model: nn.Module, example_inputs: Any) -> CallTrace:
         raise ConfigError(f"trace_calls() needs a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = _split_inputs(example_inputs)
     _check_devices(model, args, kwargs)
-
-    calls: list[ModuleCall] = []
-    stack: list[int] = []
-    attention_calls: set[int] = set()
-
-    def on_attention() -> None:
-        if stack:
-            attention_calls.add(stack[-1])
-
-    def pre(path: str) -> Callable:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            calls.append(ModuleCall(len(calls), path, stack[-1] if stack else None))
-            stack.append(len(calls) - 1)
-
-        return hook
-
-    def post(module: nn.Module, inputs: Any, output: Any) -> None:
-        if stack:
-            stack.pop()
-
-    watch = _AttentionWatch(on_attention, lambda: bool(stack) and stack[-1] in attention_calls)
-    handles = []
-    try:
-        for path, module in model.named_modules():
-            handles.append(module.register_forward_pre_hook(pre(path)))
-            handles.append(module.register_forward_hook(post, always_call=True))
-        with torch.no_grad(), watch:
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    attention: dict[str, int] = {}
-    for index in sorted(attention_calls):
-        path = calls[index].path
-        attention[path] = attention.get(path, 0) + 1
-    return CallTrace(type(model).__name__, tuple(calls), attention)
+    recorder = CallRecorder(model)
+    with torch.no_grad(), recorder:
+        model(*args, **kwargs)
+    return recorder.trace
 
 
 def _under(path: str, ancestor: str) -> bool:
     return path == ancestor or path.startswith(ancestor + ".")
 
 
+def _called_containers(trace: CallTrace, path: str) -> list[str]:
+    """The parents of the outermost modules under `path` that were called from outside it, in call order."""
+    out: list[str] = []
+    for c in trace.calls:
+        if c.path == path or not _under(c.path, path):
+            continue
+        if c.parent is None or not _under(trace.calls[c.parent].path, path):
+            container = c.path.rsplit(".", 1)[0]
+            if container not in out:
+                out.append(container)
+    return out
+
+
 def check_against_trace(
-    model_map: ModelMap, trace: CallTrace, targets: Iterable[str] | None = None
+    model_map: ModelMap,
+    trace: CallTrace,
+    targets: Iterable[str] | None = None,
+    *,
+    ordered: Iterable[str] | None = None,
 ) -> list[str]:
     """Where `model_map` disagrees with what the traced forward did; an empty list when it agrees.
 
     Checked: every tower block ran, and its tower's blocks first ran in tower order; every attention
     module ran, attention was computed inside it, and it is not a whole block. `targets` (module paths
     that techniques hooked) limits the check to those; a target that is neither a block nor an
-    attention module of the map is checked for having run. Pure: nothing is run or changed.
+    attention module of the map is checked for having run. `ordered` (block paths) limits the order
+    check to those blocks (None: every checked block). Pure: nothing is run or changed.
     """
     first = trace.first_calls
     blocks = {b.path: t for t in model_map.towers for b in t.blocks}
     attention = {a.path for a in model_map.attention}
     wanted = None if targets is None else set(targets)
+    in_order = None if ordered is None else set(ordered)
     problems: list[str] = []
 
     def checked(path: str) -> bool:
@@ -266,6 +353,8 @@ def check_against_trace(
                     f"(a container, or a block the model does not call)"
                 )
                 continue
+            if in_order is not None and block.path not in in_order:
+                continue
             if last is not None and first[block.path] < last[0]:
                 problems.append(
                     f"block {block.path!r} of tower {tower.name!r} ran outside its tower's order: "
@@ -273,15 +362,17 @@ def check_against_trace(
                 )
             else:
                 last = (first[block.path], block.path)
-    stated_attention = "attention" in model_map.overrides
+    # Where attention ran is known only when the trace watched for it; a trace of module calls alone
+    # (the first-call check's) checks that each attention module ran.
+    judge_content = trace.watched_attention and "attention" not in model_map.overrides
     for path in sorted(attention):
         if not checked(path):
             continue
         if path not in first:
             problems.append(f"attention module {path!r} never ran in the traced forward")
-        elif not stated_attention and not any(_under(a, path) for a in trace.attention):
+        elif judge_content and not any(_under(a, path) for a in trace.attention):
             problems.append(f"attention module {path!r} ran, but no attention was computed inside it")
-        elif not stated_attention and any(_under(b, path) for b in blocks):
+        elif judge_content and any(_under(b, path) for b in blocks):
             problems.append(
                 f"attention module {path!r} is a whole block (it holds the block's norms, MLP and residuals); "
                 f"reusing or skipping its output would drop the residual stream"
@@ -293,9 +384,16 @@ def check_against_trace(
         whole = {p for p in trace.attention if any(_under(b, p) for b in blocks)}
         ran_attention = [p for p in trace.attention if p and p not in whole]
         ran_towers = [t.container or t.name for t in model_map.towers if any(b.path in first for b in t.blocks)]
+        for tower in model_map.towers:
+            for block in tower.blocks:
+                if block.path not in first:  # a container: the blocks are what it holds and the model called
+                    ran_towers += [c for c in _called_containers(trace, block.path) if c not in ran_towers]
+        seen = f"towers={ran_towers!r}"
+        if trace.watched_attention:
+            seen += f", attention={ran_attention!r}"
         problems.append(
             "state the map with hookwise.describe(model, towers=[...], attention=[...]) "
-            f"(from this trace: towers={ran_towers!r}, attention={ran_attention!r}), "
+            f"(from this trace: {seen}), "
             "or map it from a traced forward with describe(model, example_inputs=...)"
         )
     return problems
