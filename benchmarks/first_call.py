@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from tiny_models import tiny_flux
+    from model_helpers import tiny_flux
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     results = [measure("tiny flux", *tiny_flux(), rounds=args.rounds, technique="offload")]

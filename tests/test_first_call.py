@@ -17,8 +17,8 @@ from hookwise.core import list_hooks
 from hookwise.introspect import CallRecorder, trace_calls
 from hookwise.stack import FIRST_CALL_CHECK
 
-from offload_utils import Reordered, strict
-from tiny_models import tiny_musubi
+from offload_helpers import Reordered, strict
+from model_helpers import tiny_musubi
 
 
 # ---- models of each shape -------------------------------------------------------------------------
