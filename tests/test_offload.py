@@ -8,7 +8,9 @@ mode poisons every unbound slot-streamed tensor, so a weight used outside its gr
 corrupts the result visibly instead of silently reading the host copy.
 """
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -455,3 +457,18 @@ def test_inference_mode_passes_do_not_spoil_later_training():
     with torch.inference_mode():  # device views first made here must still be usable by autograd
         model(**inputs)
     assert_same(fwd_bwd(model, inputs), expected)
+
+
+def test_remove_frees_the_engine_at_once_not_at_a_later_garbage_collection():
+    """The engine's objects form cycles; remove collects them, so repeated apply / remove of a large
+    model does not pile up host buffers until Python's object-count-driven collector runs."""
+    model, inputs = tiny_musubi()
+    gc.disable()  # only remove's own collection may free the cycle
+    try:
+        hookwise.apply(model, Offload(onload_device="cpu", granularity="block"))
+        output_of(model, inputs)
+        engine = weakref.ref(scheduler(model))
+        hookwise.remove(model)
+        assert engine() is None
+    finally:
+        gc.enable()
