@@ -120,6 +120,16 @@ def trainer_model(reentrant: bool | None = None) -> tuple[TrainerDiT, torch.Tens
     return model, x
 
 
+def cast_with_lora(model: nn.Module, network: LoRANetwork, order: str) -> None:
+    """Cast `model` and add the LoRA network, in the order named."""
+    if order == "lora_then_casting":
+        network.apply_to()
+        hookwise.apply(model, CASTING)
+    else:
+        hookwise.apply(model, CASTING)
+        network.apply_to()
+
+
 def lora_step(model: nn.Module, network: LoRANetwork, x: torch.Tensor):
     """Output and the gradient of every LoRA parameter after one forward + backward."""
     network.zero_grad(set_to_none=True)
@@ -166,12 +176,7 @@ def test_casting_runs_a_lora_forward_set_on_the_instance(order):
     _, uncast = lora_step(reference, reference_net, x)
 
     network = LoRANetwork(model)
-    if order == "lora_then_casting":
-        network.apply_to()
-        hookwise.apply(model, CASTING)
-    else:
-        hookwise.apply(model, CASTING)
-        network.apply_to()
+    cast_with_lora(model, network, order)
     assert len(cast_leaves(model)) == len(network.loras)
     out, grads = lora_step(model, network, x)
     assert_every_lora_gradient(grads)
@@ -191,12 +196,7 @@ def test_casting_runs_a_lora_forward_set_on_the_instance(order):
 def test_remove_casting_keeps_the_lora_forward_the_instance_has(order):
     model, x = trainer_model()
     network = LoRANetwork(model)
-    if order == "lora_then_casting":
-        network.apply_to()
-        hookwise.apply(model, CASTING)
-    else:
-        hookwise.apply(model, CASTING)
-        network.apply_to()
+    cast_with_lora(model, network, order)
     lora_step(model, network, x)
     with pytest.warns(UserWarning, match="storage rounding"):
         hookwise.remove(model)
@@ -263,12 +263,7 @@ def test_offload_loads_weights_for_a_recompute_outside_the_block_call(reentrant,
 def test_cast_offloaded_checkpointing_model_trains_a_lora_network(order, tmp_path):
     model, x = trainer_model(reentrant=False)
     network = LoRANetwork(model)
-    if order == "lora_then_casting":
-        network.apply_to()
-        hookwise.apply(model, CASTING)
-    else:
-        hookwise.apply(model, CASTING)
-        network.apply_to()
+    cast_with_lora(model, network, order)
     expected_out, expected = lora_step(model, network, x)
     hookwise.apply(model, offload_config("cpu", "block", tmp_path))
     strict(model)
