@@ -201,6 +201,27 @@ def test_a_foreign_wrapper_over_hookwise_is_detected_before_anything_is_removed(
     assert "s" in HookRegistry.of(m)
 
 
+class PassThrough(ModelHook):
+    def post_forward(self, module, output):
+        return output
+
+
+def test_keep_wrapper_leaves_a_foreign_forward_over_hookwise_in_place():
+    m = nn.Linear(2, 2)
+    x = torch.randn(1, 2)
+    plain = m(x)
+    add_hook(m, PassThrough(), "a")
+    add_hook(m, ScaleOutput(1.0), "b")
+    ours = m.forward
+    wrapper = lambda x: ours(x) + 1  # noqa: E731 - an adapter calling hookwise's forward as its original
+    m.forward = wrapper
+    HookRegistry.of(m).remove("b", keep_wrapper=True)  # a rebuild must not put ours back over it
+    assert m.__dict__["forward"] is wrapper
+    HookRegistry.of(m).remove("a", keep_wrapper=True)  # the last hook: the registry goes, the wrapper stays
+    assert m.__dict__["forward"] is wrapper and HookRegistry.of(m) is None
+    torch.testing.assert_close(m(x), plain + 1)
+
+
 def test_on_attach_and_on_detach_are_called_once():
     events = []
 

@@ -253,20 +253,29 @@ class HookRegistry:
             txn.on_rollback(functools.partial(self.remove, name, missing_ok=True), f"hook {name!r}")
         return hook
 
-    def remove(self, name: str, *, missing_ok: bool = False) -> ModelHook | None:
-        """Remove the hook called `name`; the module is restored exactly when it was the last one."""
+    def remove(self, name: str, *, missing_ok: bool = False, keep_wrapper: bool = False) -> ModelHook | None:
+        """Remove the hook called `name`; the module is restored exactly when it was the last one.
+
+        When something else replaced the module's forward after hookwise wrapped it, removing the last
+        hook raises, unless `keep_wrapper`: then that forward stays on the instance (an adapter that
+        calls hookwise's forward as its original, e.g. a kohya-style LoRA, keeps working through the
+        hooks' closures, which the caller must make pass-through).
+        """
         index = next((i for i, e in enumerate(self._entries) if e.name == name), None)
         if index is None:
             if missing_ok:
                 return None
             raise HookError(f"{type(self.module).__name__} has no hook named {name!r} (hooks here: {self.names()})")
-        if len(self._entries) == 1:
+        if len(self._entries) == 1 and not keep_wrapper:
             self._check_not_rewrapped()
+        current = self.module.__dict__.get("forward")
         entry = self._entries.pop(index)
         if self._entries:
             self._rebuild()
+            if keep_wrapper and not self._is_ours(current):
+                self.module.__dict__["forward"] = current  # the rebuild installed ours over it
         else:
-            self._detach()
+            self._detach(keep_foreign=keep_wrapper)
         entry.hook.on_detach(self.module)
         return entry.hook
 
@@ -283,9 +292,11 @@ class HookRegistry:
                 f"({current!r}) after hookwise wrapped it; remove that wrapper first, then hookwise's hooks"
             )
 
-    def _detach(self) -> None:
+    def _detach(self, keep_foreign: bool = False) -> None:
         d = self.module.__dict__
-        if self._had_forward:
+        if keep_foreign and not self._is_ours(d.get("forward")):
+            pass  # a forward installed over ours stays
+        elif self._had_forward:
             d["forward"] = self._orig_forward
         else:
             d.pop("forward", None)

@@ -560,19 +560,12 @@ def _restore_leaf(module: nn.Module, hook: CastHook, original: torch.Tensor | No
 
 
 def _remove_hook(module: nn.Module, registry: HookRegistry) -> None:
-    """Take the cast hook off `module`, leaving the instance whatever forward it has now."""
-    current = module.__dict__.get("forward")
-    if getattr(current, "__self__", None) is registry:
-        registry.remove(HOOK_NAME)
-        return
-    # An adapter replaced the forward after casting, calling hookwise's as its original (kohya's
-    # `org_forward`): its forward stays, and the detached hook it calls passes through. The registry
-    # checks that it removes its own forward, so it is shown that one while it detaches.
-    module.__dict__["forward"] = registry._installed
-    try:
-        registry.remove(HOOK_NAME)
-    finally:
-        module.__dict__["forward"] = current
+    """Take the cast hook off `module`, leaving the instance whatever forward it has now.
+
+    An adapter that replaced the forward after casting, calling hookwise's as its original (kohya's
+    `org_forward`), keeps its forward; the detached hook it still calls passes through.
+    """
+    registry.remove(HOOK_NAME, keep_wrapper=True)
 
 
 def _remove_casting(model: nn.Module, config: LayerwiseCasting | None = None) -> int:
