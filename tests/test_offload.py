@@ -229,19 +229,18 @@ def test_trainable_parameters_stay_resident_unless_offload_trainable():
 def test_in_place_updates_to_offloaded_weights_are_kept():
     model, inputs = tiny_musubi()
     plain, _ = tiny_musubi()
-    model.requires_grad_(False)  # frozen (an inference model): groups stay bound after a pass
+    model.requires_grad_(False)  # frozen (an inference model)
     apply_offload(model, Offload(onload_device="cpu", granularity="block"))
-    output_of(model, inputs)  # the last groups stay bound in their slots after the pass
-    bound = set(offload_report(model).bound)
-    assert "final_layer" in bound and "img_in" not in bound
+    output_of(model, inputs)
+    # Between calls no tensor points into a slot: every write lands in the host master.
+    assert offload_report(model).bound == ()
     with torch.no_grad():
         for m in (model, plain):
-            m.final_layer.linear.weight.mul_(2)  # bound: lives in a slot now
-            m.img_in.weight.add_(1)  # unbound: its host master
+            m.final_layer.linear.weight.mul_(2)  # the last group of the pass
+            m.img_in.weight.add_(1)  # the first
             m.single_blocks[0].load_state_dict({k: v * 0.5 for k, v in m.single_blocks[0].state_dict().items()})
     for _ in range(3):
         assert torch.equal(output_of(model, inputs), output_of(plain, inputs))
-    assert offload_report(model).stats["writebacks"] >= 1
     remove_offload(model)
     for (n, p), q in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(p, q), n

@@ -5,8 +5,10 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 - **Slots.** A few device buffers, each as large as the largest streamed group, allocated once.
   Loading a group copies its flat bytes into a slot; binding points each of its parameters and
   buffers (`tensor.data`) at a view into that slot. Unbinding points them back at the host master.
-  A group stays in its slot after use until the slot is needed (so a forward followed by backward
-  reuses what is still there); the least recently used group that is not in use is evicted.
+  Within one step a group stays in its slot after use until the slot is needed (so a forward
+  followed by its backward reuses what is still there); the least recently used group that is not
+  in use is evicted. Between calls no slot copy is trusted (see Writes): every slot is emptied when
+  a call or a backward ends and when a call begins.
   Binding, unbinding, write-back and gradient settling are the group's own (`GroupState`), so
   component offloading binds whole models the same way.
 - **Direct groups.** When the engine computes on a source in place (a mapped file on the CPU),
@@ -28,6 +30,12 @@ Shared by every transfer engine, so the CPU tests run the same decisions as a GP
 - **Writes.** If a bound tensor was changed in place (its version counter moved) or its `.data`
   was replaced, unbinding copies the new values into the host master first, so no update is lost;
   a change made to an unbound tensor (its host master) makes the next use copy the group again.
+  A write through `tensor.data` (`p.data.add_(1)`, diffusers' `EMAModel.copy_to`, LoRA fusing)
+  moves no version counter (`.data` is a new tensor with its own counter), so it cannot be seen.
+  Hence between calls, when user code runs, no tensor points into a slot and no slot copy is
+  reused: the write lands in the host master and the next call copies it. A group's copy survives
+  only within one step (a forward and its backward), as the peers' group offloading and block swap
+  copy every call too.
 - **Trainable tensors** (with `offload_trainable`) get their gradients moved to the host master's
   device when they are unbound and at the end of each backward, so an optimizer sees one device.
 - **torch.compile.** The entry points the hooks call (pass boundaries, `acquire`, `release`,
@@ -336,11 +344,15 @@ class Scheduler:
         if self._pass_depth > 1:
             return
         self._commit_backward()
+        # A forward with gradients whose backward never ran leaves its groups in their slots.
+        self._forget_slots()
         self.phase = "forward"
         self._recording = []
         self._fcur.reset()
         self._node = None
         self._node_groups.clear()
+        for nxt in self._fcur.peek(self.depth):
+            self._prefetch(nxt)
 
     @torch.compiler.disable
     def end_pass(self, grad_enabled: bool) -> None:
@@ -361,11 +373,7 @@ class Scheduler:
             self.phase = "forward-done"
             return
         self.phase = "idle"
-        self._release_trainable()
-        # The next call starts at the top of the order: fetch its first groups now.
-        self._fcur.reset()
-        for nxt in self._fcur.peek(self.depth):
-            self._prefetch(nxt)
+        self._forget_slots()
 
     # ---- use (group hooks, unpack) --------------------------------------------------------------------
     @torch.compiler.disable
@@ -504,8 +512,7 @@ class Scheduler:
         self._current = None
         self._node = None
         self._node_groups.clear()
-        self._release_trainable()
-        self._cool_all()
+        self._forget_slots()
 
     def _cool_all(self) -> None:
         for st in self.states:
@@ -672,6 +679,13 @@ class Scheduler:
     def flush(self) -> None:
         """Unbind every group (writing back changes) and empty the slots."""
         self.phase = "idle"
+        self._forget_slots()
+
+    def _forget_slots(self) -> None:
+        """Unbind every group (writing back changes), empty the slots, settle gradients.
+
+        Run where user code may write weights next (`.data` writes cannot be seen: module docstring).
+        """
         for slot in self.slots:
             st = slot.group
             if st is None:
