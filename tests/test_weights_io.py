@@ -118,6 +118,11 @@ def test_an_offloaded_model_refuses_to_be_pickled_or_copied_with_a_clear_error(k
             attempt()
     with pytest.raises(CompatibilityError, match="remove offloading first"):
         copy.deepcopy(model.single_blocks[0])
+    # torch.save creates the file before pickling: the refusal must not leave one torch.load cannot read.
+    for target in (tmp_path / "model.pt", str(tmp_path / "model2.pt")):
+        with pytest.raises(CompatibilityError, match="state_dict"):
+            torch.save(model, target)
+        assert not os.path.exists(target)
     assert output_of(model, inputs).isfinite().all()  # still usable
     hookwise.remove(model)
     copy.deepcopy(model)

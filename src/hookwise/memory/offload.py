@@ -27,9 +27,12 @@ buffers, slots and mapped files): save the state dict, or remove offloading firs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -444,7 +447,28 @@ def _not_copyable() -> CompatibilityError:
 
 
 def _refuse_pickle(module: nn.Module) -> Any:
+    _drop_file_being_saved()
     raise _not_copyable()
+
+
+def _drop_file_being_saved() -> None:
+    """Inside `torch.save(model, path)`: delete the file it opened, so the refusal leaves no unreadable file.
+
+    torch.save creates the file before it pickles anything, and on the way out of the error it still
+    writes the archive's end: without this a ~600-byte file that `torch.load` cannot read would stay
+    (and an older file of that name is gone already: torch truncated it). Unlinking an open file is
+    safe on POSIX (the writer finishes on the orphaned inode); on Windows the file stays.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "save" and code.co_filename == torch.serialization.__file__:
+            target = frame.f_locals.get("f")
+            if isinstance(target, (str, os.PathLike)):
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+            return
+        frame = frame.f_back
 
 
 class _StateDictCopies:
