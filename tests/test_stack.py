@@ -277,3 +277,19 @@ def test_apply_through_a_compiled_wrapper_and_run_state_is_attached():
     assert state.calls == 1 and state.timestep_value() == pytest.approx(0.7)
     hookwise.remove(compiled)
     assert hookwise.get_run_state(model) is None
+
+
+@pytest.mark.parametrize("granularity", ["block", "leaf"])
+def test_removing_casting_under_offloading_applies_offloading_again(granularity):
+    """Offloading holds the weights as casting stored them: taking casting away alone must not break it."""
+    from hookwise.memory import LayerwiseCasting, Offload
+
+    model, inputs = tiny_musubi()
+    offload = Offload(onload_device="cpu", granularity=granularity)
+    hookwise.apply(model, offload, LayerwiseCasting(storage_dtype=torch.float8_e4m3fn))
+    cast_out = output_of(model, inputs)
+    with pytest.warns(UserWarning, match="storage rounding"):
+        assert hookwise.remove(model, "casting") == ["casting"]
+    assert list(hookwise.applied(model)) == [offload]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(output_of(model, inputs), cast_out, rtol=0, atol=0)

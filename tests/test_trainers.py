@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -298,3 +299,29 @@ def test_cuda_block_offload_loads_weights_for_a_recompute_outside_the_block_call
             out, grads = lora_step(model, network, x)
             assert torch.equal(out, expected_out)
             assert_close_grads(grads, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "cast, remove", [(False, "all"), (False, "offload"), (True, "all"), (True, "offload"), (True, "casting")]
+)
+def test_a_lora_added_after_leaf_offloading_survives_removing_any_part(cast, remove):
+    """The adapters wrap hookwise's leaf forwards; removing any part of the stack keeps them, working."""
+    model, x = trainer_model()
+    configs = [Offload(onload_device="cpu", granularity="leaf")] + ([CASTING] if cast else [])
+    hookwise.apply(model, *configs)
+    network = LoRANetwork(model)
+    network.apply_to()
+    before, _ = lora_step(model, network, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # casting's "storage rounding stays"
+        hookwise.remove(model, *(() if remove == "all" else (remove,)))
+    left = {"all": [], "offload": [CASTING] if cast else [], "casting": [configs[0]]}[remove]
+    assert list(hookwise.applied(model)) == left
+    if remove != "casting":  # else offloading was applied again, over the LoRA forward
+        modules = dict(model.named_modules())
+        for lora in network.loras:
+            linear = modules[lora.lora_name.removeprefix("lora_").replace("_", ".")]
+            assert linear.__dict__["forward"] == lora.forward  # the LoRA forward stays
+    after, grads = lora_step(model, network, x)
+    assert torch.equal(after, before)  # the LoRA still computes
+    assert_every_lora_gradient(grads)

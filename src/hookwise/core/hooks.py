@@ -449,13 +449,18 @@ def reset_stateful_hooks(model: nn.Module) -> None:
         registry.reset_stateful(recurse=False)
 
 
-def remove_hooks(model: nn.Module, predicate: Callable[[str, ModelHook], bool] | None = None) -> int:
-    """Remove the hooks of `model` for which `predicate(name, hook)` is true (all if None); returns a count."""
+def remove_hooks(
+    model: nn.Module, predicate: Callable[[str, ModelHook], bool] | None = None, *, keep_wrapper: bool = False
+) -> int:
+    """Remove the hooks of `model` for which `predicate(name, hook)` is true (all if None); returns a count.
+
+    `keep_wrapper` as in `HookRegistry.remove`: a forward installed over hookwise's stays.
+    """
     count = 0
     for _, registry in list(iter_registries(model)):
         for name in reversed(registry.names(order="inner")):
             hook = registry.get(name)
             if predicate is None or predicate(name, hook):
-                registry.remove(name)
+                registry.remove(name, keep_wrapper=keep_wrapper)
                 count += 1
     return count

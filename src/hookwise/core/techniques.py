@@ -186,6 +186,11 @@ def remove_techniques(model: nn.Module, names: Sequence[str] = (), **options: An
     `options` go to the remove handler of each technique undone (for a `remove_<name>` that takes
     more than the model). An irreversible technique stays, with a warning. When nothing applied is
     left, the ledger and the run-state hook go too.
+
+    Removing some techniques leaves the model as the rest of the stack would have made it: a
+    technique of a higher layer took over what those below it left (offloading holds the weights in
+    the dtype casting stored them in), so every technique above the lowest one named is removed too
+    and then applied again, in canonical order.
     """
     model = unwrap(model)
     ledger = ledger_of(model)
@@ -200,20 +205,41 @@ def remove_techniques(model: nn.Module, names: Sequence[str] = (), **options: An
     unknown = [n for n in names if n not in present]
     if unknown:
         raise ConfigError(f"cannot remove {unknown}: not applied to this model (applied: {present})")
+    reapply: list[TechniqueConfig] = []
+    if names:
+        floor = min(technique_of(c).layer for c in ledger if technique_of(c).name in names)
+        above = [c for c in ledger if technique_of(c).name not in names and technique_of(c).layer > floor]
+        stuck = [technique_of(c).name for c in above if not technique_of(c).reversible]
+        if stuck:
+            raise CompatibilityError(
+                f"cannot remove {list(names)} alone: {stuck} sit above it and cannot be undone to be applied "
+                f"again; remove everything (hookwise.remove(model)) or reload the model"
+            )
+        reapply = above
     removed: list[str] = []
     for config in reversed(ledger.configs):
         technique = technique_of(config)
-        if names and technique.name not in names:
+        named = not names or technique.name in names
+        if not named and config not in reapply:
             continue
         if not technique.reversible:
             warnings.warn(
                 f"hookwise: technique {technique.name!r} cannot be undone and stays on the model", stacklevel=3
             )
             continue
-        technique.remove(model, config, **options)
+        technique.remove(model, config, **(options if named else {}))
         ledger.forget(config)
-        removed.append(technique.name)
-    if not len(ledger):
+        if named:
+            removed.append(technique.name)
+    if reapply:
+        try:
+            apply_techniques(model, reapply)
+        except Exception as error:
+            raise CompatibilityError(
+                f"removed {removed}; applying {[technique_of(c).name for c in reapply]} again, which sat above "
+                f"them, failed ({error}); the model now has {[technique_of(c).name for c in ledger]} on it"
+            ) from error
+    elif not len(ledger):
         close_ledger(model)
         detach_run_state(model)
     return removed

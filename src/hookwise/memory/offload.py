@@ -514,11 +514,19 @@ class _GroupHook(ModelHook):
         # A module with submodules may checkpoint its own body, recomputed in backward outside this
         # hook: its outputs' autograd nodes load the group first (`Scheduler.guard_recompute`).
         self.guards_recompute = module is not None and next(module.children(), None) is not None
+        self.detached = False
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise _not_copyable()
 
+    def on_detach(self, module: nn.Module) -> None:
+        # An adapter that replaced the module's forward after offloading (kohya's LoRA) still calls
+        # the chain this hook was in as its original: from now on it passes through.
+        self.detached = True
+
     def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.detached:
+            return next_fn(*args, **kwargs)
         sched = self.scheduler
         file = self.state.source.disk
         if file is not None and not self.state.bound:
@@ -544,8 +552,14 @@ class _RootHook(ModelHook):
 
     def __init__(self, offloader: _Offloader) -> None:
         self.offloader = offloader
+        self.detached = False
+
+    def on_detach(self, module: nn.Module) -> None:
+        self.detached = True  # as _GroupHook's
 
     def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.detached:
+            return next_fn(*args, **kwargs)
         ctl = self.offloader
         sched = ctl.scheduler
         args, kwargs = ctl.inputs_to_device(args, kwargs)
@@ -643,7 +657,11 @@ def _remove_offload(model: nn.Module, config: Offload | None = None, device: str
         raise ConfigError("this model has no hookwise offloading to remove")
     target = offloader.home if device is None else parse_device(device, "device")
     offloader.close(target)
-    remove_hooks(model, lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)))
+    remove_hooks(
+        model,
+        lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)),
+        keep_wrapper=True,
+    )
     restore_method(model, "_apply", owner=OWNER)
     restore_method(model, "__getstate__", owner=OWNER, missing_ok=True)
     # The engine's objects refer to each other (scheduler, group states, slots, sources), so its host
