@@ -12,6 +12,7 @@ from torch import nn
 
 from hookwise.errors import ConfigError
 from hookwise.introspect import ModuleRole, check_against_trace, describe, example_inputs, trace_calls
+from hookwise.introspect.specs import build_diffusers_model, get_spec, spec_names
 from model_helpers import TINY_DIFFUSERS
 from tree_helpers import (
     DIM,
@@ -345,3 +346,19 @@ def test_traced_map_finds_exactly_the_called_towers_and_attention_modules(towers
     assert check_against_trace(m, trace_calls(model, x_input())) == []
     static = describe(model)
     assert set(tower_paths(static)) == set(expected_towers)  # statically too, the inner lists
+
+
+_FEW_LAYERS = {"num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1}
+
+
+@pytest.mark.parametrize("name", spec_names())
+def test_every_shipped_spec_has_example_inputs_that_trace_its_map_on_meta(name):
+    """Each shipped architecture (at full width, few layers) runs its example inputs on `meta`."""
+    spec = get_spec(name)
+    config = {k: (min(v, _FEW_LAYERS[k]) if k in _FEW_LAYERS else v) for k, v in spec.config.items()}
+    model = build_diffusers_model(spec.diffusers_class, config, torch.bfloat16)
+    inputs = example_inputs(model)
+    traced = describe(model, inputs)
+    assert traced.traced and traced.towers and traced.attention
+    assert all(len(t.blocks) <= 2 for t in traced.towers)
+    assert check_against_trace(describe(model), trace_calls(model, inputs)) == []

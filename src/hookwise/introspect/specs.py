@@ -240,14 +240,68 @@ def _wan_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[s
     )
 
 
-_INPUT_BUILDERS = {"FluxTransformer2DModel": _flux_inputs, "WanTransformer3DModel": _wan_inputs}
+def _hunyuan_video_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    p, pt = config.patch_size, config.patch_size_t
+    return dict(
+        hidden_states=torch.zeros(1, config.in_channels, pt, 2 * p, 2 * p, device=device, dtype=dtype),
+        timestep=torch.ones(1, device=device, dtype=torch.long),
+        encoder_hidden_states=torch.zeros(1, 8, config.text_embed_dim, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(1, 8, device=device, dtype=torch.long),
+        pooled_projections=torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype),
+        guidance=torch.ones(1, device=device, dtype=dtype),
+    )
 
 
-def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+def _ltx_video_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    frames, height, width = 1, 2, 2  # in latent patches: the model takes tokens, and their grid
+    return dict(
+        hidden_states=torch.zeros(1, frames * height * width, config.in_channels, device=device, dtype=dtype),
+        encoder_hidden_states=torch.zeros(1, 8, config.caption_channels, device=device, dtype=dtype),
+        timestep=torch.ones(1, device=device, dtype=torch.long),
+        encoder_attention_mask=torch.ones(1, 8, device=device, dtype=torch.long),
+        num_frames=frames,
+        height=height,
+        width=width,
+    )
+
+
+def _qwen_image_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    height = width = 2  # in patches
+    return dict(
+        hidden_states=torch.zeros(1, height * width, config.in_channels, device=device, dtype=dtype),
+        encoder_hidden_states=torch.zeros(1, 8, config.joint_attention_dim, device=device, dtype=dtype),
+        encoder_hidden_states_mask=torch.ones(1, 8, device=device, dtype=torch.long),
+        timestep=torch.ones(1, device=device, dtype=dtype),
+        img_shapes=[(1, height, width)],
+    )
+
+
+def _sd3_inputs(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    p = config.patch_size
+    return dict(
+        hidden_states=torch.zeros(1, config.in_channels, 2 * p, 2 * p, device=device, dtype=dtype),
+        encoder_hidden_states=torch.zeros(1, 8, config.joint_attention_dim, device=device, dtype=dtype),
+        pooled_projections=torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype),
+        timestep=torch.ones(1, device=device, dtype=torch.long),
+    )
+
+
+_INPUT_BUILDERS = {
+    "FluxTransformer2DModel": _flux_inputs,
+    "WanTransformer3DModel": _wan_inputs,
+    "HunyuanVideoTransformer3DModel": _hunyuan_video_inputs,
+    "LTXVideoTransformer3DModel": _ltx_video_inputs,
+    "QwenImageTransformer2DModel": _qwen_image_inputs,
+    "SD3Transformer2DModel": _sd3_inputs,
+}
+
+
+def example_inputs(model: nn.Module) -> dict[str, Any]:
     """Small keyword inputs for one forward of a known diffusers transformer, on its device and dtype.
 
     On a `meta` model they are `meta` tensors, so `describe(model, example_inputs(model))` traces a
-    full-size spec without allocating. Known: FLUX and Wan transformers.
+    full-size spec without allocating. Known: the transformers of every shipped spec (FLUX, Wan,
+    HunyuanVideo, LTX-Video, Qwen-Image, SD3).
     """
     name = type(model).__name__
     builder = _INPUT_BUILDERS.get(name)
