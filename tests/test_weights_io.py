@@ -254,6 +254,42 @@ for attempt in (lambda: output_of(model, inputs), model.state_dict):
 """
 
 
+_TRUNCATE_BEFORE_BACKWARD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import hookwise
+from hookwise.memory import Offload, OffloadFileError, offload_report
+from model_helpers import sample_of, tiny_musubi
+model, inputs = tiny_musubi()
+model.requires_grad_(False)
+model.single_blocks[1].linear2.requires_grad_(True)
+hookwise.apply(model, Offload(onload_device="cpu", offload_device="disk", disk_path={disk!r},
+                              granularity={granularity!r}, offload_trainable=True))
+loss = sample_of(model(**inputs), "t").float().square().mean()
+for g in offload_report(model).groups:
+    if g.file:
+        with open(g.file, "r+b") as f:
+            f.truncate(100)
+try:
+    loss.backward()
+except OffloadFileError as exc:
+    print("raised:", exc)
+else:
+    print("no error")
+"""
+
+
+@pytest.mark.parametrize("granularity", ["block", "leaf"])
+def test_a_group_file_truncated_between_forward_and_backward_raises(tmp_path, granularity):
+    """Backward reads the mapped pages that saved tensors view, with no module call in between."""
+    tests = str(Path(__file__).parent)
+    script = _TRUNCATE_BEFORE_BACKWARD.format(tests=tests, disk=str(tmp_path), granularity=granularity)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(hookwise.__file__).parents[1]), tests]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.startswith("raised:") and "truncated" in done.stdout, done.stdout
+
+
 def test_a_truncated_group_file_raises_instead_of_killing_the_process(tmp_path):
     tests = str(Path(__file__).parent)
     script = _TRUNCATE.format(tests=tests, disk=str(tmp_path))

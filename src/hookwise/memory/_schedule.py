@@ -410,6 +410,24 @@ class Scheduler:
         self._touch(st, backward=True, protect=True)
 
     @torch.compiler.disable
+    def guard_files(self, output: Any) -> None:
+        """Check every group file before backward starts on `output` (a model call's result).
+
+        Backward reads the mapped pages that a direct group's saved tensors view with no hook of
+        ours in between: a file truncated since the forward would kill the process (SIGBUS).
+        """
+        if not torch.is_grad_enabled() or not any(st.source.disk is not None for st in self.states):
+            return
+        nodes = {id(t.grad_fn): t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn}
+        for node in nodes.values():
+            node.register_prehook(self._check_files)
+
+    def _check_files(self, grad_outputs: Any = None) -> None:
+        for st in self.states:
+            if st.source.disk is not None:
+                st.source.disk.check()
+
+    @torch.compiler.disable
     def release(self, st: GroupState) -> None:
         st.in_use -= 1
         if st.direct and st.in_use == 0 and not torch.is_grad_enabled() and self.phase != "backward":
@@ -441,6 +459,8 @@ class Scheduler:
             cursor, recording = self._bcur, self._brecording
         else:
             cursor, recording = self._fcur, self._recording
+        if st.source.disk is not None and not (st.direct and st.hot):
+            st.source.disk.check()  # before its pages are read (a truncated file: SIGBUS)
         if recording is not None and (not recording or recording[-1] is not st):
             recording.append(st)
         self._tick += 1

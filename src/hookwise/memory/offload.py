@@ -528,10 +528,7 @@ class _GroupHook(ModelHook):
         if self.detached:
             return next_fn(*args, **kwargs)
         sched = self.scheduler
-        file = self.state.source.disk
-        if file is not None and not self.state.bound:
-            file.check()  # before the mapping is touched (a truncated file: SIGBUS)
-        saving = sched.acquire(self.state)
+        saving = sched.acquire(self.state)  # checks a group file before its pages are read
         try:
             if saving is None:
                 output = next_fn(*args, **kwargs)
@@ -568,11 +565,14 @@ class _RootHook(ModelHook):
         try:
             saving = sched.saving()
             if saving is None:
-                return next_fn(*args, **kwargs)
-            with saving:
-                return next_fn(*args, **kwargs)
+                output = next_fn(*args, **kwargs)
+            else:
+                with saving:
+                    output = next_fn(*args, **kwargs)
         finally:
             sched.end_pass(grad)
+        sched.guard_files(output)
+        return output
 
 
 # ---- public functions --------------------------------------------------------------------------------
