@@ -144,7 +144,8 @@ def run_cache_bench(
                 model, noise, cond, uncond, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
                 timestep_scale=spec.timestep_scale, branch_context=branch_context,
             )
-        images = reference.decode(latents)
+        # On the host: the metrics run there (ssim's window is made on the CPU), and the copy waits for the work.
+        images = reference.decode(latents).cpu()
         synchronize()
         return images, time.perf_counter() - start
 
