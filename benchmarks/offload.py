@@ -14,7 +14,8 @@ resident in RAM; hookwise disk (block, stream-all and 50%; leaf stream-all); dif
 (block, leaf). "cold" drops the offload files from the page cache before each step (a real disk
 read), "warm" leaves them cached. The bound uses the disk read bandwidth measured in the same run.
 
-    python benchmarks/offload.py [--device cpu|cuda] [--steps 3] [--wan] [--json out.json]
+    python benchmarks/offload.py [--device cpu|cuda] [--steps 3] [--wan] [--json out.json] [--trace t.json.gz]
+    python benchmarks/offload.py --device cpu --gpu-path --small   # the GPU path's plumbing, on the CPU
 """
 
 from __future__ import annotations
