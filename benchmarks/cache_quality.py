@@ -1,6 +1,6 @@
 """Step caches on the reference models: hookwise and diffusers at equal settings, in one process.
 
-    PYTHONPATH=src python benchmarks/cache_quality.py [--threads 1] [--repeats 3] [--out docs]
+    PYTHONPATH=src python benchmarks/cache_quality.py [--threads 1] [--repeats 3] [--out docs] [--device cpu]
     PYTHONPATH=src python benchmarks/cache_quality.py --tables-from docs   # tables of the saved runs
 
 For each reference model (flux-shapes, wan-moving) this runs `hookwise bench cache`'s harness over
@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--device", default="cpu", help="where to sample (cpu, cuda, cuda:1)")
     parser.add_argument("--tables-from", default=None, metavar="DIR",
                         help="run nothing: print the tables of the runs saved in DIR/cache-<model>.json")
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> int:
     import diffusers
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
-          f"{torch.get_num_threads()} thread(s)\n")
+          f"{torch.get_num_threads()} thread(s), device {args.device}\n")
     for name in args.models.split(","):
         reference = load_reference(name)
         start = time.perf_counter()
@@ -61,7 +62,7 @@ def main() -> int:
         def progress(done: int, total: int, what: str) -> None:
             print(f"  [{done}/{total}] {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
-        results = run_cache_bench(reference, repeats=args.repeats, steps=args.steps, progress=progress)
+        results = run_cache_bench(reference, repeats=args.repeats, steps=args.steps, progress=progress, device=args.device)
         spec = reference.spec
         title = (
             f"{name} ({spec.kind}, {len(spec.classes)} classes, {args.steps or spec.steps} steps, CFG {spec.guidance_scale}): "

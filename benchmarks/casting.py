@@ -33,32 +33,73 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def build(args) -> tuple[torch.nn.Module, dict]:
-    from diffusers import FluxTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    torch.manual_seed(0)
-    heads = args.heads
-    model = FluxTransformer2DModel(
+def flux_kwargs(args) -> dict:
+    return dict(
         patch_size=1,
         in_channels=64,
         num_layers=args.double,
         num_single_layers=args.single,
         attention_head_dim=128,
-        num_attention_heads=heads,
+        num_attention_heads=args.heads,
         joint_attention_dim=1024,
         pooled_projection_dim=768,
         guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
-    # Trained-like weight magnitudes: N(0, 1/fan_in) for every Linear.
+
+
+def init_like_trained(model: torch.nn.Module) -> None:
+    """Trained-like weight magnitudes: N(0, 1/fan_in) for every Linear (in place, on the model's device)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight.normal_(0, m.in_features**-0.5)
                 if m.bias is not None:
                     m.bias.normal_(0, 0.02)
+
+
+_WEIGHTS: dict = {}
+
+
+def weights(args) -> dict[str, torch.Tensor]:
+    """The bf16 weights every variant starts from, made once per run.
+
+    On the CPU as before (the default init, then `init_like_trained`). On CUDA the model is built on
+    `meta` and filled on the device: the default init of a full-width model on the CPU in fp32 takes
+    minutes. Every tensor a Linear does not own gets its default-init value (norm scales 1, else 0).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    key = (args.device, args.heads, args.double, args.single)
+    if key not in _WEIGHTS:
+        torch.manual_seed(0)
+        if args.device == "cpu":
+            model = FluxTransformer2DModel(**flux_kwargs(args))
+        else:
+            with torch.device("meta"):
+                model = FluxTransformer2DModel(**flux_kwargs(args))
+            model = model.to_empty(device=args.device)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.fill_(1.0 if name.endswith("weight") and p.dim() == 1 else 0.0)
+        init_like_trained(model)
+        model = model.to(args.device, torch.bfloat16)
+        if any(True for _ in model.buffers()):  # none in FluxTransformer2DModel; to_empty would leave them garbage
+            raise RuntimeError("casting.py: the model has buffers, which the meta build does not initialize")
+        _WEIGHTS[key] = model.state_dict()
+    return _WEIGHTS[key]
+
+
+def build(args) -> tuple[torch.nn.Module, dict]:
+    """A fresh FLUX-architecture model holding its own copy of `weights(args)`, and its inputs."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    state = weights(args)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**flux_kwargs(args))
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
     model = model.to(args.device, torch.bfloat16).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     side = int(args.tokens**0.5)
@@ -165,8 +206,21 @@ def main() -> None:
         weight_bytes = model_bytes(models[name])
         rows.append(dict(variant=name, weight_bytes=weight_bytes, forward_s=statistics.median(times[name]), error=error))
     del models, outputs
+
+    def dump(**more) -> None:
+        # Written as soon as each part is measured: a run stopped later keeps what it measured.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "loads": loads, "rows": rows, **more}, f, indent=2)
+
+    dump()
+    for row in rows:
+        print(f"  {row['variant']:40s} forward {row['forward_s'] * 1e3:8.2f} ms, x{row['forward_s'] / rows[0]['forward_s']:.3f} of bf16", flush=True)
     for row in rows:
         row["saved_bytes"] = lora_step_saved_bytes(make(row["variant"], lora=True), inputs)
+        if args.device != "cpu":
+            torch.cuda.empty_cache()
+    dump()
 
     base_row = rows[0]
     width = args.heads * 128
@@ -202,13 +256,7 @@ def main() -> None:
             f"  {name:40s} {full_rows[name] / 2**30:6.2f} GiB  x{full_rows[name] / full_bytes:.3f}  "
             f"({len(summary['cast'])} leaves cast, {len(summary['kept'])} kept)"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"args": vars(args), "loads": loads, "rows": rows, "flux_full_bytes": {"bf16": full_bytes, **full_rows}},
-                f,
-                indent=2,
-            )
+    dump(flux_full_bytes={"bf16": full_bytes, **full_rows})
 
 
 if __name__ == "__main__":

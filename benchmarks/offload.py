@@ -14,7 +14,8 @@ resident in RAM; hookwise disk (block, stream-all and 50%; leaf stream-all); dif
 (block, leaf). "cold" drops the offload files from the page cache before each step (a real disk
 read), "warm" leaves them cached. The bound uses the disk read bandwidth measured in the same run.
 
-    python benchmarks/offload.py [--device cpu|cuda] [--steps 3] [--wan] [--json out.json]
+    python benchmarks/offload.py [--device cpu|cuda] [--steps 3] [--wan] [--json out.json] [--trace t.json.gz]
+    python benchmarks/offload.py --device cpu --gpu-path --small   # the GPU path's plumbing, on the CPU
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import statistics
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,8 +108,8 @@ def disk_read_bandwidth(paths: list[str]) -> float:
 
 
 def h2d_bandwidth(device: torch.device, nbytes: int = GiB) -> float:
-    """Pinned host->device copy bandwidth in bytes per second."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    """Pinned host->device copy bandwidth in bytes per second (on the CPU: a plain host copy)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for _ in range(2):
         dev.copy_(host, non_blocking=True)
@@ -121,15 +124,15 @@ def h2d_bandwidth(device: torch.device, nbytes: int = GiB) -> float:
 
 
 # ---- models ----------------------------------------------------------------------------------------
-def flux_config(double: int, single: int) -> dict:
+def flux_config(double: int, single: int, heads: int = 24, text_dim: int = 4096) -> dict:
     return dict(
         patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        num_attention_heads=heads, joint_attention_dim=text_dim, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
 
 
-def flux_inputs(latent: int, text: int, device, dtype) -> dict:
+def flux_inputs(latent: int, text: int, device, dtype, text_dim: int = 4096) -> dict:
     g = torch.Generator().manual_seed(0)
     h = w = latent // 2  # 2x2 packed latent patches
     img_ids = torch.zeros(h, w, 3)
@@ -137,7 +140,7 @@ def flux_inputs(latent: int, text: int, device, dtype) -> dict:
     img_ids[..., 2] = torch.arange(w)[None, :]
     return dict(
         hidden_states=torch.randn(1, h * w, 64, generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, text, text_dim, generator=g).to(device, dtype),
         pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
         timestep=torch.tensor([0.5], device=device, dtype=dtype),
         guidance=torch.tensor([3.5], device=device, dtype=dtype),
@@ -188,10 +191,12 @@ class Weights:
             self.state[name] = value
         self.nbytes = sum(t.numel() * t.element_size() for t in self.state.values())
 
-    def model(self):
+    def model(self, device: torch.device | None = None):
+        """A fresh model with its own copy of the weights: on the CPU, or copied straight to `device`."""
         with torch.device("meta"):
             model = self.cls(**self.config).to(self.dtype)
-        model.load_state_dict({k: v.clone() for k, v in self.state.items()}, assign=True)
+        copy = (lambda v: v.to(device, copy=True)) if device is not None else (lambda v: v.clone())
+        model.load_state_dict({k: copy(v) for k, v in self.state.items()}, assign=True)
         return model.eval().requires_grad_(False)
 
 
@@ -208,60 +213,116 @@ class Result:
     streamed_gib_per_step: float | None = None
     bound_s: float | None = None
     notes: dict = field(default_factory=dict)
+    vram_after_apply_gib: float | None = None  # weights (and buffers) the variant keeps on the GPU between steps
+    error: str | None = None  # the variant failed: what it raised (its numbers are NaN)
 
 
-def measure(name, weights, inputs, device, *, steps, warmup, setup, cold_files=None, train=False) -> Result:
-    """Build a fresh model, apply `setup(model)`, then time `steps` calls (forward, or a LoRA training step)."""
+def failed(name: str, error: str) -> Result:
+    nan = float("nan")
+    return Result(name, nan, [], None, nan, nan, nan, error=error)
+
+
+def free(device: torch.device) -> None:
+    """Give back what the last variant held (its model, hooks, pinned buffers, cached GPU blocks)."""
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def measure(name, weights, inputs, device, *, steps, warmup, setup, cold_files=None, train=False,
+            on_device=False, trace=None) -> Result:
+    """Build a fresh model, apply `setup(model)`, then time `steps` calls (forward, or a LoRA training step).
+
+    `on_device`: the model's weights are copied straight to `device` (no CPU copy). `trace`: a path
+    (.json.gz) for a torch.profiler trace of one more step after the timed ones."""
+    free(device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_start = psutil.Process().memory_info().rss
-    model = weights.model()
-    start = time.perf_counter()
-    extra = setup(model)
-    extra = extra if isinstance(extra, dict) else {}  # e.g. model.to() returns the model
-    sync(device)
-    apply_s = time.perf_counter() - start
-    if train:
-        model = extra.pop("trainer")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    hw = _hookwise_stats(model)
-    times = []
-    rss_steps = psutil.Process().memory_info().rss
-    with RssPeak() as rss:  # the steps only: building the model and applying are not counted
-        for i in range(warmup + steps):
-            if cold_files is not None:
-                drop_page_cache(cold_files())
-            if i == warmup:
-                hw = _hookwise_stats(model)
-            sync(device)
-            t0 = time.perf_counter()
+    model = weights.model(device if on_device else None)
+    try:
+        start = time.perf_counter()
+        extra = setup(model)
+        extra = extra if isinstance(extra, dict) else {}  # e.g. model.to() returns the model
+        sync(device)
+        apply_s = time.perf_counter() - start
+        if train:
+            model = extra.pop("trainer")
+        gc.collect()
+        vram_after_apply = None
+        if device.type == "cuda":
+            vram_after_apply = torch.cuda.memory_allocated(device) / GiB
+            torch.cuda.reset_peak_memory_stats(device)
+        hw = _hookwise_stats(model)
+        times = []
+        rss_steps = psutil.Process().memory_info().rss
+
+        def step():
             with torch.inference_mode() if not train else contextlib.nullcontext():
                 out = model(**inputs)
                 if train:
                     out = out.sample if hasattr(out, "sample") else out[0]
                     out.float().pow(2).mean().backward()
+                    model.zero_grad(set_to_none=True)
+
+        with RssPeak() as rss:  # the steps only: building the model and applying are not counted
+            for i in range(warmup + steps):
+                if cold_files is not None:
+                    drop_page_cache(cold_files())
+                if i == warmup:
+                    hw = _hookwise_stats(model)
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                if i == 0:
+                    apply_s += time.perf_counter() - t0  # diffusers writes / pins lazily on the first call
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            after = _hookwise_stats(model)
+        peak_vram = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+        streamed = None
+        if hw is not None and after is not None:
+            streamed = (after["bytes_loaded"] - hw["bytes_loaded"]) / steps / GiB
+        result = Result(
+            name, statistics.median(times), times, peak_vram, (rss.peak - rss_start) / GiB, (rss.peak - rss_steps) / GiB,
+            apply_s, streamed, notes=extra, vram_after_apply_gib=vram_after_apply,
+        )
+        if trace is not None:
+            result.notes["trace"] = profile_step(step, device, trace)
+        print(f"  {name}: {result.step_s:.3f} s/step, peak VRAM {peak_vram if peak_vram is None else round(peak_vram, 2)} GiB, "
+              f"streamed {streamed if streamed is None else round(streamed, 2)} GiB/step, apply {apply_s:.1f} s", flush=True)
+        return result
+    finally:
+        offloader = _offloader(model)
+        if offloader is not None:
+            offloader.engine.close()  # its copy threads and streams hold the weights otherwise
+        del model
+        free(device)
+
+
+def profile_step(step, device: torch.device, path: str) -> str:
+    """One step under torch.profiler, written as a gzipped Chrome trace at `path` if under 15 MB."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            step()
             sync(device)
-            if i == 0:
-                apply_s += time.perf_counter() - t0  # diffusers writes / pins lazily on the first call
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            del out
-        after = _hookwise_stats(model)
-    peak_vram = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
-    streamed = None
-    if hw is not None and after is not None:
-        streamed = (after["bytes_loaded"] - hw["bytes_loaded"]) / steps / GiB
-    result = Result(
-        name, statistics.median(times), times, peak_vram, (rss.peak - rss_start) / GiB, (rss.peak - rss_steps) / GiB, apply_s,
-        streamed, notes=extra,
-    )
-    del model
-    gc.collect()
-    return result
+        raw = path[: -len(".gz")] if path.endswith(".gz") else path + ".raw"
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+        size = os.path.getsize(path)
+        if size > 15 * 2**20:
+            os.remove(path)
+            return f"trace of {size / 2**20:.1f} MB dropped (over 15 MB)"
+        return f"{os.path.basename(path)}: {size / 2**20:.1f} MB"
+    except Exception as exc:  # a trace is a bonus: its failure must not cost the variant's numbers
+        return f"trace failed: {type(exc).__name__}: {exc}"[:500]
 
 
 def _hookwise_stats(model):
@@ -417,62 +478,113 @@ def gpu_models(args):
     from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
     dtype = torch.bfloat16
+    if args.small:  # the same code paths at a size any machine runs in seconds
+        weights = Weights(FluxTransformer2DModel, flux_config(1, 24, heads=2, text_dim=64), dtype)
+        yield "flux", weights, lambda d: flux_inputs(16, 16, d, dtype, text_dim=64)
+        return
     yield "flux", Weights(FluxTransformer2DModel, flux_config(19, 38), dtype), lambda d: flux_inputs(128, 512, d, dtype)
     if args.wan:
         yield "wan14b", Weights(WanTransformer3DModel, wan14b_config(), dtype), lambda d: wan_inputs(21, 480, 832, d, dtype)
 
 
-def gpu_bench(args) -> dict:
-    device = torch.device("cuda", torch.cuda.current_device())
-    bandwidth = h2d_bandwidth(device)
-    print(f"{torch.cuda.get_device_name(device)}; pinned host->device {bandwidth / 1e9:.1f} GB/s")
-    out = {"env": {"h2d_GBps": bandwidth / 1e9, "gpu": torch.cuda.get_device_name(device)}, "models": {}}
-    common = dict(steps=args.steps, warmup=2)
+def gpu_bench(args, save=lambda out: None) -> dict:
+    """Every variant on `args.device` (CUDA; the CPU for a dry run of this path with --gpu-path --small).
+
+    Weights are made once in host RAM (bf16, tiled from one random pool, built on `meta`: no
+    initialization of 12 B parameters); each variant gets a fresh model, copied straight to the GPU
+    when it keeps every weight there. Warm-up `args.warmup` steps, then `args.steps` timed ones.
+
+    Each variant runs in its own try/except: a failure is recorded with its error and the next runs.
+    `save(out)` is called after every variant, so a run stopped from outside keeps what it measured."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    out = {"env": {"device": str(device), "gpu": name, "small": args.small, "torch": torch.__version__}, "models": {}}
+    try:
+        bandwidth = h2d_bandwidth(device, GiB if not args.small else 64 * 2**20)
+    except Exception as exc:
+        traceback.print_exc()
+        bandwidth = float("nan")
+        out["env"]["h2d_error"] = f"{type(exc).__name__}: {exc}"
+    out["env"]["h2d_GBps"] = bandwidth / 1e9
+    print(f"{name}; {'pinned host->device' if device.type == 'cuda' else 'host copy'} {bandwidth / 1e9:.1f} GB/s", flush=True)
+    save(out)
+    common = dict(steps=args.steps, warmup=args.warmup)
+    on_cuda = device.type == "cuda"
     for label, weights, make_inputs in gpu_models(args):
+        t0 = time.perf_counter()
         inputs = make_inputs(device)
-        print(f"\n{label}: {weights.nbytes / GiB:.2f} GiB of bf16 weights")
-        results = [measure("resident", weights, inputs, device, setup=lambda m: m.to(device), **common)]
-        resident_s = results[0].step_s
-        for name, budget in [("hookwise 100%", 1.0), ("hookwise 50%", 0.5), ("hookwise 25%", 0.25), ("hookwise stream all", None)]:
+        print(f"\n{label}: {weights.nbytes / GiB:.2f} GiB of bf16 weights (made in {time.perf_counter() - t0:.1f} s)", flush=True)
+        results: list[Result] = []
+        model_out = out["models"][label] = {"results": results, "weights_gib": weights.nbytes / GiB}
+
+        def attempt(variant: str, fn) -> None:
+            try:
+                result = fn()
+            except Exception as exc:  # recorded; the next variant runs
+                traceback.print_exc()
+                result = failed(variant, f"{type(exc).__name__}: {exc}"[:2000])
+            free(device)
+            results.append(result)
+            add_bounds(results, bandwidth, weights.nbytes)
+            model_out["resident_s"] = results[0].step_s
+            save(out)
+
+        attempt("resident", lambda: measure("resident", weights, inputs, device, setup=lambda m: None, on_device=True, **common))
+        for variant, budget in [("hookwise 100%", 1.0), ("hookwise 50%", 0.5), ("hookwise 25%", 0.25), ("hookwise stream all", None)]:
             kw = dict(onload_device=str(device), granularity="block")
             if budget is not None:
                 kw["vram_budget"] = int(weights.nbytes * budget) + (GiB if budget == 1.0 else 0)
-            results.append(measure(name, weights, inputs, device, setup=hookwise_setup(**kw), **common))
-        for name, kind in [("diffusers block+stream", "block_level"), ("diffusers leaf+stream", "leaf_level")]:
-            kw = dict(onload_device=device, offload_device=torch.device("cpu"), offload_type=kind, use_stream=True)
+            # The stream-all variant moves the most bytes: it is the one traced, if a trace is asked for.
+            trace = args.trace if budget is None and label == "flux" else None
+            attempt(variant, lambda v=variant, kw=kw, trace=trace: measure(
+                v, weights, inputs, device, setup=hookwise_setup(**kw), trace=trace, **common))
+        for variant, kind in [("diffusers block+stream", "block_level"), ("diffusers leaf+stream", "leaf_level")]:
+            kw = dict(onload_device=device, offload_device=torch.device("cpu"), offload_type=kind, use_stream=on_cuda)
             if kind == "block_level":
                 kw["num_blocks_per_group"] = 1
-            results.append(measure(name, weights, inputs, device, setup=diffusers_setup(**kw), **common))
-        for r in results:
-            if r.streamed_gib_per_step:
-                r.bound_s = max(resident_s, r.streamed_gib_per_step * GiB / bandwidth)
+            attempt(variant, lambda v=variant, kw=kw: measure(v, weights, inputs, device, setup=diffusers_setup(**kw), **common))
         if label == "flux":
-            results += lora_training(weights, inputs, device, args)
-        out["models"][label] = {"results": results, "resident_s": resident_s}
+            for variant, offload in [("LoRA train step, resident", False), ("LoRA train step, hookwise 50%", True)]:
+                attempt(variant, lambda v=variant, o=offload: measure(
+                    v, weights, inputs, device, setup=lora_trainer(o, weights, device), train=True, on_device=not o,
+                    **common))
+        del inputs
+        free(device)
     return out
 
 
-def lora_training(weights, inputs, device, args) -> list[Result]:
+def add_bounds(results: list[Result], bandwidth: float, weights_nbytes: int) -> None:
+    """Each offloaded time's bound: max(compute of its resident counterpart, streamed bytes / bandwidth).
+
+    diffusers streams every weight on every step (it keeps nothing resident), so its streamed bytes
+    are the weights' bytes; hookwise's are counted by its engine."""
+    by = {r.name: r for r in results}
+    for r in results:
+        if r.error is not None:
+            continue
+        if r.name.startswith("diffusers"):
+            r.streamed_gib_per_step = weights_nbytes / GiB
+        compute = by.get("LoRA train step, resident" if r.name.startswith("LoRA") else "resident")
+        if r.streamed_gib_per_step and compute is not None and compute.error is None and bandwidth == bandwidth:
+            r.bound_s = max(compute.step_s, r.streamed_gib_per_step * GiB / bandwidth)
+
+
+def lora_trainer(offload: bool, weights, device):
     from peft import LoraConfig, inject_adapter_in_model
 
-    def trainer(offload: bool):
-        def setup(model):
-            inject_adapter_in_model(LoraConfig(r=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model)
-            model.enable_gradient_checkpointing()
-            model.train()
-            if offload:
-                hookwise_setup(onload_device=str(device), granularity="block", vram_budget=weights.nbytes // 2)(model)
-            else:
-                model.to(device)
-            return {"trainer": model}
+    def setup(model):
+        inject_adapter_in_model(LoraConfig(r=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model)
+        model.enable_gradient_checkpointing()
+        model.train()
+        if offload:
+            hookwise_setup(onload_device=str(device), granularity="block", vram_budget=weights.nbytes // 2)(model)
+        else:
+            model.to(device)
+        return {"trainer": model}
 
-        return setup
-
-    common = dict(steps=args.steps, warmup=2, train=True)
-    return [
-        measure("LoRA train step, resident", weights, inputs, device, setup=trainer(False), **common),
-        measure("LoRA train step, hookwise 50%", weights, inputs, device, setup=trainer(True), **common),
-    ]
+    return setup
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -480,6 +592,9 @@ def table(results: list[Result]) -> str:
     rows = ["| variant | s/step | peak VRAM GiB | host RAM GiB (transient) | apply (+first call) s | streamed GiB/step | bound s | / bound |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        if r.error is not None:
+            rows.append(f"| {r.name} | failed: {r.error.splitlines()[0][:150]} |")
+            continue
         vram = f"{r.peak_vram_gib:.2f}" if r.peak_vram_gib is not None else "-"
         streamed = f"{r.streamed_gib_per_step:.2f}" if r.streamed_gib_per_step is not None else "-"
         bound = f"{r.bound_s:.3f}" if r.bound_s else "-"
@@ -492,17 +607,36 @@ def table(results: list[Result]) -> str:
 def ratios(results: list[Result]) -> list[str]:
     by = {r.name: r for r in results}
     lines = []
-    for hw in [r for r in results if r.name.startswith("hookwise")]:
-        for peer in [r for r in results if r.name.startswith("diffusers")]:
+    ok = [r for r in results if r.error is None]
+    for hw in [r for r in ok if r.name.startswith("hookwise")]:
+        for peer in [r for r in ok if r.name.startswith("diffusers")]:
             same_temp = ("cold" in hw.name) == ("cold" in peer.name)
             if not same_temp:
                 continue
             mem_hw = hw.peak_vram_gib if hw.peak_vram_gib is not None else hw.ram_gib
             mem_peer = peer.peak_vram_gib if peer.peak_vram_gib is not None else peer.ram_gib
             lines.append(f"{hw.name} / {peer.name}: time {hw.step_s / peer.step_s:.2f}x, memory {mem_hw:.2f} vs {mem_peer:.2f} GiB")
+    by = {r.name: r for r in ok}
     if "LoRA train step, resident" in by and "LoRA train step, hookwise 50%" in by:
         lines.append(f"LoRA step 50% / resident: {by['LoRA train step, hookwise 50%'].step_s / by['LoRA train step, resident'].step_s:.2f}x")
     return lines
+
+
+def gpu_json(out: dict) -> dict:
+    data = {"device": out["env"]["device"], "env": out["env"], "models": {}}
+    for label, model_out in out["models"].items():
+        data["models"][label] = [asdict(r) for r in model_out["results"]]
+        data.setdefault("resident_s", {})[label] = model_out.get("resident_s")
+    return data
+
+
+def write_json(path: str | None, data: dict) -> None:
+    """Write through a temporary file: a run killed while writing leaves the previous, whole file."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
 
 
 def main() -> None:
@@ -511,8 +645,13 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()  # its dtype notice on model.to() is noise here
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (GPU path)")
     parser.add_argument("--wan", action="store_true", help="also the Wan-14B architecture (GPU)")
+    parser.add_argument("--gpu-path", action="store_true",
+                        help="run the GPU benchmark's variants on --device even when it is the CPU (a dry run, with --small)")
+    parser.add_argument("--small", action="store_true", help="GPU path: a tiny FLUX-architecture model (plumbing check)")
+    parser.add_argument("--trace", default=None, help="GPU path: a .json.gz torch.profiler trace of one stream-all step")
     parser.add_argument("--cpu-blocks", type=int, nargs=2, default=(3, 6), metavar=("DOUBLE", "SINGLE"))
     parser.add_argument("--cpu-latent", type=int, default=32, help="latent side on the CPU (32 = 256x256 pixels)")
     parser.add_argument("--cpu-text", type=int, default=64)
@@ -521,25 +660,22 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f}")
+          f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM, load average {os.getloadavg()[0]:.2f}", flush=True)
     load_start = os.getloadavg()[0]
-    if args.device == "cpu":
+    if args.device == "cpu" and not args.gpu_path:
         out = cpu_bench(args)
         print("\n" + table(out["results"]))
         print("\n".join(ratios(out["results"])))
         data = {"device": "cpu", **out, "results": [asdict(r) for r in out["results"]]}
     else:
-        out = gpu_bench(args)
-        data = {"device": "cuda", "env": out["env"], "models": {}}
+        out = gpu_bench(args, save=lambda partial: write_json(args.json, {**gpu_json(partial), "partial": True}))
+        data = gpu_json(out)
         for label, model_out in out["models"].items():
             print(f"\n{label}\n" + table(model_out["results"]))
             print("\n".join(ratios(model_out["results"])))
-            data["models"][label] = [asdict(r) for r in model_out["results"]]
     print(f"load average at the end {os.getloadavg()[0]:.2f} (at the start {load_start:.2f})")
     data["load_average"] = [load_start, os.getloadavg()[0]]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+    write_json(args.json, data)
 
 
 if __name__ == "__main__":

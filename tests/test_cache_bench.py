@@ -98,3 +98,33 @@ def test_cli_bench_cache_writes_table_json_and_plot(tmp_path, capsys):
     assert {d["method"] for d in data} == {"none", "first-block", "teacache"}
     assert out_png.stat().st_size > 0
     assert main(["bench", "cache", "--model", "flux-shapes", "--prompts", "purple circle"]) == 2
+
+
+def _same_runs(a, b):
+    assert [(r.method, r.impl, r.setting, r.block_frac, r.attn_frac) for r in a] == [
+        (r.method, r.impl, r.setting, r.block_frac, r.attn_frac) for r in b
+    ]
+    for x, y in zip(a, b):
+        assert x.psnr == pytest.approx(y.psnr, rel=1e-3) or (math.isinf(x.psnr) and math.isinf(y.psnr))
+
+
+def test_harness_device_option_moves_the_reference_and_keeps_the_results(untrained):
+    kw = dict(labels=[0], steps=3, repeats=1, methods=["first-block"], compare_diffusers=False)
+    here = run_cache_bench(untrained, **kw)
+    moved = run_cache_bench(untrained, device="cpu", **kw)
+    assert next(untrained.parameters()).device.type == "cpu"
+    _same_runs(here, moved)
+
+
+@pytest.mark.gpu
+def test_harness_on_cuda_counts_the_same_evaluations_as_on_the_cpu():
+    torch.manual_seed(0)
+    reference = ReferenceModel(get_reference_spec("flux-shapes")).eval().requires_grad_(False)
+    kw = dict(labels=[0], steps=3, repeats=1, methods=["first-block"], compare_diffusers=False)
+    on_cpu = run_cache_bench(reference, **kw)
+    on_cuda = run_cache_bench(reference, device="cuda", **kw)
+    assert next(reference.parameters()).device.type == "cuda"
+    assert [(r.method, r.impl, r.setting) for r in on_cpu] == [(r.method, r.impl, r.setting) for r in on_cuda]
+    # Float differences between devices may flip a borderline reuse decision, not the amount of work.
+    for a, b in zip(on_cpu, on_cuda):
+        assert b.block_frac == pytest.approx(a.block_frac, abs=0.2) and b.seconds > 0 and b.psnr > 0

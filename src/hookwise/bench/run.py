@@ -88,17 +88,21 @@ def run_cache_bench(
     methods: Iterable[str] | None = None,
     compare_diffusers: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[RunResult]:
     """Benchmark the caches on a `hookwise.zoo` reference model; returns one result per run.
 
     `labels`: class ids of the prompt set (default: every class once). `repeats`: timed runs
     per setting (the fastest counts); each setting's speed-up is against the faster of two uncached
     runs made right before and right after it. `methods`: names to keep (default: all).
+    `device`: where to sample; the reference model is moved there (default: where it is).
     """
     wanted = set(methods) if methods is not None else set(HOOKWISE_METHODS)
     unknown = wanted - set(HOOKWISE_METHODS)
     if unknown:
         raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {list(HOOKWISE_METHODS)}")
+    if device is not None:
+        reference.to(device)
     spec = reference.spec
     model = reference.transformer
     steps = steps or spec.steps
@@ -126,7 +130,13 @@ def run_cache_bench(
     for c, m in counters + attn_counters:
         add_hook(m, c, COUNT_HOOK)
 
+    def synchronize() -> None:
+        # CUDA runs asynchronously: a wall time must wait for the work it times.
+        if noise.device.type == "cuda":
+            torch.cuda.synchronize(noise.device)
+
     def once(cfg: str, branch_context=None, wrap=None) -> tuple[torch.Tensor, float]:
+        synchronize()
         start = time.perf_counter()
         ctx = wrap() if wrap is not None else contextlib.nullcontext()
         with ctx:
@@ -134,7 +144,10 @@ def run_cache_bench(
                 model, noise, cond, uncond, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
                 timestep_scale=spec.timestep_scale, branch_context=branch_context,
             )
-        return reference.decode(latents), time.perf_counter() - start
+        # On the host: the metrics run there (ssim's window is made on the CPU), and the copy waits for the work.
+        images = reference.decode(latents).cpu()
+        synchronize()
+        return images, time.perf_counter() - start
 
     def counted(fn: Callable[[], tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float, int, int]:
         for c, _ in counters + attn_counters:
