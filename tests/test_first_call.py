@@ -154,6 +154,68 @@ def test_attention_modules_the_blocks_never_call_raise_under_an_attention_cache(
             model(**inputs)
 
 
+class Projections(nn.Module):
+    """Named and built like an attention module, but it only projects: its block computes attention."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(width, width) for _ in range(3))
+        self.to_out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.to_q(x), self.to_k(x), self.to_v(x)
+
+
+class ProjectingBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = Projections(width)
+        self.ff = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.attn(self.norm(x))
+        x = x + self.attn.to_out(F.scaled_dot_product_attention(q, k, v))
+        return x + self.ff(x)
+
+
+class ProjectingModel(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([ProjectingBlock(width) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = x + timestep[:, None, None]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_an_attention_module_that_runs_but_computes_no_attention_raises_under_an_attention_cache():
+    model = ProjectingModel().eval()
+    assert "blocks.0.attn" in {a.path for a in hookwise.describe(model).attention}  # the static guess
+    hookwise.apply(model, FAMILIES["attention_cache"]())
+    with pytest.raises(MapMismatchError, match="'blocks.0.attn' ran, but no attention was computed inside it"):
+        with torch.no_grad():
+            model(**inputs_for())
+
+
+def test_attention_computed_by_a_kernel_the_watch_does_not_know_is_not_judged(monkeypatch):
+    """A model calling an attention kernel hookwise cannot see (flash-attn's, directly) is not refused."""
+    model = Nested().eval()
+
+    def unknown_kernel(q, k, v):  # what flash_attn_func is to the watch: no sdpa, no softmax
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).exp()
+        return (weights / weights.sum(-1, keepdim=True)) @ v
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: unknown_kernel(q, k, v))
+    expected = plain_output(model, inputs_for())
+    hookwise.apply(model, hookwise.PyramidAttentionBroadcast(spatial_range=2), towers=model.right_towers())
+    out = plain_output(model, inputs_for())
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
 def test_a_stated_attention_module_that_never_runs_raises_under_an_attention_cache():
     model = Nested().eval()
     hookwise.apply(model, FAMILIES["attention_cache"](), attention=["stages.0", "stages.1"])

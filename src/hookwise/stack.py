@@ -271,8 +271,11 @@ def _checked_targets(model: nn.Module, model_map: ModelMap) -> tuple[set[str], s
 class _FirstCallCheck(ModelHook):
     """Records the model's next call and checks that the hooked blocks and attention modules ran, in order.
 
-    It compares only which modules ran and in what order (no attention watch): that is what decides
-    whether a technique's hooks acted, and it adds no work per tensor operation to the call.
+    It compares which modules ran and in what order: that decides whether a technique's hooks acted.
+    Where a technique hooked attention modules (an attention cache, an attention skip), it also watches
+    where attention is computed, so a module that runs but computes no attention (projections only)
+    or that is a whole block is caught; that watch adds work per tensor operation to this one call,
+    so calls with only block or leaf targets go without it.
     """
 
     # The run-state hook's layer, added after it, so outermost: the recorder sees the whole call,
@@ -295,7 +298,8 @@ class _FirstCallCheck(ModelHook):
         # has stored a result, and only a call of its own stores one. A cache applied in the middle
         # of a run (its first call not a first step) starts empty all the same. A cached or skipped
         # block is still called (its hook answers for it), so the trace is complete either way.
-        recorder = CallRecorder(module, attention=False)
+        watch = any(a.path in targets for a in self.model_map.attention)
+        recorder = CallRecorder(module, attention=watch)
         with torch.compiler.set_stance("force_eager"), recorder:
             output = next_fn(*args, **kwargs)
         problems = check_against_trace(self.model_map, recorder.trace, targets, ordered=ordered)
