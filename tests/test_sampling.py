@@ -72,3 +72,11 @@ def test_unrelated_images_score_low_and_ssim_orders_similarity():
     assert ssim(video, video) == pytest.approx(1.0)
     with pytest.raises(ConfigError):
         ssim(a, b[:1])
+
+
+@pytest.mark.gpu
+def test_metrics_of_cuda_images_equal_those_of_the_same_images_on_the_cpu():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    assert ssim(a.cuda(), b.cuda()) == pytest.approx(ssim(a, b), rel=1e-6)
+    assert psnr(a.cuda(), b.cuda()) == pytest.approx(psnr(a, b), rel=1e-6)

@@ -59,7 +59,7 @@ def ssim(x: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, wind
         raise ConfigError(f"ssim takes (B, C, H, W) images or (B, C, F, H, W) videos, got shape {tuple(x.shape)}")
     size = min(window, x.shape[-1], x.shape[-2])
     size -= 1 - size % 2  # odd
-    g = _gaussian_window(size, sigma)
+    g = _gaussian_window(size, sigma).to(x.device)
     kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, size, size).contiguous()
 
     def blur(t: torch.Tensor) -> torch.Tensor:
