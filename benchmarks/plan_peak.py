@@ -109,7 +109,7 @@ def full_size() -> list[dict[str, Any]]:
         # Math attention without checkpointing keeps every block's scores: skipped, it is hopeless anyway.
         hopeless = job.training and job.checkpointing is False
         math = None if hopeless else estimate_peak(model, job, attention_backend="math")
-        formula = formula_activation(step_shape(model, job), job, "flash", "cuda") * (2 if job.cfg == "batched" else 1)
+        formula = formula_activation(step_shape(model, job), job, "flash", "cuda")
         print(f"{spec:16s} {label:22s} {gib(report.peak_bytes)} {gib(report.weight_bytes)} "
               f"{gib(report.activation_bytes)} {gib(report.saved_for_backward_bytes)} "
               f"{gib(math.activation_bytes) if math else '      -':>8s} {gib(formula)} {seconds:6.1f}")

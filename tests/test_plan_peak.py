@@ -301,3 +301,13 @@ def test_the_report_is_plain_data():
     assert PeakReport(**{**data, "modelled": tuple(data["modelled"])}) == report
     assert any("LoRA rank 16" in note for note in report.modelled)
     assert any("checkpointing" in note for note in report.modelled)
+
+
+def test_the_formula_counts_batched_cfg_once():
+    from hookwise.plan._peak_formula import step_shape
+
+    model, _ = tiny_flux()
+    base = Job(height=128, width=128, text_len=24, batch=3)
+    assert step_shape(model, base).batch == 3
+    assert step_shape(model, _job(base, cfg="batched")).batch == 6
+    assert step_shape(model, _job(base, cfg="separate")).batch == 3

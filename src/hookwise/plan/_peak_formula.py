@@ -127,9 +127,7 @@ def formula_estimate(model: nn.Module, job: Job, *, example_inputs: Any, attenti
     block = CUDA_BLOCK if compute_device == "cuda" else 1
     weights = list(target.parameters()) + list(target.buffers())
     weight_bytes = storage_bytes(weights, block) if weights_on_device else 0
-    activation = formula_activation(shape, job, attention_backend, compute_device)
-    if job.cfg == "batched":
-        activation *= 2
+    activation = formula_activation(shape, job, attention_backend, compute_device)  # batch: one call's, CFG in
     saved = 0
     if job.training:
         per_block = SAVED if job.checkpointing is False else CHECKPOINTED
