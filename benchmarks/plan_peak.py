@@ -1,0 +1,145 @@
+"""Peak memory of a job's step: the fake-tensor estimate against peaks measured on real CPU runs,
+and the estimate for full-size FLUX.1-dev and Wan2.1-14B with the time it takes.
+
+Measured peaks come from the same storage tracker on a real run (LoRA from peft, checkpointing from
+diffusers), with attention on the CPU's math or flash kernel and the estimate asked for the same
+backend, weights counted, storages unrounded (compute_device="cpu"). The full-size estimates are
+for a CUDA device (512 B rounding, flash attention on bf16) and need no weights.
+
+    python benchmarks/plan_peak.py [--skip-full] [--calibrate] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from hookwise.introspect.specs import build_spec  # noqa: E402
+from hookwise.plan._peak_formula import fit_factors, formula_activation, step_shape  # noqa: E402
+from hookwise.plan._peak_inputs import build_inputs, known_target  # noqa: E402
+from hookwise.plan._peak_measure import measure_peak  # noqa: E402
+from hookwise.plan.job import Job  # noqa: E402
+from hookwise.plan.peak import estimate_peak  # noqa: E402
+
+MODES = {"sample": dict(), "train ckpt": dict(training=True), "train": dict(training=True, checkpointing=False)}
+
+
+def small_models() -> list[tuple[str, torch.nn.Module, Job]]:
+    from model_helpers import tiny_flux, tiny_wan
+
+    from hookwise.zoo import load_reference
+
+    return [
+        ("tiny flux", tiny_flux()[0], Job(height=256, width=256, text_len=24)),
+        ("tiny wan", tiny_wan()[0], Job(height=128, width=128, frames=9, text_len=12)),
+        ("zoo flux-shapes", load_reference("flux-shapes"), Job(height=64, width=64, text_len=4)),
+        ("zoo wan-moving", load_reference("wan-moving"), Job(height=48, width=48, frames=8, text_len=4)),
+    ]
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:9.3f}"
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:7.2f}"
+
+
+def compare_small() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows, samples = [], []
+    print("\nPredicted (fake tensors) vs measured (real CPU run) peak, MiB; weights included")
+    print(f"{'model':16s} {'step':10s} {'attn':5s} {'measured':>9s} {'fake':>9s} {'ratio':>6s} "
+          f"{'act meas':>9s} {'act fake':>9s} {'formula':>9s}")
+    for name, model, base in small_models():
+        target, _ = known_target(model)
+        sample: dict[str, Any] = {"shape": step_shape(model, base)}
+        for mode, extra in MODES.items():
+            job = Job(**{**base.__dict__, **extra})
+            inputs = build_inputs(model, job, torch.float32)
+            for backend in ("math", "flash"):
+                measured = measure_peak(target, inputs, job, attention_backend=backend)
+                fake = estimate_peak(model, job, attention_backend=backend, compute_device="cpu")
+                formula = formula_activation(sample["shape"], job, backend, "cpu")
+                ratio = fake.peak_bytes / measured["peak_bytes"]
+                print(f"{name:16s} {mode:10s} {backend:5s} {mib(measured['peak_bytes'])} {mib(fake.peak_bytes)} "
+                      f"{ratio:6.3f} {mib(measured['activation_bytes'])} {mib(fake.activation_bytes)} {mib(formula)}")
+                rows.append(dict(model=name, step=mode, attention=backend, measured=measured["peak_bytes"],
+                                 fake=fake.peak_bytes, measured_activation=measured["activation_bytes"],
+                                 fake_activation=fake.activation_bytes, formula_activation=formula))
+                if backend == "flash":
+                    key = {"sample": "sampling", "train ckpt": "checkpointed", "train": "saved"}[mode]
+                    sample[key] = measured["activation_bytes"]
+        samples.append(sample)
+    return rows, samples
+
+
+FULL = [
+    ("flux.1-dev", "1024x1024", Job(height=1024, width=1024, text_len=512)),
+    ("flux.1-dev", "1024x1024 cfg", Job(height=1024, width=1024, text_len=512, cfg="batched")),
+    ("flux.1-dev", "1024x1024 train", Job(height=1024, width=1024, text_len=512, training=True)),
+    ("flux.1-dev", "1024x1024 train -ckpt", Job(height=1024, width=1024, text_len=512, training=True,
+                                                 checkpointing=False)),
+    ("wan2.1-t2v-14b", "832x480x81", Job(height=480, width=832, frames=81, text_len=512)),
+    ("wan2.1-t2v-14b", "1280x720x81", Job(height=720, width=1280, frames=81, text_len=512)),
+    ("wan2.1-t2v-14b", "832x480x81 train", Job(height=480, width=832, frames=81, text_len=512, training=True)),
+]
+
+
+def full_size() -> list[dict[str, Any]]:
+    rows = []
+    print("\nFull-size estimates (bf16, for CUDA, flash attention), GiB; time of the estimate")
+    print(f"{'model':16s} {'job':22s} {'peak':>7s} {'weights':>7s} {'act':>7s} {'saved':>7s} {'math act':>8s} "
+          f"{'formula':>7s} {'time s':>6s}")
+    models: dict[str, torch.nn.Module] = {}
+    for spec, label, job in FULL:
+        model = models.setdefault(spec, build_spec(spec))
+        start = time.perf_counter()
+        report = estimate_peak(model, job)
+        seconds = time.perf_counter() - start
+        # Math attention without checkpointing keeps every block's scores: skipped, it is hopeless anyway.
+        hopeless = job.training and job.checkpointing is False
+        math = None if hopeless else estimate_peak(model, job, attention_backend="math")
+        formula = formula_activation(step_shape(model, job), job, "flash", "cuda")
+        print(f"{spec:16s} {label:22s} {gib(report.peak_bytes)} {gib(report.weight_bytes)} "
+              f"{gib(report.activation_bytes)} {gib(report.saved_for_backward_bytes)} "
+              f"{gib(math.activation_bytes) if math else '      -':>8s} {gib(formula)} {seconds:6.1f}")
+        rows.append(dict(model=spec, job=label, seconds=seconds, **report.to_dict(),
+                         math_activation=math.activation_bytes if math else None, formula_activation=formula))
+    print(f"max RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-full", action="store_true", help="skip the full-size FLUX / Wan estimates")
+    parser.add_argument("--calibrate", action="store_true", help="print the formula factors fitted on the small models")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    small, samples = compare_small()
+    out: dict[str, Any] = {"small": small}
+    if args.calibrate:
+        factors = fit_factors(samples)
+        print("\nformula factors fitted on the measured peaks (flash):",
+              ", ".join(f"{k}={v:.2f}" for k, v in factors.items()))
+        out["factors"] = factors
+    if not args.skip_full:
+        out["full"] = full_size()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

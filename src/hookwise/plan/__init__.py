@@ -1,0 +1,1 @@
+"""The planner: measure, predict, choose, apply, verify."""
