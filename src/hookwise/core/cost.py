@@ -136,6 +136,7 @@ class Placement:
     disk_bytes: int = 0  # weight bytes in files on disk
     moved_bytes: int = 0  # host -> device per step
     disk_read_bytes: int = 0  # read from disk per step
+    transfers: int = 0  # separate loads per step (each costs a hook call and a copy launch)
     compute_factor: float = 1.0  # compute time relative to the plain model (dequantizing > 1, caches < 1)
     quality: tuple[str, ...] = ()  # each lossy technique's class; () is exact
     notes: tuple[str, ...] = field(default=())
@@ -183,7 +184,9 @@ class TechniqueCost:
     `scope` is "model" for techniques applied to the denoiser, "pipeline" for those applied to a
     pipeline of components (component offloading); `training` and `sampling` say which jobs it
     serves. Techniques of one `exclusive` group are never proposed together (step caches: each
-    was measured alone, so their effects do not compose).
+    was measured alone, so their effects do not compose). `exact_undo=False` says removing the
+    technique does not give the original weights back (casting's rounding stays), so a fallback
+    keeps it rather than swapping it.
     """
 
     effect: Effect
@@ -192,6 +195,7 @@ class TechniqueCost:
     training: bool = True
     sampling: bool = True
     exclusive: str | None = None
+    exact_undo: bool = True
 
     def __post_init__(self) -> None:
         if self.scope not in ("model", "pipeline"):

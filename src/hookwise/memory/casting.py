@@ -716,5 +716,5 @@ register_technique(
     layer=Layer.CAST,
     conflicts=("quantization",),
     description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",
-    cost=TechniqueCost(_casting_effect, _casting_options),
+    cost=TechniqueCost(_casting_effect, _casting_options, exact_undo=False),
 )

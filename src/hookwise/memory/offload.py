@@ -667,17 +667,24 @@ def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> 
         budget = int(ctx.hardware.vram * float(budget.strip()[:-1]) / 100)
     elif budget is not None:
         budget = parse_size(budget, "vram_budget")
+    def split(k: int) -> tuple[int, list[int]]:
+        picked = set(spread(len(units), k))
+        streamed = [u for i, u in enumerate(units) if i in picked]
+        return rest + sum(units) - sum(streamed), streamed
+
     if budget is None:
         resident, streamed = 0, units + ([rest] if rest else [])
     else:
-        resident, streamed = rest, list(units)
-        n = len(units)
-        for k in range(n + 1):
-            picked = set(spread(n, k))
-            streamed = [u for i, u in enumerate(units) if i in picked]
-            resident = rest + sum(u for i, u in enumerate(units) if i not in picked)
-            if resident + slots * max(streamed, default=0) <= budget:
-                break
+        # The fewest streamed groups that fit (bisected: residency shrinks as more groups stream).
+        lo, hi = 0, len(units)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            res, st = split(mid)
+            if res + slots * max(st, default=0) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        resident, streamed = split(lo)
     moved = sum(streamed) * ctx.passes
     host = 0 if config.offload_device == "disk" else sum(streamed)
     pinned = 0 if on_cpu or config.pin == "none" else min(host, int(getattr(ctx.hardware, "pinned_limit", host)))
@@ -689,6 +696,7 @@ def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> 
         pinned_bytes=placement.pinned_bytes + pinned,
         disk_bytes=placement.disk_bytes + (sum(streamed) if config.offload_device == "disk" else 0),
         moved_bytes=placement.moved_bytes + (0 if direct else moved),
+        transfers=placement.transfers + len(streamed) * ctx.passes,
         disk_read_bytes=placement.disk_read_bytes + (moved if config.offload_device == "disk" else 0),
     )
 
