@@ -702,8 +702,8 @@ def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> 
 
 
 def _offload_options(placement: Placement, ctx: CostContext) -> list[Offload]:
-    """Block offload with the budget solved to fill the room left for weights, every block streamed,
-    leaf offload under the same budget; on disk too when host RAM cannot hold what streams."""
+    """Block and leaf offload with the budget solved to fill the room left for weights, and with
+    every group streamed; on disk too when host RAM cannot hold what streams."""
     fp = placement.footprint
     onload = "cpu" if ctx.hardware.device == "cpu" else "cuda"
     room = int(ctx.device_room - placement.transient_bytes)
@@ -713,8 +713,7 @@ def _offload_options(placement: Placement, ctx: CostContext) -> list[Offload]:
         units, rest = _offload_units(fp, granularity, 1)
         if room > rest + 2 * max(units, default=0):
             options.append(Offload(onload_device=onload, granularity=granularity, vram_budget=room))
-        if granularity == "block":
-            options.append(Offload(onload_device=onload, granularity="block"))
+        options.append(Offload(onload_device=onload, granularity=granularity))
     streamed_min = fp.total_bytes - max(room, 0)
     if streamed_min > ctx.ram_room:
         options += [dataclasses.replace(o, offload_device="disk") for o in options]

@@ -58,7 +58,9 @@ def usable(size: int, margin: tuple[float, int] = DEFAULT_MARGIN) -> int:
 
 def fmt(n: float) -> str:
     """Bytes for people, in GiB above 1 GiB."""
-    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / MIB:.0f} MiB"
+    if abs(n) >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / MIB:.0f} MiB" if abs(n) >= MIB else f"{n / 1024:.0f} KiB"
 
 
 @dataclass(frozen=True)
@@ -271,7 +273,10 @@ def predict(
         vae_weights = target.components["vae"].footprint.total_bytes if "vae" in target.components else 0
         if others.device_bytes == 0:  # component offloading: each other component alone, loaded when called
             largest_other = max((c.footprint.total_bytes for c in target.others), default=0)
-            phases.append(max(largest_other, vae_weights + vae_decode) + placed.device_bytes + placed.transient_bytes)
+            # A denoiser whose weights offloading manages stays as placed; else it is dropped too.
+            managed = placed.host_bytes or placed.disk_bytes
+            kept = placed.device_bytes + placed.transient_bytes if managed else 0
+            phases.append(max(largest_other, vae_weights + vae_decode) + kept)
         else:
             phases.append(placed.device_bytes + placed.transient_bytes + others.device_bytes + vae_decode)
     device_peak = max(phases)
@@ -340,7 +345,7 @@ def rank(options: Sequence[Option], goal: str) -> list[Option]:
     if goal == "speed":
         return sorted(fitting, key=lambda o: (quick(o), o.quality_rank, *tie(o)))
     if goal == "memory":
-        return sorted(fitting, key=lambda o: (o.device_peak, quick(o), o.quality_rank, *tie(o)))
+        return sorted(fitting, key=lambda o: (o.device_peak, o.quality_rank, quick(o), *tie(o)))
     # balanced: never skip computation; fp8 only when clearly faster than the best exact stack
     kept = [o for o in fitting if o.quality_rank < 2] or fitting
     exact = [o.time_rel for o in kept if o.quality_rank == 0]
@@ -373,7 +378,7 @@ def explain(inputs: Inputs, chosen: Option | None, ranked: Sequence[Option], opt
         shape += f", CFG {job.cfg}"
     head = (
         f"{what.capitalize()} {inputs.target.denoiser.model_map.model_cls} at {shape} on {hw.name} "
-        f"({fmt(hw.vram_free)} device memory, {fmt(hw.ram)} RAM; margin 5% + 512 MiB each): "
+        f"({fmt(hw.vram_free)} device memory, {fmt(hw.ram)} RAM; margin {inputs.margin[0]:.0%} + {fmt(inputs.margin[1])} each): "
         f"{len(ranked)} of {len(options)} stacks fit."
     )
     if chosen is None:
@@ -388,7 +393,8 @@ def explain(inputs: Inputs, chosen: Option | None, ranked: Sequence[Option], opt
         + f"), {fmt(chosen.ram_peak)} in RAM"
         + (f", {fmt(chosen.disk_bytes)} on disk" if chosen.disk_bytes else "")
         + f"; a step takes about {chosen.time_rel:.2f}x the all-resident time ({chosen.bound}"
-        + (f": {fmt(chosen.moved_bytes)} moved per step at {hw.h2d / 1e9:.0f} GB/s" if chosen.moved_bytes else "")
+        + (f": {fmt(chosen.moved_bytes)} moved per step at {hw.h2d / 1e9:.0f} GB/s"
+           if chosen.moved_bytes and hw.h2d != float("inf") else "")
         + f"); quality {chosen.quality_class}."
     )
     why = {

@@ -138,9 +138,10 @@ class Hardware:
         if tflops is None:
             if known:
                 tflops = float(known["tflops"])
+                assumed.append(f"compute rate (typical of a {name})")
             else:
                 tflops = DEFAULT_GPU_TFLOPS if device == "cuda" else DEFAULT_CPU_TFLOPS
-            assumed.append("compute rate")
+                assumed.append("compute rate")
         elif not tflops > 0:
             raise ConfigError(f"tflops={tflops!r} must be positive")
         if h2d is not None:

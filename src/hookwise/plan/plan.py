@@ -378,14 +378,15 @@ def _lossy_undo(config: Any) -> bool:
 
 def next_strategy(plan: Plan, failed: choose.Option) -> choose.Option | None:
     """The next ranked option after `failed` with a smaller device peak that keeps every config of
-    `failed` whose removal would not restore the weights exactly."""
+    `failed` whose removal would not restore the weights exactly; one of no lower quality if any."""
     lossy = [c for c in failed.configs if _lossy_undo(c)]
     ranked = plan.ranked
     start = ranked.index(failed) + 1 if failed in ranked else 0
-    for option in ranked[start:]:
-        if option.device_peak < failed.device_peak and all(c in option.configs for c in lossy):
-            return option
-    return None
+    smaller = [
+        o for o in ranked[start:] if o.device_peak < failed.device_peak and all(c in o.configs for c in lossy)
+    ]
+    as_good = [o for o in smaller if o.quality_rank <= failed.quality_rank]
+    return (as_good or smaller or [None])[0]
 
 
 class _FirstStep(ModelHook):
