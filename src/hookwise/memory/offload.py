@@ -711,7 +711,8 @@ def _offload_options(placement: Placement, ctx: CostContext) -> list[Offload]:
     grains = (["block"] if fp.blocks else []) + (["leaf"] if fp.leaves else [])
     for granularity in grains:
         units, rest = _offload_units(fp, granularity, 1)
-        if room > rest + 2 * max(units, default=0):
+        fits_already = placement.device_bytes <= room  # a budget would keep everything: no offloading
+        if room > rest + 2 * max(units, default=0) and not fits_already:
             options.append(Offload(onload_device=onload, granularity=granularity, vram_budget=room))
         options.append(Offload(onload_device=onload, granularity=granularity))
     streamed_min = fp.total_bytes - max(room, 0)
