@@ -22,7 +22,7 @@ from hookwise.errors import ConfigError
 from hookwise.introspect import build_spec
 from hookwise.plan import Hardware, Job, Plan, make_plan, optimize
 from hookwise.plan.estimate import ActivationEstimate, formula_activation
-from hookwise.plan.footprint import hidden_size, measure, storage_table
+from hookwise.plan.footprint import hidden_size, lora_params, measure, storage_table
 from model_helpers import tiny_flux
 
 GB = 10**9
@@ -56,6 +56,17 @@ def test_a_job_doubles_its_batch_under_batched_cfg_and_its_calls_under_separate_
     assert Job(cfg="separate").calls_per_step == 2
     assert Job(training=True).uses_checkpointing and not Job(training=True, checkpointing=False).uses_checkpointing
     assert Job.from_dict(Job(frames=81).to_dict()) == Job(frames=81)
+
+
+def test_planning_for_the_cpu_counts_weights_and_host_copies_against_one_ram():
+    model, _ = tiny_flux()
+    fp = measure(model).denoiser.footprint
+    hw = Hardware.detect(device="cpu", ram=fp.total_bytes + 60_000, tflops=1e-3, probe=False)
+    assert hw.shared
+    plan = make_plan(model, TINY, hw, activation_estimator=_const(20_000), margin=(0.0, 0))
+    assert plan.chosen.label == "all resident"
+    streamed = next(o for o in plan.options if o.label.startswith("offload(onload_device=cpu, granularity=block)"))
+    assert not streamed.fits and streamed.failure.startswith("RAM")  # slots on top of the host copies
 
 
 def test_hardware_values_can_be_stated_for_a_machine_not_here():
@@ -93,6 +104,9 @@ def test_footprints_of_a_full_size_spec_come_from_the_map_on_meta():
     assert plain["blocks"] == 57 and plain["largest_leaf"] > 0
     # fp8 halves only what casting stores (Linears outside the kept modules), plus block scales
     assert 0.6 * plain["bytes"] < cast["bytes"] < 0.7 * plain["bytes"]
+    # LoRA rank 16 on to_q / to_k / to_v / to_out.0 and the add_* projections of the 19 joint blocks
+    # (8 x 16 x (3072 + 3072) each), and on to_q / to_k / to_v of the 38 single blocks
+    assert lora_params(measure(model).denoiser.model_map, 16) == 19 * 8 * 16 * 6144 + 38 * 3 * 16 * 6144
 
 
 def test_the_offload_cost_places_what_the_offloader_places():

@@ -291,10 +291,13 @@ def predict(
         transfer += placed.disk_read_bytes / hw.disk_read
     step = max(compute, transfer)
     time_rel = step / plain_compute if plain_compute > 0 else 1.0
-    checks = [
-        ("device memory", device_peak, usable(hw.vram_free, inputs.margin), hw.vram_free),
-        ("RAM", ram_peak, usable(hw.ram, inputs.margin), hw.ram),
-    ]
+    if hw.shared:  # computing on the CPU: the "device" and the host are one RAM
+        checks = [("RAM", device_peak + ram_peak, usable(hw.ram, inputs.margin), hw.ram)]
+    else:
+        checks = [
+            ("device memory", device_peak, usable(hw.vram_free, inputs.margin), hw.vram_free),
+            ("RAM", ram_peak, usable(hw.ram, inputs.margin), hw.ram),
+        ]
     failure = None
     for what, need, has, size in checks:
         if need > has:

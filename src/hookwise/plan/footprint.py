@@ -181,17 +181,19 @@ def storage_table(target: Target) -> list[dict[str, Any]]:
             plain = Placement.resident(fp)
             try:
                 options = cost.options(plain, ctx)
-            except (AttributeError, TypeError):  # options that need the machine: they change no storage
+            except (AttributeError, TypeError):
+                # Options that read the machine (offloading's budget) place weights, they do not
+                # change how they are stored: not a storage variant.
                 continue
             for config in options:
                 after = cost.effect(plain, config, ctx).footprint
                 if after.total_bytes != fp.total_bytes:
-                    variants.append((_label(config), after))
-        for label, f in variants:
+                    variants.append((label(config), after))
+        for name, f in variants:
             rows.append(
                 {
                     "component": comp.name,
-                    "storage": label,
+                    "storage": name,
                     "bytes": f.total_bytes,
                     "blocks": len(f.blocks),
                     "largest_block": f.largest_block,
@@ -207,7 +209,7 @@ def largest_component(target: Target) -> str:
     return max(target.components, key=lambda n: target.components[n].footprint.total_bytes)
 
 
-def _label(config: Any) -> str:
+def label(config: Any) -> str:
     """A short name for a config: its technique and the fields that differ from the defaults."""
     tech = technique_of(config)
     defaults = type(config)() if _constructible(type(config)) else None
@@ -234,5 +236,3 @@ def _short(value: Any) -> str:
         return f"{value / 2**30:.2f}GiB"
     return str(value)
 
-
-label = _label

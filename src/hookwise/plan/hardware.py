@@ -63,6 +63,7 @@ class Hardware:
     disk_read: float  # disk read bytes per second
     tflops: float  # the dense matmul rate a step reaches
     assumed: tuple[str, ...] = field(default=())
+    shared: bool = False  # the device's memory is the host RAM (planning for the CPU itself)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -174,6 +175,7 @@ class Hardware:
             disk_read=float(disk),
             tflops=float(tflops),
             assumed=tuple(assumed),
+            shared=device == "cpu" and vram is None,
         )
 
     def with_(self, **changes: Any) -> Hardware:

@@ -343,12 +343,22 @@ def _apply_option(obj: Any, option: choose.Option, *, keep: Sequence[Any] = ()) 
     denoiser = _denoiser_of(obj)
     new = [c for c in option.configs if c not in keep]
     if new:
-        apply_stack(denoiser, *new)
-    for config in option.pipeline_configs:
-        technique_of(config).apply(obj, config)
-    vae = _vae_of(obj)
-    for setting in option.settings:
-        getattr(vae, f"enable_{setting.removeprefix('vae_')}")()
+        apply_stack(denoiser, *new)  # all or nothing
+    done: list[Any] = []
+    try:
+        for config in option.pipeline_configs:
+            technique_of(config).apply(obj, config)
+            done.append(config)
+        vae = _vae_of(obj)
+        for setting in option.settings:
+            getattr(vae, f"enable_{setting.removeprefix('vae_')}")()
+    except BaseException:
+        # Leave nothing half applied: what this call added goes again, newest first.
+        for config in reversed(done):
+            technique_of(config).remove(obj, config)
+        if new:
+            remove_stack(denoiser, *[technique_of(c).name for c in new])
+        raise
 
 
 def _restore(obj: Any, option: choose.Option, *, keep: Sequence[Any] = ()) -> None:
