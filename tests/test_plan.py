@@ -135,7 +135,6 @@ class Halve(TechniqueConfig):
 
 def test_a_new_technique_with_a_cost_declaration_appears_in_the_options_without_planner_changes():
     def effect(placement, config, ctx):
-        fp = placement.footprint
         return dataclasses.replace(placement, device_bytes=placement.device_bytes // config.factor,
                                    quality=(*placement.quality, "halved"))  # fmt: skip
 

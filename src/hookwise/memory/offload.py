@@ -667,6 +667,7 @@ def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> 
         budget = int(ctx.hardware.vram * float(budget.strip()[:-1]) / 100)
     elif budget is not None:
         budget = parse_size(budget, "vram_budget")
+
     def split(k: int) -> tuple[int, list[int]]:
         picked = set(spread(len(units), k))
         streamed = [u for i, u in enumerate(units) if i in picked]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from ..core.cost import CostContext, Placement
-from ..core.techniques import Technique, technique_of, techniques
+from ..core.techniques import Technique, techniques
 from ..errors import ConfigError
 from .footprint import Target, label
 from .hardware import Hardware
@@ -263,7 +263,7 @@ def predict(
     ctx: CostContext,
 ) -> Option:
     """The prediction for one stack, from the placements its cost declarations gave."""
-    hw, job = inputs.hardware, inputs.job
+    hw = inputs.hardware
     target = inputs.target
     tiling, slicing = "vae_tiling" in settings, "vae_slicing" in settings
     vae_decode = inputs.vae_bytes.get((tiling, slicing), 0)
