@@ -421,3 +421,23 @@ def test_optimize_a_diffusers_pipeline_offloads_its_components_when_streaming_wo
     for name, module in pipe.components.items():
         if isinstance(module, nn.Module):
             assert _same(module, state[name])
+
+
+def test_step_caches_are_offered_only_with_a_measured_quality(specs):
+    model, target, estimator = specs["flux.1-dev"]
+    measured = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target)
+    assert any(o.quality_class.startswith("cached@") for o in measured.options)
+    unmeasured = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target,
+                           measurements={"cache": []})  # fmt: skip
+    assert all("cached" not in o.quality_class for o in unmeasured.options)
+    assert unmeasured.chosen.label == "all resident"
+
+
+def test_the_bandwidth_probe_is_cached_per_machine(tmp_path, monkeypatch):
+    from hookwise.plan import hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hardware._cached_probe("Some GPU") is None
+    hardware._store_probe("Some GPU", 21e9)
+    assert hardware._cached_probe("Some GPU") == 21e9 and hardware._cached_probe("Other GPU") is None
+    assert (tmp_path / "hookwise" / "hardware.json").exists()
