@@ -1,7 +1,7 @@
 """hookwise: composable hooks that make diffusion transformers fit and run fast, for training and sampling.
 
-Public API: `apply`, `remove`, `describe`, `branch`, the config classes, and per-technique
-`apply_<name>` / `remove_<name>`. Everything else is private or lives in a subpackage.
+Public API: `apply`, `remove`, `describe`, `optimize` (with `Job` and `Plan`), `branch`, the config
+classes, and per-technique `apply_<name>` / `remove_<name>`. Everything else is private or lives in a subpackage.
 """
 
 from .core import (
@@ -57,6 +57,7 @@ from .memory import (
     remove_offload,
 )
 from .stack import Stack, applied, apply, remove
+from .plan import Job, Plan, optimize
 
 __version__ = "0.1.0"
 
@@ -78,6 +79,7 @@ __all__ = [
     "HookError",
     "HookRegistry",
     "HookwiseError",
+    "Job",
     "Layer",
     "LayerwiseCasting",
     "MissingDependencyError",
@@ -87,6 +89,7 @@ __all__ = [
     "NoTargetError",
     "OffloadFileError",
     "Offload",
+    "Plan",
     "RunState",
     "Stack",
     "TechniqueConfig",
@@ -106,6 +109,7 @@ __all__ = [
     "load_model",
     "new_run",
     "offload_report",
+    "optimize",
     "register_technique",
     "remove",
     "remove_casting",

@@ -1,5 +1,5 @@
-"""The `hookwise` command line: `hookwise inspect MODEL [--json]`, `hookwise bench cache [--model NAME]`,
-`hookwise cache info|clean`."""
+"""The `hookwise` command line: `hookwise inspect MODEL [--json]`, `hookwise plan MODEL [--vram ...]`,
+`hookwise bench cache [--model NAME]`, `hookwise cache info|clean`."""
 
 from __future__ import annotations
 
@@ -134,6 +134,94 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for renderable in _inspect_tables(model_map, source):
         console.print(renderable)
     return 0
+
+
+def _plan_tables(plan, limit: int | None):
+    from .plan.choose import fmt, unfit
+
+    fits = Table(title=f"Stacks that fit ({len(plan.ranked)}, best first for goal '{plan.goal}')", title_justify="left")
+    for col in ("#", "stack", "device peak", "RAM", "disk", "time / step", "bound", "quality"):
+        fits.add_column(col, justify="left" if col in ("stack", "bound", "quality") else "right", overflow="fold")
+    shown = plan.ranked if limit is None else plan.ranked[:limit]
+    for i, o in enumerate(shown, 1):
+        fits.add_row(str(i), o.label, fmt(o.device_peak), fmt(o.ram_peak), fmt(o.disk_bytes) if o.disk_bytes else "-",
+                     f"{o.time_rel:.2f}x", o.bound, o.quality_class, style="bold green" if o is plan.chosen else None)  # fmt: skip
+    yield fits
+    if limit is not None and len(plan.ranked) > limit:
+        yield Text(f"... {len(plan.ranked) - limit} more that fit (--all shows every one)", style="dim")
+    failing = unfit(plan.options)
+    if failing:
+        bad = Table(title=f"Stacks that do not fit ({len(failing)}): the first resource that fails", title_justify="left")
+        bad.add_column("stack", overflow="fold")
+        bad.add_column("fails on", overflow="fold")
+        for o in failing if limit is None else failing[:limit]:
+            bad.add_row(o.label, o.failure)
+        yield bad
+        if limit is not None and len(failing) > limit:
+            yield Text(f"... {len(failing) - limit} more that do not fit", style="dim")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import Hardware, Job, make_plan
+    from .plan.job import parse_resolution
+
+    model, source = load_model(args.model, dtype=args.dtype)
+    height, width = parse_resolution(args.resolution)
+    job = Job(height=height, width=width, frames=args.frames, batch=args.batch, text_len=args.text_len,
+              cfg=args.cfg, training=args.training, lora_rank=args.lora_rank)  # fmt: skip
+    hardware = Hardware.detect(gpu=args.gpu, vram=args.vram, ram=args.ram, h2d=args.h2d, disk_read=args.disk_read,
+                               tflops=args.tflops, device=args.device)  # fmt: skip
+    plan = make_plan(model, job, hardware, args.goal, attention_backend=args.attention)
+    if args.json:
+        print(plan.to_json())
+        return 0 if plan.chosen else 1
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(Text.assemble((plan.model_cls, "bold"), f"  from {source}"))
+    console.print(Text(f"machine: {hardware.describe()}"))
+    console.print(Text(f"activations: {plan.activation.activation_bytes / 2**30:.2f} GiB ({plan.activation.method})\n"))
+    for renderable in _plan_tables(plan, None if args.all else 12):
+        console.print(renderable)
+    console.print(Text("\nChoice: ", style="bold"), Text(plan.explain()))
+    if plan.chosen is not None:
+        console.print(Text("\nApply it with:", style="bold"))
+        print(f"import hookwise\n{plan.python_line('transformer')}")
+        console.print(Text("or let hookwise plan on the machine that runs it, and check the first step:", style="dim"))
+        print(f"plan = hookwise.optimize(transformer, hookwise.{job!r}, goal={args.goal!r})")
+    return 0 if plan.chosen else 1
+
+
+def _add_plan(sub) -> None:
+    plan = sub.add_parser(
+        "plan",
+        help="choose the fastest stack that fits a model and job on a machine (this one, or one you state)",
+        description="Measure the model (without weights for specs), predict peak memory, RAM and step time for every "
+        "stack the techniques offer, and choose by goal. Sizes: 24GB = 24e9 bytes, 24GiB = 24 x 2^30.",
+    )
+    plan.add_argument("model", metavar="MODEL", help=f"as for inspect: a shipped spec ({', '.join(spec_names())}), "
+                      "a local diffusers model folder, or package.module:factory")  # fmt: skip
+    plan.add_argument("--vram", default=None, help="device memory to plan for, e.g. 24GB (default: this GPU's free memory)")
+    plan.add_argument("--ram", default=None, help="host RAM to plan for, e.g. 64GB (default: what is available here)")
+    plan.add_argument("--h2d", default=None, help="host->device bandwidth, e.g. 25GB/s (default: measured, cached)")
+    plan.add_argument("--disk-read", default=None, help="disk read speed for disk offload, e.g. 3GB/s")
+    plan.add_argument("--gpu", default=None, help="a GPU to plan for by name (e.g. 'RTX 4090'): its memory and rate")
+    plan.add_argument("--tflops", type=float, default=None, help="the device's dense bf16 rate a step reaches")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default=None, help="where the model computes")
+    plan.add_argument("--goal", choices=("balanced", "quality", "speed", "memory"), default="balanced")
+    plan.add_argument("--resolution", default="1024", help="HEIGHTxWIDTH or one number (default 1024)")
+    plan.add_argument("--frames", type=_positive_int, default=1, help="video frames (default 1: an image)")
+    plan.add_argument("--batch", type=_positive_int, default=1)
+    plan.add_argument("--text-len", type=_positive_int, default=512, help="text tokens (default 512)")
+    plan.add_argument("--cfg", choices=("batched", "separate"), default=None, help="classifier-free guidance calls")
+    plan.add_argument("--training", action="store_true", help="LoRA training (forward and backward) instead of sampling")
+    plan.add_argument("--lora-rank", type=_positive_int, default=16)
+    plan.add_argument("--attention", choices=("flash", "efficient", "math"), default="flash",
+                      help="the attention kernel that will run (decides attention memory)")  # fmt: skip
+    plan.add_argument("--dtype", default=None, help="parameter dtype to size the model in (default: bf16 for specs)")
+    plan.add_argument("--all", action="store_true", help="list every option, not the first 12")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
 
 def cmd_bench_cache(args: argparse.Namespace) -> int:
@@ -274,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the map as JSON")
     inspect.add_argument("--dtype", default=None, help="parameter dtype to size the model in (default: bf16 for specs)")
     inspect.set_defaults(func=cmd_inspect)
+    _add_plan(sub)
     _add_bench(sub)
     _add_cache(sub)
     return parser

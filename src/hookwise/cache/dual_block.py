@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int
+from ..core.cost import cached_cost
 from ..core.hooks import Layer
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ._blocks import BLOCK_CACHES, ResidualDiffPolicy, install_span, uninstall_span
@@ -71,4 +72,5 @@ register_technique(
     remove=_remove_dual_block_cache,
     layer=Layer.CACHE,
     conflicts=tuple(n for n in BLOCK_CACHES if n != NAME),
+    cost=cached_cost("dual-block", DualBlockCache),
 )

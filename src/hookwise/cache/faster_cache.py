@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction, check_int, check_range
+from ..core.cost import cached_cost
 from ..core.hooks import HookRegistry, Layer, unwrap
 from ..core.outputs import sample_of
 from ..core.state import auto_branch
@@ -345,5 +346,6 @@ def remove_faster_cache(model: nn.Module) -> None:
 
 
 register_technique(
-    NAME, FasterCache, apply=_apply_faster_cache, remove=_remove_faster_cache, layer=Layer.CACHE, conflicts=("pab",)
+    NAME, FasterCache, apply=_apply_faster_cache, remove=_remove_faster_cache, layer=Layer.CACHE, conflicts=("pab",),
+    cost=cached_cost("fastercache", FasterCache, needs_cfg="batched"),
 )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_int, check_range
+from ..core.cost import cached_cost
 from ..core.hooks import Layer, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
@@ -96,5 +97,6 @@ def remove_pab(model: nn.Module) -> None:
 
 
 register_technique(
-    NAME, PyramidAttentionBroadcast, apply=_apply_pab, remove=_remove_pab, layer=Layer.CACHE, conflicts=("faster_cache",)
+    NAME, PyramidAttentionBroadcast, apply=_apply_pab, remove=_remove_pab, layer=Layer.CACHE, conflicts=("faster_cache",),
+    cost=cached_cost("pab", PyramidAttentionBroadcast),
 )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_int
+from ..core.cost import cached_cost
 from ..core.hooks import Layer, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
@@ -160,4 +161,5 @@ register_technique(
     apply=_apply_taylorseer,
     remove=_remove_taylorseer,
     layer=Layer.CACHE_PREDICTOR,
+    cost=cached_cost("taylorseer", lambda: TaylorSeer(order=1, interval=3, warmup=3)),  # as the harness ran it
 )

@@ -5,10 +5,11 @@ Config class -> how to apply and remove it, its layer, its conflicts.
 Each technique file registers its private handlers once at import:
 
     register_technique("casting", LayerwiseCasting, apply=_apply, remove=_remove,
-                       layer=Layer.CAST, conflicts=("quantization",))
+                       layer=Layer.CAST, conflicts=("quantization",), cost=TechniqueCost(...))
 
 `apply(model, config)` changes the model (recording undo steps in the open transaction for anything
-that is not a hook); `remove(model, config)` undoes what that config applied.
+that is not a hook); `remove(model, config)` undoes what that config applied. `cost` (optional,
+`core.cost.TechniqueCost`) declares how the technique changes bytes and time, for the planner.
 
 This is the one entry path: `hookwise.apply` reads this table to validate a stack (no duplicates
 unless `multiple`, no declared conflict in either direction), applies it in canonical order (lowest
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import CompatibilityError, ConfigError
 from .config import TechniqueConfig
+from .cost import TechniqueCost
 from .hooks import unwrap
 from .ledger import close_ledger, ledger_of, open_ledger
 from .state import attach_run_state, detach_run_state
@@ -44,6 +46,7 @@ class Technique:
     conflicts: frozenset[str]
     multiple: bool
     description: str
+    cost: TechniqueCost | None = None
 
     @property
     def reversible(self) -> bool:
@@ -64,17 +67,21 @@ def register_technique(
     conflicts: Iterable[str] = (),
     multiple: bool = False,
     description: str = "",
+    cost: TechniqueCost | None = None,
 ) -> Technique:
     """Add a technique to the table. `remove=None` marks it irreversible.
 
     `layer` (a `Layer` member) orders the techniques applied in one call, lowest first; it is also
-    readable as the config class's `layer`.
+    readable as the config class's `layer`. `cost` declares what the technique does to a step's
+    bytes and time; without one the planner never proposes it.
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, TechniqueConfig)):
         raise ConfigError(f"technique {name!r}: its config class must subclass hookwise TechniqueConfig")
     existing = _BY_NAME.get(name)
     if existing is not None and existing.config_cls is not config_cls:
         raise ConfigError(f"a technique named {name!r} is already registered ({existing.config_cls.__name__})")
+    if cost is not None and not isinstance(cost, TechniqueCost):
+        raise ConfigError(f"technique {name!r}: cost= must be a hookwise.core.cost.TechniqueCost, got {type(cost).__name__}")
     technique = Technique(
         name=name,
         config_cls=config_cls,
@@ -84,6 +91,7 @@ def register_technique(
         conflicts=frozenset(conflicts),
         multiple=multiple,
         description=description or (config_cls.__doc__ or "").strip().split("\n")[0],
+        cost=cost,
     )
     config_cls.technique = name
     config_cls.layer = technique.layer

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,6 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
+from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
@@ -651,6 +652,62 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
+# ---- cost declaration (for the planner) -------------------------------------------------------------
+_DEQUANT_FACTOR = 1.05  # assumed: one dequantize kernel per weight use, next to a compute-bound matmul
+
+
+def _stored_leaf(leaf: LeafBytes, config: LayerwiseCasting, compute_itemsize: int) -> LeafBytes:
+    """`leaf` as casting stores it: the weight in the storage dtype, its scales in the compute dtype."""
+    numel = 1
+    for n in leaf.shape:
+        numel *= n
+    scaling = config.scaling
+    if scaling == "block" and (len(leaf.shape) != 2 or leaf.shape[1] % config.block_size != 0):
+        scaling = "channel"  # as quantize() falls back
+    layout = Layout(scaling, leaf.shape, config.block_size if scaling == "block" else 0)
+    scales = 0
+    if scaling != "none":
+        scales = 1
+        for n in layout.scale_shape():
+            scales *= n
+    stored = numel * config.storage_dtype.itemsize + scales * compute_itemsize
+    return replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + stored, itemsize=config.storage_dtype.itemsize,
+                   keep="cast")  # fmt: skip
+
+
+def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostContext) -> Placement:
+    """Cast leaves shrink by the storage rule; one dequantized weight at a time is transient."""
+    fp = placement.footprint
+    compute = config.compute_dtype.itemsize if config.compute_dtype is not None else fp.compute_itemsize
+    cast = []
+    for leaf in fp.leaves:
+        if leaf.kind not in ("linear", "conv") or leaf.itemsize <= config.storage_dtype.itemsize:
+            continue
+        modulation = leaf.keep in _MODULATION and leaf.block is not None and config.cast_modulation
+        if leaf.keep is None or modulation or (config.skip == "none" and leaf.keep not in ("adapter", "cast")):
+            cast.append(_stored_leaf(leaf, config, compute))
+    new = fp.with_leaves(cast)
+    saved = fp.total_bytes - new.total_bytes
+    largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast), default=0)
+    name = str(config.storage_dtype).removeprefix("torch.")
+    quality = "fp8" if config.storage_dtype.itemsize == 1 else name
+    return replace(
+        placement,
+        footprint=new,
+        device_bytes=max(placement.device_bytes - saved, 0),
+        transient_bytes=placement.transient_bytes + largest,
+        compute_factor=placement.compute_factor * _DEQUANT_FACTOR,
+        quality=(*placement.quality, f"{quality} ({config.scaling} scaling)"),
+    )
+
+
+def _casting_options(placement: Placement, ctx: CostContext) -> list[LayerwiseCasting]:
+    """fp8 storage at each scaling (block scaling first: the most accurate)."""
+    if not any(leaf.keep is None and leaf.kind in ("linear", "conv") for leaf in placement.footprint.leaves):
+        return []
+    return [LayerwiseCasting(scaling=s) for s in ("block", "channel", "tensor", "none")]
+
+
 register_technique(
     "casting",
     LayerwiseCasting,
@@ -659,4 +716,5 @@ register_technique(
     layer=Layer.CAST,
     conflicts=("quantization",),
     description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",
+    cost=TechniqueCost(_casting_effect, _casting_options, exact_undo=False),
 )

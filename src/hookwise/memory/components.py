@@ -23,6 +23,7 @@ from torch import nn
 
 from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
 from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
+from ..core.cost import CostContext, Placement, TechniqueCost
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from ._placement import COMPONENT_HOOK, home_device, offload_applied, parse_device, pin_allowance, to_device
 from ._groups import Group, TensorRef, tensors_of
@@ -313,6 +314,25 @@ def _component_hook(module: nn.Module) -> _ComponentHook | None:
     return hook if isinstance(hook, _ComponentHook) else None
 
 
+# ---- cost declaration (for the planner) -------------------------------------------------------------
+def _component_effect(placement: Placement, config: ComponentOffload, ctx: CostContext) -> Placement:
+    """The pipeline's other components wait in host RAM while the denoiser runs; each is loaded
+    whole when called (once per generation, not per step), so only the largest one needs room then."""
+    moved_note = "the other components load once per generation (text encoders before, the VAE after)"
+    return dataclasses.replace(
+        placement,
+        device_bytes=0,
+        host_bytes=placement.host_bytes + placement.device_bytes,
+        notes=(*placement.notes, moved_note),
+    )
+
+
+def _component_options(placement: Placement, ctx: CostContext) -> list[ComponentOffload]:
+    if placement.device_bytes <= 0:
+        return []
+    return [ComponentOffload(onload_device="cpu" if ctx.hardware.device == "cpu" else "cuda")]
+
+
 register_technique(
     "component_offload",
     ComponentOffload,
@@ -320,4 +340,5 @@ register_technique(
     remove=_remove_component_offload,
     layer=Layer.OFFLOAD,
     conflicts=("offload",),
+    cost=TechniqueCost(_component_effect, _component_options, scope="pipeline"),
 )

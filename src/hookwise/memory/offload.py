@@ -680,6 +680,90 @@ def offload_report(model: nn.Module) -> OffloadReport:
     return offloader.report()
 
 
+# ---- cost declaration (for the planner) -------------------------------------------------------------
+from ..core.cost import CostContext, Placement, TechniqueCost, parse_size  # noqa: E402
+from ._budget import spread  # noqa: E402
+
+
+def _offload_units(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[int], int]:
+    """(bytes of each streamable group, bytes outside them) of a footprint, as `partition` groups it."""
+    if granularity == "block" and fp.blocks:
+        blocks = list(fp.blocks)
+        units = [sum(blocks[i : i + blocks_per_group]) for i in range(0, len(blocks), blocks_per_group)]
+        return units, fp.outside_bytes
+    units = [leaf.nbytes for leaf in fp.leaves]
+    return units, fp.total_bytes - sum(units)
+
+
+def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> Placement:
+    """Resident groups (outside the towers first, then tower groups spread evenly) under the budget,
+    slots for prefetch, the rest in RAM or on disk and moved on every pass through the weights."""
+    fp = placement.footprint
+    granularity = config.granularity if config.granularity != "auto" else ("block" if fp.blocks else "leaf")
+    units, rest = _offload_units(fp, granularity, config.blocks_per_group)
+    on_cpu = str(config.onload_device).startswith("cpu")
+    direct = config.offload_device == "disk" and on_cpu
+    slots = 0 if direct else config.depth + 1
+    budget = config.vram_budget
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        budget = int(ctx.hardware.vram * float(budget.strip()[:-1]) / 100)
+    elif budget is not None:
+        budget = parse_size(budget, "vram_budget")
+
+    def split(k: int) -> tuple[int, list[int]]:
+        picked = set(spread(len(units), k))
+        streamed = [u for i, u in enumerate(units) if i in picked]
+        return rest + sum(units) - sum(streamed), streamed
+
+    if budget is None:
+        resident, streamed = 0, units + ([rest] if rest else [])
+    else:
+        # The fewest streamed groups that fit (bisected: residency shrinks as more groups stream).
+        lo, hi = 0, len(units)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            res, st = split(mid)
+            if res + slots * max(st, default=0) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        resident, streamed = split(lo)
+    moved = sum(streamed) * ctx.passes
+    host = 0 if config.offload_device == "disk" else sum(streamed)
+    pinned = 0 if on_cpu or config.pin == "none" else min(host, int(getattr(ctx.hardware, "pinned_limit", host)))
+    return dataclasses.replace(
+        placement,
+        device_bytes=resident,
+        transient_bytes=placement.transient_bytes + slots * max(streamed, default=0),
+        host_bytes=placement.host_bytes + host,
+        pinned_bytes=placement.pinned_bytes + pinned,
+        disk_bytes=placement.disk_bytes + (sum(streamed) if config.offload_device == "disk" else 0),
+        moved_bytes=placement.moved_bytes + (0 if direct else moved),
+        transfers=placement.transfers + len(streamed) * ctx.passes,
+        disk_read_bytes=placement.disk_read_bytes + (moved if config.offload_device == "disk" else 0),
+    )
+
+
+def _offload_options(placement: Placement, ctx: CostContext) -> list[Offload]:
+    """Block and leaf offload with the budget solved to fill the room left for weights, and with
+    every group streamed; on disk too when host RAM cannot hold what streams."""
+    fp = placement.footprint
+    onload = "cpu" if ctx.hardware.device == "cpu" else "cuda"
+    room = int(ctx.device_room - placement.transient_bytes)
+    options: list[Offload] = []
+    grains = (["block"] if fp.blocks else []) + (["leaf"] if fp.leaves else [])
+    for granularity in grains:
+        units, rest = _offload_units(fp, granularity, 1)
+        fits_already = placement.device_bytes <= room  # a budget would keep everything: no offloading
+        if room > rest + 2 * max(units, default=0) and not fits_already:
+            options.append(Offload(onload_device=onload, granularity=granularity, vram_budget=room))
+        options.append(Offload(onload_device=onload, granularity=granularity))
+    streamed_min = fp.total_bytes - max(room, 0)
+    if streamed_min > ctx.ram_room:
+        options += [dataclasses.replace(o, offload_device="disk") for o in options]
+    return options
+
+
 register_technique(
     "offload",
     Offload,
@@ -687,4 +771,5 @@ register_technique(
     remove=_remove_offload,
     layer=Layer.OFFLOAD,
     conflicts=("component_offload",),
+    cost=TechniqueCost(_offload_effect, _offload_options),
 )

@@ -1,0 +1,238 @@
+"""Cost declarations: what a technique does to the bytes and time of a step, stated next to its code.
+
+Each technique may register a `TechniqueCost` with `register_technique(..., cost=...)`:
+
+- `effect(placement, config, ctx) -> Placement`: the component's placement after the technique,
+  from the placement before it (techniques compose in layer order: casting shrinks the footprint
+  first, then offloading places what casting left). A placement says the weight bytes resident on
+  the compute device, the transient device buffers (prefetch slots, one dequantized weight), bytes
+  in host RAM / pinned / on disk, bytes moved host -> device and read from disk per step, a compute
+  factor relative to the plain model, and the quality class ("exact", "fp8", "cached@41 dB").
+- `options(placement, ctx) -> configs`: the configs worth trying for this footprint and machine
+  (offloading: the budget solved to fill the room the device has for weights; casting: each
+  scaling). The planner enumerates stacks from the technique table and these options, so a new
+  technique adds its own rows to `hookwise plan` without the planner changing.
+
+Everything here is plain data: the footprint is built by the planner from the model map, and the
+hardware and job objects are the planner's (read by attribute), so `core` imports nothing else.
+Sizes are parsed by one grammar (`parse_size`): "24GB" = 24e9 bytes, "24GiB" = 24 * 2**30.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from ..errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS[f"{_p}b"] = 1000**_i
+    _UNITS[f"{_p}ib"] = 1024**_i
+    _UNITS[_p] = 1024**_i
+
+
+def parse_size(value: int | float | str, what: str = "size") -> int:
+    """Bytes from an int or a size string: "24GB" = 24e9, "24GiB" = 24 * 2**30, "512MB", "1.5TB".
+
+    The grammar is the offload budget's (a bare "24G" is binary, as there). Raises `ConfigError`.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{what}={value!r} is not a size; use bytes (a number) or a string such as '24GB' or '24GiB'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}={value} must not be negative")
+        return int(value)
+    match = _SIZE.match(value)
+    if match is None or match["unit"].lower() not in _UNITS:
+        raise ConfigError(f"{what}={value!r} is not a size; use bytes, '24GB' (10^9) or '24GiB' (2^30), '512MB'")
+    return int(float(match["num"]) * _UNITS[match["unit"].lower()])
+
+
+def parse_rate(value: int | float | str, what: str = "rate") -> float:
+    """Bytes per second from a number or "25GB/s" (also "25GB" and "25 GiB/s")."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower().endswith("/s"):
+            text = text[:-2]
+        rate = float(parse_size(text, what))
+    else:
+        rate = float(parse_size(value, what))
+    if rate <= 0:
+        raise ConfigError(f"{what}={value!r} must be a positive rate such as '25GB/s'")
+    return rate
+
+
+# ---- what a technique sees ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LeafBytes:
+    """One Linear / Conv / Embedding leaf: its weight shape, its stored bytes and where it sits."""
+
+    path: str
+    kind: str  # "linear" | "conv" | "embedding"
+    shape: tuple[int, ...]  # weight shape
+    nbytes: int  # parameter bytes as stored now (weight, bias, scales)
+    itemsize: int  # bytes per weight element as stored now
+    block: int | None  # index in `Footprint.blocks` of the block holding it, None outside the towers
+    keep: str | None  # why it keeps its dtype (high precision, adapter, already cast), None if castable
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One component's weight bytes as a technique sees them: exact, from the model map."""
+
+    name: str
+    total_bytes: int  # parameters + buffers
+    blocks: tuple[int, ...]  # bytes of each tower block (parameters + buffers), main towers first
+    leaves: tuple[LeafBytes, ...]
+    high_precision_bytes: int
+    param_count: int
+    compute_itemsize: int = 2  # bytes per element of the dtype the model computes in
+
+    @property
+    def outside_bytes(self) -> int:
+        """Bytes outside every tower block (embedders, output layers)."""
+        return self.total_bytes - sum(self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(self.blocks, default=0)
+
+    @property
+    def largest_leaf(self) -> int:
+        return max((leaf.nbytes for leaf in self.leaves), default=0)
+
+    @property
+    def leaf_bytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+    def with_leaves(self, leaves: Sequence[LeafBytes]) -> Footprint:
+        """The footprint with `leaves` replaced (matched by path); block and total bytes follow."""
+        new = {leaf.path: leaf for leaf in leaves}
+        blocks = list(self.blocks)
+        total = self.total_bytes
+        out = []
+        for leaf in self.leaves:
+            changed = new.get(leaf.path, leaf)
+            delta = changed.nbytes - leaf.nbytes
+            total += delta
+            if leaf.block is not None:
+                blocks[leaf.block] += delta
+            out.append(changed)
+        return replace(self, total_bytes=total, blocks=tuple(blocks), leaves=tuple(out))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one component's weights live under a stack, and what a step costs because of it."""
+
+    footprint: Footprint  # the weights as stored now
+    device_bytes: int  # weight bytes resident on the compute device for the whole step
+    transient_bytes: int = 0  # device buffers besides: prefetch slots, a dequantized weight
+    host_bytes: int = 0  # weight bytes in host RAM
+    pinned_bytes: int = 0  # of which page-locked
+    disk_bytes: int = 0  # weight bytes in files on disk
+    moved_bytes: int = 0  # host -> device per step
+    disk_read_bytes: int = 0  # read from disk per step
+    transfers: int = 0  # separate loads per step (each costs a hook call and a copy launch)
+    compute_factor: float = 1.0  # compute time relative to the plain model (dequantizing > 1, caches < 1)
+    quality: tuple[str, ...] = ()  # each lossy technique's class; () is exact
+    notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def resident(cls, footprint: Footprint) -> Placement:
+        """Everything on the compute device: the plain model."""
+        return cls(footprint, device_bytes=footprint.total_bytes)
+
+    def note(self, text: str) -> Placement:
+        return replace(self, notes=(*self.notes, text))
+
+
+@dataclass(frozen=True)
+class CostContext:
+    """What a cost function may read besides the placement.
+
+    `hardware` and `job` are the planner's objects (`hookwise.plan.Hardware`, `hookwise.plan.Job`):
+    read `hardware.vram`, `.ram`, `.h2d`, `.disk_read`, `.pinned_limit`, `.device`, and `job.training`,
+    `job.frames`... `device_room` is what the compute device can give weights once activations and
+    the margin are taken; `ram_room` the same for host RAM. `passes` is how many times a step runs
+    through the weights (two CFG calls, or forward and backward). `measurements` holds measured
+    results a technique may quote (the step-cache harness rows under "cache").
+    """
+
+    hardware: Any
+    job: Any
+    device_room: int
+    ram_room: int
+    passes: int = 1
+    training: bool = False
+    video: bool = False
+    cfg: str | None = None
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Callable[[Placement, Any, CostContext], Placement]
+Options = Callable[[Placement, CostContext], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class TechniqueCost:
+    """A technique's cost declaration (see the module docstring).
+
+    `scope` is "model" for techniques applied to the denoiser, "pipeline" for those applied to a
+    pipeline of components (component offloading); `training` and `sampling` say which jobs it
+    serves. Techniques of one `exclusive` group are never proposed together (step caches: each
+    was measured alone, so their effects do not compose). `exact_undo=False` says removing the
+    technique does not give the original weights back (casting's rounding stays), so a fallback
+    keeps it rather than swapping it.
+    """
+
+    effect: Effect
+    options: Options
+    scope: str = "model"
+    training: bool = True
+    sampling: bool = True
+    exclusive: str | None = None
+    exact_undo: bool = True
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("model", "pipeline"):
+            raise ConfigError(f"TechniqueCost(scope={self.scope!r}): use 'model' or 'pipeline'")
+        if not (callable(self.effect) and callable(self.options)):
+            raise ConfigError("TechniqueCost needs callable effect and options functions")
+
+
+def harness_row(ctx: CostContext, method: str) -> dict[str, Any] | None:
+    """The measured default setting of a step cache `method` in the shipped harness results, or None."""
+    rows = ctx.measurements.get("cache") or ()
+    for row in rows:
+        if row.get("method") == method and row.get("impl") == "hookwise" and row.get("default"):
+            return row
+    return None
+
+
+def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None = None) -> TechniqueCost:
+    """The cost of a step cache whose default setting the shipped harness measured as `method`.
+
+    `make()` builds the config the harness ran as that default. Offered for sampling only (and, with
+    `needs_cfg`, only for that CFG mode), with its measured speed-up and PSNR as quality class;
+    without a measurement it is not offered (a quality the planner cannot state is not a choice).
+    """
+
+    def effect(placement: Placement, config: Any, ctx: CostContext) -> Placement:
+        row = harness_row(ctx, method)
+        speedup = float(row["speedup"]) if row else 1.0
+        psnr = row.get("psnr") if row else None
+        quality = f"cached@{float(psnr):.0f} dB" if isinstance(psnr, (int, float)) else "cached"
+        return replace(
+            placement, compute_factor=placement.compute_factor / max(speedup, 1e-6), quality=(*placement.quality, quality)
+        )
+
+    def options(placement: Placement, ctx: CostContext) -> list[Any]:
+        if ctx.training or harness_row(ctx, method) is None or (needs_cfg and ctx.cfg != needs_cfg):
+            return []
+        return [make()]
+
+    return TechniqueCost(effect, options, training=False, exclusive="step-cache")

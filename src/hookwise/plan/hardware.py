@@ -1,0 +1,243 @@
+"""The machine a plan is for: GPU, VRAM, RAM, pinned-memory limit, bandwidths, compute rate.
+
+`Hardware.detect()` reads this machine (the host -> device bandwidth from a short probe, cached per
+machine in the hookwise cache folder); every value can be given instead, to plan for a machine you
+do not have: `Hardware.detect(vram="24GB", ram="64GB", h2d="25GB/s")`. A CPU-only machine plans for
+a stated GPU (`gpu="RTX 4090"` or `vram=...`) or, with neither, for the CPU itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from ..core.cost import parse_rate, parse_size
+from ..errors import ConfigError
+
+logger = logging.getLogger("hookwise.plan.hardware")
+
+GB = 10**9
+
+# Dense bf16 matmul rates a DiT step reaches in practice (about 60% of the datasheet peak), and
+# memory. Used when a GPU is named but not present; a stated `tflops=` wins.
+KNOWN_GPUS: dict[str, dict[str, float]] = {
+    "rtx 3060": {"vram": 12 * 2**30, "tflops": 30},
+    "rtx 3090": {"vram": 24 * 2**30, "tflops": 50},
+    "rtx 4060 ti": {"vram": 16 * 2**30, "tflops": 45},
+    "rtx 4070": {"vram": 12 * 2**30, "tflops": 60},
+    "rtx 4080": {"vram": 16 * 2**30, "tflops": 100},
+    "rtx 4090": {"vram": 24 * 2**30, "tflops": 130},
+    "rtx 5090": {"vram": 32 * 2**30, "tflops": 170},
+    "a100": {"vram": 80 * 2**30, "tflops": 190},
+    "l40s": {"vram": 48 * 2**30, "tflops": 180},
+    "h100": {"vram": 80 * 2**30, "tflops": 450},
+    "h200": {"vram": 141 * 2**30, "tflops": 450},
+}
+DEFAULT_GPU_TFLOPS = 100.0  # an unknown GPU: a mid-range card
+DEFAULT_CPU_TFLOPS = 0.5
+DEFAULT_H2D = 12 * GB  # PCIe 4.0 x16 with pageable copies, measured ~12-25 GB/s
+DEFAULT_DISK_READ = 2 * GB  # an NVMe SSD
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One machine, as the planner sees it. Bytes and bytes per second; `assumed` names the values
+    that were neither measured nor given."""
+
+    device: str  # "cuda" or "cpu": where the model computes
+    name: str
+    vram: int  # total memory of the compute device (RAM for the CPU)
+    vram_free: int
+    ram: int  # host RAM available for weights
+    pinned_limit: int  # host bytes that may be page-locked
+    h2d: float  # host -> device bytes per second
+    disk_read: float  # disk read bytes per second
+    tflops: float  # the dense matmul rate a step reaches
+    assumed: tuple[str, ...] = field(default=())
+    shared: bool = False  # the device's memory is the host RAM (planning for the CPU itself)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["assumed"] = list(self.assumed)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hardware:
+        data = dict(data)
+        data["assumed"] = tuple(data.get("assumed", ()))
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line for people."""
+        gib = 1 / 2**30
+        return (
+            f"{self.name} ({self.device}): {self.vram * gib:.1f} GiB device memory, {self.ram * gib:.1f} GiB RAM, "
+            f"host->device {self.h2d / GB:.1f} GB/s, disk {self.disk_read / GB:.1f} GB/s, ~{self.tflops:g} TFLOP/s"
+            + (f" (assumed: {', '.join(self.assumed)})" if self.assumed else "")
+        )
+
+    @classmethod
+    def detect(
+        cls,
+        *,
+        gpu: str | None = None,
+        vram: int | str | None = None,
+        ram: int | str | None = None,
+        h2d: float | str | None = None,
+        disk_read: float | str | None = None,
+        pinned_limit: int | str | None = None,
+        tflops: float | None = None,
+        device: str | None = None,
+        probe: bool = True,
+    ) -> Hardware:
+        """This machine, with any value given replacing what would be measured.
+
+        `gpu` names a GPU to plan for (its memory and rate from a small table); `device="cpu"` plans
+        for computing on the CPU. `probe=False` skips the bandwidth probe (defaults are used instead
+        unless a cached measurement exists).
+        """
+        assumed: list[str] = []
+        cuda = torch.cuda.is_available()
+        if device is None:
+            device = "cuda" if (cuda or gpu is not None or vram is not None) else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ConfigError(f"device={device!r}: plan for 'cuda' (a GPU) or 'cpu'")
+        known = _known_gpu(gpu) if gpu else None
+        if gpu and known is None and vram is None:
+            raise ConfigError(
+                f"gpu={gpu!r} is not one hookwise knows ({', '.join(sorted(KNOWN_GPUS))}); "
+                f"state its memory with vram='24GB' (and tflops= for its rate)"
+            )
+        host = psutil.virtual_memory()
+        ram_bytes = parse_size(ram, "ram") if ram is not None else int(host.available)
+        if device == "cuda" and cuda and gpu is None:
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            name = props.name
+            free, total = torch.cuda.mem_get_info()
+            known = _known_gpu(name)
+        elif device == "cuda":
+            name = gpu or "GPU"
+            total = int(known["vram"]) if known else 0
+            free = total
+        else:
+            name = platform.processor() or platform.machine() or "CPU"
+            total = int(host.total)
+            free = ram_bytes
+        if vram is not None:
+            total = free = parse_size(vram, "vram")
+        if device == "cuda" and total <= 0:
+            raise ConfigError("no GPU here to measure: state the one to plan for with vram='24GB' (or gpu='RTX 4090')")
+        if tflops is None:
+            if known:
+                tflops = float(known["tflops"])
+                assumed.append(f"compute rate (typical of a {name})")
+            else:
+                tflops = DEFAULT_GPU_TFLOPS if device == "cuda" else DEFAULT_CPU_TFLOPS
+                assumed.append("compute rate")
+        elif not tflops > 0:
+            raise ConfigError(f"tflops={tflops!r} must be positive")
+        if h2d is not None:
+            rate = parse_rate(h2d, "h2d")
+        elif device == "cpu":
+            rate = float("inf")  # nothing crosses a bus when the CPU computes
+        else:
+            measured = _cached_probe(name) if cuda and gpu is None else None
+            if measured is None and probe and cuda and gpu is None:
+                measured = _probe_h2d()
+                _store_probe(name, measured)
+            if measured is None:
+                measured = float(DEFAULT_H2D)
+                assumed.append("host->device bandwidth")
+            rate = measured
+        if disk_read is not None:
+            disk = parse_rate(disk_read, "disk_read")
+        else:
+            disk = float(DEFAULT_DISK_READ)
+            assumed.append("disk read speed")
+        pinned = parse_size(pinned_limit, "pinned_limit") if pinned_limit is not None else ram_bytes // 2
+        return cls(
+            device=device,
+            name=name,
+            vram=int(total),
+            vram_free=int(free),
+            ram=int(ram_bytes),
+            pinned_limit=int(pinned),
+            h2d=float(rate),
+            disk_read=float(disk),
+            tflops=float(tflops),
+            assumed=tuple(assumed),
+            shared=device == "cpu" and vram is None,
+        )
+
+    def with_(self, **changes: Any) -> Hardware:
+        return replace(self, **changes)
+
+
+def _known_gpu(name: str | None) -> dict[str, float] | None:
+    if not name:
+        return None
+    key = name.lower().replace("nvidia", "").replace("geforce", "").strip()
+    for known, values in KNOWN_GPUS.items():
+        if known in key:
+            return values
+    return None
+
+
+def cache_dir() -> Path:
+    """The hookwise cache folder ($XDG_CACHE_HOME/hookwise, else ~/.cache/hookwise)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hookwise"
+
+
+def _probe_file() -> Path:
+    return cache_dir() / "hardware.json"
+
+
+def _probe_key(name: str) -> str:
+    return f"{platform.node()}|{name}|torch {torch.__version__}"
+
+
+def _cached_probe(name: str) -> float | None:
+    try:
+        data = json.loads(_probe_file().read_text())
+        return float(data[_probe_key(name)]["h2d"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_probe(name: str, rate: float) -> None:
+    path = _probe_file()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[_probe_key(name)] = {"h2d": rate, "when": time.time()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+    except OSError as exc:  # a read-only home: measure again next time
+        logger.info("hookwise: could not cache the bandwidth probe in %s: %s", path, exc)
+
+
+def _probe_h2d(nbytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Host -> device bytes per second from pinned memory (what prefetching uses), best of a few copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    return nbytes / best
