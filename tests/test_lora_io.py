@@ -56,3 +56,30 @@ def test_keys_matching_no_module_are_an_error_naming_them(tmp_path):
     with pytest.raises(NoTargetError, match="lora_unet|double_blocks") as err:
         read_lora(tmp_path / "flux.safetensors", model=tiny_wan()[0])
     assert "kohya" in str(err.value)
+
+
+def test_diffusers_file_loads_through_diffusers_with_the_same_output(tmp_path):
+    model, inputs = tiny_flux()
+    save_lora(_with_lora(model), tmp_path / "lora.safetensors", format="diffusers")
+    ours = tiny_flux()[0]
+    load_lora(tmp_path / "lora.safetensors", ours)
+    theirs = tiny_flux()[0]
+    theirs.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", prefix="transformer")
+    torch.testing.assert_close(output_of(theirs, inputs), output_of(ours, inputs))
+
+
+def test_kohya_file_loads_through_diffusers_flux_loader(tmp_path):
+    from diffusers import FluxPipeline
+
+    model, inputs = tiny_flux()
+    # diffusers' kohya FLUX reader assumes full-size single blocks, so the LoRA sits on the double block.
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer_blocks.")]
+    torch.manual_seed(1)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), model)
+    save_lora(model, tmp_path / "kohya.safetensors", format="kohya")
+    ours = tiny_flux()[0]
+    load_lora(tmp_path / "kohya.safetensors", ours)
+    state, alphas = FluxPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"), return_alphas=True)
+    theirs = tiny_flux()[0]
+    FluxPipeline.load_lora_into_transformer(state, alphas, transformer=theirs)
+    torch.testing.assert_close(output_of(theirs, inputs), output_of(ours, inputs))

@@ -95,7 +95,7 @@ def _alphas_from_metadata(metadata: Mapping[str, str] | None) -> tuple[float | N
     raw = (metadata or {}).get(METADATA_KEY)
     if not raw:
         return None, {}
-    config = json.loads(raw)
+    config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
     return config.get("lora_alpha"), dict(config.get("alpha_pattern") or {})
 
 
@@ -349,6 +349,8 @@ def from_lora(lora: Lora, format: str, architecture: Architecture | None = None)
             "rank_pattern": {m: v for m, v in ranks.items() if v != r},
             "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
         }
+        if format == "diffusers":  # diffusers reads the config of its `transformer` component by prefix
+            config = {f"transformer.{k}": v for k, v in config.items()}
         metadata[METADATA_KEY] = json.dumps(config)
         return state, metadata
     names = _originals(lora, table)
