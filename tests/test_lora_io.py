@@ -12,9 +12,9 @@ from hookwise.train.lora_io import FORMATS, load_lora, lora_from_model, read_lor
 from model_helpers import output_of, tiny_flux, tiny_wan
 
 
-def _with_lora(model: nn.Module) -> nn.Module:
+def _with_lora(model: nn.Module, seed: int = 1) -> nn.Module:
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     return peft.inject_adapter_in_model(config, model)
 
@@ -83,3 +83,35 @@ def test_kohya_file_loads_through_diffusers_flux_loader(tmp_path):
     theirs = tiny_flux()[0]
     FluxPipeline.load_lora_into_transformer(state, alphas, transformer=theirs)
     torch.testing.assert_close(output_of(theirs, inputs), output_of(ours, inputs))
+
+
+def test_diffusers_to_kohya_to_diffusers_gives_identical_tensors(tmp_path):
+    from hookwise.train.lora_io import lora_state_dict
+
+    save_lora(_with_lora(tiny_flux()[0]), tmp_path / "a.safetensors", format="diffusers")
+    kohya = lora_state_dict(tmp_path / "a.safetensors", "kohya")
+    save_lora(kohya, tmp_path / "b.safetensors", format="diffusers", architecture="flux")
+    a, b = lora_state_dict(tmp_path / "a.safetensors"), lora_state_dict(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hotswap_under_casting_equals_a_fresh_load(tmp_path):
+    import hookwise
+    from hookwise.train.lora_io import hotswap_lora
+
+    model, inputs = tiny_flux()
+    save_lora(_with_lora(model), tmp_path / "first.safetensors", format="diffusers")
+    second = _with_lora(tiny_flux()[0], seed=7)
+    save_lora(second, tmp_path / "second.safetensors", format="kohya")
+    fresh = tiny_flux()[0]
+    load_lora(tmp_path / "second.safetensors", fresh)
+    hookwise.apply(fresh, hookwise.LayerwiseCasting())
+    running = tiny_flux()[0]
+    load_lora(tmp_path / "first.safetensors", running)
+    hookwise.apply(running, hookwise.LayerwiseCasting())
+    before = output_of(running, inputs)
+    # The stack stays on: the swap copies into the resident LoRA weights.
+    hotswap_lora(running, tmp_path / "second.safetensors")
+    after = output_of(running, inputs)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, output_of(fresh, inputs))
