@@ -27,15 +27,15 @@ class LoraNameRule:
 
     @cached_property
     def _original_re(self) -> re.Pattern:
-        return _pattern(self.original, ".")
+        return _pattern(self.original)
 
     @cached_property
     def _original_underscored_re(self) -> re.Pattern:
-        return _pattern(self.original.replace(".", "_"), "_")
+        return _pattern(self.original.replace(".", "_"))
 
     @cached_property
     def _module_res(self) -> tuple[re.Pattern, ...]:
-        return tuple(_pattern(m, ".") for m in self.modules)
+        return tuple(_pattern(m) for m in self.modules)
 
 
 def rule(original: str, *modules: str, weights: tuple[int, ...] = (), swap_halves: bool = False) -> LoraNameRule:
@@ -43,7 +43,7 @@ def rule(original: str, *modules: str, weights: tuple[int, ...] = (), swap_halve
     return LoraNameRule(original, tuple(modules), weights, swap_halves)
 
 
-def _pattern(template: str, sep: str) -> re.Pattern:
+def _pattern(template: str) -> re.Pattern:
     parts = template.split("{n}")
     return re.compile("^" + r"(?P<n>\d+)".join(re.escape(p) for p in parts) + "$")
 
