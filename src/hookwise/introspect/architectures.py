@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConfigError
+from .lora_keys import LoraNameRule, rule
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class Architecture:
     high_precision: tuple[str, ...] = ()  # regular expressions searched in module paths
     timestep_arg: str | None = None  # None: detect from the forward signature
     notes: tuple[str, ...] = field(default=())
+    # LoRA file names: the original (reference-code) module names and the model modules they stand for.
+    lora_names: tuple[LoraNameRule, ...] = ()
 
 
 def _by_class(*names: str) -> Callable[[nn.Module], bool]:
@@ -48,6 +51,8 @@ def _musubi_single_stream(model: nn.Module) -> bool:
     )
 
 
+_WAN_ATTN = (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "flux",
@@ -56,6 +61,38 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ("transformer_blocks", "single_transformer_blocks"),
         (r"^(x_embedder|context_embedder|time_text_embed|pos_embed|norm_out|proj_out)$",),
         "timestep",
+        lora_names=(
+            # BFL names (kohya / ComfyUI files); a fused qkv is to_q, to_k, to_v concatenated on outputs.
+            rule("double_blocks.{n}.img_attn.qkv", *(f"transformer_blocks.{{n}}.attn.to_{c}" for c in "qkv")),
+            rule("double_blocks.{n}.img_attn.proj", "transformer_blocks.{n}.attn.to_out.0"),
+            rule("double_blocks.{n}.img_mlp.0", "transformer_blocks.{n}.ff.net.0.proj"),
+            rule("double_blocks.{n}.img_mlp.2", "transformer_blocks.{n}.ff.net.2"),
+            rule("double_blocks.{n}.img_mod.lin", "transformer_blocks.{n}.norm1.linear"),
+            rule("double_blocks.{n}.txt_attn.qkv", *(f"transformer_blocks.{{n}}.attn.add_{c}_proj" for c in "qkv")),
+            rule("double_blocks.{n}.txt_attn.proj", "transformer_blocks.{n}.attn.to_add_out"),
+            rule("double_blocks.{n}.txt_mlp.0", "transformer_blocks.{n}.ff_context.net.0.proj"),
+            rule("double_blocks.{n}.txt_mlp.2", "transformer_blocks.{n}.ff_context.net.2"),
+            rule("double_blocks.{n}.txt_mod.lin", "transformer_blocks.{n}.norm1_context.linear"),
+            rule(
+                "single_blocks.{n}.linear1",
+                *(f"single_transformer_blocks.{{n}}.attn.to_{c}" for c in "qkv"),
+                "single_transformer_blocks.{n}.proj_mlp",
+                weights=(1, 1, 1, 4),
+            ),
+            rule("single_blocks.{n}.linear2", "single_transformer_blocks.{n}.proj_out"),
+            rule("single_blocks.{n}.modulation.lin", "single_transformer_blocks.{n}.norm.linear"),
+            rule("img_in", "x_embedder"),
+            rule("txt_in", "context_embedder"),
+            rule("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+            rule("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+            rule("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+            rule("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+            rule("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+            rule("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+            rule("final_layer.linear", "proj_out"),
+            # BFL's last layer yields (shift, scale), diffusers' norm_out (scale, shift).
+            rule("final_layer.adaLN_modulation.1", "norm_out.linear", swap_halves=True),
+        ),
     ),
     Architecture(
         "wan",
@@ -64,6 +101,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ("blocks",),
         (r"^(patch_embedding|condition_embedder|rope|norm_out|proj_out|scale_shift_table)$",),
         "timestep",
+        lora_names=(
+            # Original Wan names (musubi-tuner / ComfyUI files).
+            *(rule(f"blocks.{{n}}.self_attn.{o}", f"blocks.{{n}}.attn1.{c}") for o, c in _WAN_ATTN),
+            *(rule(f"blocks.{{n}}.cross_attn.{o}", f"blocks.{{n}}.attn2.{c}") for o, c in _WAN_ATTN),
+            rule("blocks.{n}.cross_attn.k_img", "blocks.{n}.attn2.add_k_proj"),
+            rule("blocks.{n}.cross_attn.v_img", "blocks.{n}.attn2.add_v_proj"),
+            rule("blocks.{n}.ffn.0", "blocks.{n}.ffn.net.0.proj"),
+            rule("blocks.{n}.ffn.2", "blocks.{n}.ffn.net.2"),
+            rule("patch_embedding", "patch_embedding"),
+            rule("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+            rule("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+            rule("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+            rule("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+            rule("time_projection.1", "condition_embedder.time_proj"),
+            rule("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+            rule("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+            rule("head.head", "proj_out"),
+        ),
     ),
     Architecture(
         "hunyuanvideo",
