@@ -57,10 +57,12 @@ from .memory import (
     remove_offload,
 )
 from .stack import Stack, applied, apply, remove
+from .train import Checkpointing, checkpointing_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointing",
     "CompatibilityError",
     "ComponentOffload",
     "ConfigError",
@@ -99,6 +101,7 @@ __all__ = [
     "apply_offload",
     "branch",
     "casting_summary",
+    "checkpointing_report",
     "describe",
     "get_hook",
     "get_run_state",
