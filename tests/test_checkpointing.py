@@ -90,3 +90,39 @@ def test_composes_with_fp8_casting_within_tolerance():
     assert grads.keys() == expected.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+class _Odd(torch.nn.Module):
+    """Blocks in containers nested in containers; one block called twice, one listed module never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        make = lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+        blocks = torch.nn.ModuleList(make() for _ in range(2))
+        self.stages = torch.nn.ModuleList([torch.nn.ModuleDict({"blocks": blocks, "spare": make()})])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.stages[0]["blocks"]
+        x = x + blocks[0](x)
+        x = x + blocks[0](x)  # called twice
+        return x + blocks[1](x)  # stages.0.spare is never called
+
+
+def test_a_model_of_an_odd_shape_keeps_exact_gradients():
+    model = _Odd()
+    x = torch.randn(2, 4, 8)
+    paths = ["stages.0.blocks.0", "stages.0.blocks.1", "stages.0.spare"]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = step()
+    hookwise.apply(model, hookwise.Checkpointing(blocks=paths))
+    assert_same(step(), expected)
+    assert hookwise.checkpointing_report(model).calls == {paths[0]: 2, paths[1]: 1, paths[2]: 0}
+    hookwise.remove(model)
+    assert list_hooks(model) == {}
