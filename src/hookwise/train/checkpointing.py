@@ -129,6 +129,10 @@ class CheckpointingReport:
     reason: str
     offload_activations: bool
     calls: dict[str, int] = field(default_factory=dict)
+    # Inputs kept on the host and copied back for backward (with offload_activations), since applied.
+    host_packed: int = 0
+    host_unpacked: int = 0
+    saver: Any = field(default=None, repr=False)
 
 
 def _choose(model: nn.Module, config: Checkpointing) -> tuple[list[str], list[str], str]:
@@ -161,7 +165,9 @@ def _apply_checkpointing(model: nn.Module, config: Checkpointing) -> None:
     for path in chosen:
         add_hook(model.get_submodule(path), _CheckpointHook(saver), HOOK)
     logger.info("checkpointing %d of %d blocks (%s)", len(chosen), len(blocks), reason)
-    model._hookwise_checkpointing = CheckpointingReport(blocks, chosen, reason, config.offload_activations)
+    model._hookwise_checkpointing = CheckpointingReport(
+        blocks, chosen, reason, config.offload_activations, saver=saver
+    )
 
 
 def _remove_checkpointing(model: nn.Module, config: Checkpointing | None = None) -> None:
@@ -183,6 +189,8 @@ def checkpointing_report(model: nn.Module) -> CheckpointingReport:
         hook = hook.get(HOOK) if hook is not None else None
         calls[path] = hook.calls if hook is not None else 0
     report.calls = calls
+    if report.saver is not None:
+        report.host_packed, report.host_unpacked = report.saver.packed, report.saver.unpacked
     return report
 
 
