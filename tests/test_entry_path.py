@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hookwise
-from hookwise import cache, memory
+from hookwise import cache, memory, train
 from hookwise.core import list_hooks, techniques
 
 from cache_helpers import build, denoise, one_thread  # noqa: F401
@@ -33,6 +33,7 @@ CASES = {
     "pab": (cache, "pab", lambda: hookwise.PyramidAttentionBroadcast(spatial_range=2, cross_range=2)),
     "faster_cache": (cache, "faster_cache", lambda: hookwise.FasterCache(attention_range=2)),
     "layer_skip": (cache, "layer_skip", lambda: hookwise.LayerSkip(blocks=(1,))),
+    "checkpointing": (train, "checkpointing", lambda: hookwise.Checkpointing()),
 }
 
 REGISTERED = [t.name for t in techniques()]

@@ -58,10 +58,12 @@ from .memory import (
 )
 from .stack import Stack, applied, apply, remove
 from .plan import Job, Plan, optimize
+from .train import Checkpointing, checkpointing_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointing",
     "CompatibilityError",
     "ComponentOffload",
     "ConfigError",
@@ -102,6 +104,7 @@ __all__ = [
     "apply_offload",
     "branch",
     "casting_summary",
+    "checkpointing_report",
     "describe",
     "get_hook",
     "get_run_state",

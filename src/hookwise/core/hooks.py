@@ -48,6 +48,9 @@ class Layer(IntEnum):
     # Component offloading on each component and its direct children: outside every offloading hook
     # of the same module, so the component is on the device before anything inside it runs.
     COMPONENT = 360
+    # Activation checkpointing on blocks: outside every offloading hook of the block, so the
+    # recompute in backward enters the group hook again and loads the group's weights.
+    CHECKPOINT = 370
     KERNEL = 400
     DEFAULT = 500
     PARALLEL = 600

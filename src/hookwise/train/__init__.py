@@ -1,8 +1,26 @@
 """Training integration: training-safe stacks, validation-mode switching, LoRA helpers.
 
-`lora_io` saves and loads LoRA files in the formats people exchange (diffusers, PEFT, kohya, BFL).
+Techniques (each a config, its hooks and its `apply_` / `remove_` functions):
+
+- `checkpointing.py`: activation checkpointing per tower block (`Checkpointing`).
+
+Helpers: `lora_io.py` saves and loads LoRA files in the formats people exchange (diffusers, PEFT,
+kohya, BFL).
 """
 
+from .checkpointing import Checkpointing, apply_checkpointing, checkpointing_report, remove_checkpointing
 from .lora_io import FORMATS, LoraWeights, hotswap_lora, load_lora, lora_state_dict, read_lora, save_lora
 
-__all__ = ["FORMATS", "LoraWeights", "hotswap_lora", "load_lora", "lora_state_dict", "read_lora", "save_lora"]
+__all__ = [
+    "Checkpointing",
+    "FORMATS",
+    "LoraWeights",
+    "apply_checkpointing",
+    "checkpointing_report",
+    "hotswap_lora",
+    "load_lora",
+    "lora_state_dict",
+    "read_lora",
+    "remove_checkpointing",
+    "save_lora",
+]
