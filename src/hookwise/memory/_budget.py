@@ -9,22 +9,16 @@ streamed group. Without a budget every group streams (diffusers' behaviour).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import psutil
 import torch
 
+from ..core.cost import parse_size
 from ..errors import ConfigError
 from ._groups import Group
 
-_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1}
-for _i, _p in enumerate("kmgt", start=1):
-    _UNITS[f"{_p}b"] = 1000**_i
-    _UNITS[f"{_p}ib"] = 1024**_i
-    _UNITS[_p] = 1024**_i
 
 
 def fmt_bytes(n: int | float) -> str:
@@ -59,9 +53,10 @@ def check_budget_value(value: object) -> None:
         if not 0 < share <= 100:
             raise ConfigError(f"vram_budget={value!r}: a share must lie in (0%, 100%], e.g. '80%'")
         return
-    match = _SIZE.match(text)
-    if match is None or match["unit"].lower() not in _UNITS:
-        raise ConfigError(f"vram_budget={value!r} is not a size; use bytes (an int), '80%', '12GiB' or '500MB'")
+    try:
+        parse_size(text, "vram_budget")
+    except ConfigError:
+        raise ConfigError(f"vram_budget={value!r} is not a size; use bytes (an int), '80%', '12GiB' or '500MB'") from None
 
 
 def device_total_bytes(device: torch.device) -> int:
@@ -79,8 +74,7 @@ def parse_budget(value: int | str | None, device: torch.device) -> int | None:
     text = value.strip()
     if text.endswith("%"):
         return int(device_total_bytes(device) * float(text[:-1]) / 100)
-    match = _SIZE.match(text)
-    return int(float(match["num"]) * _UNITS[match["unit"].lower()])
+    return parse_size(text, "vram_budget")
 
 
 @dataclass(frozen=True)
