@@ -1,7 +1,5 @@
 """Checkpointing: block activations recomputed in backward, gradients equal to the plain model's."""
 
-import copy
-
 import pytest
 import torch
 
