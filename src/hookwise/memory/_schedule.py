@@ -279,6 +279,12 @@ class _Cursor:
         return self.order[self.pos : self.pos + depth]
 
 
+def _output_nodes(output: Any) -> list[Any]:
+    """The autograd nodes that produced the tensors in `output`, each once."""
+    nodes = {id(t.grad_fn): t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn}
+    return list(nodes.values())
+
+
 class Scheduler:
     """Decides loads, prefetches, binds and evictions for the streamed groups of one model."""
 
@@ -286,6 +292,7 @@ class Scheduler:
         self, states: list[GroupState], engine: TransferEngine, *, slots: int, slot_bytes: int, depth: int
     ) -> None:
         self.states = states
+        self._files = [st.source.disk for st in states if st.source.disk is not None]
         self.engine = engine
         self.depth = depth
         self.slot_bytes = slot_bytes
@@ -402,8 +409,7 @@ class Scheduler:
         """Load `st` in backward before the nodes that produced `output` run (see the module docstring)."""
         if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return
-        nodes = {id(t.grad_fn): t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn}
-        for node in nodes.values():
+        for node in _output_nodes(output):
             node.register_prehook(functools.partial(self._before_node, st))
 
     def _before_node(self, st: GroupState, grad_outputs: Any) -> None:
@@ -416,16 +422,14 @@ class Scheduler:
         Backward reads the mapped pages that a direct group's saved tensors view with no hook of
         ours in between: a file truncated since the forward would kill the process (SIGBUS).
         """
-        if not torch.is_grad_enabled() or not any(st.source.disk is not None for st in self.states):
+        if not torch.is_grad_enabled() or not self._files:
             return
-        nodes = {id(t.grad_fn): t.grad_fn for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn}
-        for node in nodes.values():
+        for node in _output_nodes(output):
             node.register_prehook(self._check_files)
 
     def _check_files(self, grad_outputs: Any = None) -> None:
-        for st in self.states:
-            if st.source.disk is not None:
-                st.source.disk.check()
+        for file in self._files:
+            file.check()
 
     @torch.compiler.disable
     def release(self, st: GroupState) -> None:
