@@ -37,6 +37,9 @@ FORMATS = ("diffusers", "peft", "kohya", "bfl")
 METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads a LoraConfig from
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+# key suffix -> role ("down" / "up" weight, or the alpha) in each key style
+_PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha"))
+_KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
 _SHOWN = 8  # unmatched keys listed in an error
 
 
@@ -193,23 +196,18 @@ def to_lora(
 
     # Group the tensors by the name they belong to.
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    if fmt == "kohya":
+        prefixes, suffixes, expected = _KOHYA_PREFIXES, _KOHYA_SUFFIXES, "a kohya LoRA (expected lora_down / lora_up / alpha)"
+    else:
+        prefixes, suffixes, expected = _PREFIXES, _PEFT_SUFFIXES, "a LoRA file (expected lora_A / lora_B / alpha)"
     for key, value in state.items():
-        if fmt == "kohya":
-            stem = _strip(key, _KOHYA_PREFIXES)
-            for suffix, role in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-                if stem.endswith(suffix):
-                    parts.setdefault(stem[: -len(suffix)], {})[role] = value
-                    break
-            else:
-                raise _unmatched_error([key], fmt, "a kohya LoRA (expected lora_down / lora_up / alpha)")
+        stem = _strip(key, prefixes)
+        for suffix, role in suffixes:
+            if stem.endswith(suffix):
+                parts.setdefault(stem[: -len(suffix)], {})[role] = value
+                break
         else:
-            stem = _strip(key, _PREFIXES)
-            for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".alpha", "alpha")):
-                if stem.endswith(suffix):
-                    parts.setdefault(stem[: -len(suffix)], {})[role] = value
-                    break
-            else:
-                raise _unmatched_error([key], fmt, "a LoRA file (expected lora_A / lora_B / alpha)")
+            raise _unmatched_error([key], fmt, expected)
 
     underscored = {m.replace(".", "_"): m for m in modules} if (fmt == "kohya" and modules) else {}
     lora: Lora = {}
