@@ -10,13 +10,17 @@ onto the device in one copy from its flat host buffer, and every other component
 dropped there, except those listed with it in `keep_together`. Dropping costs nothing: the host
 copy is the master (a component changed in place is written back first). A component that has
 `Offload` applied manages its own weights and is left alone.
+
+`hookwise.set_component` / `pop_component` change a pipeline's components under it: the plan takes
+the new component on and lets the old one go (`replan_components`), leaving the others where they
+are, and `component_offload_report` shows the plan.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -86,10 +90,7 @@ class _ComponentOffloader:
         self.engine: TransferEngine = make_engine(self.onload, streams=self.onload.type == "cuda")
         self.order = order
         self.components: dict[str, _Component] = {}
-        self.together: dict[str, set[str]] = {name: {name} for name in components}
-        for group in config.keep_together:
-            for name in group:
-                self.together[name].update(group)
+        self.together = _together(list(components), config)
         self.loads = 0
         self._raw = components
         self._marker: Any = None  # passes when compute that read the last dropped component is done
@@ -102,32 +103,81 @@ class _ComponentOffloader:
             host = sum(t.numel() * t.element_size() for m in self._raw.values() for t in m.parameters() if t.device.type == "cpu")
             pin_left = pin_allowance(self.config.pin, host)
         for name, module in self._raw.items():
-            home = home_device(module)
-            if offload_applied(module):
-                logger.info("hookwise component offload: %s has its own Offload; leaving it alone", name)
-                self.components[name] = _Component(name, module, None, home)
-                continue
-            refs = _unique(tensors_of(module))
-            if not refs:
-                continue
-            group = Group(0, name, "component", [("", module)], refs, in_tower=False)
-            group.layout()
-            flat, pinned = self.engine.alloc_host(group.nbytes, pin_left >= group.nbytes)
-            if pinned:
-                pin_left -= group.nbytes
-            for ref in refs:
-                ref.view_in(flat).copy_(ref.tensor.data)
-            state = GroupState(group, HostSource(flat, "pinned" if pinned else "pageable"))
-            for ref, master in zip(refs, state.masters):
-                device = ref.tensor.device
-                ref.tensor.data = master
-                txn.on_rollback(lambda t=ref.tensor, d=device, m=master: setattr(t, "data", m.to(d, copy=True)))
-            self.components[name] = _Component(name, module, state, home)
-            add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK)
-            for child_name, child in module.named_children():
-                add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK)
+            comp, pinned = self._manage(name, module, pin_left)
+            pin_left -= pinned
+            if comp is not None:
+                self.components[name] = comp
         if not any(c.state is not None for c in self.components.values()):
             raise NoTargetError("ComponentOffload found no component with weights to manage")
+
+    def _manage(self, name: str, module: nn.Module, pin_left: float) -> tuple[_Component | None, int]:
+        """Take `module`'s weights into a flat host copy and hook it (undone with the open transaction);
+        returns its entry (None: no weights) and the bytes pinned."""
+        txn = current_transaction()
+        home = home_device(module)
+        if offload_applied(module):
+            logger.info("hookwise component offload: %s has its own Offload; leaving it alone", name)
+            return _Component(name, module, None, home), 0
+        refs = _unique(tensors_of(module))
+        if not refs:
+            return None, 0
+        group = Group(0, name, "component", [("", module)], refs, in_tower=False)
+        group.layout()
+        flat, pinned = self.engine.alloc_host(group.nbytes, pin_left >= group.nbytes)
+        for ref in refs:
+            ref.view_in(flat).copy_(ref.tensor.data)
+        state = GroupState(group, HostSource(flat, "pinned" if pinned else "pageable"))
+        for ref, master in zip(refs, state.masters):
+            device = ref.tensor.device
+            ref.tensor.data = master
+            txn.on_rollback(lambda t=ref.tensor, d=device, m=master: setattr(t, "data", m.to(d, copy=True)))
+        add_hook(module, _ComponentHook(self, name, root=True), COMPONENT_HOOK)
+        for child_name, child in module.named_children():
+            add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK)
+        return _Component(name, module, state, home), group.nbytes if pinned else 0
+
+    def replan(self, name: str, module: nn.Module | None, order: list[str], config: ComponentOffload) -> _Component | None:
+        """Take `module` on as component `name` in place of the one there (None: the name leaves), with
+        the components' new `order` and `config`; returns the entry replaced.
+
+        Undone with the open transaction. The replaced entry keeps its weights and hooks until
+        `release`, so that undoing needs nothing but putting it back.
+        """
+        before = (self.components, self.order, self.config, self.together)
+        current_transaction().on_rollback(lambda: self._restore_plan(*before), "component offload plan")
+        components = dict(self.components)
+        old = components.pop(name, None)
+        if module is not None:
+            pin_left = 0.0
+            if self.engine.streams:
+                host = sum(t.numel() * t.element_size() for t in module.parameters() if t.device.type == "cpu")
+                pin_left = pin_allowance(config.pin, host)
+            comp, _ = self._manage(name, module, pin_left)
+            if comp is not None:
+                components[name] = comp
+        self.components = {n: components[n] for n in order if n in components}
+        self.order, self.config, self.together = list(order), config, _together(order, config)
+        if not any(c.state is not None for c in self.components.values()):
+            raise NoTargetError(
+                f"without {name!r} component offloading would have no component with weights to manage; remove it "
+                f"first (remove_component_offload)"
+            )
+        return old
+
+    def _restore_plan(self, components: dict[str, _Component], order: list[str], config: ComponentOffload,
+                      together: dict[str, set[str]]) -> None:  # fmt: skip
+        self.components, self.order, self.config, self.together = components, order, config, together
+
+    def release(self, comp: _Component) -> None:
+        """Give a component that left the plan its weights back on its home device, and take its hooks off."""
+        if comp.state is None:
+            return
+        if comp.active:
+            self._deactivate(comp)
+        for ref, master in zip(comp.state.group.tensors, comp.state.masters):
+            if ref.current() is ref.tensor:
+                ref.tensor.data = master.to(comp.home, copy=True)
+        remove_hooks(comp.module, lambda name, hook: name == COMPONENT_HOOK and isinstance(hook, _ComponentHook))
 
     # ---- running ------------------------------------------------------------------------------------
     def activate(self, name: str) -> None:
@@ -161,13 +211,7 @@ class _ComponentOffloader:
 
     def close(self) -> None:
         for comp in self.components.values():
-            if comp.state is None:
-                continue
-            if comp.active:
-                self._deactivate(comp)
-            for ref, master in zip(comp.state.group.tensors, comp.state.masters):
-                if ref.current() is ref.tensor:
-                    ref.tensor.data = master.to(comp.home, copy=True)
+            self.release(comp)
         self.engine.close()
 
 
@@ -201,20 +245,49 @@ def _components_of(target: Any) -> tuple[dict[str, nn.Module], list[str]]:
     """(name -> module, default order) of a pipeline, a dict, or a module's children."""
     if isinstance(target, Mapping):
         comps = {k: unwrap(v) for k, v in target.items() if isinstance(v, nn.Module)}
-        return comps, list(comps)
-    if isinstance(target, nn.Module):
+    elif isinstance(target, nn.Module):
         comps = {k: unwrap(v) for k, v in target.named_children()}
-        return comps, list(comps)
-    components = getattr(target, "components", None)
-    if isinstance(components, Mapping):
-        comps = {k: unwrap(v) for k, v in components.items() if isinstance(v, nn.Module)}
-        seq = getattr(target, "model_cpu_offload_seq", None) or ""
-        order = [n for n in seq.split("->") if n in comps]
-        return comps, order + [n for n in comps if n not in order]
-    raise ConfigError(
-        f"ComponentOffload works on a diffusers pipeline, a dict of modules, or a module whose children are the "
-        f"components; got {type(target).__name__}"
-    )
+    elif isinstance(getattr(target, "components", None), Mapping):
+        comps = {k: unwrap(v) for k, v in target.components.items() if isinstance(v, nn.Module)}
+    else:
+        raise ConfigError(
+            f"ComponentOffload works on a diffusers pipeline, a dict of modules, or a module whose children are the "
+            f"components; got {type(target).__name__}"
+        )
+    return comps, _default_order(target, list(comps))
+
+
+def _default_order(target: Any, names: list[str]) -> list[str]:
+    """`names` in the order a pipeline's `model_cpu_offload_seq` gives, the rest as they come."""
+    seq = "" if isinstance(target, (Mapping, nn.Module)) else getattr(target, "model_cpu_offload_seq", None) or ""
+    first = [n for n in seq.split("->") if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def _planned_order(names: list[str], default_order: list[str], config: ComponentOffload) -> list[str]:
+    """The components' order: `config.order` first, then the default order; every name it uses must exist."""
+    named = set(config.order or ()) | {n for group in config.keep_together for n in group}
+    unknown = sorted(named - set(names))
+    if unknown:
+        raise ConfigError(f"ComponentOffload names unknown component(s) {unknown}; the components are {sorted(names)}")
+    if not config.order:
+        return default_order
+    return list(config.order) + [n for n in default_order if n not in config.order]
+
+
+def _together(names: list[str], config: ComponentOffload) -> dict[str, set[str]]:
+    together = {name: {name} for name in names}
+    for group in config.keep_together:
+        for name in group:
+            together[name].update(group)
+    return together
+
+
+def _without(config: ComponentOffload, name: str) -> ComponentOffload:
+    """`config` with component `name` gone from its order and its keep-together groups."""
+    order = tuple(n for n in config.order if n != name) if config.order else None
+    groups = (tuple(n for n in group if n != name) for group in config.keep_together)
+    return dataclasses.replace(config, order=order or None, keep_together=tuple(g for g in groups if len(g) >= 2))
 
 
 def apply_component_offload(target: Any, config: ComponentOffload | None = None, **kwargs: Any) -> list[str]:
@@ -255,11 +328,7 @@ def _apply_component_offload(target: Any, config: ComponentOffload | None = None
     comps, default_order = _components_of(target)
     if not comps:
         raise NoTargetError(f"{type(target).__name__} has no nn.Module component to offload")
-    named = set(config.order or ()) | {n for group in config.keep_together for n in group}
-    unknown = sorted(named - set(comps))
-    if unknown:
-        raise ConfigError(f"ComponentOffload names unknown component(s) {unknown}; the components are {sorted(comps)}")
-    order = list(config.order) + [n for n in default_order if n not in config.order] if config.order else default_order
+    order = _planned_order(list(comps), default_order, config)
     comps = {name: comps[name] for name in order}
     with transaction(), torch.inference_mode(False):
         controller = _ComponentOffloader(comps, config, order)
@@ -273,10 +342,56 @@ def _remove_component_offload(target: Any, config: ComponentOffload | None = Non
     if controller is None:
         raise ConfigError("no component offloading to remove here")
     controller.close()
-    for comp in controller.components.values():
-        if comp.state is not None:
-            remove_hooks(comp.module, lambda name, hook: name == COMPONENT_HOOK and isinstance(hook, _ComponentHook))
     _set_controller(target, None)
+
+
+def replan_components(
+    target: Any, name: str, module: nn.Module | None, components: Mapping[str, nn.Module]
+) -> Callable[[], None] | None:
+    """Re-plan `target`'s component offloading for `module` as component `name` (None: `name` leaves).
+
+    `components` are the target's components once changed, in its order. Runs inside the open
+    transaction and is undone with it; returns the step that finishes the change once nothing can
+    fail any more (the component replaced or removed gets its weights back on the device it came
+    from and loses its hooks), or None when `target` has no component offloading.
+    """
+    controller = _controller(target)
+    if controller is None:
+        return None
+    config = controller.config if module is not None else _without(controller.config, name)
+    comps = {n: unwrap(m) for n, m in components.items() if isinstance(m, nn.Module)}
+    order = _planned_order(list(comps), _default_order(target, list(comps)), config)
+    old = controller.replan(name, unwrap(module) if module is not None else None, order, config)
+
+    def finish() -> None:
+        if old is not None:
+            controller.release(old)
+
+    return finish
+
+
+def component_offload_report(target: Any) -> dict[str, Any]:
+    """What component offloading manages now: the order, the config, each component's host bytes,
+    whether it is managed here ("own offload": it has its own `Offload`) and pinned, what is on the
+    device, and how many loads have happened."""
+    controller = _controller(target)
+    if controller is None:
+        raise ConfigError("no component offloading here; apply it with apply_component_offload(target, ...)")
+    components = {}
+    for comp in controller.components.values():
+        if comp.state is None:
+            components[comp.name] = {"managed": "own offload", "host_bytes": 0, "pinned": False}
+        else:
+            source = comp.state.source
+            components[comp.name] = {"managed": "here", "host_bytes": source.nbytes, "pinned": source.kind == "pinned"}
+    return {
+        "onload_device": str(controller.onload),
+        "order": list(controller.order),
+        "config": controller.config,
+        "components": components,
+        "on_device": controller.on_device(),
+        "loads": controller.loads,
+    }
 
 
 def components_on_device(target: Any) -> list[str]:
