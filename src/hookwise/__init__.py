@@ -57,6 +57,8 @@ from .memory import (
     remove_offload,
 )
 from .stack import Stack, applied, apply, remove
+from .pipeline import pop_component, set_component
+from .memory.components import component_offload_report
 from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 
@@ -105,6 +107,7 @@ __all__ = [
     "branch",
     "casting_summary",
     "checkpointing_report",
+    "component_offload_report",
     "describe",
     "get_hook",
     "get_run_state",
@@ -113,6 +116,7 @@ __all__ = [
     "new_run",
     "offload_report",
     "optimize",
+    "pop_component",
     "register_technique",
     "remove",
     "remove_casting",
@@ -120,5 +124,6 @@ __all__ = [
     "remove_hook",
     "remove_offload",
     "reset_stateful_hooks",
+    "set_component",
     "spec_names",
 ]
