@@ -136,7 +136,9 @@ class _ComponentOffloader:
             add_hook(child, _ComponentHook(self, name, root=False), COMPONENT_HOOK)
         return _Component(name, module, state, home), group.nbytes if pinned else 0
 
-    def replan(self, name: str, module: nn.Module | None, order: list[str], config: ComponentOffload) -> _Component | None:
+    def replan(
+        self, name: str, module: nn.Module | None, order: list[str], config: ComponentOffload
+    ) -> _Component | None:
         """Take `module` on as component `name` in place of the one there (None: the name leaves), with
         the components' new `order` and `config`; returns the entry replaced.
 
