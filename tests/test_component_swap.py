@@ -357,3 +357,15 @@ def test_a_hook_outside_the_stack_left_on_the_module_taken_out_is_reported():
     with pytest.warns(UserWarning, match=r"still has hooks that are not part of its stack \(<root>: hookwise.plan"):
         old = hookwise.pop_component(parts, "denoiser")
     assert len(hookwise.applied(old)) == 0 and hookwise.list_hooks(old) == {"": ["hookwise.plan.first_step"]}
+
+
+def test_a_component_set_under_inference_mode_gets_no_inference_tensors():
+    parts = {"encoder": odd(1), "denoiser": odd(2)}
+    apply_component_offload(parts, ON_CPU)
+    new = odd(3).train()
+    with torch.inference_mode():
+        hookwise.set_component(parts, "denoiser", new)
+    # as apply_component_offload: its host copies are plain tensors, so the component can train later
+    assert not any(t.is_inference() for t in [*new.parameters(), *new.buffers()])
+    new(x_input()).sum().backward()
+    assert all(p.grad is not None for p in new.partb[1].parameters())  # the tower (partb[0] is never called)

@@ -363,7 +363,8 @@ def replan_components(
     config = controller.config if module is not None else _without(controller.config, name)
     comps = {n: unwrap(m) for n, m in components.items() if isinstance(m, nn.Module)}
     order = _planned_order(list(comps), _default_order(target, list(comps)), config)
-    old = controller.replan(name, unwrap(module) if module is not None else None, order, config)
+    with torch.inference_mode(False):  # host copies that are not inference tensors: the component may train later
+        old = controller.replan(name, unwrap(module) if module is not None else None, order, config)
 
     def finish() -> None:
         if old is not None:
