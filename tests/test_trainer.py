@@ -13,6 +13,15 @@ from hookwise.train.trainer import _sample_validation, attention_targets
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: on a shared machine, threads waiting for each other cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_a_short_run_teaches_the_zoo_model_the_new_class_and_saves_every_format(tmp_path):
     result = train_lora("flux-shapes", tmp_path, steps=60, batch=16, validate_every=30)
     (before_new, before_old), (after_new, after_old) = result.distances["before"], result.distances["after"]
@@ -161,3 +170,14 @@ def test_bad_arguments_say_what_to_do(tmp_path):
         train_lora("flux-shapes", tmp_path, formats=("safetensors",))
     with pytest.raises(hookwise.HookwiseError, match="optimizer="):
         train_lora("flux-shapes", tmp_path, steps=1, batch=2, stack=None, optimizer="sgd")
+
+
+def test_the_train_lora_command_trains_and_resumes(tmp_path, capsys):
+    from hookwise.cli import main
+
+    args = ["train-lora", "--steps", "2", "--batch", "2", "--stack", "none", "--sample-steps", "1", "--formats", "diffusers,bfl"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args[:2], "3", *args[3:], "--out", str(tmp_path / "b"), "--resume", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "optimizer: AdamW (torch)" in err and "before / after grid" in err
+    assert (tmp_path / "b" / "lora-bfl.safetensors").is_file() and not (tmp_path / "b" / "lora-kohya.safetensors").exists()
