@@ -564,9 +564,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _config_label(config) -> str:
-    from .plan.plan import _config_source
+    """`TaylorSeer(order=2, interval=3)`: the config with the fields that differ from the defaults."""
+    from dataclasses import fields
 
-    return _config_source(config).removeprefix("hookwise.")
+    try:
+        default = type(config)()
+    except Exception:  # a config with required fields: show it whole
+        return repr(config)
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config) if getattr(config, f.name) != getattr(default, f.name)]
+    return f"{type(config).__name__}({', '.join(changed)})"
 
 
 def _add_demo(sub) -> None:
