@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import hookwise
 from hookwise.errors import ConfigError
 from hookwise.train import FORMATS, lora_state_dict, read_lora, save_latents, train_lora
-from hookwise.train.trainer import _sample_validation, attention_targets
+from hookwise.train.trainer import _sample_validation, _write_validation, attention_targets
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
 
 
@@ -149,11 +149,12 @@ def test_validation_samples_leave_the_training_mode_as_it_was(tmp_path):
 
     task = ZooTask(load_reference("flux-shapes"), sample_steps=2)
     model = task.transformer.train()
-    path = _sample_validation(task, model, tmp_path / "v", title="t", per_class=2)
+    path = _write_validation(task, model, tmp_path / "v", title="t", per_class=2)
     assert path.suffix == ".png" and path.is_file() and model.training
     model.eval()
-    _sample_validation(task, model, tmp_path / "w", title="t", per_class=2)
-    assert not model.training
+    pixels = _sample_validation(task, model, [task.new_label, 0])
+    assert not model.training and pixels.shape == (2, 3, 16, 16)
+    assert not torch.is_grad_enabled() or not pixels.requires_grad
 
 
 def test_bad_arguments_say_what_to_do(tmp_path):

@@ -171,19 +171,25 @@ def _load_model(model: str | nn.Module, data: str | Path | None) -> ReferenceMod
     return cls.from_pretrained(folder)
 
 
-def _sample_validation(task: Any, model: nn.Module, path: Path, *, title: str, per_class: int = 4) -> Path:
+def _sample_validation(task: Any, model: nn.Module, labels: Sequence[int], *, seed: int = 0) -> torch.Tensor:
     """Validation samples with the training stack, under no_grad in eval mode; the mode is restored.
 
-    The one place validation sampling happens, so that it can switch to an inference stack.
+    Every sample taken during training comes from here, so that switching to an inference stack
+    (`hookwise.validation`) is a change in one place.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            labels, names = task.validation_labels(per_class)
-            out = task.sample(model, labels)
+            return task.sample(model, labels, seed=seed)
     finally:
         model.train(was_training)
+
+
+def _write_validation(task: Any, model: nn.Module, path: Path, *, title: str, per_class: int = 4) -> Path:
+    """Validation samples as a PNG grid (zoo models) or a safetensors file of latents."""
+    labels, names = task.validation_labels(per_class)
+    out = _sample_validation(task, model, labels)
     if task.kind == "zoo":
         rows = [(name, out[i * per_class : (i + 1) * per_class]) for i, name in enumerate(names)]
         return save_rows_png(rows, path.with_suffix(".png"), title=title)
@@ -193,16 +199,6 @@ def _sample_validation(task: Any, model: nn.Module, path: Path, *, title: str, p
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": out.contiguous().cpu()}, str(path), metadata={"title": title})
     return path
-
-
-def _new_class_samples(task: ZooTask, model: nn.Module, n: int) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return task.sample(model, [task.new_label] * n, seed=7)
-    finally:
-        model.train(was_training)
 
 
 def _settings_key(settings: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +337,7 @@ def train_lora(
     )  # fmt: skip
     before = None
     if task.kind == "zoo":
-        before = _new_class_samples(task, transformer, 8)
+        before = _sample_validation(task, transformer, [task.new_label] * 8, seed=7)
         result.distances["before"] = class_distances(before)
     transformer.train()
     began = time.perf_counter()
@@ -367,7 +363,7 @@ def train_lora(
         result.losses.append(float(loss.detach()))
         written = None
         if validate_every and (step + 1) % validate_every == 0 and step + 1 < steps:
-            written = _sample_validation(task, transformer, out / "validation" / f"step-{step + 1:06d}",
+            written = _write_validation(task, transformer, out / "validation" / f"step-{step + 1:06d}",
                                          title=f"step {step + 1}")  # fmt: skip
             result.validations.append(written)
         if progress is not None:
@@ -375,10 +371,10 @@ def train_lora(
     result.seconds = time.perf_counter() - began
     result.step_seconds = result.seconds / max(1, steps - start)
     result.peak_bytes, result.peak_what = _peak(device)
-    result.validations.append(_sample_validation(task, transformer, out / "validation" / f"step-{steps:06d}",
+    result.validations.append(_write_validation(task, transformer, out / "validation" / f"step-{steps:06d}",
                                                  title=f"step {steps}"))  # fmt: skip
     if before is not None:
-        after = _new_class_samples(task, transformer, 8)
+        after = _sample_validation(task, transformer, [task.new_label] * 8, seed=7)
         result.distances["after"] = class_distances(after)
         name = task.class_name
         result.grid = save_rows_png(
