@@ -237,6 +237,7 @@ def train_lora(
     `steps` counts all steps, also when resuming from `resume` (a folder this function wrote).
     `stack`: "plan", a `Stack` or configs, or None. `base`: "float32", "bf16" or "fp8".
     `validate_every`: write validation samples every so many steps (0: only before and after).
+    A model passed as a module is changed in place: it keeps the LoRA and the stack afterwards.
     """
     for name, value in (("steps", steps), ("batch", batch), ("rank", rank), ("sample_steps", sample_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
