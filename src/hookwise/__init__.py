@@ -61,6 +61,7 @@ from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
 from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
+from .train import train_lora
 
 __version__ = "0.1.0"
 
@@ -126,4 +127,5 @@ __all__ = [
     "reset_stateful_hooks",
     "set_component",
     "spec_names",
+    "train_lora",
 ]

@@ -10,6 +10,9 @@
   4000 steps, so the sense is not part of the class.)
 
 Pixels are in [-1, 1]; shapes have soft (anti-aliased) edges so that the targets are smooth.
+
+`make_new_class_images` draws a class the models never saw (`NEW_IMAGE_CLASS`, a yellow cross), which
+the LoRA trainer teaches them.
 """
 
 from __future__ import annotations
@@ -92,3 +95,35 @@ def make_videos(labels: torch.Tensor, g: torch.Generator, frames: int = 8, size:
     rgb = _colours(colour, g)
     vid = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None, None] - _BACKGROUND)  # (N, 3, F, H, W)
     return vid * 2 - 1
+
+
+# ---- a class the reference models never saw, for LoRA training (`hookwise train-lora`, `hookwise demo`)
+# Separate from the classes above and drawing from its own calls on the generator, so the shipped
+# models' training data is unchanged.
+
+NEW_IMAGE_CLASS = "yellow cross"
+_YELLOW = torch.tensor([0.95, 0.85, 0.1])
+
+
+def _cross_coverage(cx, cy, r, xs, ys) -> torch.Tensor:
+    """Soft coverage of an upright plus sign: two bars of half-length `r` and half-width `r / 3`."""
+    dx, dy = (xs - cx).abs(), (ys - cy).abs()
+    arm = r / 3
+    bar_h = torch.minimum(r - dx, arm - dy)  # horizontal bar
+    bar_v = torch.minimum(arm - dx, r - dy)  # vertical bar
+    return torch.sigmoid(torch.maximum(bar_h, bar_v) * 3.0)
+
+
+def make_new_class_images(n: int, g: torch.Generator, size: int = 16) -> torch.Tensor:
+    """Images (n, 3, size, size) in [-1, 1] of `NEW_IMAGE_CLASS`: a yellow plus sign, a shape and a
+    colour that none of `IMAGE_CLASSES` has; position, size and hue vary as in `make_images`."""
+    r = (0.28 + 0.08 * torch.rand(n, generator=g)) * size
+    margin = r + 1.0
+    cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    view = lambda t: t.view(n, 1, 1)  # noqa: E731
+    cover = _cross_coverage(view(cx), view(cy), view(r), xs, ys)
+    rgb = (_YELLOW + 0.08 * torch.randn((n, 3), generator=g)).clamp(0.0, 1.0)
+    img = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None] - _BACKGROUND)
+    return img * 2 - 1
