@@ -60,8 +60,12 @@ def test_blocks_int_takes_the_first_blocks_and_remove_restores():
 def test_bad_configs_raise():
     with pytest.raises(hookwise.ConfigError):
         hookwise.Checkpointing(blocks=-1)
-    with pytest.raises(hookwise.ConfigError):
-        hookwise.Checkpointing(budget="8GB")
+    for budget in ("8 parsecs", -1, True, [1]):
+        with pytest.raises(hookwise.ConfigError):
+            hookwise.Checkpointing(budget=budget)
+    with pytest.raises(hookwise.ConfigError, match="count and a budget"):
+        hookwise.Checkpointing(blocks=2, budget="8GB")
+    assert hookwise.Checkpointing.from_dict(hookwise.Checkpointing(budget="8GiB").to_dict()).budget == "8GiB"
     model, _ = tiny_wan()
     with pytest.raises(hookwise.NoTargetError):
         hookwise.apply(model, hookwise.Checkpointing(blocks=["nope"]))
@@ -127,5 +131,110 @@ def test_a_model_of_an_odd_shape_keeps_exact_gradients():
     hookwise.apply(model, hookwise.Checkpointing(blocks=paths))
     assert_same(step(), expected)
     assert hookwise.checkpointing_report(model).calls == {paths[0]: 2, paths[1]: 1, paths[2]: 0}
+    hookwise.remove(model)
+    assert list_hooks(model) == {}
+
+
+# ---- budget: blocks chosen from measured saved-for-backward bytes --------------------------------------
+@pytest.mark.parametrize("arch", ["flux", "wan"])
+def test_budget_measures_then_keeps_activations_where_they_fit_gradients_exact(arch):
+    model, inputs = BUILDERS[arch]()
+    add_lora(model, ["to_q", "to_k", "to_v"])
+    expected = fwd_bwd(model, inputs)
+    hookwise.apply(model, hookwise.Checkpointing(budget="1GB"))
+    report = hookwise.checkpointing_report(model)
+    assert report.budget == 10**9 and report.budget_met is None and report.checkpointed == report.blocks
+    assert_same(fwd_bwd(model, inputs), expected)  # the measuring step checkpoints every block
+    report = hookwise.checkpointing_report(model)
+    assert report.budget_met and report.checkpointed == [] and set(report.measured) == set(report.blocks)
+    assert all(m.saved_bytes > 0 and m.input_bytes > 0 and m.flops > 0 and m.calls == 1 for m in report.measured.values())
+    assert_same(fwd_bwd(model, inputs), expected)  # then nothing is checkpointed: 1 GB holds it all
+    assert hookwise.checkpointing_report(model).calls == {p: 1 for p in report.blocks}
+
+
+def test_a_budget_for_one_block_keeps_exactly_that_one_and_the_rest_recompute():
+    model, inputs = tiny_wan()
+    add_lora(model, ["to_q", "to_k", "to_v"])
+    expected = fwd_bwd(model, inputs)
+    hookwise.apply(model, hookwise.Checkpointing(budget="1GB"))
+    fwd_bwd(model, inputs)
+    measured = hookwise.checkpointing_report(model).measured
+    hookwise.remove(model)
+    inputs_bytes = sum(m.input_bytes for m in measured.values())
+    smallest = min(measured, key=lambda p: measured[p].saved_bytes)
+    hookwise.apply(model, hookwise.Checkpointing(budget=inputs_bytes + measured[smallest].saved_bytes))
+    for _ in range(3):
+        assert_same(fwd_bwd(model, inputs), expected)
+    report = hookwise.checkpointing_report(model)
+    assert report.budget_met and report.checkpointed == [p for p in report.blocks if p != smallest]
+    assert str(report.budget) in report.reason and "1 of 2" in report.reason
+    # the blocks kept really keep their activations and the others do not: less is saved than all checkpointed
+    model.requires_grad_(True)
+
+    def loss():
+        return model(**inputs).sample.float().pow(2).mean()
+
+    budgeted = saved_for_backward(model, loss).new_bytes
+    hookwise.remove(model)
+    hookwise.apply(model, hookwise.Checkpointing())
+    full = saved_for_backward(model, loss).new_bytes
+    hookwise.remove(model)
+    plain = saved_for_backward(model, loss).new_bytes
+    assert full < budgeted < plain
+
+
+def test_a_budget_below_the_inputs_is_stated_and_every_block_stays_checkpointed():
+    model, inputs = tiny_wan()
+    add_lora(model, ["to_q", "to_k", "to_v"])
+    expected = fwd_bwd(model, inputs)
+    hookwise.apply(model, hookwise.Checkpointing(budget=0))
+    with pytest.warns(UserWarning, match="below the .* block inputs"):
+        assert_same(fwd_bwd(model, inputs), expected)
+    report = hookwise.checkpointing_report(model)
+    assert report.budget_met is False and report.checkpointed == report.blocks and "not met" in report.reason
+    # keeping the inputs on the host leaves nothing on the device: the same budget is met
+    hookwise.remove(model)
+    hookwise.apply(model, hookwise.Checkpointing(budget=0, offload_activations=True))
+    assert_same(fwd_bwd(model, inputs), expected)
+    assert hookwise.checkpointing_report(model).budget_met
+
+
+def test_measured_block_bytes_equal_the_meter_of_the_plain_block():
+    from offload_helpers import Block
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(Block(16) for _ in range(3)))
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    hookwise.apply(model, hookwise.Checkpointing(blocks=["0", "1", "2"], budget="1GB"))
+    model(x).sum().backward()
+    measured = hookwise.checkpointing_report(model).measured
+    hookwise.remove(model)
+    for i, block in enumerate(model):
+        h = model[:i](x).detach().requires_grad_(True)
+        plain = saved_for_backward(block, lambda: block(h).sum())
+        saved_input = h.untyped_storage().nbytes()  # LayerNorm saves the input: the checkpoint keeps it anyway
+        assert measured[str(i)].saved_bytes == plain.new_bytes - saved_input
+        assert measured[str(i)].input_bytes == h.untyped_storage().nbytes()
+
+
+def test_budget_on_an_odd_model_counts_both_calls_of_a_reused_block_and_keeps_the_uncalled_one_listed():
+    model = _Odd()
+    x = torch.randn(2, 4, 8)
+    paths = ["stages.0.blocks.0", "stages.0.blocks.1", "stages.0.spare"]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = step()
+    hookwise.apply(model, hookwise.Checkpointing(blocks=paths, budget="1MB"))
+    assert_same(step(), expected)
+    report = hookwise.checkpointing_report(model)
+    assert report.measured[paths[0]].calls == 2 and report.measured[paths[1]].calls == 1
+    assert report.measured[paths[2]].calls == 0 and "never called" in report.reason
+    assert report.checkpointed == [paths[2]]
+    assert_same(step(), expected)
     hookwise.remove(model)
     assert list_hooks(model) == {}
