@@ -238,3 +238,56 @@ def test_budget_on_an_odd_model_counts_both_calls_of_a_reused_block_and_keeps_th
     assert_same(step(), expected)
     hookwise.remove(model)
     assert list_hooks(model) == {}
+
+
+# ---- the planner enumerates checkpointing for training jobs ----------------------------------------------
+@pytest.fixture(scope="module")
+def flux_spec():
+    from hookwise.introspect import build_spec
+    from hookwise.plan.estimate import formula_activation
+    from hookwise.plan.footprint import hidden_size, measure
+
+    model = build_spec("flux.1-dev")
+    target = measure(model)
+    model_map = target.denoiser.model_map
+
+    def estimator(m, job, **kw):
+        return formula_activation(model_map, job, hidden_size(model_map))
+
+    return model, target, estimator
+
+
+def _plan(flux_spec, job, vram_gb):
+    from hookwise.plan import Hardware, make_plan
+
+    model, target, estimator = flux_spec
+    hardware = Hardware.detect(vram=f"{vram_gb}GB", ram="256GB", h2d="25GB/s", disk_read="2GB/s", tflops=130, probe=False)
+    return make_plan(model, job, hardware, activation_estimator=estimator, target=target)
+
+
+def _checkpointing(option):
+    return [c for c in option.configs if isinstance(c, hookwise.Checkpointing)]
+
+
+def test_planner_checkpoints_a_training_job_on_a_small_device_and_not_on_a_large_one(flux_spec):
+    from hookwise.plan import Job
+
+    job = Job(height=512, width=512, training=True, checkpointing=False)  # the trainer does not checkpoint
+    large = _plan(flux_spec, job, 141)
+    assert large.chosen is not None and not _checkpointing(large.chosen), large.explain()
+    small = _plan(flux_spec, job, 16)  # 17 GiB of activations alone do not fit
+    assert small.chosen is not None and _checkpointing(small.chosen), small.explain()
+    assert small.chosen.activation_bytes < large.chosen.activation_bytes
+    assert small.chosen.device_peak <= 0.95 * 16e9 - 512 * 2**20
+    # every option the planner offers: 0 / 50 / 100% of the blocks, and a budget in between
+    offered = {c for o in small.options for c in _checkpointing(o)}
+    assert any(c.blocks == "auto" and c.budget is None for c in offered)
+    assert any(isinstance(c.blocks, int) and c.blocks == 57 // 2 for c in offered)
+    plain = next(o for o in small.options if o.label == "all resident")
+    full = next(o for o in small.options if o.label == "checkpointing")
+    half = next(o for o in small.options if o.label == f"checkpointing(blocks={57 // 2})")
+    assert full.activation_bytes < half.activation_bytes < plain.activation_bytes
+    assert plain.time_rel < half.time_rel < full.time_rel  # recompute costs time
+    # a job that checkpoints by itself (the default for training) is planned as before: no option added
+    default = _plan(flux_spec, Job(height=512, width=512, training=True), 24)
+    assert not any(_checkpointing(o) for o in default.options)

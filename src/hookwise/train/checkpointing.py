@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core import Layer, ModelHook, TechniqueConfig, add_hook, apply_techniques, register_technique
 from ..core import remove_hooks, remove_techniques, unwrap
-from ..core.cost import parse_size
+from ..core.cost import ActivationTerm, CostContext, Placement, TechniqueCost, parse_size
 from ..errors import ConfigError, NoTargetError
 from ..introspect import describe
 
@@ -383,4 +383,73 @@ def remove_checkpointing(model: nn.Module) -> None:
     remove_techniques(model, [NAME])
 
 
-register_technique(NAME, Checkpointing, apply=_apply_checkpointing, remove=_remove_checkpointing, layer=Layer.CHECKPOINT)
+# ---- cost declaration (for the planner) -------------------------------------------------------------
+def _planned_count(config: Checkpointing, term: ActivationTerm) -> int:
+    """How many of the term's blocks `config` checkpoints (a budget: the fewest that fit it)."""
+    count = len(term.kept)
+    if config.budget is not None:
+        budget = parse_size(config.budget, "Checkpointing.budget")
+        host = config.offload_activations
+        for n in range(count + 1):
+            kept = (0 if host else sum(term.inputs[:n])) + sum(term.kept[n:])
+            if kept <= budget:
+                return n
+        return count
+    if isinstance(config.blocks, (list, tuple)):
+        return min(len(config.blocks), count)
+    return count if config.blocks == "auto" else min(int(config.blocks), count)
+
+
+def _checkpointing_effect(placement: Placement, config: Checkpointing, ctx: CostContext) -> Placement:
+    """Checkpointed blocks keep their inputs instead of their activations (on the host with
+    `offload_activations`) and run their forward again in backward: one more forward over their
+    share of the tower (a training step computes about three forwards) and of the streamed weights."""
+    term = ctx.activations
+    if term is None or not term.kept:
+        return placement
+    n = _planned_count(config, term)
+    share = n / len(term.kept)
+    inputs = sum(term.inputs[:n])
+    activations = term.total(n) - (inputs if config.offload_activations else 0)
+    calls = getattr(ctx.job, "calls_per_step", 1)
+    extra = share * calls / max(ctx.passes, 1)  # of what one step moves: one more pass per call
+    return replace(
+        placement,
+        activation_bytes=activations,
+        host_bytes=placement.host_bytes + (inputs if config.offload_activations else 0),
+        moved_bytes=placement.moved_bytes + int(placement.moved_bytes * extra),
+        transfers=placement.transfers + round(placement.transfers * extra),
+        compute_factor=placement.compute_factor * (3 + share) / 3,
+        notes=(*placement.notes, f"checkpointing {n} of {len(term.kept)} blocks: activations by the job's estimate "
+                                 f"split per block by the formula's shares"),
+    )
+
+
+def _checkpointing_options(placement: Placement, ctx: CostContext) -> list[Checkpointing]:
+    """For a training job that does not checkpoint by itself: half the blocks, every block, and the
+    budget that fills the device room left once the weights are placed (when between the two)."""
+    term = ctx.activations
+    if term is None or term.checkpointed or not term.kept:
+        return []
+    count = len(term.kept)
+    options = [Checkpointing(blocks=count // 2)] if count >= 2 else []
+    options.append(Checkpointing())
+    free = ctx.device_room - placement.device_bytes - placement.transient_bytes
+    allowed = term.total(0) + free  # the room was left for the job's activations with none checkpointed
+    budget = allowed - term.running
+    if budget > 0:
+        n = _planned_count(Checkpointing(budget=budget), term)
+        if 0 < n < count and n != count // 2:
+            options.append(Checkpointing(budget=int(budget)))
+    return options
+
+
+register_technique(
+    NAME,
+    Checkpointing,
+    apply=_apply_checkpointing,
+    remove=_remove_checkpointing,
+    layer=Layer.CHECKPOINT,
+    description="activation checkpointing per block (all, N, listed, or by a measured budget), training only",
+    cost=TechniqueCost(_checkpointing_effect, _checkpointing_options, sampling=False),
+)
