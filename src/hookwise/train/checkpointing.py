@@ -154,9 +154,14 @@ class _Budget:
             if key not in self.seen_inputs:
                 self.seen_inputs.add(key)
                 entry.input_bytes += t.untyped_storage().nbytes()
-        # The storages that are not activations: weights (as loaded now, under offloading) and inputs.
-        skip = {_key(t) for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"}
-        skip |= {_key(t) for t in tensors}
+        # The storages that are not activations: the inputs, and the weights as bound when saved
+        # (offloading binds them inside this call, after this hook).
+        skip = {_key(t) for t in tensors}
+
+        def weights() -> set[tuple[str, int]]:
+            return {_key(t) for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"}
+
+        skip |= weights()
         # The checkpoint drops what it is asked to save, so an address can be reused within the block:
         # a storage counts again only once the tensor it was first seen through is gone.
         seen: dict[tuple[str, int], weakref.ref] = {}
@@ -167,6 +172,8 @@ class _Budget:
 
         def pack(t: torch.Tensor) -> Any:
             key = _key(t)
+            if key not in skip and key not in seen:
+                skip.update(weights())
             if key not in skip and (key not in seen or seen[key]() is None):
                 seen[key] = weakref.ref(t)
                 entry.saved_bytes += t.untyped_storage().nbytes()
