@@ -113,6 +113,11 @@ class _HostSaver:
         return t.to(device, non_blocking=True)
 
 
+def _top_hooks() -> tuple[Callable, Callable] | None:
+    """The innermost saved-tensor hooks now active (the checkpoint's, inside its forward)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
 def _key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.untyped_storage().data_ptr()
 
@@ -165,7 +170,7 @@ class _Budget:
         # The checkpoint drops what it is asked to save, so an address can be reused within the block:
         # a storage counts again only once the tensor it was first seen through is gone.
         seen: dict[tuple[str, int], weakref.ref] = {}
-        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        outer = _top_hooks()
         if outer is None:  # not under the checkpoint's hooks: nothing to chain to
             return run()
         outer_pack, outer_unpack = outer
@@ -337,6 +342,11 @@ def _apply_checkpointing(model: nn.Module, config: Checkpointing) -> None:
         raise NoTargetError("Checkpointing: blocks=0 checkpoints nothing; leave the technique off instead")
     budget = None
     if config.budget is not None:
+        if not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
+            raise ConfigError(
+                f"Checkpointing(budget=...) measures saved tensors through a hook torch {torch.__version__} does not "
+                f"have; choose the blocks with blocks=N or a list instead"
+            )
         budget = _Budget(parse_size(config.budget, "Checkpointing.budget"), chosen, config.offload_activations)
         reason = budget.reason
         add_hook(model, _BudgetRootHook(budget), HOOK)
