@@ -73,15 +73,16 @@ def full_width_model(tokens: int, text: int) -> tuple[torch.nn.Module, dict]:
             if isinstance(m, torch.nn.Linear):
                 m.weight.normal_(0, m.in_features**-0.5)
     g = torch.Generator().manual_seed(0)
-    side = int(tokens**0.5)
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(tokens // side), indexing="ij"), -1)
+    i = torch.arange(tokens)
+    width = max(int(tokens**0.5), 1)
+    img_ids = torch.stack([torch.zeros(tokens), (i // width).float(), (i % width).float()], -1)  # a grid, row by row
     inputs = dict(
         hidden_states=torch.randn(1, tokens, 64, generator=g).to(torch.bfloat16),
         encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(torch.bfloat16),
         pooled_projections=torch.randn(1, 768, generator=g).to(torch.bfloat16),
         timestep=torch.full((1,), 0.5, dtype=torch.bfloat16),
         guidance=torch.full((1,), 3.5, dtype=torch.bfloat16),
-        img_ids=img_ids.reshape(-1, 3).float(),
+        img_ids=img_ids,
         txt_ids=torch.zeros(text, 3),
         return_dict=False,
     )
@@ -241,6 +242,7 @@ def main() -> None:
             print(f"zoo flux-shapes: {weight_bytes(base) / GIB:.3f} GiB bf16, batch {args.batch}", flush=True)
             out["zoo"] = variants(base, inputs, args.steps, os.path.join(disk, "zoo"))
             print(table("zoo", out["zoo"]))
+            save(args.json, out)
         if args.only in (None, "full"):
             torch.set_num_threads(threads)
             base, inputs = full_width_model(args.tokens, args.text)
@@ -248,8 +250,12 @@ def main() -> None:
                   flush=True)  # fmt: skip
             out["full"] = variants(base, inputs, args.steps, os.path.join(disk, "full"))
             print(table("full", out["full"]))
-    if args.json:
-        with open(args.json, "w") as f:
+            save(args.json, out)
+
+
+def save(path: str | None, out: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(out, f, indent=1, default=str)
 
 
