@@ -8,6 +8,9 @@ Each technique may register a `TechniqueCost` with `register_technique(..., cost
   the compute device, the transient device buffers (prefetch slots, one dequantized weight), bytes
   in host RAM / pinned / on disk, bytes moved host -> device and read from disk per step, a compute
   factor relative to the plain model, and the quality class ("exact", "fp8", "cached@41 dB").
+  A placement may also state the step's activation bytes under the stack (`activation_bytes`;
+  None keeps the planner's estimate for the job): checkpointing trades them for recompute, reading
+  the planner's estimate split per block from `CostContext.activations`.
 - `options(placement, ctx) -> configs`: the configs worth trying for this footprint and machine
   (offloading: the budget solved to fill the room the device has for weights; casting: each
   scaling). The planner enumerates stacks from the technique table and these options, so a new
@@ -140,6 +143,7 @@ class Placement:
     compute_factor: float = 1.0  # compute time relative to the plain model (dequantizing > 1, caches < 1)
     quality: tuple[str, ...] = ()  # each lossy technique's class; () is exact
     notes: tuple[str, ...] = field(default=())
+    activation_bytes: int | None = None  # device bytes of activations under the stack; None: the job's estimate
 
     @classmethod
     def resident(cls, footprint: Footprint) -> Placement:
@@ -151,13 +155,34 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class ActivationTerm:
+    """A training job's activation estimate split so that a technique can change it per block.
+
+    `running`: bytes live while one block runs and not kept for backward; `kept[i]`: bytes tower
+    block i keeps for backward when it is not checkpointed, `inputs[i]`: when it is (its inputs).
+    `checkpointed`: the job itself checkpoints every block (its estimate already assumes it).
+    """
+
+    running: int
+    kept: tuple[int, ...]
+    inputs: tuple[int, ...]
+    checkpointed: bool = False
+
+    def total(self, checkpointed: int) -> int:
+        """Device bytes with the first `checkpointed` blocks recomputed, the rest keeping activations."""
+        n = max(0, min(checkpointed, len(self.kept)))
+        return self.running + sum(self.inputs[:n]) + sum(self.kept[n:])
+
+
+@dataclass(frozen=True)
 class CostContext:
     """What a cost function may read besides the placement.
 
     `hardware` and `job` are the planner's objects (`hookwise.plan.Hardware`, `hookwise.plan.Job`):
     read `hardware.vram`, `.ram`, `.h2d`, `.disk_read`, `.pinned_limit`, `.device`, and `job.training`,
     `job.frames`... `device_room` is what the compute device can give weights once activations and
-    the margin are taken; `ram_room` the same for host RAM. `passes` is how many times a step runs
+    the margin are taken; `ram_room` the same for host RAM. `activations` splits a training job's
+    activation estimate per block (None for sampling). `passes` is how many times a step runs
     through the weights (two CFG calls, or forward and backward). `measurements` holds measured
     results a technique may quote (the step-cache harness rows under "cache").
     """
@@ -171,6 +196,7 @@ class CostContext:
     video: bool = False
     cfg: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
+    activations: ActivationTerm | None = None
 
 
 Effect = Callable[[Placement, Any, CostContext], Placement]

@@ -30,10 +30,11 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from ..core.cost import CostContext, Placement
+from ..core.cost import ActivationTerm, CostContext, Placement
 from ..core.techniques import Technique, techniques
 from ..errors import ConfigError
-from .footprint import Target, label
+from .estimate import formula_activation
+from .footprint import Target, hidden_size, label
 from .hardware import Hardware
 from .job import Job
 
@@ -195,6 +196,32 @@ def _expand(group: Sequence[Technique], placement: Placement, ctx: CostContext) 
     return out
 
 
+def activation_term(inputs: Inputs) -> ActivationTerm | None:
+    """A training job's activation estimate split per main-tower block, for checkpointing's cost.
+
+    The estimate is one number (run on fake tensors, or the formula) for the job as stated; the
+    formula's shares with and without checkpointing split it into what runs, what each block keeps
+    for backward, and what it keeps when checkpointed (its inputs).
+    """
+    job = inputs.job
+    if not job.training:
+        return None
+    model_map = inputs.target.denoiser.model_map
+    hidden = hidden_size(model_map)
+    itemsize = inputs.target.denoiser.footprint.compute_itemsize
+    off = formula_activation(model_map, replace(job, checkpointing=False), hidden, itemsize)
+    on = formula_activation(model_map, replace(job, checkpointing=True), hidden, itemsize)
+    stated = on if job.uses_checkpointing else off
+    scale = inputs.activation_bytes / stated.activation_bytes if stated.activation_bytes else 1.0
+    every = len(model_map.blocks) or 1
+    main = len([b for t in model_map.main_towers for b in t.blocks]) or len(model_map.blocks)
+    kept = int(off.saved_for_backward_bytes / every * scale)
+    kept_inputs = int(on.saved_for_backward_bytes / every * scale)
+    # What the blocks outside the main towers keep stays with what runs: checkpointing leaves them be.
+    running = max(int(off.activation_bytes * scale) - main * kept, 0)
+    return ActivationTerm(running, (kept,) * main, (kept_inputs,) * main, checkpointed=job.uses_checkpointing)
+
+
 def _context(inputs: Inputs, room: int, ram_room: int) -> CostContext:
     job = inputs.job
     passes = job.calls_per_step * (2 if job.training else 1)
@@ -208,6 +235,7 @@ def _context(inputs: Inputs, room: int, ram_room: int) -> CostContext:
         video=job.frames > 1,
         cfg=job.cfg,
         measurements=inputs.measurements,
+        activations=activation_term(inputs),
     )
 
 
@@ -267,7 +295,8 @@ def predict(
     target = inputs.target
     tiling, slicing = "vae_tiling" in settings, "vae_slicing" in settings
     vae_decode = inputs.vae_bytes.get((tiling, slicing), 0)
-    denoise = placed.device_bytes + placed.transient_bytes + inputs.activation_bytes + inputs.lora_bytes + others.device_bytes
+    activations = inputs.activation_bytes if placed.activation_bytes is None else placed.activation_bytes
+    denoise = placed.device_bytes + placed.transient_bytes + activations + inputs.lora_bytes + others.device_bytes
     phases = [denoise]
     if target.pipeline:
         vae_weights = target.components["vae"].footprint.total_bytes if "vae" in target.components else 0
@@ -312,7 +341,7 @@ def predict(
         disk_bytes=int(placed.disk_bytes),
         weights_on_device=int(placed.device_bytes + others.device_bytes),
         transient_bytes=int(placed.transient_bytes),
-        activation_bytes=int(inputs.activation_bytes),
+        activation_bytes=int(activations),
         moved_bytes=int(placed.moved_bytes),
         disk_read_bytes=int(placed.disk_read_bytes),
         compute_seconds=compute,
