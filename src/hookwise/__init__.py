@@ -59,6 +59,7 @@ from .memory import (
 from .stack import Stack, applied, apply, remove
 from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
+from .train import validation
 
 __version__ = "0.1.0"
 
@@ -121,4 +122,5 @@ __all__ = [
     "remove_offload",
     "reset_stateful_hooks",
     "spec_names",
+    "validation",
 ]

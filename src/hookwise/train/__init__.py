@@ -4,12 +4,16 @@ Techniques (each a config, its hooks and its `apply_` / `remove_` functions):
 
 - `checkpointing.py`: activation checkpointing per tower block (`Checkpointing`).
 
+Switching: `validation.py` switches a model from its training stack to an inference stack for
+validation samples and back exactly (`with hookwise.validation(model, stack=...)`).
+
 Helpers: `lora_io.py` saves and loads LoRA files in the formats people exchange (diffusers, PEFT,
 kohya, BFL).
 """
 
 from .checkpointing import Checkpointing, apply_checkpointing, checkpointing_report, remove_checkpointing
 from .lora_io import FORMATS, LoraWeights, hotswap_lora, load_lora, lora_state_dict, read_lora, save_lora
+from .validation import Validation, ValidationReport, validation
 
 __all__ = [
     "Checkpointing",
@@ -23,4 +27,7 @@ __all__ = [
     "read_lora",
     "remove_checkpointing",
     "save_lora",
+    "Validation",
+    "ValidationReport",
+    "validation",
 ]
