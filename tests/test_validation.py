@@ -179,7 +179,6 @@ def test_the_offload_switch_holds_groups_resident_in_place_and_releases_them():
     with hookwise.validation(model, stack=[_offload(model, 3)]) as v:
         report = offload_report(model)
         assert report.streamed == ()
-        assert report.stats["loads"] == offload_report(model).stats["loads"]
         loads = report.stats["loads"]
         output_of(model, inputs)
         assert offload_report(model).stats["loads"] == loads  # nothing streams: every group is resident
@@ -223,10 +222,10 @@ def test_the_switch_under_disk_offload_writes_no_file_and_hashes_nothing(tmp_pat
     hookwise.apply(model, *training)
     files = _files(tmp_path)
     assert files
+    torch.manual_seed(0)
     expected = _sample(model, inputs)
     with contextlib.ExitStack() as stack:
         counts = _spies(stack)
-        torch.manual_seed(0)
         with hookwise.validation(model, stack=_inside(training, model)[:1]) as v:
             torch.manual_seed(0)
             got = _sample(model, inputs)
@@ -234,7 +233,7 @@ def test_the_switch_under_disk_offload_writes_no_file_and_hashes_nothing(tmp_pat
         assert counts["store"] == counts["verify"] == counts["sha256"] == counts["alloc_host"] == 0
     assert _files(tmp_path) == files
     for e, g in zip(expected, got):
-        assert e.shape == g.shape
+        assert torch.equal(e, g)
     cost = v.report
     assert (cost.enter.files_written, cost.enter.hashes, cost.exit.files_written, cost.exit.hashes) == (0, 0, 0, 0)
     assert cost.enter.bytes_copied > 0  # the held groups were read from their mapped files into RAM
@@ -258,21 +257,35 @@ def test_a_switch_that_cannot_be_made_in_place_removes_and_applies_and_counts_it
     _assert_restored(model, before)
 
 
-def test_the_switch_under_ram_offload_allocates_and_pins_no_host_memory():
+@pytest.mark.parametrize("pin", ["auto", "none"])
+def test_the_switch_under_pinned_or_ram_offload_allocates_and_pins_no_host_memory(monkeypatch, pin):
+    """Through the stream engine (with the recording fake device of the engine tests): pinned host copies."""
     import contextlib
 
+    from test_offload_engine import with_fake_streams
+
+    backend, _ = with_fake_streams(monkeypatch)
     model, inputs = _lora_model()
-    training = [_offload(model, 0.4, pin="all" if torch.cuda.is_available() else "auto")]
+    torch.manual_seed(0)
+    expected = _sample(model, inputs, steps=1)
+    training = [_offload(model, 0.4, pin=pin)]
     hookwise.apply(model, *training)
+    report = offload_report(model)
+    assert (report.pinned_host_bytes > 0) == (pin == "auto")
     offloader = _offloader(model)
     sources = [(st.source.flat.data_ptr(), st.source.kind) for st in offloader.states]
+    pinned = backend.pinned_bytes
     with contextlib.ExitStack() as stack:
         counts = _spies(stack)
-        with hookwise.validation(model, stack=_inside(training, model)) as v:
-            _sample(model, inputs)
+        with hookwise.validation(model, stack=_inside(training, model)[:1]) as v:
+            assert offload_report(model).streamed == ()
+            torch.manual_seed(0)
+            got = _sample(model, inputs, steps=1)
         assert counts["alloc_host"] == counts["pin"] == 0
+    assert backend.pinned_bytes == pinned
     assert [(st.source.flat.data_ptr(), st.source.kind) for st in _offloader(model).states] == sources
     assert v.report.enter.pins == v.report.exit.pins == 0
+    assert torch.equal(got[0], expected[0])
 
 
 def test_an_error_inside_the_block_restores_everything(tmp_path):
