@@ -1,6 +1,6 @@
 """The validation switch: what `hookwise.validation` costs to enter and leave, against remove + apply.
 
-A LoRA training stack is applied (offloading with 50% of the weights resident, in RAM or on disk;
+A LoRA training stack is applied (block offloading under a budget of 50% of the weights, one slot, in RAM or on disk;
 LoRA rank 16 from peft on the attention projections), a training step records the offload order,
 then each round enters validation (the same offloading with every weight resident, plus a
 first-block cache), makes one sampling call, leaves, and takes a training step. The switch is
@@ -107,7 +107,9 @@ def run(name: str, make, where: str, rounds: int, folder: Path) -> dict:
     trainable = add_lora(model)
     total = weight_bytes(model)
     disk = dict(offload_device="disk", disk_path=str(folder)) if where == "disk" else {}
-    training = [hookwise.Offload(onload_device="cpu", vram_budget=total // 2, granularity="block", **disk)]
+    # One slot (prefetch=False): with two slots of a full-width double block (648 MiB each), 50% of the
+    # 4-block model leaves nothing resident.
+    training = [hookwise.Offload(onload_device="cpu", vram_budget=total // 2, granularity="block", prefetch=False, **disk)]
     inside = [dataclasses.replace(training[0], vram_budget=2 * total), hookwise.FirstBlockCache()]
     start = time.perf_counter()
     hookwise.apply(model, *training)
