@@ -12,7 +12,7 @@ Models: the FLUX-architecture zoo model (`hookwise.zoo.load_reference("flux-shap
 shipped) and a full-width FLUX-architecture transformer with 2 double + 2 single blocks, random
 bf16 weights.
 
-    python benchmarks/validation_switch.py [--rounds 3] [--skip-full] [--json out.json]
+    python benchmarks/validation_switch.py [--rounds 3] [--models zoo,full] [--image-tokens 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -173,14 +173,16 @@ def run(name: str, make, where: str, rounds: int, folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-full", action="store_true", help="only the zoo model")
+    parser.add_argument("--models", default="zoo,full", help="comma-separated: zoo, full")
     parser.add_argument("--image-tokens", type=int, default=64)
     parser.add_argument("--text-tokens", type=int, default=32)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cases = [("zoo flux-shapes (fp32)", zoo_case)]
-    if not args.skip_full:
+    cases = []
+    if "zoo" in args.models.split(","):
+        cases.append(("zoo flux-shapes (fp32)", zoo_case))
+    if "full" in args.models.split(","):
         cases.append(("full-width FLUX 2+2 blocks (bf16)", lambda: full_case(args.image_tokens, args.text_tokens)))
     rows = []
     for name, make in cases:

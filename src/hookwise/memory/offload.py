@@ -12,6 +12,11 @@ uses a copy stream, flat pinned buffers and events on CUDA and synchronous copie
 content (`_disk.py`); when the CPU computes, its parameters are views of the mapped files, read
 ahead by the OS when prefetched and released after use (no slots, no copies).
 
+A larger budget can be taken in place (`switch_residency`, for validation during training): the
+streamed groups it has room for are held resident, bound to device copies of the host copies,
+pinned buffers or mapped files already there, until the applied config is switched back; nothing is
+written, hashed or pinned again.
+
 Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay resident unless
 `offload_trainable=True`. Tensors held directly by modules that contain other groups (e.g. a
 `scale_shift_table` on the root) stay resident too: they are read during the whole forward. Both
