@@ -112,8 +112,9 @@ def _planned(model: nn.Module, training: Sequence[TechniqueConfig]) -> list[Tech
     """The planner's inference stack for this machine, fitted to the training stack.
 
     A technique the switch cannot undo exactly (casting) is taken as the training stack has it;
-    the planner's offloading becomes the training one with the planner's budget (or "100%" where
-    the planner needs no offloading), so the switch changes the residency in place.
+    the planner's offloading becomes the training one with the planner's budget ("100%" where the
+    planner needs no offloading, the training budget where it streams everything), so the switch
+    changes the residency in place.
     """
     from ..plan.job import Job
     from ..plan.plan import make_plan
@@ -126,11 +127,12 @@ def _planned(model: nn.Module, training: Sequence[TechniqueConfig]) -> list[Tech
     train_offload = _offload_in(training)
     if train_offload is not None:
         planned = _offload_in(proposed)
-        budget = planned.vram_budget if planned is not None and planned.vram_budget is not None else "100%"
-        if planned is None or planned.vram_budget is not None:
-            chosen.append(dataclasses.replace(train_offload, vram_budget=budget))
+        if planned is None:  # everything fits: hold every group resident
+            chosen.append(dataclasses.replace(train_offload, vram_budget="100%"))
+        elif planned.vram_budget is None:  # even sampling streams everything: keep the training residency
+            chosen.append(train_offload)
         else:
-            chosen.append(planned)
+            chosen.append(dataclasses.replace(train_offload, vram_budget=planned.vram_budget))
     elif _offload_in(proposed) is not None:
         chosen.append(_offload_in(proposed))
     return chosen
