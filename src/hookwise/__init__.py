@@ -62,6 +62,7 @@ from .memory.components import component_offload_report
 from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 from .train import train_lora
+from .train import validation
 
 __version__ = "0.1.0"
 
@@ -128,4 +129,5 @@ __all__ = [
     "set_component",
     "spec_names",
     "train_lora",
+    "validation",
 ]

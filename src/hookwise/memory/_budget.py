@@ -154,6 +154,39 @@ def choose_residency(groups: list[Group], *, pinned_bytes: int, slots: int, budg
     raise _too_small(groups, pinned_bytes, slots, budget)
 
 
+def widen_residency(groups: list[Group], streamed: list[int], *, device_bytes: int, budget: int) -> frozenset[int] | None:
+    """Which of the `streamed` groups (indices) may become resident too under a larger `budget`.
+
+    For a change in place: what is resident now stays, the slots stay as they are (`device_bytes`
+    is what the device holds now: resident tensors, resident groups and slots), and the groups
+    that join are chosen as `choose_residency` chooses: those outside the towers first, smallest
+    first, then tower groups, so the ones still streamed are spread evenly. None when `budget`
+    is below `device_bytes` (groups would have to leave the device: no change in place does that).
+    """
+    if device_bytes > budget:
+        return None
+    by_index = {g.index: g for g in groups}
+    candidates = [by_index[i] for i in streamed]
+    rest = sorted((g for g in candidates if not g.in_tower), key=lambda g: (g.nbytes, g.index))
+    tower = [g for g in candidates if g.in_tower]
+    room = budget - device_bytes
+
+    def attempt(rest_joined: int, tower_streamed: int) -> frozenset[int] | None:
+        still = set(spread(len(tower), tower_streamed))
+        joined = rest[:rest_joined] + [g for i, g in enumerate(tower) if i not in still]
+        return frozenset(g.index for g in joined) if sum(g.nbytes for g in joined) <= room else None
+
+    for tower_streamed in range(0, len(tower) + 1):
+        found = attempt(len(rest), tower_streamed)
+        if found is not None:
+            return found
+    for rest_joined in range(len(rest) - 1, -1, -1):
+        found = attempt(rest_joined, len(tower))
+        if found is not None:
+            return found
+    return frozenset()  # pragma: no cover - attempt(0, len(tower)) joins nothing and always fits
+
+
 def _too_small(groups: list[Group], pinned_bytes: int, slots: int, budget: int) -> ConfigError:
     largest = max(groups, key=lambda g: g.nbytes)
     need = minimum_bytes(groups, pinned_bytes, slots)

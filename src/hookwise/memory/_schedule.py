@@ -119,6 +119,7 @@ class GroupState:
         self.last_use = 0
         self.prefetched = False
         self.direct = False  # computed on in place (a mapped file on the CPU): no slot, no copy
+        self.held = False  # resident for a while (`Scheduler.hold`): bound to device copies, never streamed
         self.hot = False  # a direct group whose pages were read since they were last released
         self.trainable = any(ref.kind == "param" and ref.tensor.requires_grad for ref in group.tensors)
         self.grad_stash: dict[int, torch.Tensor] = {}
@@ -324,11 +325,13 @@ class Scheduler:
         self.strict = False
         # When a list: ("use", group, backward) / ("load", group, prefetch) / ("evict", group) events.
         self.trace: list[tuple[str, str, bool]] | None = None
+        # While groups are held resident (`hold`): every state and the orders recorded before.
+        self._all: tuple[list[GroupState], list[GroupState], list[GroupState]] | None = None
 
     def set_strict(self, strict: bool = True) -> None:
         """Turn strict mode on or off; unbound tensors are re-pointed accordingly."""
         self.strict = strict
-        for st in self.states:
+        for st in self._all[0] if self._all is not None else self.states:
             st.homes = [self._home(st, i) for i in range(len(st.masters))]
             if not st.bound:
                 for ref, home in zip(st.group.tensors, st.homes):
@@ -343,6 +346,32 @@ class Scheduler:
     @property
     def streaming(self) -> bool:
         return bool(self.states)
+
+    def hold(self, held: list[GroupState]) -> None:
+        """Stream every group but those of `held` from now on; `hold([])` streams them all again.
+
+        The offloader keeps the held groups resident (bound to device copies of their host masters)
+        while a larger budget allows it, and their group hooks pass calls through. Between calls
+        nothing is bound, so the slots are emptied first. The recorded orders are kept whole while
+        groups are held (the prefetch follows them with the held groups left out) and come back
+        unchanged, so the schedule after `hold([])` is the one before.
+        """
+        self.flush()
+        if self._all is None:
+            self._all = (self.states, self.forward_order, self.backward_order)
+        states, forward, backward = self._all
+        for st in states:
+            st.held = any(st is h for h in held)
+        if held:
+            self.states = [st for st in states if not st.held]
+            self.forward_order = [st for st in forward if not st.held]
+            self.backward_order = [st for st in backward if not st.held]
+        else:
+            self.states, self.forward_order, self.backward_order = states, forward, backward
+            self._all = None
+        self._files = [st.source.disk for st in self.states if st.source.disk is not None]
+        self._fcur.set(self.forward_order)
+        self._bcur.set(self.backward_order or self.forward_order[::-1])
 
     # ---- pass boundaries (root hook) ---------------------------------------------------------------
     @torch.compiler.disable

@@ -12,6 +12,11 @@ uses a copy stream, flat pinned buffers and events on CUDA and synchronous copie
 content (`_disk.py`); when the CPU computes, its parameters are views of the mapped files, read
 ahead by the OS when prefetched and released after use (no slots, no copies).
 
+A larger budget can be taken in place (`switch_residency`, for validation during training): the
+streamed groups it has room for are held resident, bound to device copies of the host copies,
+pinned buffers or mapped files already there, until the applied config is switched back; nothing is
+written, hashed or pinned again.
+
 Trainable parameters (LoRA adapters, or everything in a full fine-tune) stay resident unless
 `offload_trainable=True`. Tensors held directly by modules that contain other groups (e.g. a
 `scale_shift_table` on the root) stay resident too: they are read during the whole forward. Both
@@ -41,12 +46,13 @@ import torch
 from torch import nn
 
 from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
-from ..core import apply_techniques, remove_hooks, remove_techniques, transaction, unwrap
+from ..core import apply_techniques, ledger_of, remove_hooks, remove_techniques, transaction, unwrap
 from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
 from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, parse_device, pin_allowance, to_device
 from ._budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
+from ._budget import widen_residency
 from ._disk import DiskFile, check_writable, default_dir, store
 from ._groups import Group, Partition, TensorRef, partition
 from ._schedule import GroupState, Scheduler
@@ -188,6 +194,16 @@ class OffloadReport:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidencySwitch:
+    """What one change of residency in place did (`switch_residency`)."""
+
+    held: tuple[str, ...]  # streamed groups that became resident
+    released: tuple[str, ...]  # held groups that stream again
+    bytes_copied: int  # into device copies of held groups (0 where the host copy is on the device)
+    writebacks: int  # tensors a held group changed, copied into their host masters on release
+
+
 # ---- the controller -------------------------------------------------------------------------------
 class _Offloader:
     """Everything one application of `Offload` created; the hooks point at it."""
@@ -195,6 +211,7 @@ class _Offloader:
     def __init__(self, model: nn.Module, config: Offload) -> None:
         self.model = model
         self.config = config
+        self.built_config = config  # `config` changes with the residency (`switch`); this one never
         self.onload = _resolve_onload(config)
         self.streams = config.use_streams if config.use_streams is not None else self.onload.type == "cuda"
         self.home = home_device(model)
@@ -324,6 +341,8 @@ class _Offloader:
         """
         for file in self.files.values():
             file.verify()
+        if any(state.held for state in self.states):
+            self.switch(self.built_config)  # held groups write their changes back to their masters
         for handle in self.state_dict_hooks:
             handle.remove()
         self.state_dict_hooks.clear()
@@ -350,21 +369,102 @@ class _Offloader:
         self.files.clear()
         self.scheduler = None
 
+    # ---- residency in place -------------------------------------------------------------------------
+    def why_not_in_place(self, config: Offload) -> str | None:
+        """Why the residency cannot change to `config`'s in place (None: it can)."""
+        if dataclasses.replace(config, vram_budget=self.built_config.vram_budget) != self.built_config:
+            return "the two Offload configs differ in more than vram_budget"
+        if self._held_for(config) is None:
+            return (
+                f"vram_budget={config.vram_budget!r} cannot hold what is resident under "
+                f"vram_budget={self.built_config.vram_budget!r} (groups would have to leave the device)"
+            )
+        return None
+
+    def _held_for(self, config: Offload) -> frozenset[int] | None:
+        """The streamed groups (indices) that `config`'s budget keeps resident too; None: not in place."""
+        if config == self.built_config:
+            return frozenset()
+        budget = parse_budget(config.vram_budget, self.onload)
+        if budget is None:  # stream everything: only when nothing but the always-resident tensors is resident
+            return frozenset() if not self.residency.resident else None
+        sched = self.scheduler
+        slots = sum(s.flat.numel() for s in sched.slots) if sched else 0
+        device = self.residency.pinned_bytes + self.residency.resident_bytes + slots
+        return widen_residency(self.part.groups, [st.group.index for st in self.states], device_bytes=device, budget=budget)
+
+    def switch(self, config: Offload) -> ResidencySwitch:
+        """Hold resident the streamed groups that `config`'s budget has room for, release the others.
+
+        Uses what the build made: a held group's tensors become device copies of its host masters
+        (on the CPU with host copies in RAM, the masters themselves), and released, they point at
+        their masters again, changed values written back first. No file is written or hashed, no
+        host memory allocated or pinned, the slots stay. Raises `CompatibilityError` when `config`
+        differs from the applied one in more than `vram_budget`, or its budget is smaller than
+        what stays resident.
+        """
+        reason = self.why_not_in_place(config)
+        if reason is not None:
+            raise CompatibilityError(
+                f"offloading cannot switch to {config!r} in place: {reason}; remove it and apply the new config instead"
+            )
+        target = self._held_for(config)
+        sched = self.scheduler
+        if sched is None:
+            raise ConfigError("this offloading was removed; apply Offload(...) again")
+        sched.flush()
+        copied = written = 0
+        held: list[str] = []
+        released: list[str] = []
+        for st in self.states:
+            want = st.group.index in target
+            if want and not st.held:
+                copied += self._hold(st)
+                held.append(st.name)
+            elif st.held and not want:
+                written += st.unbind(self.engine, settle_grads=True)
+                st.views = []  # the device copies go with the last reference
+                released.append(st.name)
+        sched.hold([st for st in self.states if st.group.index in target])
+        self.config = config
+        self.budget = parse_budget(config.vram_budget, self.onload)
+        return ResidencySwitch(tuple(held), tuple(released), copied, written)
+
+    def _hold(self, st: GroupState) -> int:
+        """Bind `st` to device copies of its masters (a master on the device already: itself); bytes copied."""
+        copies: list[torch.Tensor] = []
+        copied = 0
+        if st.source.disk is not None:
+            st.source.disk.check()  # before its pages are read (a truncated file: SIGBUS)
+        with torch.inference_mode(False), torch.no_grad():
+            for ref, master in zip(st.group.tensors, st.masters):
+                if master.device == self.onload and st.source.kind != "disk":
+                    copies.append(master)
+                else:
+                    copies.append(master.to(self.onload, copy=True))
+                    copied += ref.nbytes
+        st.bind(copies)
+        if st.source.disk is not None and not st.source.disk.dirty:
+            st.source.after_read()  # the copies are made: the mapped pages can go
+        return copied
+
     def report(self) -> OffloadReport:
         groups = []
         files = self.files
         states = {s.group.index: s for s in self.states}
         for g in self.part.groups:
             st = states.get(g.index)
-            storage = "device" if st is None else st.source.kind
+            resident = st is None or st.held
+            storage = "device" if resident else st.source.kind
             file = files.get(g.index)
             groups.append(
-                GroupReport(g.name, g.kind, tuple(p for p, _ in g.modules), g.nbytes, st is None, storage,
+                GroupReport(g.name, g.kind, tuple(p for p, _ in g.modules), g.nbytes, resident, storage,
                             str(file.path) if file else None, file.reused if file else None)
             )
         sched = self.scheduler
         slot_bytes = sum(s.flat.numel() for s in sched.slots) if sched else 0
         resident_bytes = sum(ref.nbytes for ref in self.resident if ref.tensor.device == self.onload)
+        resident_bytes += sum(st.group.nbytes for st in self.states if st.held)
         host = [s for s in self.states if s.source.kind != "disk"]
         return OffloadReport(
             granularity=self.part.granularity,
@@ -382,7 +482,7 @@ class _Offloader:
             disk_bytes=sum(f.path.stat().st_size for f in files.values()),
             order=tuple(s.name for s in sched.forward_order) if sched else (),
             backward_order=tuple(s.name for s in sched.backward_order) if sched else (),
-            bound=tuple(s.name for s in self.states if s.bound),
+            bound=tuple(s.name for s in self.states if s.bound and not s.held),
             stats=sched.stats.as_dict() if sched else {},
         )
 
@@ -525,7 +625,7 @@ class _GroupHook(ModelHook):
         self.detached = True
 
     def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.detached:
+        if self.detached or self.state.held:  # held resident by `switch`: its tensors are device copies
             return next_fn(*args, **kwargs)
         sched = self.scheduler
         saving = sched.acquire(self.state)  # checks a group file before its pages are read
@@ -670,6 +770,39 @@ def _remove_offload(model: nn.Module, config: Offload | None = None, device: str
     # a few times ran out of memory before it did. Collect now, while the whole model's worth is free.
     del offloader
     gc.collect()
+
+
+def switch_residency(model: nn.Module, config: Offload) -> ResidencySwitch:
+    """Change the residency of `model`'s offloading to `config`'s in place, and record `config`.
+
+    `config` must differ from the applied `Offload` only in `vram_budget`, with room for what is
+    resident now: the streamed groups it has room for are held resident (device copies made from
+    the existing host copies, pinned buffers or mapped files) and the rest stream as before; passing
+    the applied config back releases them. Nothing is written to disk, hashed, allocated on the host
+    or pinned. Raises `CompatibilityError` when it cannot be done in place (nothing changed then).
+    """
+    root = unwrap(model)
+    offloader = _offloader(root)
+    if offloader is None:
+        raise ConfigError("this model has no hookwise offloading; apply Offload(...) first")
+    old = offloader.config
+    result = offloader.switch(config)
+    ledger = ledger_of(root)
+    if ledger is not None and old is not config:
+        # Replaced where it stands: the same technique on the same targets, so neither the ledger's order
+        # (removal runs newest first) nor the first-call check of the map (which `record` would install
+        # again, describing the model) has cause to change.
+        entries = ledger._configs
+        entries[next(i for i, c in enumerate(entries) if c is old)] = config
+    return result
+
+
+def in_place_reason(model: nn.Module, config: Offload) -> str | None:
+    """Why `switch_residency(model, config)` cannot be done (None: it can)."""
+    offloader = _offloader(unwrap(model))
+    if offloader is None:
+        return "the model has no hookwise offloading"
+    return offloader.why_not_in_place(config)
 
 
 def offload_report(model: nn.Module) -> OffloadReport:
