@@ -157,3 +157,19 @@ def test_a_budget_given_as_a_share_of_the_device_needs_the_hardware():
     half = estimate_peak(model, job, stack=stack, hardware=SimpleNamespace(vram=weights, pinned_limit=0))
     assert 0 < half.host_bytes < weights
 
+
+
+def test_the_harness_results_are_read_from_the_installed_package():
+    from importlib import resources
+    from pathlib import Path
+
+    from hookwise.plan.plan import harness_file, harness_results
+
+    for job in (Job(), Job(frames=9)):
+        rows, source = harness_results(job)
+        installed = resources.files("hookwise.plan").joinpath("data", Path(source).name)
+        assert source == str(installed) and rows
+        # docs/ keeps the same files for people: one set of numbers, not two.
+        docs = Path(__file__).resolve().parents[1] / "docs" / Path(source).name
+        assert docs.read_text() == installed.read_text()
+        assert harness_file(job, docs.parent) == docs

@@ -18,8 +18,9 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -37,18 +38,29 @@ from .footprint import DENOISER_NAMES, Target, hidden_size, lora_params, measure
 from .hardware import Hardware
 from .job import Job
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 logger = logging.getLogger("hookwise.plan")
 
 VERIFY_HOOK = "hookwise.plan.first_step"
 TOLERANCE = 0.10  # a measured peak this far from the prediction is worth a warning
-DOCS = Path(__file__).resolve().parents[3] / "docs"
+# The step-cache harness results ship inside the package (docs/ holds the same files for people).
+HARNESS_DATA = "data"
+
+
+def harness_file(job: Job, folder: Path | None = None) -> Traversable:
+    """Where the step-cache harness rows for this kind of job (video or image) are read from:
+    `folder`, or the copy installed with the package."""
+    name = "cache-wan-moving.json" if job.frames > 1 else "cache-flux-shapes.json"
+    if folder is not None:
+        return Path(folder) / name
+    return resources.files(__package__).joinpath(HARNESS_DATA, name)
 
 
 def harness_results(job: Job, folder: Path | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """The shipped step-cache harness rows for this kind of job (video or image), and their file."""
-    folder = folder or DOCS
-    name = "cache-wan-moving.json" if job.frames > 1 else "cache-flux-shapes.json"
-    path = folder / name
+    path = harness_file(job, folder)
     try:
         rows = json.loads(path.read_text())
     except (OSError, ValueError):
