@@ -158,6 +158,22 @@ def test_a_budget_given_as_a_share_of_the_device_needs_the_hardware():
     assert 0 < half.host_bytes < weights
 
 
+def test_a_plan_with_stack_check_takes_its_peak_from_the_fake_run():
+    from hookwise.plan import Hardware, make_plan
+
+    model, _ = tiny_flux()
+    job = Job(height=64, width=64, text_len=24)
+    hw = Hardware.detect(device="cpu", vram=10**9, ram=10**9, tflops=1e-3, probe=False)
+    declared = make_plan(model, job, hw)
+    checked = make_plan(model, job, hw, stack_check=True)
+    assert declared.peak_source == "declarations"
+    assert checked.peak_source == "fake run with the stack"
+    run = estimate_peak(model, job, compute_device="cpu", stack=checked.chosen.configs, hardware=hw)
+    assert checked.chosen.device_peak == run.peak_bytes
+    assert any("fake run with the stack" in note for note in checked.chosen.notes)
+    again = type(checked).from_json(checked.to_json())
+    assert again.peak_source == checked.peak_source
+
 
 def test_the_harness_results_are_read_from_the_installed_package():
     from importlib import resources
