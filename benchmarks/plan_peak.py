@@ -1,12 +1,18 @@
 """Peak memory of a job's step: the fake-tensor estimate against peaks measured on real CPU runs,
-and the estimate for full-size FLUX.1-dev and Wan2.1-14B with the time it takes.
+plain and under each stack, and the estimate for full-size FLUX.1-dev and Wan2.1-14B with the time
+it takes.
+
+Per strategy (`--stacks`): the estimate with the stack's hooks on a fake copy (offloading composed
+from its cost declaration), the peak composed from the declarations alone (the planner's default:
+declared resident weights and slots plus the plain run's activations), and the real run with the
+stack applied on the CPU (the offload's host masters counted apart).
 
 Measured peaks come from the same storage tracker on a real run (LoRA from peft, checkpointing from
 diffusers), with attention on the CPU's math or flash kernel and the estimate asked for the same
 backend, weights counted, storages unrounded (compute_device="cpu"). The full-size estimates are
 for a CUDA device (512 B rounding, flash attention on bf16) and need no weights.
 
-    python benchmarks/plan_peak.py [--skip-full] [--calibrate] [--json out.json]
+    python benchmarks/plan_peak.py [--skip-full] [--skip-small] [--stacks] [--calibrate] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from hookwise.errors import HookwiseError  # noqa: E402
 from hookwise.introspect.specs import build_spec  # noqa: E402
 from hookwise.plan._peak_formula import fit_factors, formula_activation, step_shape  # noqa: E402
 from hookwise.plan._peak_inputs import build_inputs, known_target  # noqa: E402
@@ -83,6 +90,84 @@ def compare_small() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return rows, samples
 
 
+def stacks(weight_bytes: int) -> dict[str, tuple]:
+    from hookwise.memory import LayerwiseCasting, Offload
+
+    return {
+        "plain": (),
+        "fp8": (LayerwiseCasting(),),
+        "block offload": (Offload(onload_device="cpu", granularity="block"),),
+        "budget offload": (Offload(onload_device="cpu", granularity="block", vram_budget=weight_bytes * 6 // 10),),
+        "leaf offload": (Offload(onload_device="cpu", granularity="leaf"),),
+        "fp8 + offload": (LayerwiseCasting(), Offload(onload_device="cpu", granularity="block")),
+    }
+
+
+def declared_peak(model: torch.nn.Module, job: Job, stack: tuple, plain: Any) -> int:
+    """The peak composed from the cost declarations: each technique's effect on the footprint,
+    plus the plain fake run's activations and optimizer state (what the planner adds up)."""
+    from types import SimpleNamespace
+
+    from hookwise.core.cost import CostContext, Placement
+    from hookwise.core.techniques import technique_of
+    from hookwise.introspect import describe
+    from hookwise.plan.footprint import footprint_from_map
+
+    target, _ = known_target(model)
+    placement = Placement.resident(footprint_from_map(describe(target)))
+    hw = SimpleNamespace(vram=0, pinned_limit=0, device="cpu")
+    ctx = CostContext(hardware=hw, job=job, device_room=0, ram_room=0, passes=2 if job.training else 1,
+                      training=job.training)
+    for config in stack:
+        placement = technique_of(config).cost.effect(placement, config, ctx)
+    return placement.device_bytes + placement.transient_bytes + plain.activation_bytes + plain.optimizer_bytes
+
+
+STACK_JOBS = {
+    "tiny flux": Job(height=64, width=64, text_len=24),
+    "tiny wan": Job(height=32, width=32, frames=5, text_len=12),
+    "zoo flux-shapes": Job(height=16, width=16, text_len=4),
+    "zoo wan-moving": Job(height=12, width=12, frames=8, text_len=4),
+}
+
+
+def compare_stacks() -> list[dict[str, Any]]:
+    import warnings
+
+    rows = []
+    print("\nPer strategy: fake run with the stack vs declarations vs real CPU run with the stack, device peak in "
+          "MiB (math attention; training: LoRA r16 + AdamW state; ckpt = hookwise Checkpointing)")
+    print(f"{'model':16s} {'step':10s} {'stack':15s} {'measured':>9s} {'fake':>9s} {'ratio':>6s} {'declared':>9s} "
+          f"{'ratio':>6s} {'host':>7s}")
+    for name, model, _ in small_models():
+        target, _ = known_target(model)
+        weights = sum(t.numel() * t.element_size() for t in [*target.parameters(), *target.buffers()])
+        for mode, extra in MODES.items():
+            job = Job(**{**STACK_JOBS[name].__dict__, **extra})
+            inputs = build_inputs(model, job, torch.float32)
+            plain = estimate_peak(model, job, attention_backend="math", compute_device="cpu")
+            for label, stack in stacks(weights).items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the offload's extra-slot warnings: the table shows them
+                    try:
+                        measured = measure_peak(target, inputs, job, attention_backend="math", stack=stack)
+                    except HookwiseError as exc:  # a budget below two slots of the largest block
+                        print(f"{name:16s} {mode:10s} {label:15s} does not apply: {str(exc)[:80]}")
+                        continue
+                    fake = estimate_peak(model, job, attention_backend="math", compute_device="cpu", stack=stack)
+                declared = declared_peak(model, job, stack, plain)
+                m = measured["peak_bytes"]
+                print(f"{name:16s} {mode:10s} {label:15s} {mib(m)} {mib(fake.peak_bytes)} {fake.peak_bytes / m:6.3f} "
+                      f"{mib(declared)} {declared / m:6.3f} {measured['host_bytes'] / 2**20:7.3f}")
+                rows.append(dict(model=name, step=mode, stack=label, measured=m, fake=fake.peak_bytes,
+                                 declared=declared, host=measured["host_bytes"], fake_host=fake.host_bytes,
+                                 optimizer=measured["optimizer_bytes"], fake_optimizer=fake.optimizer_bytes))
+    within = sum(abs(r["fake"] / r["measured"] - 1) <= 0.05 for r in rows)
+    declared_within = sum(abs(r["declared"] / r["measured"] - 1) <= 0.05 for r in rows)
+    print(f"within 5%: fake run with the stack {within}/{len(rows)}, declarations {declared_within}/{len(rows)}")
+    return rows
+
+
 FULL = [
     ("flux.1-dev", "1024x1024", Job(height=1024, width=1024, text_len=512)),
     ("flux.1-dev", "1024x1024 cfg", Job(height=1024, width=1024, text_len=512, cfg="batched")),
@@ -122,13 +207,19 @@ def full_size() -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size FLUX / Wan estimates")
+    parser.add_argument("--skip-small", action="store_true", help="skip the plain small-model comparison")
+    parser.add_argument("--stacks", action="store_true", help="compare every strategy on the small models")
     parser.add_argument("--calibrate", action="store_true", help="print the formula factors fitted on the small models")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    small, samples = compare_small()
-    out: dict[str, Any] = {"small": small}
-    if args.calibrate:
+    out: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
+    if not args.skip_small:
+        out["small"], samples = compare_small()
+    if args.stacks:
+        out["stacks"] = compare_stacks()
+    if args.calibrate and samples:
         factors = fit_factors(samples)
         print("\nformula factors fitted on the measured peaks (flash):",
               ", ".join(f"{k}={v:.2f}" for k, v in factors.items()))

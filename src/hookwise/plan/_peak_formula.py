@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..introspect import describe
 from ._peak_inputs import build_inputs, known_target
 from ._peak_tracker import CUDA_BLOCK, storage_bytes
+from ._peak_training import adam_state_bytes
 from .job import Job
 
 # Fitted by fit_factors on the tiny / zoo models (benchmarks/plan_peak.py --calibrate).
@@ -128,23 +129,27 @@ def formula_estimate(model: nn.Module, job: Job, *, example_inputs: Any, attenti
     weights = list(target.parameters()) + list(target.buffers())
     weight_bytes = storage_bytes(weights, block) if weights_on_device else 0
     activation = formula_activation(shape, job, attention_backend, compute_device)  # batch: one call's, CFG in
-    saved = 0
+    saved = optimizer = 0
     if job.training:
         per_block = SAVED if job.checkpointing is False else CHECKPOINTED
         saved = int(per_block * shape.blocks * shape.unit)
+        optimizer = adam_state_bytes(target, job.lora_rank)
     modelled = (
         f"fake execution could not run the model ({reason}); peak from a formula calibrated on measured "
         f"peaks of small FLUX / Wan models, expect tens of percent of error",
         f"assumed {shape.batch} x {shape.tokens} tokens x width {shape.width}, {shape.blocks} blocks, "
         f"{shape.heads} heads (tokens: 2x2 patches of latent grids plus sequence inputs)",
     )
+    if job.training:
+        modelled += ("optimizer: AdamW, 2 float32 moments per LoRA parameter (optimizer_bytes)",)
     return PeakReport(
-        peak_bytes=weight_bytes + activation,
+        peak_bytes=weight_bytes + optimizer + activation,
         weight_bytes=weight_bytes,
         activation_bytes=activation,
         saved_for_backward_bytes=saved,
         method="formula",
         modelled=modelled,
+        optimizer_bytes=optimizer,
     )
 
 

@@ -45,6 +45,23 @@ class StorageTracker(TorchDispatchMode):
         """Know `tensor`'s storage from now on; `count` adds its bytes to the live total. Returns them."""
         return self._see(tensor, count)
 
+    def reserve(self, device: str, nbytes: int) -> None:
+        """Add `nbytes` held on `device` for the whole run by something not run (a modelled buffer)."""
+        self._add(device, nbytes)
+
+    def move(self, tensor: torch.Tensor, device: str) -> int:
+        """Count `tensor`'s (known) storage on `device` from now on (a host copy on a shared memory);
+        returns the bytes moved, 0 if it was there already or is not known."""
+        storage = tensor.untyped_storage()
+        entry = self._known.get(id(storage))
+        if entry is None or entry[0]() is not storage or entry[1] == device:
+            return 0
+        ref, old, size = entry
+        self.live[old] -= size
+        self._known[id(storage)] = (ref, device, size)
+        self._add(device, size)
+        return size
+
     # ---- reading -------------------------------------------------------------------------------
     def live_bytes(self, device: str) -> int:
         return self.live.get(device, 0)

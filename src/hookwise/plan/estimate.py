@@ -98,6 +98,22 @@ def default_activation_estimator(model: nn.Module, job: Job, *, attention_backen
     )
 
 
+def stack_peak(model: nn.Module, job: Job, configs: tuple[Any, ...], *, hardware: Any, attention_backend: str,
+               example_inputs: Any = None) -> Any:  # fmt: skip
+    """The device peak of one step with `configs` in place, from a fake run (`plan.peak.estimate_peak`
+    with `stack=`), or None where it cannot run: the plan then keeps the declarations' peak."""
+    from . import peak  # noqa: PLC0415 - as in default_activation_estimator
+
+    device = "cpu" if getattr(hardware, "device", "cuda") == "cpu" else "cuda"
+    try:
+        report = peak.estimate_peak(model, job, example_inputs=example_inputs, attention_backend=attention_backend,
+                                    compute_device=device, stack=configs, hardware=hardware)  # fmt: skip
+    except (ImportError, HookwiseError, NotImplementedError, RuntimeError) as exc:
+        logger.info("hookwise plan: no fake run with the stack (%s); the declarations' peak stands", exc)
+        return None
+    return report if report.method == "fake" else None
+
+
 def estimate_activations(
     estimator: ActivationEstimator | None,
     model: nn.Module,

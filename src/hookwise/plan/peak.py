@@ -5,9 +5,19 @@ trainable and the rest frozen, checkpointing per the job) under PyTorch's `FakeT
 operation computes shapes, dtypes and strides but allocates nothing, so a 12B model at 1024x1024
 runs in seconds on a CPU without weights. A dispatch-mode tracker counts the storages the run
 creates and frees (`_peak_tracker`), and attention runs as the kernel chosen for the compute device
-would (`_peak_attention`), not as the CPU's math path. The model itself is never changed: fake
-copies of its parameters are swapped in for one call (`torch.func.functional_call`) and every hook
-the run attaches is removed after it.
+would (`_peak_attention`), not as the CPU's math path. The model itself is never changed: the run
+uses a copy whose weights are fake tensors (`_peak_stack.fake_copy`).
+
+With `stack=` the stack's techniques are applied to that copy, so the run has their hooks in place:
+cast weights in their storage dtype with each layer's dequantized weight alive while it computes,
+the project's `Checkpointing` recomputing blocks in backward. Offloading's hooks cannot run on fake
+tensors; its resident groups and prefetch slots come from its cost declaration (`_peak_stack`), and
+the report says so. A training step also holds the optimizer's state: AdamW's two float32 moments
+per trainable (LoRA) parameter, counted as `optimizer_bytes`, resident for the whole step.
+
+The step runs with the fake mode entered only around building the copy, the stack and the inputs:
+the fake tensors dispatch to it by themselves, and the per-sample scalars (the timestep) stay real,
+because the run state hook reads the timestep on the host as it does on a real run.
 
 What cannot run on fake tensors (an operation without a fake kernel, control flow that reads tensor
 values) falls back to a formula calibrated on measured peaks (`_peak_formula`), and says so.
@@ -22,16 +32,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
 from ..core.outputs import sample_of
 from ..errors import ConfigError
 from ._peak_attention import AttentionBackend, check_backend
 from ._peak_formula import formula_estimate
+from ..core.techniques import technique_of
+from ..stack import apply as apply_stack
 from ._peak_inputs import build_inputs, known_target
+from ._peak_stack import checkpointed_blocks, configs_of, fake_copy, modelled_weights, split
 from ._peak_tracker import CUDA_BLOCK, StorageTracker, storage_bytes
-from ._peak_training import attached, checkpoint_blocks, lora_targets, make_lora
+from ._peak_training import ADAM_MOMENTS, attached, lora_targets, make_lora
+from .footprint import label
 from .job import Job
 
 logger = logging.getLogger("hookwise.plan.peak")
@@ -49,10 +63,14 @@ class PeakReport:
     saved_for_backward_bytes: int  # 0 unless training
     method: str  # "fake" (ran under fake tensors) or "formula" (fallback, calibrated)
     modelled: tuple[str, ...]  # what was modelled rather than run, in plain words
+    optimizer_bytes: int = 0  # AdamW state of the trainable parameters (training), resident all step
+    host_bytes: int = 0  # weight bytes a modelled offload keeps in host memory
+    stack: tuple[str, ...] = ()  # the techniques the run had in place (and those modelled)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["modelled"] = list(self.modelled)
+        out["stack"] = list(self.stack)
         return out
 
 
@@ -64,6 +82,8 @@ def estimate_peak(
     attention_backend: str = "flash",
     compute_device: str = "cuda",
     weights_on_device: bool = True,
+    stack: Any = None,
+    hardware: Any = None,
 ) -> PeakReport:
     """Peak bytes on the compute device over one step of `job` (one call, two for separate CFG, or a
     training forward + backward), from running the model on fake tensors.
@@ -74,13 +94,19 @@ def estimate_peak(
     kernel the compute device would run ("flash", "efficient", "math"); `compute_device` "cuda"
     rounds storages to the CUDA allocator's 512 B blocks. With `weights_on_device=False` only what
     the computation adds is counted (the caller adds the weights a stack keeps resident).
+
+    `stack` (a `hookwise.Stack` or technique configs, as `hookwise.apply` takes them) is applied to
+    the fake copy first; `model` must then be the plain model. `hardware` (a `plan.Hardware`) sizes
+    offload budgets given as a share of the device.
     """
     _check(model, job, attention_backend, compute_device)
+    configs = configs_of(stack)
     target, builder = known_target(model)
     if example_inputs is None and builder is None:
         build_inputs(model, job, torch.float32)  # raises the error that says to pass example_inputs
     try:
-        return _fake_run(model, job, example_inputs, attention_backend, compute_device, weights_on_device)
+        return _fake_run(model, job, example_inputs, attention_backend, compute_device, weights_on_device,
+                         configs, hardware)  # fmt: skip
     except _FAKE_FAILURES as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
         logger.warning("fake execution of %s failed (%s); using the calibrated formula", type(target).__name__, reason)
@@ -119,86 +145,104 @@ def _check(model: Any, job: Any, backend: str, device: str) -> None:
         raise ConfigError(f"every size of the job must be at least 1, got {job}")
 
 
-def _checkpointing(job: Job) -> bool:
-    return job.training if job.checkpointing is None else (job.training and job.checkpointing)
-
-
 def _fake_run(
-    model: nn.Module, job: Job, example_inputs: Any, backend: str, compute_device: str, weights_on_device: bool
+    model: nn.Module, job: Job, example_inputs: Any, backend: str, compute_device: str, weights_on_device: bool,
+    configs: tuple[Any, ...] = (), hardware: Any = None,
 ) -> PeakReport:
     target, _ = known_target(model)
     block = CUDA_BLOCK if compute_device == "cuda" else 1
     tracker = StorageTracker(block)
     attention = AttentionBackend(backend, upcast_math=compute_device == "cuda")
-    adapters_of: dict[str, nn.Linear] = {}
-    blocks: list[str] = []
+    run, modelled = split(configs, job)
+    adapters_of: list[str] = []
     if job.training:
-        modules = dict(target.named_modules())
-        adapters_of = {p: modules[p] for p in lora_targets(target)}
+        adapters_of = lora_targets(target)
         if not adapters_of:
             raise ConfigError(
                 f"a training job puts LoRA on the attention Linears, and describe() found none in "
                 f"{type(target).__name__}; state them with hookwise.describe(model, attention=[...])"
             )
-        blocks = checkpoint_blocks(target) if _checkpointing(job) else []
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fakes: dict[int, torch.Tensor] = {}
-
-        def fake_of(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in fakes:
-                fakes[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-            return fakes[id(t)]
-
-        params = {n: fake_of(p) for n, p in target.named_parameters()}
-        buffers = {n: fake_of(b) for n, b in target.named_buffers()}
-        weights = list(params.values()) + list(buffers.values())
-        weight_bytes = storage_bytes(weights, block) if weights_on_device else 0
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = fake_copy(target, mode, frozen=job.training)
+    notes: list[str] = []
+    with mode:
+        if run:
+            apply_stack(fake, *run)  # the stack's hooks, in place on the copy
+        weights = _distinct([*fake.parameters(), *fake.buffers()])
+        originals = dict(target.named_modules())
+        # Adapters in the dtype the layer computes in: the model's own (casting stores, not computes, fp8).
+        adapters = {
+            p: make_lora(originals[p], job.lora_rank, torch.empty(0, dtype=originals[p].weight.dtype))
+            for p in adapters_of
+        }
+        host_bytes = 0
+        if modelled:
+            trainable = storage_bytes([t for ab in adapters.values() for t in ab])
+            device, slots, host_bytes, notes = modelled_weights(
+                fake, modelled, job, hardware, trainable, checkpointed_blocks(fake, run)
+            )
+            weight_bytes = device + slots if weights_on_device else 0
+        else:
+            weight_bytes = storage_bytes(weights, block) if weights_on_device else 0
         for w in weights:
-            tracker.register(w, count=weights_on_device)
-        dtype = next((p.dtype for p in weights if p.is_floating_point()), torch.float32)
+            tracker.register(w, count=weights_on_device and not modelled)
+        if modelled:
+            tracker.reserve("cpu", weight_bytes)
+        dtype = next((p.dtype for p in [*target.parameters(), *target.buffers()] if p.is_floating_point()), torch.float32)
         if example_inputs is None:
             inputs = build_inputs(model, job, dtype)
         else:
             inputs = tree_map(lambda v: _to_fake(v, mode), example_inputs)
+        inputs = _host_scalars(inputs)
         for t in _tensors(inputs):
             tracker.register(t)
-        adapters = {p: make_lora(m, job.lora_rank, params[f"{p}.weight"]) for p, m in adapters_of.items()}
+        state = [torch.zeros(t.shape, dtype=torch.float32) for ab in adapters.values() for t in ab for _ in range(ADAM_MOMENTS)]
         for a, b in adapters.values():
             tracker.register(a)
             tracker.register(b)
-        tracker.reset_peak()
-        start_live = tracker.live_bytes("cpu")
-        saved = 0
-        with attached(target, adapters, blocks), attention, tracker:
-            step = _Step(target, lambda m: _step(m, inputs, job, tracker, start_live))
-            saved = torch.func.functional_call(step, {**_prefixed(params), **_prefixed(buffers)}, ())
-        peak = tracker.peak_bytes("cpu")
-    modelled = _notes(job, backend, compute_device, weights_on_device, attention, adapters, blocks)
+        optimizer_bytes = sum(tracker.register(t) for t in state)
+    tracker.reset_peak()
+    start_live = tracker.live_bytes("cpu")
+    # The fake tensors carry their mode into every operation; factory calls without tensor inputs
+    # (small: position tables, timestep frequencies) run for real, as the run state's read does.
+    with attached(fake, adapters), attention, tracker:
+        saved = _step(fake, inputs, job, tracker, start_live)
+    peak = tracker.peak_bytes("cpu")
+    del state
+    modelled_notes = _notes(job, backend, compute_device, weights_on_device, attention, adapters, run, modelled)
     return PeakReport(
         peak_bytes=peak,
         weight_bytes=weight_bytes,
-        activation_bytes=peak - weight_bytes,
+        activation_bytes=peak - weight_bytes - optimizer_bytes,
         saved_for_backward_bytes=saved if job.training else 0,
         method="fake",
-        modelled=modelled,
+        modelled=(*modelled_notes, *notes),
+        optimizer_bytes=optimizer_bytes,
+        host_bytes=host_bytes,
+        stack=tuple(label(c) for c in (*run, *modelled)),
     )
 
 
-class _Step(nn.Module):
-    """One step of a job as a module, so one `functional_call` covers its backward (and recomputation) too."""
-
-    def __init__(self, target: nn.Module, fn: Any) -> None:
-        super().__init__()
-        self.m = target
-        self.fn = fn
-
-    def forward(self) -> Any:
-        return self.fn(self.m)
+def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
 
 
-def _prefixed(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"m.{k}": v for k, v in named.items()}
+def _host_scalars(inputs: Any) -> Any:
+    """The inputs with per-sample scalars (1-D, at most one value per sample) as real host tensors:
+    the run state reads the timestep on the host."""
+
+    def real(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() <= 1 and v.numel() <= _SCALARS:
+            with unset_fake_temporarily():
+                return torch.zeros(v.shape, dtype=v.dtype)
+        return v
+
+    return tree_map(real, inputs)
+
+
+_SCALARS = 64  # at most this many values: a per-sample scalar (timestep, guidance), not a sequence
 
 
 def _call(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -252,8 +296,10 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _notes(job: Job, backend: str, device: str, weights_on_device: bool, attention: AttentionBackend,
-           adapters: dict, blocks: list[str]) -> tuple[str, ...]:
+           adapters: dict, run: list, modelled: list) -> tuple[str, ...]:
     notes = [f"ran the model on fake CPU tensors standing in for {device}; no weights were read or allocated"]
+    if run:
+        notes.append("with the stack's hooks in place on a fake copy: " + ", ".join(label(c) for c in run))
     if attention.calls:
         taken = ", ".join(sorted(attention.taken))
         notes.append(f"attention: {attention.calls} scaled_dot_product_attention calls modelled as the {taken} "
@@ -273,8 +319,10 @@ def _notes(job: Job, backend: str, device: str, weights_on_device: bool, attenti
         notes.append("CFG separate: two calls, the first one's output kept during the second")
     if job.training:
         notes.append(f"LoRA rank {job.lora_rank} (peft layout) on {len(adapters)} attention Linears, the rest "
-                     f"frozen; its parameters and gradients are counted as activation bytes; no optimizer state")
+                     f"frozen; its parameters and gradients are counted as activation bytes")
+        notes.append(f"optimizer: AdamW, {ADAM_MOMENTS} float32 moments per trainable parameter, resident all step "
+                     f"(optimizer_bytes); the update's own temporaries come after backward and are not run")
         notes.append("loss: MSE in float32 against a target of the output's shape")
-        if blocks:
-            notes.append(f"gradient checkpointing (non-reentrant) on each of {len(blocks)} blocks")
+        if any(technique_of(c).name == "checkpointing" for c in run):
+            notes.append("gradient checkpointing: hookwise Checkpointing (non-reentrant, per block) on the copy")
     return tuple(notes)

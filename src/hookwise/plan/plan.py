@@ -14,12 +14,14 @@ only ever kept, never swapped), the next one applied, the call run again, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -32,23 +34,34 @@ from ..stack import apply as apply_stack
 from ..stack import remove as remove_stack
 from . import choose
 from ._measure import measure_call
-from .estimate import ActivationEstimate, ActivationEstimator, estimate_activations, step_flops, vae_decode_bytes
+from .estimate import ActivationEstimate, ActivationEstimator, estimate_activations, stack_peak, step_flops, vae_decode_bytes
 from .footprint import DENOISER_NAMES, Target, hidden_size, lora_params, measure, modules_of, storage_table
 from .hardware import Hardware
 from .job import Job
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 logger = logging.getLogger("hookwise.plan")
 
 VERIFY_HOOK = "hookwise.plan.first_step"
 TOLERANCE = 0.10  # a measured peak this far from the prediction is worth a warning
-DOCS = Path(__file__).resolve().parents[3] / "docs"
+# The step-cache harness results ship inside the package (docs/ holds the same files for people).
+HARNESS_DATA = "data"
+
+
+def harness_file(job: Job, folder: Path | None = None) -> Traversable:
+    """Where the step-cache harness rows for this kind of job (video or image) are read from:
+    `folder`, or the copy installed with the package."""
+    name = "cache-wan-moving.json" if job.frames > 1 else "cache-flux-shapes.json"
+    if folder is not None:
+        return Path(folder) / name
+    return resources.files(__package__).joinpath(HARNESS_DATA, name)
 
 
 def harness_results(job: Job, folder: Path | None = None) -> tuple[list[dict[str, Any]], str | None]:
     """The shipped step-cache harness rows for this kind of job (video or image), and their file."""
-    folder = folder or DOCS
-    name = "cache-wan-moving.json" if job.frames > 1 else "cache-flux-shapes.json"
-    path = folder / name
+    path = harness_file(job, folder)
     try:
         rows = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -72,6 +85,9 @@ class Plan:
     storage: list[dict[str, Any]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)  # fallbacks and verification, in order
     measured: dict[str, Any] | None = None
+    # Where the chosen option's device peak comes from: "declarations" (composed from each technique's
+    # cost declaration and the activation estimate) or "fake run with the stack" (`stack_check=True`).
+    peak_source: str = "declarations"
 
     # ---- reading ------------------------------------------------------------------------------
     @property
@@ -130,6 +146,7 @@ class Plan:
             "storage": self.storage,
             "events": list(self.events),
             "measured": self.measured,
+            "peak_source": self.peak_source,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -156,6 +173,7 @@ class Plan:
             storage=list(data.get("storage", [])),
             events=list(data.get("events", [])),
             measured=data.get("measured"),
+            peak_source=data.get("peak_source", "declarations"),
         )  # fmt: skip
 
     @classmethod
@@ -224,8 +242,14 @@ def make_plan(
     margin: tuple[float, int] = choose.DEFAULT_MARGIN,
     measurements: dict[str, Any] | None = None,
     target: Target | None = None,
+    stack_check: bool = False,
 ) -> Plan:
-    """Measure, predict and choose without changing the model (it may live on `meta`)."""
+    """Measure, predict and choose without changing the model (it may live on `meta`).
+
+    With `stack_check`, the best ranked options of a single model are run on fake tensors with their
+    stack in place (`plan.peak.estimate_peak(stack=...)`), and the first that fits by that peak is
+    chosen, its device peak the fake run's; where the run cannot be made, the declarations stand.
+    `Plan.peak_source` says which."""
     job = job or Job()
     if not isinstance(job, Job):
         raise ConfigError(f"job must be a hookwise.Job, got {type(job).__name__}")
@@ -274,6 +298,12 @@ def make_plan(
     options = choose.enumerate_options(inputs)
     ranked = choose.rank(options, goal)
     chosen = ranked[0] if ranked else None
+    source = "declarations"
+    if stack_check and ranked and not target.pipeline:
+        chosen, ranked, source = _check_stacks(
+            denoiser.module, job, hardware, ranked, margin, attention_backend=attention_backend,
+            example_inputs=example_inputs,
+        )  # fmt: skip
     return Plan(
         job=job,
         hardware=hardware,
@@ -285,7 +315,37 @@ def make_plan(
         activation=activation,
         model_cls=denoiser.model_map.model_cls,
         storage=storage_table(target),
+        peak_source=source,
     )
+
+
+STACK_CHECKS = 3  # ranked options run with their stack before the declarations' choice stands
+
+
+def _check_stacks(
+    model: nn.Module, job: Job, hardware: Hardware, ranked: list[choose.Option], margin: tuple[float, int], *,
+    attention_backend: str, example_inputs: Any,
+) -> tuple[choose.Option | None, list[choose.Option], str]:
+    """(chosen, ranked, peak source): the first of the best ranked options whose fake run with the
+    stack fits, with the run's peak; the declarations' choice where no run could be made or none fits."""
+    room = choose.usable(hardware.ram if hardware.shared else hardware.vram_free, margin)
+    checked = list(ranked)
+    for i, option in enumerate(ranked[:STACK_CHECKS]):
+        report = stack_peak(model, job, option.configs, hardware=hardware, attention_backend=attention_backend,
+                            example_inputs=example_inputs)  # fmt: skip
+        if report is None:
+            return ranked[0], ranked, "declarations"
+        need = report.peak_bytes + (option.ram_peak if hardware.shared else 0)
+        note = (f"device peak {choose.fmt(report.peak_bytes)} from a fake run with the stack in place (the "
+                f"declarations gave {choose.fmt(option.device_peak)})")  # fmt: skip
+        fits = need <= room
+        checked[i] = dataclasses.replace(
+            option, device_peak=int(report.peak_bytes), fits=fits, notes=(*option.notes, note),
+            failure=None if fits else f"device memory by the fake run: needs {choose.fmt(need)}, {choose.fmt(room)} usable",
+        )  # fmt: skip
+        if fits:
+            return checked[i], [o for o in checked if o.fits], "fake run with the stack"
+    return ranked[0], ranked, "declarations"
 
 
 def optimize(
@@ -300,6 +360,7 @@ def optimize(
     example_inputs: Any = None,
     margin: tuple[float, int] = choose.DEFAULT_MARGIN,
     verify: bool = True,
+    stack_check: bool = False,
     **hardware: Any,
 ) -> Plan:
     """Plan for `model_or_pipe` (a module, a diffusers pipeline or a dict of modules), apply the
@@ -313,7 +374,7 @@ def optimize(
     target = measure(model_or_pipe)
     plan = make_plan(
         model_or_pipe, job, hw, goal, activation_estimator=activation_estimator, attention_backend=attention_backend,
-        example_inputs=example_inputs, margin=margin, target=target,
+        example_inputs=example_inputs, margin=margin, target=target, stack_check=stack_check,
     )  # fmt: skip
     if plan.chosen is None:
         raise ConfigError(f"hookwise.optimize: no stack fits. {plan.explanation}")
