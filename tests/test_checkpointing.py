@@ -116,20 +116,22 @@ class _Odd(torch.nn.Module):
         return x + blocks[1](x)  # stages.0.spare is never called
 
 
+def _odd_step(model, x):
+    """One forward + backward of the odd model: its output and every gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_a_model_of_an_odd_shape_keeps_exact_gradients():
     model = _Odd()
     x = torch.randn(2, 4, 8)
     paths = ["stages.0.blocks.0", "stages.0.blocks.1", "stages.0.spare"]
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    expected = step()
+    expected = _odd_step(model, x)
     hookwise.apply(model, hookwise.Checkpointing(blocks=paths))
-    assert_same(step(), expected)
+    assert_same(_odd_step(model, x), expected)
     assert hookwise.checkpointing_report(model).calls == {paths[0]: 2, paths[1]: 1, paths[2]: 0}
     hookwise.remove(model)
     assert list_hooks(model) == {}
@@ -222,20 +224,14 @@ def test_budget_on_an_odd_model_counts_both_calls_of_a_reused_block_and_keeps_th
     x = torch.randn(2, 4, 8)
     paths = ["stages.0.blocks.0", "stages.0.blocks.1", "stages.0.spare"]
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.pow(2).mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    expected = step()
+    expected = _odd_step(model, x)
     hookwise.apply(model, hookwise.Checkpointing(blocks=paths, budget="1MB"))
-    assert_same(step(), expected)
+    assert_same(_odd_step(model, x), expected)
     report = hookwise.checkpointing_report(model)
     assert report.measured[paths[0]].calls == 2 and report.measured[paths[1]].calls == 1
     assert report.measured[paths[2]].calls == 0 and "never called" in report.reason
     assert report.checkpointed == [paths[2]]
-    assert_same(step(), expected)
+    assert_same(_odd_step(model, x), expected)
     hookwise.remove(model)
     assert list_hooks(model) == {}
 

@@ -11,15 +11,10 @@ from hookwise.errors import ConfigError
 from hookwise.train import FORMATS, lora_state_dict, read_lora, save_latents, train_lora
 from hookwise.train.trainer import _sample_validation, _write_validation, attention_targets
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
+from cache_helpers import one_thread  # noqa: F401 - the fixture
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: on a shared machine, threads waiting for each other cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_short_run_teaches_the_zoo_model_the_new_class_and_saves_every_format(tmp_path):
@@ -141,6 +136,24 @@ def test_a_wan_transformer_and_a_musubi_style_model_train_from_cached_latents(tm
                         stack=None, sample_steps=2, formats=("diffusers", "peft"))  # fmt: skip
     assert len(result.losses) == 2 and set(result.files) == {"diffusers", "peft"}
     assert any(".qkv" in k for k in load_file(str(result.files["diffusers"])))
+
+
+def test_validation_samples_switch_to_the_inference_stack_and_leave_the_run_bit_identical(tmp_path):
+    # Training streams half the weights; validation samples hold them resident under a step cache.
+    kwargs = dict(steps=4, batch=4, sample_steps=2, stack=[hookwise.Offload(onload_device="cpu", vram_budget="50%")])
+    plain = train_lora("flux-shapes", tmp_path / "plain", **kwargs)
+    inside = [hookwise.Offload(onload_device="cpu", vram_budget="100%"), hookwise.FirstBlockCache()]
+    switched = train_lora("flux-shapes", tmp_path / "switched", **kwargs, validate_every=1, validation_stack=inside)
+    assert switched.losses == plain.losses
+    assert len(switched.switches) == 4 and len(plain.switches) == 1  # every validation went through the switch
+    for report in switched.switches:
+        assert report.inside.configs == tuple(inside) or list(report.inside.configs) == inside
+        for cost in (report.enter, report.exit):
+            assert cost.files_written == cost.hashes == cost.pins == 0
+    a, b = (load_file(str(tmp_path / n / "lora-diffusers.safetensors")) for n in ("plain", "switched"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="validation_stack"):
+        train_lora("flux-shapes", tmp_path / "bad", steps=1, batch=2, validation_stack="fast")
 
 
 def test_validation_samples_leave_the_training_mode_as_it_was(tmp_path):

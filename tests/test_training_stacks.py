@@ -13,19 +13,13 @@ from hookwise.core import list_hooks
 from model_helpers import _gen
 from offload_helpers import add_lora, assert_same, fwd_bwd
 from tree_helpers import Tree, x_input
+from cache_helpers import one_thread  # noqa: F401 - the fixture
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EXTRA = "transformer_blocks.0.attn.norm_q.weight"  # a trainable parameter that is not an adapter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Ops on these tiny tensors gain nothing from threads, and on a shared CPU the thread pool's
-    # contention makes a step many times slower; restored after each test.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flux4(dtype: torch.dtype = torch.float32):

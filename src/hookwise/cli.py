@@ -489,7 +489,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .plan import Job, make_plan
     from .sampling import psnr
     from .train import train_lora
-    from .train._lora_tasks import ZooTask, save_rows_png
+    from .train._lora_tasks import ZooTask
+    from .zoo.grid import save_rows_png
 
     began = time.perf_counter()
     console = Console(stderr=True)

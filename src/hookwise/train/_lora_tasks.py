@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.outputs import sample_of
-from ..errors import ConfigError, require
+from ..errors import ConfigError
 from ..sampling.flow import sample
 from ..zoo.data import IMAGE_CLASSES, NEW_IMAGE_CLASS, make_images, make_new_class_images
 from ..zoo.reference import ReferenceModel
@@ -281,28 +281,4 @@ def save_latents(path: str | Path, latents: torch.Tensor, *, timestep_scale: flo
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {_TIMESTEP_SCALE_KEY: repr(float(timestep_scale)), _ARGS_KEY: f"{input_arg},{timestep_arg}"}
     save_file(tensors, str(path), metadata=metadata)
-    return path
-
-
-def save_rows_png(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, *, title: str = "", scale: int = 3) -> Path:
-    """A labelled PNG: one row per (name, images (N, 3, H, W) in [0, 1])."""
-    Image = require("PIL.Image", "plot", "saving sample grids")
-    ImageDraw = require("PIL.ImageDraw", "plot", "saving sample grids")
-    h, w = rows[0][1].shape[-2:]
-    label_w, pad, top = 190, 2, 14
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    cols = max(r.shape[0] for _, r in rows)
-    canvas = Image.new("RGB", (label_w + cols * cell_w, top + len(rows) * cell_h), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 1), title, fill=(0, 0, 0))
-    for r, (name, images) in enumerate(rows):
-        y = top + r * cell_h
-        draw.text((4, y + cell_h // 2 - 6), name, fill=(0, 0, 0))
-        pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        for c, img in enumerate(pixels):
-            tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (label_w + c * cell_w, y))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
     return path

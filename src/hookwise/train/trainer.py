@@ -41,11 +41,13 @@ from ..introspect.lora_keys import group_of_module
 from ..memory import LayerwiseCasting
 from ..plan import Job, make_plan
 from ..plan.footprint import LORA_TARGETS
-from ..stack import Stack
+from ..stack import Stack, applied
 from ..stack import apply as apply_stack
 from ..zoo.reference import ReferenceModel, load_reference, reference_names
-from ._lora_tasks import LatentsTask, ZooTask, class_distances, save_rows_png
+from ..zoo.grid import save_rows_png
+from ._lora_tasks import LatentsTask, ZooTask, class_distances
 from .lora_io import FORMATS, load_lora, save_lora
+from .validation import validation
 
 logger = logging.getLogger("hookwise.train.trainer")
 
@@ -88,6 +90,7 @@ class LoraTrainingResult:
     grid: Path | None = None  # before / after PNG (zoo models)
     distances: dict[str, tuple[float, float]] = field(default_factory=dict)  # "before"/"after" -> (new, old)
     skipped_formats: dict[str, str] = field(default_factory=dict)  # format -> why it was not written
+    switches: list[Any] = field(default_factory=list)  # hookwise.validation reports (switch costs), one per sampling
 
     def learned(self) -> bool | None:
         """Whether the samples moved towards the new class relative to the old ones (zoo models)."""
@@ -171,12 +174,22 @@ def _load_model(model: str | nn.Module, data: str | Path | None) -> ReferenceMod
     return cls.from_pretrained(folder)
 
 
-def _sample_validation(task: Any, model: nn.Module, labels: Sequence[int], *, seed: int = 0) -> torch.Tensor:
-    """Validation samples with the training stack, under no_grad in eval mode; the mode is restored.
+def _sample_validation(task: Any, model: nn.Module, labels: Sequence[int], *, seed: int = 0,
+                       stack: Any = None, reports: list[Any] | None = None) -> torch.Tensor:
+    """Samples under no_grad in eval mode; the mode is restored.
 
-    Every sample taken during training comes from here, so that switching to an inference stack
-    (`hookwise.validation`) is a change in one place.
+    With `stack` ("plan" for the planner's inference stack, or a `Stack` / configs) and a training
+    stack on the model, sampling runs inside `hookwise.validation(model, stack=...)`, which switches
+    to the inference stack and back exactly (its cost is appended to `reports`). With `stack=None`,
+    or no stack applied, the samples come from the model as it is.
     """
+    if stack is not None and applied(model).configs:
+        with validation(model, stack=None if stack == "plan" else stack) as v:
+            with torch.no_grad():
+                out = task.sample(model, labels, seed=seed)
+        if reports is not None:
+            reports.append(v.report)
+        return out
     was_training = model.training
     model.eval()
     try:
@@ -186,10 +199,11 @@ def _sample_validation(task: Any, model: nn.Module, labels: Sequence[int], *, se
         model.train(was_training)
 
 
-def _write_validation(task: Any, model: nn.Module, path: Path, *, title: str, per_class: int = 4) -> Path:
+def _write_validation(task: Any, model: nn.Module, path: Path, *, title: str, per_class: int = 4,
+                      stack: Any = None, reports: list[Any] | None = None) -> Path:
     """Validation samples as a PNG grid (zoo models) or a safetensors file of latents."""
     labels, names = task.validation_labels(per_class)
-    out = _sample_validation(task, model, labels)
+    out = _sample_validation(task, model, labels, stack=stack, reports=reports)
     if task.kind == "zoo":
         rows = [(name, out[i * per_class : (i + 1) * per_class]) for i, name in enumerate(names)]
         return save_rows_png(rows, path.with_suffix(".png"), title=title)
@@ -221,6 +235,7 @@ def train_lora(
     stack: str | Stack | Sequence[Any] | None = "plan",
     optimizer: str = "auto",
     validate_every: int = 0,
+    validation_stack: str | Stack | Sequence[Any] | None = "plan",
     resume: str | Path | None = None,
     formats: Sequence[str] = FORMATS,
     seed: int = 0,
@@ -237,6 +252,9 @@ def train_lora(
     `steps` counts all steps, also when resuming from `resume` (a folder this function wrote).
     `stack`: "plan", a `Stack` or configs, or None. `base`: "float32", "bf16" or "fp8".
     `validate_every`: write validation samples every so many steps (0: only before and after).
+    `validation_stack`: the stack those samples are taken under, through `hookwise.validation`
+    ("plan": the planner's inference stack fitted to the training one; None: the training stack as
+    is). The before / after samples that measure learning always use the training stack as is.
     A model passed as a module is changed in place: it keeps the LoRA and the stack afterwards.
     """
     for name, value in (("steps", steps), ("batch", batch), ("rank", rank), ("sample_steps", sample_steps)):
@@ -249,6 +267,9 @@ def train_lora(
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ConfigError(f"train_lora(formats=...): unknown {unknown}; choose from {FORMATS}")
+    if not (isinstance(validation_stack, (Stack, list, tuple)) or validation_stack in ("plan", None)):
+        raise ConfigError(f"train_lora(validation_stack={validation_stack!r}): use 'plan', a hookwise.Stack, a list of "
+                          "configs, or None")  # fmt: skip
     if not (isinstance(stack, (Stack, list, tuple)) or stack in ("plan", None)):
         raise ConfigError(f"train_lora(stack={stack!r}): use 'plan', a hookwise.Stack, a list of configs, or None")
     peft = require("peft", "peft", "LoRA training")
@@ -320,7 +341,7 @@ def train_lora(
         if start >= steps:
             raise ConfigError(f"resume: the saved run already did {start} steps; ask for steps > {start}")
         g.set_state(state["generator"])
-    applied = apply_stack(transformer, *configs) if configs else Stack()
+    applied_stack = apply_stack(transformer, *configs) if configs else Stack()
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     opt, opt_name = _optimizer(
         [{"params": lora_params, "lr": lr}, {"params": task.parameters(), "lr": lr}], optimizer, device
@@ -334,7 +355,7 @@ def train_lora(
     out.mkdir(parents=True, exist_ok=True)
     result = LoraTrainingResult(
         out=out, files={}, embedding=None, steps=steps, start_step=start, losses=[], optimizer=opt_name,
-        stack=applied.names(), plan=explanation, seconds=0.0, step_seconds=0.0, peak_bytes=0, peak_what="",
+        stack=applied_stack.names(), plan=explanation, seconds=0.0, step_seconds=0.0, peak_bytes=0, peak_what="",
     )  # fmt: skip
     before = None
     if task.kind == "zoo":
@@ -365,7 +386,8 @@ def train_lora(
         written = None
         if validate_every and (step + 1) % validate_every == 0 and step + 1 < steps:
             written = _write_validation(task, transformer, out / "validation" / f"step-{step + 1:06d}",
-                                         title=f"step {step + 1}")  # fmt: skip
+                                         title=f"step {step + 1}", stack=validation_stack,
+                                         reports=result.switches)  # fmt: skip
             result.validations.append(written)
         if progress is not None:
             progress(StepInfo(step + 1, steps, result.losses[-1], seconds, _peak(device)[0], written))
@@ -373,7 +395,8 @@ def train_lora(
     result.step_seconds = result.seconds / max(1, steps - start)
     result.peak_bytes, result.peak_what = _peak(device)
     result.validations.append(_write_validation(task, transformer, out / "validation" / f"step-{steps:06d}",
-                                                 title=f"step {steps}"))  # fmt: skip
+                                                 title=f"step {steps}", stack=validation_stack,
+                                                 reports=result.switches))  # fmt: skip
     if before is not None:
         after = _sample_validation(task, transformer, [task.new_label] * 8, seed=7)
         result.distances["after"] = class_distances(after)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -32,36 +33,39 @@ def save_sample_grid(
     Images: one row per class, `per_class` samples across. Videos: one row per sample (the first
     two of each class), its frames across.
     """
-    Image = require("PIL.Image", "plot", "saving a sample grid")
-    ImageDraw = require("PIL.ImageDraw", "plot", "saving a sample grid")
     spec = reference.spec
     n_classes = len(spec.classes)
     if spec.kind == "video":
         per_class = min(per_class, 2)
     labels = torch.arange(n_classes).repeat_interleave(per_class)
     pixels = sample_reference(reference, labels, seed=seed, steps=steps, guidance_scale=guidance_scale)
-    pixels = _to_uint8(pixels)
-    label_w, pad = 150, 2
     if spec.kind == "image":
-        _, h, w = spec.pixel_shape
-        rows = [[pixels[c * per_class + j] for j in range(per_class)] for c in range(n_classes)]
-        names = list(spec.classes)
-    else:
-        _, f, h, w = spec.pixel_shape
-        rows = [[pixels[i, :, k] for k in range(f)] for i in range(pixels.shape[0])]
-        names = [spec.classes[int(c)] for c in labels]
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    cols = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (label_w + cols * cell_w, len(rows) * cell_h + 14), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+        rows = [(name, pixels[c * per_class : (c + 1) * per_class]) for c, name in enumerate(spec.classes)]
+    else:  # one row per video, its frames across
+        rows = [(spec.classes[int(c)], pixels[i].transpose(0, 1)) for i, c in enumerate(labels)]
     title = f"{spec.name}: {'frames across' if spec.kind == 'video' else 'samples across'}, seed {seed}"
+    return save_rows_png(rows, path, title=title, scale=scale, label_width=150)
+
+
+def save_rows_png(
+    rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, *, title: str = "", scale: int = 3, label_width: int = 190
+) -> Path:
+    """A labelled PNG: one row per (name, images (N, 3, H, W) in [0, 1]), the name on the left."""
+    Image = require("PIL.Image", "plot", "saving sample grids")
+    ImageDraw = require("PIL.ImageDraw", "plot", "saving sample grids")
+    h, w = rows[0][1].shape[-2:]
+    pad, top = 2, 14
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    cols = max(images.shape[0] for _, images in rows)
+    canvas = Image.new("RGB", (label_width + cols * cell_w, top + len(rows) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     draw.text((4, 1), title, fill=(0, 0, 0))
-    for r, (name, row) in enumerate(zip(names, rows)):
-        y = 14 + r * cell_h
+    for r, (name, images) in enumerate(rows):
+        y = top + r * cell_h
         draw.text((4, y + cell_h // 2 - 6), name, fill=(0, 0, 0))
-        for c, img in enumerate(row):
+        for c, img in enumerate(_to_uint8(images.detach().float().cpu())):
             tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (label_w + c * cell_w, y))
+            canvas.paste(tile, (label_width + c * cell_w, y))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
