@@ -203,7 +203,7 @@ def variants(base: torch.nn.Module, inputs: dict, steps: int, disk: str) -> list
 
 
 def _fp8_bytes(base: torch.nn.Module) -> int:
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).requires_grad_(False)  # casting refuses weights that are trainable
     hookwise.apply(model, hookwise.LayerwiseCasting())
     return weight_bytes(model)
 
