@@ -57,14 +57,24 @@ def make_images(labels: torch.Tensor, g: torch.Generator, size: int = 16) -> tor
     """Images (N, 3, size, size) in [-1, 1] for image class ids `labels`."""
     n = labels.shape[0]
     shape, colour = labels // 3, labels % 3
-    r = (0.24 + 0.08 * torch.rand(n, generator=g)) * size
+    cx, cy, r, xs, ys = _placed(n, g, size, 0.24)
+    cover = _coverage(shape.view(n, 1, 1), cx, cy, r, xs, ys)  # (N, H, W)
+    return _painted(cover, _colours(colour, g))
+
+
+def _placed(n: int, g: torch.Generator, size: int, smallest: float) -> tuple[torch.Tensor, ...]:
+    """Random centres `cx, cy` and radii `r` (each (n, 1, 1)) of shapes inside a size x size image,
+    radius `smallest` to `smallest + 0.08` of the size, and the pixel centres `xs, ys`."""
+    r = (smallest + 0.08 * torch.rand(n, generator=g)) * size
     margin = r + 1.0
     cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
     cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    view = lambda t: t.view(n, 1, 1)  # noqa: E731
-    cover = _coverage(view(shape), view(cx), view(cy), view(r), xs, ys)  # (N, H, W)
-    rgb = _colours(colour, g)  # (N, 3)
+    return cx.view(n, 1, 1), cy.view(n, 1, 1), r.view(n, 1, 1), xs, ys
+
+
+def _painted(cover: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1]: colours `rgb` (N, 3) over the background where `cover` (N, H, W) is 1."""
     img = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None] - _BACKGROUND)
     return img * 2 - 1
 
@@ -117,13 +127,7 @@ def _cross_coverage(cx, cy, r, xs, ys) -> torch.Tensor:
 def make_new_class_images(n: int, g: torch.Generator, size: int = 16) -> torch.Tensor:
     """Images (n, 3, size, size) in [-1, 1] of `NEW_IMAGE_CLASS`: a yellow plus sign, a shape and a
     colour that none of `IMAGE_CLASSES` has; position, size and hue vary as in `make_images`."""
-    r = (0.28 + 0.08 * torch.rand(n, generator=g)) * size
-    margin = r + 1.0
-    cx = margin + torch.rand(n, generator=g) * (size - 2 * margin)
-    cy = margin + torch.rand(n, generator=g) * (size - 2 * margin)
-    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    view = lambda t: t.view(n, 1, 1)  # noqa: E731
-    cover = _cross_coverage(view(cx), view(cy), view(r), xs, ys)
+    cx, cy, r, xs, ys = _placed(n, g, size, 0.28)
+    cover = _cross_coverage(cx, cy, r, xs, ys)
     rgb = (_YELLOW + 0.08 * torch.randn((n, 3), generator=g)).clamp(0.0, 1.0)
-    img = _BACKGROUND + cover[:, None] * (rgb[:, :, None, None] - _BACKGROUND)
-    return img * 2 - 1
+    return _painted(cover, rgb)
