@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError, NoTargetError
 from ..introspect import ModelMap
 from ..introspect.paths import join, prefixes, under
+from ._placement import user_trainable
 
 ALIGN = 64  # bytes; a multiple of every element size, and of the GPU's preferred copy alignment
 
@@ -136,12 +137,16 @@ def partition(
 ) -> Partition:
     """Split `model` into offload groups at `granularity` ("block" or "leaf").
 
-    Trainable parameters stay resident unless `offload_trainable` is True. With None, they stream
-    only when *every* parameter requires grad: nothing was frozen, which is how models load for
-    inference (and a full fine-tune, where keeping them resident would offload nothing).
+    Trainable parameters stay resident unless `offload_trainable` is True. With None, they stay
+    resident when the user froze some parameters (LoRA training, training part of a model) and
+    stream when the user froze none: that is how models load for inference (`requires_grad=True`
+    is every module's default, not a sign of training), and a full fine-tune, where keeping them
+    resident would offload nothing. A weight casting stored in fp8 is frozen by casting, not by
+    the user: it counts with the flag it had before (`user_trainable`), so casting does not turn
+    sampling into "LoRA training" and keep every other parameter resident.
     """
     if offload_trainable is None:
-        offload_trainable = all(p.requires_grad for p in model.parameters())
+        offload_trainable = all(user_trainable(p) for p in model.parameters())
     for path, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise ConfigError(

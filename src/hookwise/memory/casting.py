@@ -56,6 +56,7 @@ from ..introspect.model_map import ModelMap, describe
 from ..introspect.paths import prefixes
 from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
 from ._dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
+from ._placement import WAS_TRAINABLE
 
 logger = logging.getLogger("hookwise.memory.casting")
 
@@ -506,7 +507,10 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
                 original, config.storage_dtype, config.scaling, config.block_size, chosen.compute_dtype
             )
             hook = CastHook(record, layout, original.dtype, original.requires_grad, path)
-            module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
+            stored_param = nn.Parameter(stored, requires_grad=False)
+            # Frozen because fp8 cannot be trained, not by the user: offloading reads the user's flag.
+            setattr(stored_param, WAS_TRAINABLE, original.requires_grad)
+            module._parameters["weight"] = stored_param
             if scale is not None:
                 module.register_buffer("weight_scale", scale, persistent=True)
             if "compute_dtype" not in module.__dict__:

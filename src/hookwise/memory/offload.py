@@ -79,9 +79,10 @@ class Offload(TechniqueConfig):
     - `disk_path`: folder for `offload_device="disk"` (default: ~/.cache/hookwise/offload).
     - `blocks_per_group`: consecutive tower blocks moved together at block granularity.
     - `offload_trainable`: stream trainable parameters too; their gradients move to the host with
-      them. False keeps them resident (LoRA adapters). None (default): resident when some
-      parameters are frozen (LoRA training), streamed when none is (inference models as loaded,
-      full fine-tune).
+      them. False keeps them resident (LoRA adapters). None (default): resident when the user
+      froze some parameters (LoRA training), streamed when the user froze none (inference models
+      as loaded, full fine-tune). Weights casting stored in fp8 were frozen by casting, not by
+      the user, and count with the flag they had.
     - `use_streams`: None (streams on CUDA), True (require them), False (synchronous copies).
     """
 
