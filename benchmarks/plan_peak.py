@@ -2,8 +2,8 @@
 plain and under each stack, and the estimate for full-size FLUX.1-dev and Wan2.1-14B with the time
 it takes.
 
-Per strategy (`--stacks`): the estimate with the stack's hooks on a fake copy (offloading composed
-from its cost declaration), the peak composed from the declarations alone (the planner's default:
+Per strategy (`--stacks`): the estimate with the stack's hooks on a fake copy (offloading's own
+partition and hooks included), the peak composed from the declarations alone (the planner's default:
 declared resident weights and slots plus the plain run's activations), and the real run with the
 stack applied on the CPU (the offload's host masters counted apart).
 

@@ -12,6 +12,7 @@ Public tools: `meters.py` (weight bytes per device, bytes saved for backward).
 Machinery, private to this folder:
 
 - `_dequant.py`: the storage formats of casting (quantize, dequantize, fused kernels);
+- `_fp8.py`: casting's fp8 compute path (dynamic activation quantization, `torch._scaled_mm`);
 - `_groups.py`: partitioning a model into offload groups laid out in flat buffers;
 - `_budget.py`: parsing a VRAM budget and choosing the resident groups (`Residency`);
 - `_schedule.py`: the offload scheduler (slots, prefetch order, binding, backward);

@@ -15,14 +15,16 @@ buffer holds the whole group and one copy moves it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..errors import ConfigError, NoTargetError
 from ..introspect import ModelMap
 from ..introspect.paths import join, prefixes, under
+from ._placement import user_trainable
 
 ALIGN = 64  # bytes; a multiple of every element size, and of the GPU's preferred copy alignment
 
@@ -119,6 +121,9 @@ def tensors_of(module: nn.Module, path: str = "") -> Iterator[TensorRef]:
 def _check_tensor(ref: TensorRef) -> str | None:
     """Why a tensor cannot be streamed (it then stays resident), or None."""
     t = ref.tensor
+    if isinstance(t, FakeTensor):
+        # The planner's fake run (`plan/_peak_stack.py`): a stand-in for a plain tensor, streamed as one.
+        return None if t.layout == torch.strided and not t.is_sparse else "sparse / non-strided tensor"
     if type(t) not in (torch.Tensor, nn.Parameter) or type(t.data) is not torch.Tensor:
         return f"tensor subclass {type(t.data).__name__} (only plain tensors are streamed)"
     if t.is_sparse or t.is_quantized or t.layout != torch.strided:
@@ -136,12 +141,16 @@ def partition(
 ) -> Partition:
     """Split `model` into offload groups at `granularity` ("block" or "leaf").
 
-    Trainable parameters stay resident unless `offload_trainable` is True. With None, they stream
-    only when *every* parameter requires grad: nothing was frozen, which is how models load for
-    inference (and a full fine-tune, where keeping them resident would offload nothing).
+    Trainable parameters stay resident unless `offload_trainable` is True. With None, they stay
+    resident when the user froze some parameters (LoRA training, training part of a model) and
+    stream when the user froze none: that is how models load for inference (`requires_grad=True`
+    is every module's default, not a sign of training), and a full fine-tune, where keeping them
+    resident would offload nothing. A weight casting stored in fp8 is frozen by casting, not by
+    the user: it counts with the flag it had before (`user_trainable`), so casting does not turn
+    sampling into "LoRA training" and keep every other parameter resident.
     """
     if offload_trainable is None:
-        offload_trainable = all(p.requires_grad for p in model.parameters())
+        offload_trainable = all(user_trainable(p) for p in model.parameters())
     for path, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta":
             raise ConfigError(
@@ -203,6 +212,24 @@ def partition(
     return part
 
 
+def block_ancestors(paths: Iterable[str]) -> set[str]:
+    """The modules that hold the tower blocks at `paths`: the root and every proper ancestor."""
+    ancestors = {""}
+    for path in paths:
+        ancestors.update(prefixes(path)[:-1])
+    return ancestors
+
+
+def rest_group_of(path: str, ancestors: set[str]) -> str:
+    """The block-granularity group of a module or tensor at `path` outside every tower block: the
+    subtree of its outermost ancestor that holds no block (`ancestors`: `block_ancestors`). A tensor
+    held directly by one of `ancestors` belongs to none (it is pinned resident): its owner's path."""
+    for prefix in prefixes(path):
+        if prefix not in ancestors:
+            return prefix
+    return path
+
+
 def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tuple[list[Group], list[TensorRef]]:
     if not model_map.towers:
         raise NoTargetError(
@@ -222,9 +249,7 @@ def _block_groups(model: nn.Module, model_map: ModelMap, per_group: int) -> tupl
             groups.append(Group(len(groups), name, "block", mods, refs, in_tower=True))
             block_paths.update(b.path for b in chunk)
 
-    ancestors = {""}
-    for path in block_paths:
-        ancestors.update(prefixes(path)[:-1])
+    ancestors = block_ancestors(block_paths)
     containers: list[TensorRef] = []
 
     def visit(path: str, module: nn.Module) -> None:

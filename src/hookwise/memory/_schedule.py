@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves
 
@@ -61,6 +62,21 @@ from ._groups import Group, TensorRef
 from ._transfer import HostSource, TransferEngine
 
 logger = logging.getLogger("hookwise.memory.schedule")
+
+
+def address(t: torch.Tensor) -> Any:
+    """What identifies the memory `t` starts at: its data pointer. A fake tensor (the planner's fake
+    run) has no memory and every one's pointer starts at 0: its storage's identity and offset then."""
+    if isinstance(t, FakeTensor):
+        return (t.untyped_storage()._cdata, t.storage_offset() * t.element_size())
+    return t.data_ptr()
+
+
+def storage_key(t: torch.Tensor) -> Any:
+    """What identifies `t`'s storage: its data pointer, or for a fake tensor the storage's identity."""
+    if isinstance(t, FakeTensor):
+        return t.untyped_storage()._cdata
+    return t.untyped_storage().data_ptr()
 
 
 @dataclass
@@ -89,7 +105,7 @@ class Slot:
         self.flat = flat
         self.group: GroupState | None = None
         self.marker: Any = None  # passes when compute that read the previous group has finished
-        self.ptr = flat.untyped_storage().data_ptr()
+        self.ptr = storage_key(flat)
         self._typed: dict[torch.dtype, torch.Tensor] = {}
 
     def typed(self, dtype: torch.dtype) -> torch.Tensor:
@@ -162,7 +178,7 @@ class GroupState:
                 t.grad = None
             t.data = view
         self.views = views
-        self.ptrs = [v.data_ptr() for v in views]
+        self.ptrs = [address(v) for v in views]
         self.versions = self.current_versions()
         self.bound = True
 
@@ -178,7 +194,7 @@ class GroupState:
             if ref.current() is not t:
                 continue
             data = t.data
-            if t._version != self.versions[i] or data.data_ptr() != self.ptrs[i]:
+            if t._version != self.versions[i] or address(data) != self.ptrs[i]:
                 self.write_back(engine, ref, data, master)
                 writes += 1
             t.data = self.homes[i]
@@ -595,7 +611,7 @@ class Scheduler:
     def pack(self, tensor: torch.Tensor) -> Any:
         """saved_tensors_hooks pack: a tensor living in a slot becomes a reference to its group."""
         try:
-            ptr = tensor.untyped_storage().data_ptr()
+            ptr = storage_key(tensor)
         except (RuntimeError, NotImplementedError):
             return tensor
         slot = self._by_ptr.get(ptr)
@@ -629,7 +645,12 @@ class Scheduler:
             return None
         # Every slot is in use (a module re-entered, or one autograd node reads several groups):
         # take more memory rather than overwrite weights that are being read.
-        slot = Slot(len(self.slots), self.engine.alloc_slot(self.slot_bytes))
+        if self.slots and isinstance(self.slots[0].flat, FakeTensor):
+            # The planner's fake run computes outside its fake mode: a factory call would allocate.
+            flat = self.slots[0].flat.new_empty(self.slot_bytes)
+        else:
+            flat = self.engine.alloc_slot(self.slot_bytes)
+        slot = Slot(len(self.slots), flat)
         self.slots.append(slot)
         self._by_ptr[slot.ptr] = slot
         self.stats.overflow_slots += 1
@@ -703,7 +724,7 @@ class Scheduler:
                 continue
             home = st.homes[i]
             data = t.data
-            if data.data_ptr() != home.data_ptr() or data.shape != home.shape:
+            if address(data) != address(home) or data.shape != home.shape:
                 # `.data` was replaced while offloaded: its values become the new master.
                 st.write_back(self.engine, ref, data, st.masters[i])
                 self.stats.writebacks += 1

@@ -21,6 +21,9 @@ it was set after, it calls hookwise's forward as its original. Removing casting 
 the forward it has then, and a forward captured before removal passes straight through.
 
 The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`.
+With `compute="fp8"` a Linear multiplies the stored weight in fp8 instead of dequantizing it,
+quantizing its activations at every call (`_fp8.py`: the path, its error bound against the upcast
+path, and its backward, which is the upcast path's); convolutions keep the upcast path.
 
 Removing the technique gives back compute-dtype weights, but lossily: the storage rounding stays.
 
@@ -56,6 +59,9 @@ from ..introspect.model_map import ModelMap, describe
 from ..introspect.paths import prefixes
 from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
 from ._dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
+from ._fp8 import ACTIVATION_SCALINGS, FP8_WEIGHTS, Fp8LinearFn, fp8_matmul_failure
+from ._fp8 import SCALINGS as FP8_SCALINGS
+from ._placement import WAS_TRAINABLE
 
 logger = logging.getLogger("hookwise.memory.casting")
 
@@ -97,6 +103,14 @@ class LayerwiseCasting(TechniqueConfig):
     - `exact_undo`: keep each original weight until `hookwise.apply` returns, so a failure anywhere
       in the stack restores the model exactly. With False they are freed as casting proceeds (peak
       memory: the model plus one layer) and a failure restores dequantized (rounded) weights.
+    - `compute`: `"upcast"` (default) dequantizes each weight to the compute dtype and multiplies
+      there; `"fp8"` multiplies Linear layers in fp8 (`torch._scaled_mm`) on the stored weight, with
+      the activations quantized to e4m3 at every call (`_fp8.py`): same stored values, the
+      activation's rounding the only difference. Needs an fp8 `storage_dtype` (e4m3fn / e5m2),
+      `scaling` "channel", "tensor" or "none", and a device with fp8 matmul (the CPU; CUDA GPUs of
+      compute capability 8.9+); convolutions keep the upcast path.
+    - `activation_scaling`: with `compute="fp8"`, one activation scale per row (`"row"`, default)
+      or per tensor (`"tensor"`).
     - `fused`: dequantize each weight with one generated kernel (`torch.compile`: Triton on CUDA,
       C++ on the CPU) instead of two eager ops: on a GPU it moves 3 bytes per weight element
       instead of 7. The values are the same either way. None (default): for weights computed on
@@ -115,6 +129,8 @@ class LayerwiseCasting(TechniqueConfig):
     cast_modulation: bool = False
     exact_undo: bool = True
     fused: bool | None = None
+    compute: str = "upcast"
+    activation_scaling: str | None = None
 
     def __post_init__(self) -> None:
         # Accept dtype names and lists for convenience; store canonical values.
@@ -145,11 +161,42 @@ class LayerwiseCasting(TechniqueConfig):
             raise ConfigError(f"block_size={self.block_size!r}: must be a positive whole number of input columns")
         if self.fused not in (None, True, False):
             raise ConfigError(f"fused={self.fused!r}: use None (on CUDA with Triton), True or False")
+        self._validate_compute()
         for pattern in self.skip_patterns:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"skip pattern {pattern!r} is not a valid regular expression: {exc}") from exc
+
+
+    def _validate_compute(self) -> None:
+        if self.compute not in ("upcast", "fp8"):
+            raise ConfigError(f"compute={self.compute!r}: use 'upcast' (dequantize, then multiply) or 'fp8' (fp8 matmul)")
+        if self.compute == "upcast":
+            if self.activation_scaling is not None:
+                raise ConfigError(
+                    f"activation_scaling={self.activation_scaling!r} is used only with compute='fp8' (the upcast path "
+                    f"does not quantize activations); drop it or pass compute='fp8'"
+                )
+            return
+        if self.activation_scaling not in (None, *ACTIVATION_SCALINGS):
+            raise ConfigError(f"activation_scaling={self.activation_scaling!r}: use one of {ACTIVATION_SCALINGS}")
+        if self.storage_dtype not in FP8_WEIGHTS:
+            raise ConfigError(
+                f"compute='fp8' multiplies the stored weight in fp8, but storage_dtype={self.storage_dtype}; use "
+                f"storage_dtype=torch.float8_e4m3fn (or float8_e5m2), or compute='upcast'"
+            )
+        if self.scaling not in FP8_SCALINGS:
+            raise ConfigError(
+                f"compute='fp8' cannot apply scaling={self.scaling!r}: block scales (one per {self.block_size} input "
+                f"columns) sit inside the sum an fp8 matmul does in one go; use scaling='channel' (one scale per "
+                f"output channel) or 'tensor', or compute='upcast'"
+            )
+
+    @property
+    def activation_scale(self) -> str:
+        """How `compute="fp8"` scales activations: "row" unless `activation_scaling` says otherwise."""
+        return self.activation_scaling or "row"
 
 
 def _check_compute(storage: torch.dtype, compute: torch.dtype) -> None:
@@ -303,6 +350,13 @@ class CastHook(ModelHook):
         """
         scale = module._buffers.get("weight_scale")
         if isinstance(module, nn.Linear):
+            config = self.record.config
+            if config.compute == "fp8":
+                _check_fp8_device(module.weight.device, self.path)
+                return Fp8LinearFn.apply(
+                    x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant,
+                    config.activation_scale,
+                )  # fmt: skip
             return _CastLinearFn.apply(
                 x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant
             )
@@ -495,6 +549,10 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
                 f"device {device} cannot hold {config.storage_dtype} tensors; use storage_dtype=torch.bfloat16 or "
                 f"torch.float16 there, or move the model to a device that supports it"
             )
+        if config.compute == "fp8" and any(isinstance(m, nn.Linear) for m in chosen.targets.values()):
+            failure = fp8_matmul_failure(device)
+            if failure is not None:
+                raise ConfigError(_fp8_message(device, failure))
     for path, why in chosen.skipped.items():
         if why.startswith(REASON_DTYPE_READ):
             logger.warning("hookwise casting keeps %s in high precision: %s", path, why)
@@ -506,7 +564,10 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
                 original, config.storage_dtype, config.scaling, config.block_size, chosen.compute_dtype
             )
             hook = CastHook(record, layout, original.dtype, original.requires_grad, path)
-            module._parameters["weight"] = nn.Parameter(stored, requires_grad=False)
+            stored_param = nn.Parameter(stored, requires_grad=False)
+            # Frozen because fp8 cannot be trained, not by the user: offloading reads the user's flag.
+            setattr(stored_param, WAS_TRAINABLE, original.requires_grad)
+            module._parameters["weight"] = stored_param
             if scale is not None:
                 module.register_buffer("weight_scale", scale, persistent=True)
             if "compute_dtype" not in module.__dict__:
@@ -525,6 +586,22 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
         len(summary["cast"]), config.storage_dtype, summary["bytes_before"] / 2**20, summary["bytes_after"] / 2**20,
         len(chosen.skipped),
     )  # fmt: skip
+
+
+def _fp8_message(device: torch.device, failure: str) -> str:
+    return (
+        f"compute='fp8' needs an fp8 matmul (torch._scaled_mm) on {device}, which failed there ({failure}); on "
+        f"CUDA it needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell). Use compute='upcast' "
+        f"(same stored weights, multiplied in the compute dtype)"
+    )
+
+
+def _check_fp8_device(device: torch.device, path: str) -> None:
+    """Raise `HookError` when the weight of `path` is computed on a device without fp8 matmul (a
+    device other than the one casting checked: offloading streams weights to where they compute)."""
+    failure = fp8_matmul_failure(device)
+    if failure is not None:
+        raise HookError(f"{path or 'a cast layer'}: " + _fp8_message(device, failure))
 
 
 def _dequantizer(config: LayerwiseCasting, devices: set[torch.device], compute_dtype: torch.dtype) -> Dequantizer:
@@ -645,6 +722,7 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
         "storage_dtype": record.config.storage_dtype if record else None,
         "compute_dtype": record.compute_dtype if record else None,
         "scaling": record.config.scaling if record else None,
+        "compute": record.config.compute if record else None,  # "upcast" or "fp8" (fp8 matmul for Linears)
         "fused": record.config.fused if record else None,  # None: generated kernels on CUDA (with Triton)
         "fused_failed": dict(record.dequant.failed) if record else {},  # device type -> why it fell back
         "bytes_before": before,
@@ -654,6 +732,11 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
 
 # ---- cost declaration (for the planner) -------------------------------------------------------------
 _DEQUANT_FACTOR = 1.05  # assumed: one dequantize kernel per weight use, next to a compute-bound matmul
+# compute="fp8": forward time relative to the plain model. CPU: the fp8 path against the upcast path on
+# a full-width FLUX block, measured (BENCHMARKS.md, "fp8 compute"), times the upcast path's factor.
+# CUDA: assumed, not measured here (no GPU was lent): fp8 tensor cores run twice the bf16 rate, less the
+# activation quantization; issue 14's target for fp8 matmul on H100 / H200 is 0.75x of bf16.
+_FP8_FACTOR = {"cpu": 0.61 * _DEQUANT_FACTOR, "cuda": 0.75}
 
 
 def _stored_leaf(leaf: LeafBytes, config: LayerwiseCasting, compute_itemsize: int) -> LeafBytes:
@@ -690,14 +773,22 @@ def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostCon
     saved = fp.total_bytes - new.total_bytes
     largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast), default=0)
     name = str(config.storage_dtype).removeprefix("torch.")
-    quality = "fp8" if config.storage_dtype.itemsize == 1 else name
+    quality = f"{'fp8' if config.storage_dtype.itemsize == 1 else name} ({config.scaling} scaling)"
+    factor = _DEQUANT_FACTOR
+    if config.compute == "fp8":
+        device = "cuda" if str(getattr(ctx.hardware, "device", "cuda")).startswith("cuda") else "cpu"
+        factor = _FP8_FACTOR[device]
+        quality = f"{quality[:-1]}, fp8 compute with {config.activation_scale} activation scales)"
+        # Convolutions dequantize; a Linear's transient is its quantized activation, not a weight.
+        largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast if leaf.kind == "conv"),
+                      default=0)  # fmt: skip
     return replace(
         placement,
         footprint=new,
         device_bytes=max(placement.device_bytes - saved, 0),
         transient_bytes=placement.transient_bytes + largest,
-        compute_factor=placement.compute_factor * _DEQUANT_FACTOR,
-        quality=(*placement.quality, f"{quality} ({config.scaling} scaling)"),
+        compute_factor=placement.compute_factor * factor,
+        quality=(*placement.quality, quality),
     )
 
 

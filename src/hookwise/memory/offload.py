@@ -79,9 +79,10 @@ class Offload(TechniqueConfig):
     - `disk_path`: folder for `offload_device="disk"` (default: ~/.cache/hookwise/offload).
     - `blocks_per_group`: consecutive tower blocks moved together at block granularity.
     - `offload_trainable`: stream trainable parameters too; their gradients move to the host with
-      them. False keeps them resident (LoRA adapters). None (default): resident when some
-      parameters are frozen (LoRA training), streamed when none is (inference models as loaded,
-      full fine-tune).
+      them. False keeps them resident (LoRA adapters). None (default): resident when the user
+      froze some parameters (LoRA training), streamed when the user froze none (inference models
+      as loaded, full fine-tune). Weights casting stored in fp8 were frozen by casting, not by
+      the user, and count with the flag they had.
     - `use_streams`: None (streams on CUDA), True (require them), False (synchronous copies).
     """
 
@@ -813,27 +814,87 @@ def offload_report(model: nn.Module) -> OffloadReport:
     return offloader.report()
 
 
+def offload_buffers(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(device buffers, host buffers) that offloading allocated for `model`: its prefetch slots, and
+    the flat host copies (or mapped files) of its streamed groups. For memory accounting: the
+    planner's fake run counts the slots on the device and the host copies apart."""
+    offloader = _offloader(unwrap(model))
+    if offloader is None:
+        raise ConfigError("this model has no hookwise offloading; apply Offload(...) first")
+    sched = offloader.scheduler
+    return [s.flat for s in sched.slots] if sched else [], [st.source.flat for st in offloader.states]
+
+
 # ---- cost declaration (for the planner) -------------------------------------------------------------
 from ..core.cost import CostContext, Placement, TechniqueCost, parse_size  # noqa: E402
-from ._budget import spread  # noqa: E402
+from ._groups import align, block_ancestors, rest_group_of  # noqa: E402
+
+
+def _declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
+    """(groups, bytes pinned resident) of a footprint, formed as `partition` forms them.
+
+    Block granularity: `blocks_per_group` tower blocks per group, and outside the towers one group
+    per subtree that holds no block (`rest_group_of`, the partition's own rule), sized by the leaves
+    in it. Leaf granularity: one group per leaf. The footprint knows only its leaves' paths, so the
+    tensors outside every leaf (norms, a root's `scale_shift_table`, buffers) cannot be placed: they
+    count as resident, as a container's direct tensors are (an upper bound for the device)."""
+    groups: list[Group] = []
+
+    def add(name: str, kind: str, raw: int, padded: int, in_tower: bool) -> None:
+        group = Group(len(groups), name, kind, [], [], in_tower)
+        group.nbytes = align(padded)
+        groups.append(group)
+
+    def padded(leaf: Any) -> int:
+        # Each tensor sits at an aligned offset in its group's layout: the weight, then the rest (bias).
+        weight = leaf.itemsize
+        for n in leaf.shape:
+            weight *= n
+        weight = min(weight, leaf.nbytes)
+        return align(weight) + align(leaf.nbytes - weight)
+
+    if granularity == "block" and fp.blocks:
+        blocks = list(fp.blocks)
+        in_block = [0] * len(blocks)
+        in_block_padded = [0] * len(blocks)
+        for leaf in fp.leaves:
+            if leaf.block is not None:
+                in_block[leaf.block] += leaf.nbytes
+                in_block_padded[leaf.block] += padded(leaf)
+        for i in range(0, len(blocks), blocks_per_group):
+            chunk = range(i, min(i + blocks_per_group, len(blocks)))
+            raw = sum(blocks[j] for j in chunk)
+            add(f"block {i}", "block", raw, sum(in_block_padded[j] + align(blocks[j] - in_block[j]) for j in chunk), True)
+        ancestors = block_ancestors(leaf.path for leaf in fp.leaves if leaf.block is not None)
+        rest: dict[str, list[int]] = {}
+        for leaf in fp.leaves:
+            if leaf.block is None:
+                sizes = rest.setdefault(rest_group_of(leaf.path, ancestors), [0, 0])
+                sizes[0] += leaf.nbytes
+                sizes[1] += padded(leaf)
+        for name, (raw, pad) in rest.items():
+            add(name, "rest", raw, pad, False)
+        placed = sum(fp.blocks) + sum(raw for raw, _ in rest.values())
+    else:
+        for leaf in fp.leaves:
+            add(leaf.path, "leaf", leaf.nbytes, padded(leaf), leaf.block is not None)
+        placed = sum(leaf.nbytes for leaf in fp.leaves)
+    return groups, max(fp.total_bytes - placed, 0)
 
 
 def _offload_units(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[int], int]:
-    """(bytes of each streamable group, bytes outside them) of a footprint, as `partition` groups it."""
-    if granularity == "block" and fp.blocks:
-        blocks = list(fp.blocks)
-        units = [sum(blocks[i : i + blocks_per_group]) for i in range(0, len(blocks), blocks_per_group)]
-        return units, fp.outside_bytes
-    units = [leaf.nbytes for leaf in fp.leaves]
-    return units, fp.total_bytes - sum(units)
+    """(bytes of each tower group, bytes outside them: the other groups and what stays resident)."""
+    groups, pinned = _declared_groups(fp, granularity, blocks_per_group)
+    return [g.nbytes for g in groups if g.in_tower], pinned + sum(g.nbytes for g in groups if not g.in_tower)
 
 
 def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> Placement:
-    """Resident groups (outside the towers first, then tower groups spread evenly) under the budget,
-    slots for prefetch, the rest in RAM or on disk and moved on every pass through the weights."""
+    """The groups `partition` forms, placed by `choose_residency` (the offload's own code) under the
+    budget: resident groups and the prefetch slots on the device, the rest in RAM or on disk and
+    moved on every pass through the weights."""
     fp = placement.footprint
     granularity = config.granularity if config.granularity != "auto" else ("block" if fp.blocks else "leaf")
-    units, rest = _offload_units(fp, granularity, config.blocks_per_group)
+    groups, pinned = _declared_groups(fp, granularity, config.blocks_per_group)
     on_cpu = str(config.onload_device).startswith("cpu")
     direct = config.offload_device == "disk" and on_cpu
     slots = 0 if direct else config.depth + 1
@@ -842,34 +903,23 @@ def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> 
         budget = int(ctx.hardware.vram * float(budget.strip()[:-1]) / 100)
     elif budget is not None:
         budget = parse_size(budget, "vram_budget")
-
-    def split(k: int) -> tuple[int, list[int]]:
-        picked = set(spread(len(units), k))
-        streamed = [u for i, u in enumerate(units) if i in picked]
-        return rest + sum(units) - sum(streamed), streamed
-
-    if budget is None:
-        resident, streamed = 0, units + ([rest] if rest else [])
-    else:
-        # The fewest streamed groups that fit (bisected: residency shrinks as more groups stream).
-        lo, hi = 0, len(units)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            res, st = split(mid)
-            if res + slots * max(st, default=0) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        resident, streamed = split(lo)
+    try:
+        resident = choose_residency(groups, pinned_bytes=pinned, slots=slots, budget=budget).resident
+    except BudgetError:
+        # The offload refuses such a budget; the planner still gets a placement (every tower group
+        # streamed, the rest resident), over the budget, so it does not fit.
+        resident = frozenset(g.index for g in groups if not g.in_tower)
+    streamed = [g.nbytes for g in groups if g.index not in resident]
+    resident_bytes = sum(g.nbytes for g in groups if g.index in resident)
     moved = sum(streamed) * ctx.passes
     host = 0 if config.offload_device == "disk" else sum(streamed)
-    pinned = 0 if on_cpu or config.pin == "none" else min(host, int(getattr(ctx.hardware, "pinned_limit", host)))
+    pinned_host = 0 if on_cpu or config.pin == "none" else min(host, int(getattr(ctx.hardware, "pinned_limit", host)))
     return dataclasses.replace(
         placement,
-        device_bytes=resident,
+        device_bytes=pinned + resident_bytes,
         transient_bytes=placement.transient_bytes + slots * max(streamed, default=0),
         host_bytes=placement.host_bytes + host,
-        pinned_bytes=placement.pinned_bytes + pinned,
+        pinned_bytes=placement.pinned_bytes + pinned_host,
         disk_bytes=placement.disk_bytes + (sum(streamed) if config.offload_device == "disk" else 0),
         moved_bytes=placement.moved_bytes + (0 if direct else moved),
         transfers=placement.transfers + len(streamed) * ctx.passes,

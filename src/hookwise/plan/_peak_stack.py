@@ -5,13 +5,20 @@ shape, dtype and strides (`copy.deepcopy` with those fakes in its memo, so only 
 copied and nothing is allocated). The stack is applied to the copy with `hookwise.apply`, inside the
 fake mode, so every hook is in place as it would be on the device: casting stores its weights (and
 scales) in their storage dtype and dequantizes per layer in the run, checkpointing (the project's own
-technique, from the technique table) drops and recomputes each block's activations.
+technique, from the technique table) drops and recomputes each block's activations, and offloading
+partitions the copy, keeps its resident groups and prefetch slots and streams the rest through the
+slots as the run needs them (`apply_offload_fake`).
 
-Offloading cannot run on fake tensors: its partition streams only plain tensors, and a fake tensor
-is a tensor subclass, so it would keep every weight resident. Its device bytes come from its cost
-declaration on the copy's footprint *after* the techniques that did run (cast weights are smaller):
-resident groups plus the prefetch slots, a constant for the whole step, since a streamed group
-only ever occupies a slot. The run then counts no weight of the copy, only what the step creates.
+The fake CPU tensors stand for the compute device, so an offload runs there with the same partition,
+budget and schedule: onload on the CPU, host copies in (fake) RAM instead of pinned memory or disk
+(what the device holds is the same), synchronous copies. Its slots count as device bytes and its
+host copies apart. A budget given as a share of the device is taken of `hardware.vram`, and the LoRA
+adapters of a training job (attached to the copy after the stack, resident on a real run) come out
+of it, as they do on a real run where the offload sees them.
+
+Where the offload cannot be applied to the copy (a budget too small for its partition), its device
+bytes come from its cost declaration on the copy's footprint after the techniques that ran
+(`modelled_weights`): resident groups plus the prefetch slots, and the report says why.
 """
 
 from __future__ import annotations
@@ -28,12 +35,16 @@ from ..core.cost import CostContext, Placement, parse_size
 from ..core.techniques import technique_named, technique_of
 from ..errors import ConfigError
 from ..introspect import describe
+from ..memory.offload import offload_buffers, offload_report
 from ..stack import Stack
+from ..stack import apply as apply_stack
 from .footprint import footprint_from_map
 from .job import Job
 
-# Techniques whose hooks cannot run on fake tensors, and are composed from their cost declaration.
-MODELLED = ("offload",)
+# Techniques applied to the copy after the LoRA adapters exist (their budget leaves the adapters room);
+# composed from their cost declaration when they cannot be applied to it.
+OFFLOAD = "offload"
+MODELLED = (OFFLOAD,)
 CHECKPOINTING = "checkpointing"
 
 
@@ -50,8 +61,8 @@ def configs_of(stack: Any) -> tuple[Any, ...]:
 
 
 def split(configs: Iterable[Any], job: Job) -> tuple[list[Any], list[Any]]:
-    """(configs applied to the fake copy, configs modelled from their cost); a training job with
-    checkpointing on gets the project's `Checkpointing` when the stack has none."""
+    """(configs applied to the fake copy first, offload configs applied after the adapters exist); a
+    training job with checkpointing on gets the project's `Checkpointing` when the stack has none."""
     run, modelled = [], []
     for config in configs:
         (modelled if technique_of(config).name in MODELLED else run).append(config)
@@ -86,6 +97,47 @@ def fake_copy(model: nn.Module, mode: Any, *, frozen: bool) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def budget_bytes(config: Any, hardware: Any) -> int | None:
+    """`config.vram_budget` in bytes (None: no budget); a share of the device is taken of `hardware.vram`."""
+    budget = getattr(config, "vram_budget", None)
+    if isinstance(budget, str) and budget.strip().endswith("%"):
+        vram = getattr(hardware, "vram", None)
+        if not vram:
+            raise ConfigError(
+                f"{type(config).__name__}(vram_budget={budget!r}) is a share of the device: pass hardware= (a "
+                f"hookwise.plan.Hardware, or anything with .vram) to estimate_peak, or give the budget in bytes"
+            )
+        return int(vram * float(budget.strip()[:-1]) / 100)
+    return None if budget is None else parse_size(budget, "vram_budget")
+
+
+def fake_run_config(config: Any, hardware: Any = None, trainable_bytes: int = 0) -> Any:
+    """`config` (an `Offload`) as it runs on the fake CPU copy standing for the compute device: onload
+    on the CPU, host copies in RAM, synchronous copies, the budget in bytes less the adapters'."""
+    size = budget_bytes(config, hardware)
+    return dataclasses.replace(
+        config, onload_device="cpu", offload_device="cpu", disk_path=None, pin="none", use_streams=False,
+        vram_budget=None if size is None else max(size - trainable_bytes, 1),
+    )  # fmt: skip
+
+
+def apply_offload_fake(
+    fake: nn.Module, configs: list[Any], hardware: Any = None, trainable_bytes: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """Apply the offload `configs` to the fake copy (inside its fake mode); returns (device buffers:
+    the prefetch slots, host buffers: the streamed groups' host copies, notes). Raises what applying
+    raises (nothing stays attached then)."""
+    apply_stack(fake, *[fake_run_config(c, hardware, trainable_bytes) for c in configs])
+    slots, host = offload_buffers(fake)
+    report = offload_report(fake)
+    notes = [
+        f"offload: its hooks ran on the fake copy ({report.granularity} granularity, {len(report.resident)} resident "
+        f"/ {len(report.streamed)} streamed groups, {report.slots} slot(s)); the fake CPU stands for the device, "
+        f"streamed weights are counted on the host (RAM or disk alike), not the device"
+    ]
+    return slots, host, notes
+
+
 def modelled_weights(
     model: nn.Module, configs: list[Any], job: Job, hardware: Any = None, trainable_bytes: int = 0,
     checkpointed: list[str] = (),
@@ -105,17 +157,7 @@ def modelled_weights(
                       video=job.frames > 1, cfg=job.cfg)  # fmt: skip
     notes = []
     for config in configs:
-        budget = getattr(config, "vram_budget", None)
-        size = None
-        if isinstance(budget, str) and budget.strip().endswith("%"):
-            if not vram:
-                raise ConfigError(
-                    f"{type(config).__name__}(vram_budget={budget!r}) is a share of the device: pass hardware= (a "
-                    f"hookwise.plan.Hardware, or anything with .vram) to estimate_peak, or give the budget in bytes"
-                )
-            size = int(vram * float(budget.strip()[:-1]) / 100)
-        elif budget is not None:
-            size = parse_size(budget, "vram_budget")
+        size = budget_bytes(config, hardware)
         if size is not None:
             config = dataclasses.replace(config, vram_budget=max(size - trainable_bytes, 1))
         effect = technique_of(config).cost.effect
@@ -136,8 +178,8 @@ def modelled_weights(
                              f"checkpointed block (its recomputation holds them all), not {slots}")
         placement = placed
         notes.append(
-            f"{technique_of(config).name}: resident weights and prefetch slots from its cost declaration (its hooks "
-            f"cannot run on fake tensors); streamed weights counted on the host, not the device"
+            f"{technique_of(config).name}: resident weights and prefetch slots from its cost declaration; streamed "
+            f"weights counted on the host, not the device"
         )
     return placement.device_bytes, placement.transient_bytes, placement.host_bytes, notes
 

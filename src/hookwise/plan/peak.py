@@ -10,9 +10,10 @@ uses a copy whose weights are fake tensors (`_peak_stack.fake_copy`).
 
 With `stack=` the stack's techniques are applied to that copy, so the run has their hooks in place:
 cast weights in their storage dtype with each layer's dequantized weight alive while it computes,
-the project's `Checkpointing` recomputing blocks in backward. Offloading's hooks cannot run on fake
-tensors; its resident groups and prefetch slots come from its cost declaration (`_peak_stack`), and
-the report says so. A training step also holds the optimizer's state: AdamW's two float32 moments
+the project's `Checkpointing` recomputing blocks in backward, offloading streaming the groups it does
+not keep resident through its prefetch slots (its host copies counted apart, as `host_bytes`). Where
+an offload cannot be applied to the copy, its resident groups and slots come from its cost
+declaration (`_peak_stack`), and the report says so. A training step also holds the optimizer's state: AdamW's two float32 moments
 per trainable (LoRA) parameter, counted as `optimizer_bytes`, resident for the whole step.
 
 The step runs with the fake mode entered only around building the copy, the stack and the inputs:
@@ -36,13 +37,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
 from ..core.outputs import sample_of
-from ..errors import ConfigError
+from ..errors import ConfigError, HookwiseError
 from ._peak_attention import AttentionBackend, check_backend
 from ._peak_formula import formula_estimate
 from ..core.techniques import technique_of
 from ..stack import apply as apply_stack
 from ._peak_inputs import build_inputs, known_target
-from ._peak_stack import checkpointed_blocks, configs_of, fake_copy, modelled_weights, split
+from ._peak_stack import apply_offload_fake, checkpointed_blocks, configs_of, fake_copy, modelled_weights, split
 from ._peak_tracker import CUDA_BLOCK, StorageTracker, storage_bytes
 from ._peak_training import ADAM_MOMENTS, attached, lora_targets, make_lora
 from .footprint import label
@@ -64,7 +65,7 @@ class PeakReport:
     method: str  # "fake" (ran under fake tensors) or "formula" (fallback, calibrated)
     modelled: tuple[str, ...]  # what was modelled rather than run, in plain words
     optimizer_bytes: int = 0  # AdamW state of the trainable parameters (training), resident all step
-    host_bytes: int = 0  # weight bytes a modelled offload keeps in host memory
+    host_bytes: int = 0  # weight bytes an offload keeps in host memory (or on disk)
     stack: tuple[str, ...] = ()  # the techniques the run had in place (and those modelled)
 
     def to_dict(self) -> dict:
@@ -154,6 +155,7 @@ def _fake_run(
     tracker = StorageTracker(block)
     attention = AttentionBackend(backend, upcast_math=compute_device == "cuda")
     run, modelled = split(configs, job)
+    configs_of_offload = list(modelled)
     adapters_of: list[str] = []
     if job.training:
         adapters_of = lora_targets(target)
@@ -169,26 +171,41 @@ def _fake_run(
     with mode:
         if run:
             apply_stack(fake, *run)  # the stack's hooks, in place on the copy
-        weights = _distinct([*fake.parameters(), *fake.buffers()])
         originals = dict(target.named_modules())
         # Adapters in the dtype the layer computes in: the model's own (casting stores, not computes, fp8).
         adapters = {
             p: make_lora(originals[p], job.lora_rank, torch.empty(0, dtype=originals[p].weight.dtype))
             for p in adapters_of
         }
+        trainable = storage_bytes([t for ab in adapters.values() for t in ab])
         host_bytes = 0
+        slots: list[torch.Tensor] = []
         if modelled:
-            trainable = storage_bytes([t for ab in adapters.values() for t in ab])
-            device, slots, host_bytes, notes = modelled_weights(
+            try:
+                slots, host, notes = apply_offload_fake(fake, modelled, hardware, trainable)
+            except HookwiseError as exc:
+                # What a real apply would refuse too (a budget below the partition's minimum): the
+                # declaration still gives the planner a figure, and the report says it was modelled.
+                notes = [f"offload could not be applied to the fake copy ({exc}); modelled instead"]
+            else:
+                host_bytes = storage_bytes(host)
+                for h in host:  # the streamed weights' host copies: known, not device bytes
+                    tracker.register(h, count=False)
+                modelled = []
+        weights = _distinct([*fake.parameters(), *fake.buffers(), *slots])
+        if modelled:
+            device, slot_bytes, host_bytes, declared = modelled_weights(
                 fake, modelled, job, hardware, trainable, checkpointed_blocks(fake, run)
             )
-            weight_bytes = device + slots if weights_on_device else 0
-        else:
-            weight_bytes = storage_bytes(weights, block) if weights_on_device else 0
-        for w in weights:
+            notes += declared
+            weight_bytes = device + slot_bytes if weights_on_device else 0
+        before = tracker.live_bytes("cpu")
+        for w in weights:  # resident weights and offload slots (a host copy is known already: not counted)
             tracker.register(w, count=weights_on_device and not modelled)
         if modelled:
             tracker.reserve("cpu", weight_bytes)
+        else:
+            weight_bytes = tracker.live_bytes("cpu") - before
         dtype = next((p.dtype for p in [*target.parameters(), *target.buffers()] if p.is_floating_point()), torch.float32)
         if example_inputs is None:
             inputs = build_inputs(model, job, dtype)
@@ -220,7 +237,7 @@ def _fake_run(
         modelled=(*modelled_notes, *notes),
         optimizer_bytes=optimizer_bytes,
         host_bytes=host_bytes,
-        stack=tuple(label(c) for c in (*run, *modelled)),
+        stack=tuple(label(c) for c in (*run, *configs_of_offload)),
     )
 
 
