@@ -56,7 +56,7 @@ from .memory import (
     remove_component_offload,
     remove_offload,
 )
-from .quant import Quantize, apply_quantize, quantize_summary, remove_quantize
+from .quant import Quantize, apply_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
@@ -118,6 +118,7 @@ __all__ = [
     "get_run_state",
     "list_hooks",
     "load_model",
+    "load_quantized",
     "new_run",
     "offload_report",
     "optimize",
@@ -130,6 +131,7 @@ __all__ = [
     "remove_hook",
     "remove_offload",
     "remove_quantize",
+    "save_quantized",
     "reset_stateful_hooks",
     "set_component",
     "spec_names",

@@ -7,12 +7,15 @@ contract, optional imports), `_torchao.py`, `_bnb.py` (one backend each).
 """
 
 from .quantize import SCHEMES, Quantize, apply_quantize, quantize_summary, quantized_leaves, remove_quantize
+from .save import load_quantized, save_quantized
 
 __all__ = [
     "SCHEMES",
     "Quantize",
     "apply_quantize",
+    "load_quantized",
     "quantize_summary",
     "quantized_leaves",
     "remove_quantize",
+    "save_quantized",
 ]
