@@ -307,3 +307,33 @@ def test_compiled_blocks_of_a_quantized_model_do_not_recompile_from_step_to_step
         second = denoise(model, "musubi", inputs, steps=4, cfg=None)
     assert counter.frame_count == frames > 0
     torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- cost declaration -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [Quantize("nf4"), Quantize("int8-weight"), Quantize("int8", skip="none")])
+def test_the_declared_footprint_is_the_bytes_quantization_really_stores(config):
+    from hookwise.core.cost import CostContext, Placement
+    from hookwise.plan import Hardware, Job
+    from hookwise.plan.footprint import measure
+
+    model, _ = tiny_flux()
+    footprint = measure(model).denoiser.footprint
+    cost = hookwise.core.technique_named("quantization").cost
+    hardware = Hardware.detect(device="cpu", ram="8GB", probe=False)
+    placed = cost.effect(Placement.resident(footprint), config, CostContext(hardware, Job(), 2**30, 2**33))
+    hookwise.apply(model, config)
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert placed.footprint.total_bytes == stored < footprint.total_bytes
+    assert placed.compute_factor > 1 and placed.quality == (SCHEME_COST[config.scheme]["quality"],)
+
+
+def test_the_planner_offers_quantization_where_the_weights_do_not_fit():
+    from hookwise.introspect import build_spec
+    from hookwise.plan import Hardware, Job, make_plan
+
+    hardware = Hardware(device="cuda", name="test GPU", vram=12 * 10**9, vram_free=12 * 10**9, ram=64 * 10**9,
+                        pinned_limit=32 * 10**9, h2d=25e9, disk_read=2e9, tflops=100.0)  # fmt: skip
+    plan = make_plan(build_spec("flux.1-dev"), Job(), hardware, goal="memory")
+    rows = [o for o in plan.ranked if any(isinstance(c, Quantize) for c in o.configs)]
+    assert {c.scheme for o in rows for c in o.configs if isinstance(c, Quantize)} >= {"int8-weight", "nf4"}
+    assert all(o.fits and o.quality for o in rows)
