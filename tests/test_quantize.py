@@ -333,7 +333,29 @@ def test_the_planner_offers_quantization_where_the_weights_do_not_fit():
 
     hardware = Hardware(device="cuda", name="test GPU", vram=12 * 10**9, vram_free=12 * 10**9, ram=64 * 10**9,
                         pinned_limit=32 * 10**9, h2d=25e9, disk_read=2e9, tflops=100.0)  # fmt: skip
-    plan = make_plan(build_spec("flux.1-dev"), Job(), hardware, goal="memory")
+    plan = make_plan(build_spec("flux.1-dev"), Job(height=256, width=256), hardware, goal="memory")
     rows = [o for o in plan.ranked if any(isinstance(c, Quantize) for c in o.configs)]
     assert {c.scheme for o in rows for c in o.configs if isinstance(c, Quantize)} >= {"int8-weight", "nf4"}
     assert all(o.fits and o.quality for o in rows)
+
+
+# ---- CUDA-only schemes ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme,bound", [("int4-weight", 0.1), ("fp8-dynamic", 0.05), ("nf4", 0.08), ("int8-weight", 0.01)])
+def test_cuda_schemes_on_tiny_flux_stay_within_their_bound(scheme, bound):
+    if scheme == "fp8-dynamic" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmul needs compute capability 8.9+")
+    model, inputs = tiny_flux()
+    model.to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda") for k, v in inputs.items()}
+    reference = output_of(model, inputs)
+    hookwise.apply(model, Quantize(scheme, group_size=32 if scheme == "int4-weight" else None))
+    leaves = quantized_leaves(model)
+    assert leaves
+    error = rel_error(output_of(model, inputs), reference)
+    assert 0 < error < bound, error
+    modules = dict(model.named_modules())
+    for path, hook in leaves.items():
+        module = modules[path]
+        stored = sum(t.numel() * t.element_size() for t in hook.tensors(module).values())
+        assert stored == stored_bytes(scheme, (module.out_features, module.in_features), 32 if scheme == "int4-weight" else None)

@@ -61,8 +61,10 @@ class BnbFormat(Format):
             state.CB, state.SCB, state.threshold, state.has_fp16_weights = (
                 tensors["qdata"], tensors["scb"], INT8_THRESHOLD, False
             )
-            out = bnb.matmul(x, tensors["qdata"], state=state, threshold=INT8_THRESHOLD, bias=bias)
-            return out.to(x.dtype)
+            # LLM.int8 quantizes activations from fp16 (it would cast, with a warning per call); the
+            # bias is added afterwards in the input's dtype.
+            out = bnb.matmul(x.to(torch.float16), tensors["qdata"], state=state, threshold=INT8_THRESHOLD).to(x.dtype)
+            return out if bias is None else out + bias.to(x.dtype)
         return bnb.matmul_4bit(x, tensors["qdata"].t(), quant_state=self._state4(tensors, ctx), bias=bias)
 
     def dequantize(self, tensors: dict[str, torch.Tensor], ctx: _Shape, dtype: torch.dtype) -> torch.Tensor:

@@ -27,18 +27,23 @@ _LOADED: dict[str, Any] = {}
 
 
 def backend_module(name: str) -> Any:
-    """Import a backend package (quietly: torchao prints its optional kernels it cannot load)."""
+    """Import a backend package (quietly: torchao logs each optional kernel library it cannot load)."""
     if name in _LOADED:
         return _LOADED[name]
+    package = name.split(".")[0]
+    log = logging.getLogger(package)
+    level = log.level
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            logging.getLogger("torchao").setLevel(logging.ERROR)
+            log.setLevel(logging.ERROR)
             module = importlib.import_module(name)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"quantization with the {name} backend needs the '{name}' package, which is not installed; install "
-            f'it with: pip install "hookwise[{EXTRA[name]}]" (or "hookwise[quant]" for every backend)'
+            f"quantization with the {package} backend needs the '{package}' package, which is not installed; install "
+            f'it with: pip install "hookwise[{EXTRA[package]}]" (or "hookwise[quant]" for every backend)'
         ) from exc
+    finally:
+        log.setLevel(level)
     _LOADED[name] = module
     return module
 
