@@ -11,9 +11,10 @@ Full-width FLUX block stack (`benchmarks/training.py`'s model: 3072 wide, 2 doub
 blocks, random weights N(0, 1/fan_in), bf16, 256 image + 64 text tokens): weight bytes, output
 error against bf16, forward time, and the peak bytes of one LoRA training step (rank 16 on the
 attention projections, adapters in fp32, AdamW; `plan._peak_tracker.StorageTracker`, as in
-training.py).
+training.py). Full-size FLUX.1-dev (the shipped spec, built on `meta` and quantized there): the
+weight bytes of every scheme, exact.
 
-    python benchmarks/quantization.py [--only zoo|full] [--rounds 5] [--device cpu] [--json out.json]
+    python benchmarks/quantization.py [--only zoo|full|size] [--rounds 5] [--device cpu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -205,9 +206,29 @@ def full(device: str, rounds: int, schemes: list[str], tokens: int, text: int, l
     return rows
 
 
+def full_size(schemes: list[str]) -> list[dict]:
+    """Bytes of the full-size FLUX.1-dev transformer per scheme, quantized on `meta` (exact, no weights)."""
+    from hookwise.introspect import build_spec
+
+    rows = []
+    settings = [("bf16", "auto"), *((s, "auto") for s in schemes), ("int8-weight", "none"), ("nf4", "none")]
+    for scheme, skip in settings:
+        model = build_spec("flux.1-dev").requires_grad_(False)
+        if scheme != "bf16":
+            try:
+                hookwise.apply(model, hookwise.Quantize(scheme, skip=skip))
+            except hookwise.ConfigError as error:
+                rows.append(dict(scheme=scheme, error=str(error).split(";")[0]))
+                print(f"  FLUX.1-dev {scheme:<13} {rows[-1]['error']}", flush=True)
+                continue
+        rows.append(dict(scheme=scheme, skip=skip, bytes=stored_bytes(model)))
+        print(f"  FLUX.1-dev {scheme:<13} skip={skip:<5} {rows[-1]['bytes'] / 2**30:7.2f} GiB", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["zoo", "full"], default=None)
+    parser.add_argument("--only", choices=["zoo", "full", "size"], default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--schemes", default=None, help="comma-separated; default: those that run on the device")
@@ -227,6 +248,9 @@ def main() -> None:
     if args.only in (None, "zoo"):
         torch.set_num_threads(1) if args.device == "cpu" else None  # the zoo model's ops are too small to split
         out["zoo"] = zoo(args.device, args.rounds, schemes)
+        save(args.json, out)
+    if args.only in (None, "size"):
+        out["size"] = full_size(GPU_SCHEMES)
         save(args.json, out)
     if args.only in (None, "full"):
         torch.set_num_threads(os.cpu_count() or 1)

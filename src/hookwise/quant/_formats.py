@@ -74,7 +74,8 @@ class Format:
 
 
 def needs_cuda(scheme: str, device: torch.device, why: str) -> None:
-    if device.type == "meta":
+    """Raise unless `device` is CUDA, or `meta` where CUDA is present (torchao asks the GPU even there)."""
+    if device.type == "cuda" or (device.type == "meta" and torch.cuda.is_available()):
         return
     if device.type != "cuda":
         raise ConfigError(
