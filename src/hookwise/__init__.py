@@ -56,6 +56,7 @@ from .memory import (
     remove_component_offload,
     remove_offload,
 )
+from .quant import Quantize, apply_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
@@ -78,6 +79,7 @@ __all__ = [
     "MagCache",
     "MapMismatchError",
     "PyramidAttentionBroadcast",
+    "Quantize",
     "TaylorSeer",
     "TeaCache",
     "calibrate_magcache",
@@ -106,6 +108,7 @@ __all__ = [
     "apply_casting",
     "apply_component_offload",
     "apply_offload",
+    "apply_quantize",
     "branch",
     "casting_summary",
     "checkpointing_report",
@@ -115,16 +118,20 @@ __all__ = [
     "get_run_state",
     "list_hooks",
     "load_model",
+    "load_quantized",
     "new_run",
     "offload_report",
     "optimize",
     "pop_component",
+    "quantize_summary",
     "register_technique",
     "remove",
     "remove_casting",
     "remove_component_offload",
     "remove_hook",
     "remove_offload",
+    "remove_quantize",
+    "save_quantized",
     "reset_stateful_hooks",
     "set_component",
     "spec_names",

@@ -1,0 +1,21 @@
+"""Quantization: weights stored in 8 or 4 bits, computed through the library made for each format.
+
+Techniques: `quantize.py` (`Quantize`: torchao and bitsandbytes schemes on a loaded model) and
+`save.py` (`save_quantized` / `load_quantized`: a quantized model and its stack on disk).
+Machinery (private): `_targets.py` (which leaves, which scheme), `_formats.py` (the storage-format
+contract, optional imports), `_torchao.py`, `_bnb.py` (one backend each).
+"""
+
+from .quantize import SCHEMES, Quantize, apply_quantize, quantize_summary, quantized_leaves, remove_quantize
+from .save import load_quantized, save_quantized
+
+__all__ = [
+    "SCHEMES",
+    "Quantize",
+    "apply_quantize",
+    "load_quantized",
+    "quantize_summary",
+    "quantized_leaves",
+    "remove_quantize",
+    "save_quantized",
+]
