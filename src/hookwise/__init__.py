@@ -63,6 +63,7 @@ from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 from .train import train_lora
 from .train import validation
+from .kernels import Kernels, apply_kernels, kernels_summary, remove_kernels
 
 __version__ = "0.1.0"
 
@@ -130,4 +131,8 @@ __all__ = [
     "spec_names",
     "train_lora",
     "validation",
+    "Kernels",
+    "apply_kernels",
+    "kernels_summary",
+    "remove_kernels",
 ]
