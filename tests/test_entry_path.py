@@ -35,6 +35,7 @@ CASES = {
     "layer_skip": (cache, "layer_skip", lambda: hookwise.LayerSkip(blocks=(1,))),
     "checkpointing": (train, "checkpointing", lambda: hookwise.Checkpointing()),
     "kernels": (kernels, "kernels", lambda: hookwise.Kernels(backend="eager")),
+    "compile": (kernels, "compile", lambda: hookwise.Compile(backend="aot_eager")),
 }
 
 REGISTERED = [t.name for t in techniques()]
