@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hookwise
-from hookwise import cache, memory, quant, train
+from hookwise import cache, kernels, memory, quant, train
 from hookwise.core import list_hooks, techniques
 
 from cache_helpers import build, denoise, one_thread  # noqa: F401
@@ -35,6 +35,8 @@ CASES = {
     "layer_skip": (cache, "layer_skip", lambda: hookwise.LayerSkip(blocks=(1,))),
     "checkpointing": (train, "checkpointing", lambda: hookwise.Checkpointing()),
     "quantization": (quant, "quantize", lambda: hookwise.Quantize("int8-weight")),
+    "kernels": (kernels, "kernels", lambda: hookwise.Kernels(backend="eager")),
+    "compile": (kernels, "compile", lambda: hookwise.Compile(backend="aot_eager")),
 }
 
 REGISTERED = [t.name for t in techniques()]

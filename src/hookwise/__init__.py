@@ -64,6 +64,7 @@ from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 from .train import train_lora
 from .train import validation
+from .kernels import Compile, Kernels, apply_compile, apply_kernels, compiled_blocks, kernels_summary, remove_compile, remove_kernels
 
 __version__ = "0.1.0"
 
@@ -137,4 +138,12 @@ __all__ = [
     "spec_names",
     "train_lora",
     "validation",
+    "Compile",
+    "Kernels",
+    "apply_compile",
+    "apply_kernels",
+    "compiled_blocks",
+    "kernels_summary",
+    "remove_compile",
+    "remove_kernels",
 ]

@@ -1,0 +1,373 @@
+"""Fused DiT kernels: norms, AdaLN modulation and GELU / GEGLU computed by fused ops through hooks.
+
+`Kernels(ops=..., backend=...)` finds the sites of each op (`_patterns.py`: per-architecture tables for
+FLUX and Wan, structural matching for the rest) and attaches a hook to each site module that computes
+its forward with the backend's fused functions instead of the module's chain of eager ops. The
+module's own submodules still run (an adaptive norm's `linear`, a GELU's `proj`), so casting,
+offloading and LoRA on them are untouched. No class is patched; `hookwise.remove` takes the hooks off
+and the modules' forwards are their own again.
+
+Backends:
+- `"triton"`: the Triton kernels of `_triton_dit.py` (forward and backward; Liger-Kernel's for the plain
+  norm cases on CUDA when installed). Runs on CUDA, and on the CPU under Triton's interpreter only.
+- `"compile"`: the eager expressions of `_patterns.py` compiled by `torch.compile` (inductor: Triton on
+  CUDA, C++ on the CPU), one compile per op, dtype, device (and shape on the CPU).
+- `"eager"`: the eager expressions themselves (the reference; for tests and as a baseline).
+- `"auto"`: "triton" on CUDA where Triton is installed, "compile" elsewhere.
+
+Inside a graph that is being compiled (regional `Compile`, a compiled model), every backend traces the
+eager expression instead: the surrounding compile fuses it, and no kernel call breaks the graph.
+
+Numerics are checked at apply, once per distinct site shape: the replacement and the module's own
+forward run on inputs of the module's real widths, dtype and device (2 x 8 tokens), and the outputs and
+the gradients (inputs and trainable parameters) must agree within `TOLERANCE` (the largest absolute
+difference at most `rtol` times the largest absolute eager value, per dtype). A site that fails, or
+whose backend cannot run there, keeps its own forward and `kernels_summary(model)["rejected"]` says
+why. A stack whose ops match no site at all raises `NoTargetError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.config import TechniqueConfig
+from ..core.cost import CostContext, Placement, TechniqueCost
+from ..core.hooks import Layer, ModelHook, add_hook, iter_registries, unwrap
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..core.transaction import current_transaction
+from ..errors import ConfigError, NoTargetError, require
+from ..introspect.architectures import detect_architecture
+from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
+
+logger = logging.getLogger("hookwise.kernels")
+
+NAME = "kernels"
+HOOK_NAME = "hookwise.kernels"
+BACKENDS = ("auto", "triton", "compile", "eager")
+# rtol per compute dtype: max |fused - eager| <= rtol * max |eager|, for outputs and each gradient.
+TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+_STATE_ATTR = "_hookwise_kernels"
+
+
+@dataclass(frozen=True)
+class Kernels(TechniqueConfig):
+    """Fused kernels for the DiT patterns, injected by hooks and checked against eager at apply.
+
+    - `ops`: any of "norm" (LayerNorm / RMSNorm), "modulate" (AdaLN: the norm fused with
+      `* (1 + scale) + shift`), "gate" (`x + gate * y`), "rope" (interleaved rotary embedding),
+      "geglu" (GELU-tanh / GEGLU activations). An op the model writes inline (no module holds it) is
+      listed in the summary as such.
+    - `backend`: "auto" (Triton kernels on CUDA, a `torch.compile`-generated function elsewhere),
+      "triton", "compile" or "eager".
+    """
+
+    ops: tuple[str, ...] = OPS
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ops, str):
+            raise ConfigError(f"Kernels(ops={self.ops!r}) must be a list or tuple of op names, e.g. ops=({self.ops!r},)")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        unknown = [op for op in self.ops if op not in OPS]
+        if unknown or not self.ops:
+            raise ConfigError(f"Kernels(ops={list(self.ops)}): unknown or no ops {unknown}; choose from {list(OPS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"Kernels(backend={self.backend!r}) is not a backend; use one of {list(BACKENDS)}")
+
+
+# ---- backends -----------------------------------------------------------------------------------------
+_GENERATED: dict[tuple, Callable[..., torch.Tensor]] = {}
+
+
+def _signature(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.device.type, tuple(value.shape) if value.device.type == "cpu" else value.dim())
+    return value if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__
+
+
+def _compiled(name: str) -> Callable[..., torch.Tensor]:
+    """The eager expression `name`, compiled once per dtype, device type (and shape on the CPU)."""
+    fn = EXPRESSIONS[name]
+
+    def call(*args: Any) -> torch.Tensor:
+        key = (name, *(_signature(a) for a in args))
+        compiled = _GENERATED.get(key)
+        if compiled is None:
+            # A code object of its own per key: dynamo keeps a bounded number of variants per code
+            # object and then silently runs it uncompiled (as the fused dequantize does).
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_GENERATED)}")
+            copy = types.FunctionType(code, fn.__globals__, code.co_name)
+            static = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+            compiled = _GENERATED[key] = torch.compile(copy, dynamic=False if static else None, fullgraph=True)
+        return compiled(*args)
+
+    return call
+
+
+def _triton_ops(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
+    require("triton", "triton", "Kernels(backend='triton')")
+    # Imported here: the module imports triton, which only this backend needs.
+    from ._triton_dit import gated_residual, geglu, gelu, liger_function, norm_modulate, rope_interleaved
+
+    ops = {
+        "norm_modulate": norm_modulate,
+        "gated_residual": gated_residual,
+        "rope_interleaved": rope_interleaved,
+        "gelu": gelu,
+        "geglu": geglu,
+    }
+    if device.type == "cuda":
+        ops["norm_modulate"] = _with_liger(norm_modulate, liger_function("rms_norm"), liger_function("layer_norm"))
+    return ops
+
+
+def _with_liger(own: Callable[..., torch.Tensor], rms: Any, layer: Any) -> Callable[..., torch.Tensor]:
+    """Liger-Kernel's RMSNorm / LayerNorm for the plain affine cases, the own kernel for the rest."""
+
+    def norm_modulate(x, weight, bias, scale, shift, eps, is_rms):
+        if scale is None and weight is not None and x.dtype == weight.dtype:
+            if is_rms and rms is not None and bias is None:
+                return rms.apply(x, weight, eps, 0.0, "llama", False)
+            if not is_rms and layer is not None and bias is not None:
+                return layer.apply(x, weight, bias, eps)
+        return own(x, weight, bias, scale, shift, eps, is_rms)
+
+    return norm_modulate
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - a torch without it
+        return False
+    return bool(has_triton())
+
+
+def backend_for(backend: str, device: torch.device) -> str:
+    """The backend "auto" stands for on `device`."""
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and _has_triton() else "compile"
+
+
+def backend_ops(backend: str, device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
+    """The fused functions of `backend` (not "auto") for tensors on `device`."""
+    if backend == "eager":
+        return dict(EXPRESSIONS)
+    if backend == "compile":
+        return {name: _compiled(name) for name in EXPRESSIONS}
+    return _triton_ops(device)
+
+
+# ---- the hook -----------------------------------------------------------------------------------------
+class KernelHook(ModelHook):
+    """Computes one site module's forward with fused ops (the module's own forward is not called)."""
+
+    layer = Layer.KERNEL
+
+    def __init__(self, kind: str, backend: str, ops: dict[str, Callable[..., torch.Tensor]]) -> None:
+        self.kind = kind
+        self.backend = backend
+        self.ops = ops
+        self._forward = KINDS[kind].forward
+        self._class_forward: Any = None
+
+    def on_attach(self, module: nn.Module) -> None:
+        self._class_forward = type(module).forward
+
+    def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Only in place of the module's own class forward: a hook inside this one, or a forward set
+        # on the instance (an adapter wrapping it), must run, so then the module runs as it would.
+        if getattr(next_fn, "__func__", None) is not self._class_forward or getattr(next_fn, "__self__", None) is not module:
+            return next_fn(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self._forward(module, EXPRESSIONS, *args, **kwargs)
+        return self._forward(module, self.ops, *args, **kwargs)
+
+
+# ---- numerics check --------------------------------------------------------------------------------
+def _module_dtype_device(module: nn.Module, fallback: tuple[torch.dtype, torch.device]) -> tuple[torch.dtype, torch.device]:
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype.itemsize >= 2 and p.numel():
+            return p.dtype, p.device
+    return fallback
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _worst(fused: list[torch.Tensor], eager: list[torch.Tensor], rtol: float, what: str) -> str | None:
+    for i, (a, b) in enumerate(zip(fused, eager)):
+        if a is None and b is None:
+            continue
+        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
+            return f"{what} {i} differs in shape or dtype ({_desc(a)} vs eager {_desc(b)})"
+        scale = b.float().abs().max().item() if b.numel() else 0.0
+        diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
+        if not diff <= rtol * max(scale, 1e-6):  # also catches nan
+            return f"{what} {i} differs from eager by {diff:.3g} (bound {rtol:g} x {scale:.3g})"
+    return None
+
+
+def _desc(t: torch.Tensor | None) -> str:
+    return "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def check_site(module: nn.Module, kind: str, ops: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype,
+               device: torch.device) -> str | None:
+    """None if the fused forward of `module` matches its own forward within `TOLERANCE`, else why not."""
+    spec = KINDS[kind]
+    rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+    try:
+        args, kwargs = spec.example(module, dtype, device)
+        inputs = [t.requires_grad_() for t in _tensors((args, list(kwargs.values()))) if t.is_floating_point()]
+        params = [p for p in module.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            eager_out = _tensors(type(module).forward(module, *args, **kwargs))
+            fused_out = _tensors(spec.forward(module, ops, *args, **kwargs))
+            why = _worst(fused_out, eager_out, rtol, "output")
+            if why:
+                return why
+            grad_of = [t for t in eager_out if t.requires_grad]
+            if not grad_of:
+                return None
+            gen = torch.Generator().manual_seed(1)
+            cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in grad_of]
+            wrt = inputs + params
+            eager_g = torch.autograd.grad(grad_of, wrt, cotangents, allow_unused=True)
+            fused_g = torch.autograd.grad([t for t in fused_out if t.requires_grad], wrt, cotangents, allow_unused=True)
+        return _worst(list(fused_g), list(eager_g), rtol, "gradient")
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is a reason not to use it
+        text = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# ---- state, apply, remove -------------------------------------------------------------------------------
+@dataclass
+class _State:
+    backend: str
+    used: dict[str, str]  # path -> kind
+    rejected: dict[str, str]  # path -> why
+    inline: dict[str, str]  # op -> where the model computes it instead
+    unmatched: list[str]  # ops with no site
+
+
+def kernels_summary(model: nn.Module) -> dict[str, Any]:
+    """What Kernels replaced: backend, sites used (path -> kind), rejected (path -> why), ops the model
+    computes inline (op -> where), ops with no site; empty when Kernels is not applied."""
+    state = unwrap(model).__dict__.get(_STATE_ATTR)
+    if state is None:
+        return {}
+    return {
+        "backend": state.backend,
+        "used": dict(state.used),
+        "rejected": dict(state.rejected),
+        "inline": dict(state.inline),
+        "unmatched": list(state.unmatched),
+    }
+
+
+def _apply_kernels(model: nn.Module, config: Kernels) -> None:
+    model = unwrap(model)
+    arch = detect_architecture(model)
+    arch_name = arch.name if arch else None
+    sites = find_sites(model, arch_name, config.ops)
+    table = arch_sites(arch_name)
+    inline = {op: why for op, why in (table.inline.items() if table else ()) if op in config.ops}
+    if not sites:
+        said = "; ".join(f"{op}: {why}" for op, why in inline.items())
+        raise NoTargetError(
+            f"Kernels(ops={list(config.ops)}) found no module to replace in {type(model).__name__}"
+            + (f" ({said})" if said else "")
+            + "; choose ops the model computes in modules of its own (norm, modulate, geglu), or leave Kernels out"
+        )
+    model_dtype, model_device = _module_dtype_device(model, (torch.float32, torch.device("cpu")))
+    state = _State(config.backend, {}, {}, inline, [])
+    checked: dict[tuple, str | None] = {}
+    for path, module, kind in sites:
+        dtype, device = _module_dtype_device(module, (model_dtype, model_device))
+        backend = backend_for(config.backend, device)
+        ops = backend_ops(backend, device)
+        shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters())
+        key = (type(module), kind, backend, dtype, device, shapes, getattr(module, "eps", None), getattr(module, "approximate", None))
+        if key not in checked:
+            checked[key] = check_site(module, kind, ops, dtype, device)
+        why = checked[key]
+        if why is not None:
+            state.rejected[path or "<model>"] = f"{backend}: {why}"
+            continue
+        add_hook(module, KernelHook(kind, backend, ops), HOOK_NAME)
+        state.used[path or "<model>"] = kind
+    found_ops = {KINDS[kind].op for _, _, kind in sites}
+    state.unmatched = [op for op in config.ops if op not in found_ops and op not in inline]
+    if state.rejected:
+        first = next(iter(state.rejected.items()))
+        logger.warning(
+            "hookwise kernels: %d of %d sites keep their eager forward (numerics check or backend failed; "
+            "e.g. %s: %s); see kernels_summary(model)", len(state.rejected), len(sites), *first,
+        )
+    model.__dict__[_STATE_ATTR] = state
+    txn = current_transaction()
+    if txn is not None:
+        txn.on_rollback(lambda: model.__dict__.pop(_STATE_ATTR, None), "kernels state")
+
+
+def _remove_kernels(model: nn.Module, config: Kernels | None = None) -> int:
+    model = unwrap(model)
+    count = 0
+    for _, registry in list(iter_registries(model)):
+        if isinstance(registry.get(HOOK_NAME), KernelHook):
+            registry.remove(HOOK_NAME)
+            count += 1
+    model.__dict__.pop(_STATE_ATTR, None)
+    return count
+
+
+def apply_kernels(model: nn.Module, config: Kernels | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Apply fused kernels (as `hookwise.apply(model, Kernels(...))`); returns `kernels_summary(model)`."""
+    apply_techniques(model, [config or Kernels(**kwargs)])
+    return kernels_summary(model)
+
+
+def remove_kernels(model: nn.Module) -> list[str]:
+    """Remove Kernels (the same as `hookwise.remove(model, "kernels")`); the modules' own forwards return."""
+    return remove_techniques(model, [NAME])
+
+
+# ---- cost -----------------------------------------------------------------------------------------------
+def _effect(placement: Placement, config: Kernels, ctx: CostContext) -> Placement:
+    # Weights and their movement are unchanged; the time saved has not been measured for the planner,
+    # so no compute factor is claimed.
+    return placement.note(f"fused kernels ({config.backend}): time saving not declared")
+
+
+def _options(placement: Placement, ctx: CostContext) -> list[Kernels]:
+    # Never proposed by the planner until a measured speed-up can be declared (see BENCHMARKS.md).
+    return []
+
+
+register_technique(
+    NAME,
+    Kernels,
+    apply=_apply_kernels,
+    remove=_remove_kernels,
+    layer=Layer.KERNEL,
+    description="fused norm / AdaLN / GELU kernels (Triton, torch.compile or eager), checked against eager",
+    cost=TechniqueCost(_effect, _options),
+)
