@@ -1,0 +1,1 @@
+"""Quantization: unified configs and backends (torchao, bitsandbytes, GGUF files)."""
