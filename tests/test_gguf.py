@@ -77,3 +77,297 @@ def test_an_unsupported_type_is_a_clear_error():
         dq.gguf_type("IQ2_XXS")
     with pytest.raises(ConfigError, match="not a multiple of the block size 32"):
         dq.byte_shape((4, 48), "Q8_0")
+
+
+# ---- loading GGUF files ---------------------------------------------------------------------------------
+import copy  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+import hookwise  # noqa: E402
+from hookwise.errors import MissingDependencyError  # noqa: E402
+from model_helpers import tiny_flux  # noqa: E402
+
+D, S = "transformer_blocks.0.", "single_transformer_blocks.0."
+# The tiny Flux's keys under their BFL names (the names of the common FLUX GGUF files), written out here
+# independently of hookwise's table: each BFL tensor is the listed diffusers tensors stacked on rows.
+BFL_TO_DIFFUSERS = {
+    "img_in": ["x_embedder"],
+    "txt_in": ["context_embedder"],
+    "time_in.in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+    "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+    "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
+    "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+    "double_blocks.0.img_mod.lin": [D + "norm1.linear"],
+    "double_blocks.0.txt_mod.lin": [D + "norm1_context.linear"],
+    "double_blocks.0.img_attn.qkv": [D + "attn.to_q", D + "attn.to_k", D + "attn.to_v"],
+    "double_blocks.0.img_attn.proj": [D + "attn.to_out.0"],
+    "double_blocks.0.txt_attn.qkv": [D + "attn.add_q_proj", D + "attn.add_k_proj", D + "attn.add_v_proj"],
+    "double_blocks.0.txt_attn.proj": [D + "attn.to_add_out"],
+    "double_blocks.0.img_mlp.0": [D + "ff.net.0.proj"],
+    "double_blocks.0.img_mlp.2": [D + "ff.net.2"],
+    "double_blocks.0.txt_mlp.0": [D + "ff_context.net.0.proj"],
+    "double_blocks.0.txt_mlp.2": [D + "ff_context.net.2"],
+    "single_blocks.0.modulation.lin": [S + "norm.linear"],
+    "single_blocks.0.linear1": [S + "attn.to_q", S + "attn.to_k", S + "attn.to_v", S + "proj_mlp"],
+    "single_blocks.0.linear2": [S + "proj_out"],
+    "final_layer.linear": ["proj_out"],
+    "final_layer.adaLN_modulation.1": ["norm_out.linear"],  # rows in (shift, scale) order: halves swapped
+}
+BFL_NORMS = {
+    "double_blocks.0.img_attn.norm.query_norm.scale": D + "attn.norm_q.weight",
+    "double_blocks.0.img_attn.norm.key_norm.scale": D + "attn.norm_k.weight",
+    "double_blocks.0.txt_attn.norm.query_norm.scale": D + "attn.norm_added_q.weight",
+    "double_blocks.0.txt_attn.norm.key_norm.scale": D + "attn.norm_added_k.weight",
+    "single_blocks.0.norm.query_norm.scale": S + "attn.norm_q.weight",
+    "single_blocks.0.norm.key_norm.scale": S + "attn.norm_k.weight",
+}
+
+
+def _swap(a: np.ndarray) -> np.ndarray:
+    half = a.shape[0] // 2
+    return np.concatenate([a[half:], a[:half]])
+
+
+def write_gguf(path, tensors: dict, arch: str = "flux") -> str:
+    """A .gguf file of `tensors` ({name: float32 array, or (uint8 blocks, type name)})."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            raw, type_name = value
+            writer.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[type_name])
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def flux_gguf(tmp_path, type_name: str, drop=(), arch: str = "flux"):
+    """The tiny Flux written as a BFL-named GGUF file in `type_name`, and the reference model.
+
+    Weights whose rows hold whole blocks are quantized (per diffusers tensor, then stacked: rows are
+    quantized independently, so this is the quantization of the stacked tensor); the rest stay F32.
+    The reference is the plain model holding exactly the dequantized values.
+    """
+    model, inputs = tiny_flux()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    reference_state, stored = {}, {}
+    qtype = GGMLQuantizationType[type_name]
+    for key, value in state.items():
+        if value.ndim == 2 and value.shape[1] % 32 == 0:
+            raw = np_quantize(value, qtype)
+            stored[key] = (raw, type_name)
+            reference_state[key] = torch.from_numpy(np_dequantize(raw, qtype))
+        else:
+            stored[key] = value
+            reference_state[key] = torch.from_numpy(value)
+    tensors = {}
+    for bfl, parts in BFL_TO_DIFFUSERS.items():
+        for param in ("weight", "bias"):
+            values = [stored[f"{p}.{param}"] for p in parts]
+            quantized = isinstance(values[0], tuple)
+            arrays = [v[0] if quantized else v for v in values]
+            joined = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+            if bfl == "final_layer.adaLN_modulation.1":
+                joined = _swap(joined)
+            tensors[f"{bfl}.{param}"] = (joined, type_name) if quantized else joined
+    for bfl, key in BFL_NORMS.items():
+        tensors[bfl] = state[key]
+    for name in drop:
+        tensors.pop(name)
+    path = write_gguf(tmp_path / f"flux-{type_name}.gguf", tensors, arch)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(reference_state)
+    return path, model, reference, inputs
+
+
+def meta_flux(model):
+    with torch.device("meta"):
+        return type(model).from_config(model.config).eval()
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+# Relative L2 error of the tiny Flux's output against the plain model, per type (measured here:
+# 0.0075 / 0.045 / 0.12; the bounds leave room for seeds, not for a wrong dequantization).
+TYPE_ERROR = {"Q8_0": 0.02, "Q5_1": 0.15, "Q4_0": 0.3}
+
+
+@pytest.mark.parametrize("type_name", ("Q8_0", "Q4_0", "Q5_1"))
+def test_a_bfl_named_flux_file_loads_into_a_meta_model_and_matches_the_dequantized_reference(tmp_path, type_name):
+    path, plain, reference, inputs = flux_gguf(tmp_path, type_name)
+    model = meta_flux(plain)
+    summary = hookwise.load_gguf(model, path)
+    assert summary["key_map"] == "flux"
+    assert not any(t.is_meta for t in model.state_dict().values())
+    to_q = model.transformer_blocks[0].attn.to_q
+    assert to_q.weight.dtype == torch.uint8 and not to_q.weight.requires_grad
+    assert summary["quantized"][D + "attn.to_q"] == type_name
+    assert "x_embedder" not in summary["quantized"]  # 4 input columns: not whole blocks, stored F32
+    out = run(model, inputs)
+    assert torch.equal(out, run(reference, inputs))
+    expected = run(plain, inputs)
+    error = ((out - expected).norm() / expected.norm()).item()
+    assert 0 < error < TYPE_ERROR[type_name]
+
+
+def test_quantized_weights_are_stored_as_their_gguf_bytes(tmp_path):
+    path, plain, _, _ = flux_gguf(tmp_path, "Q4_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    quantized = hookwise.gguf_summary(model)["quantized"]
+    modules = dict(model.named_modules())
+    for leaf in quantized:
+        module = modules[leaf]
+        assert module.weight.nbytes == module.out_features * module.in_features // 32 * 18
+    assert set(model.state_dict()) == set(plain.state_dict())
+
+
+def test_offloading_on_top_of_a_gguf_model_streams_the_quantized_bytes_and_gives_the_same_output(tmp_path):
+    path, plain, _, inputs = flux_gguf(tmp_path, "Q5_1")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    expected = run(model, inputs)
+    hookwise.apply(model, hookwise.Offload(onload_device="cpu", offload_device="cpu", granularity="block"))
+    assert [type(c).__name__ for c in hookwise.applied(model)] == ["GGUFFile", "Offload"]
+    assert torch.equal(run(model, inputs), expected)
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.uint8
+
+
+def test_peft_lora_trains_on_a_gguf_base_with_gradients_only_in_the_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    path, plain, _, inputs = flux_gguf(tmp_path, "Q8_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    model.requires_grad_(False)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    model = peft.inject_adapter_in_model(config, model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    target = torch.randn_like(run(model, inputs))
+    losses = []
+    for _ in range(5):
+        out = model(**inputs, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(out, target)
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        optimizer.step()
+    assert losses[-1] < losses[0]
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_removing_the_gguf_technique_gives_the_dequantized_weights_back(tmp_path):
+    path, plain, reference, inputs = flux_gguf(tmp_path, "Q4_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    with pytest.warns(UserWarning, match="not restored"):
+        hookwise.remove(model)
+    assert not hookwise.gguf_summary(model)["quantized"]
+    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert torch.equal(run(model, inputs), run(reference, inputs))
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not hookwise.applied(model) and not hookwise.gguf_summary(model)["quantized"]
+
+
+def test_a_file_missing_a_key_is_a_clear_error_that_leaves_the_model_unchanged(tmp_path):
+    path, plain, _, _ = flux_gguf(tmp_path, "Q8_0", drop=("double_blocks.0.img_attn.proj.weight",))
+    model = copy.deepcopy(plain)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(hookwise.GGUFLoadError, match=r"missing from the file \(1\): transformer_blocks.0.attn.to_out.0.weight"):
+        hookwise.load_gguf(model, path)
+    _unchanged(model, before)
+
+
+def test_a_file_of_another_architecture_is_a_clear_error(tmp_path):
+    path, plain, _, _ = flux_gguf(tmp_path, "Q8_0", arch="wan")
+    model = copy.deepcopy(plain)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(hookwise.GGUFLoadError, match="holds a 'wan' model.*FluxTransformer2DModel"):
+        hookwise.load_gguf(model, path)
+    _unchanged(model, before)
+
+
+def test_a_tensor_of_the_wrong_shape_is_listed_as_a_mismatch(tmp_path):
+    model, _ = tiny_flux()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    state["proj_out.weight"] = np.zeros((8, 32), np.float32)
+    path = write_gguf(tmp_path / "bad.gguf", state)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(hookwise.GGUFLoadError, match=r"shape mismatch \(1\): proj_out.weight \(8, 32\) -> proj_out.weight \(4, 32\)"):
+        hookwise.load_gguf(model, path)
+    _unchanged(model, before)
+
+
+def test_an_unsupported_tensor_type_is_a_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(256, 4))
+    raw = np_quantize(np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32), GGMLQuantizationType.TQ2_0)
+    path = write_gguf(tmp_path / "tq.gguf", {"0.weight": (raw, "TQ2_0"), "0.bias": np.zeros(4, np.float32)})
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(hookwise.GGUFLoadError, match="stored as TQ2_0, which hookwise cannot dequantize"):
+        hookwise.load_gguf(model, path)
+    _unchanged(model, before)
+
+
+@pytest.mark.parametrize("type_name", K_QUANTS)
+def test_a_model_whose_keys_match_loads_k_quants_with_the_identity_map(tmp_path, type_name):
+    model = nn.Sequential(nn.Linear(256, 6), nn.GELU(), nn.Linear(6, 3))
+    raw = random_blocks(type_name, rows=6, blocks_per_row=1)
+    tensors = {"0.weight": (raw, type_name), "0.bias": np.zeros(6, np.float16)}
+    tensors.update({"2.weight": np.ones((3, 6), np.float32), "2.bias": np.zeros(3, np.float32)})
+    path = write_gguf(tmp_path / "mlp.gguf", tensors, arch="mlp")
+    summary = hookwise.load_gguf(model, path)
+    assert summary["key_map"] == "identity" and summary["quantized"] == {"0": type_name}
+    x = torch.randn(2, 256)
+    weight = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType[type_name]))
+    expected = torch.nn.functional.linear(x, weight)
+    with torch.no_grad():
+        assert torch.equal(model[0](x), expected)
+
+
+def test_the_config_records_the_file_and_its_types_and_reapplies_from_a_dict(tmp_path):
+    path, plain, _, inputs = flux_gguf(tmp_path, "Q8_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    (config,) = hookwise.applied(model)
+    data = config.to_dict()
+    assert data["technique"] == "gguf" and data["path"] == path
+    assert ["double_blocks.0.img_attn.qkv.weight", "Q8_0"] in data["types"]
+    again = meta_flux(plain)
+    hookwise.apply(again, hookwise.GGUFFile.from_dict(data))
+    assert torch.equal(run(again, inputs), run(model, inputs))
+    changed = hookwise.GGUFFile.from_dict({**data, "types": [["img_in.weight", "Q4_0"]]})
+    with pytest.raises(hookwise.GGUFLoadError, match="file changed"):
+        hookwise.apply(meta_flux(plain), changed)
+
+
+def test_loading_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(MissingDependencyError, match=r"hookwise\[gguf\]"):
+        hookwise.load_gguf(nn.Linear(32, 4), tmp_path / "x.gguf")
+
+
+def test_gguf_cannot_be_combined_with_layerwise_casting(tmp_path):
+    path, plain, _, _ = flux_gguf(tmp_path, "Q8_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    with pytest.raises(hookwise.CompatibilityError, match="'gguf' and 'casting'|'casting' and 'gguf'"):
+        hookwise.apply(model, hookwise.LayerwiseCasting())

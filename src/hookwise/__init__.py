@@ -56,6 +56,7 @@ from .memory import (
     remove_component_offload,
     remove_offload,
 )
+from .quant.gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
@@ -74,6 +75,8 @@ __all__ = [
     "DualBlockCache",
     "FasterCache",
     "FirstBlockCache",
+    "GGUFFile",
+    "GGUFLoadError",
     "LayerSkip",
     "MagCache",
     "MapMismatchError",
@@ -105,6 +108,7 @@ __all__ = [
     "apply",
     "apply_casting",
     "apply_component_offload",
+    "apply_gguf",
     "apply_offload",
     "branch",
     "casting_summary",
@@ -113,7 +117,9 @@ __all__ = [
     "describe",
     "get_hook",
     "get_run_state",
+    "gguf_summary",
     "list_hooks",
+    "load_gguf",
     "load_model",
     "new_run",
     "offload_report",
@@ -123,6 +129,7 @@ __all__ = [
     "remove",
     "remove_casting",
     "remove_component_offload",
+    "remove_gguf",
     "remove_hook",
     "remove_offload",
     "reset_stateful_hooks",
