@@ -371,3 +371,115 @@ def test_gguf_cannot_be_combined_with_layerwise_casting(tmp_path):
     hookwise.load_gguf(model, path)
     with pytest.raises(hookwise.CompatibilityError, match="'gguf' and 'casting'|'casting' and 'gguf'"):
         hookwise.apply(model, hookwise.LayerwiseCasting())
+
+
+class _FusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.qkv, self.proj = nn.LayerNorm(32), nn.Linear(32, 96), nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+class _OddModel(nn.Module):
+    """Nested containers, a fused qkv, a block registered twice and called twice, a layer never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.towers = nn.ModuleDict({"a": nn.ModuleList([_FusedBlock(), _FusedBlock()])})
+        self.holder = nn.Module()
+        self.holder.inner = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.shared = self.towers["a"][0]
+        self.unused = nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = self.shared(self.towers["a"][1](self.towers["a"][0](x)))
+        return self.holder.inner(x)
+
+
+def test_an_odd_model_loads_with_its_own_names(tmp_path):
+    model = _OddModel().eval()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert "shared.qkv.weight" in state and "towers.a.0.qkv.weight" in state
+    tensors, reference_state = {}, {}
+    for key, value in state.items():
+        if value.ndim == 2:
+            raw = np_quantize(value, GGMLQuantizationType.Q4_1)
+            tensors[key] = (raw, "Q4_1")
+            reference_state[key] = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType.Q4_1))
+        else:
+            tensors[key] = value
+            reference_state[key] = torch.from_numpy(value)
+    path = write_gguf(tmp_path / "odd.gguf", tensors, arch="odd")
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(reference_state)
+    summary = hookwise.load_gguf(model, path)
+    assert summary["key_map"] == "identity"
+    assert model.shared is model.towers["a"][0] and model.unused.weight.dtype == torch.uint8
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+# The tiny Wan's keys under the original Wan names, written out here: (original prefix, diffusers prefix).
+WAN_ORIGINAL = [
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.head.", "proj_out."),
+    ("head.modulation", "scale_shift_table"),
+    ("patch_embedding.", "patch_embedding."),
+] + [
+    (f"blocks.{n}.{o}", f"blocks.{n}.{d}")
+    for n in range(2)
+    for o, d in [
+        *((f"self_attn.{a}.", f"attn1.{b}.") for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))),
+        *((f"cross_attn.{a}.", f"attn2.{b}.") for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0"))),
+        ("self_attn.norm_q.", "attn1.norm_q."),
+        ("self_attn.norm_k.", "attn1.norm_k."),
+        ("cross_attn.norm_q.", "attn2.norm_q."),
+        ("cross_attn.norm_k.", "attn2.norm_k."),
+        ("norm3.", "norm2."),
+        ("ffn.0.", "ffn.net.0.proj."),
+        ("ffn.2.", "ffn.net.2."),
+        ("modulation", "scale_shift_table"),
+    ]
+]
+
+
+def test_an_original_named_wan_file_loads_into_the_diffusers_wan(tmp_path):
+    from model_helpers import tiny_wan
+
+    model, inputs = tiny_wan()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    tensors, reference_state = {}, {}
+    for key, value in state.items():
+        original = next(o + key[len(d) :] for o, d in WAN_ORIGINAL if key.startswith(d))
+        if value.ndim == 2 and value.shape[1] % 32 == 0:
+            raw = np_quantize(value, GGMLQuantizationType.Q8_0)
+            tensors[original] = (raw, "Q8_0")
+            reference_state[key] = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType.Q8_0))
+        else:
+            tensors[original] = value.astype(np.float16) if value.ndim > 2 else value
+            reference_state[key] = torch.from_numpy(tensors[original].astype(np.float32))
+    path = write_gguf(tmp_path / "wan.gguf", tensors, arch="wan")
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(reference_state)
+    with torch.device("meta"):
+        bare = type(model).from_config(model.config).eval()
+    with pytest.raises(hookwise.GGUFLoadError, match=r"(?s)rope.freqs_cos \(a non-persistent buffer on meta\).*include_buffers=False"):
+        hookwise.load_gguf(bare, path)
+    accelerate = pytest.importorskip("accelerate")
+    with accelerate.init_empty_weights(include_buffers=False):
+        meta_wan = type(model).from_config(model.config).eval()
+    summary = hookwise.load_gguf(meta_wan, path)
+    assert summary["key_map"] == "wan"
+    # The time embedder's dtype is read by its parent's forward: its weight is dequantized at load.
+    assert set(summary["quantized"]) == {"blocks.0.ffn.net.2", "blocks.1.ffn.net.2"}
+    assert summary["types"]["condition_embedder.time_embedder.linear_1.weight"] == "Q8_0"
+    target = run(reference, inputs)
+    assert torch.equal(run(meta_wan, inputs), target)

@@ -14,8 +14,9 @@ installs the weights:
 - F32 / F16 / BF16 tensors, and quantized tensors of anything else (a norm scale, a modulation table),
   load as ordinary weights in the dtype the model gives them.
 
-The model may be built on `meta` (`with torch.device("meta"): Model(config)`): nothing full-precision
-is materialised, so peak RAM is about the file's size. Loading is all-or-nothing: a file of another
+The model may be built on `meta` (`with torch.device("meta"): Model(config)`, or accelerate's
+`init_empty_weights(include_buffers=False)` where the model has buffers no file holds, such as rope
+tables): nothing full-precision is materialised, so peak RAM is about the file's size. Loading is all-or-nothing: a file of another
 architecture, a missing or unexpected key, a shape that does not fit or a type hookwise cannot
 dequantize is an error before anything changes.
 
@@ -48,6 +49,7 @@ from ..core.techniques import apply_techniques, register_technique, remove_techn
 from ..core.transaction import transaction
 from ..errors import ConfigError, HookError, require
 from ..introspect.architectures import detect_architecture
+from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
 from . import _gguf_dequant as dq
 
@@ -194,7 +196,7 @@ def _choose_map(config: GGUFFile, model: nn.Module, contents: _GGUFContents, key
 def match_file(model: nn.Module, contents: _GGUFContents, config: GGUFFile) -> tuple[GGUFKeyMap, list[_Piece]]:
     """Every model key and the file data that fills it; a `GGUFLoadError` listing everything that does not fit."""
     state = model.state_dict(keep_vars=True)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a block registered twice: both paths
     key_map = _choose_map(config, model, contents, set(state))
     arch = detect_architecture(model)
     model_arch = arch.name if arch is not None and arch.name in KEY_MAPS else None
@@ -219,6 +221,8 @@ def match_file(model: nn.Module, contents: _GGUFContents, config: GGUFFile) -> t
             mismatched.append(problem)
         filled.update(target.keys)
     missing = [k for k in state if k not in filled]
+    # Buffers outside the state dict (rope tables) are no file's: on `meta` they would stay unusable.
+    missing += [f"{n} (a non-persistent buffer on meta)" for n, b in model.named_buffers() if b.is_meta and n not in state]
     if unexpected or mismatched or missing:
         lines = [f"{contents.path!r} does not fit {type(model).__name__} (key map {key_map.name!r}):"]
         for title, items in (("missing from the file", missing), ("not in the model", unexpected),
@@ -230,6 +234,11 @@ def match_file(model: nn.Module, contents: _GGUFContents, config: GGUFFile) -> t
             "  Load a file of this model's architecture and size; pass architecture= ('flux', 'wan', 'identity') "
             "if its names were not recognised."
         )
+        if any(k.endswith("on meta)") for k in missing):
+            lines.append(
+                "  Build the model with its buffers materialised: accelerate.init_empty_weights(include_buffers=False) "
+                "puts only the parameters on meta."
+            )
         raise GGUFLoadError("\n".join(lines))
     return key_map, pieces
 
@@ -252,7 +261,7 @@ def _fit(target: KeyTarget, tensor: _FileTensor, state: dict, pieces: list[_Piec
         bounds = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     for key, rows in zip(target.keys, bounds):
         module_path, _, param = key.rpartition(".")
-        module = modules.get(module_path)
+        module = modules.get(module_path) or model_get(modules, module_path)
         whole_rows = int(np.prod(state[key].shape[1:], dtype=np.int64)) % t.block_size == 0
         keep = t.quantized and param == "weight" and module is not None and _hookable(module) and whole_rows
         pieces.append(_Piece(key, tensor, rows, target.swap_halves, keep))
@@ -418,17 +427,30 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
         )
     key_map, pieces = match_file(model, contents, config)
     state = model.state_dict(keep_vars=True)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
+    # A forward that reads a layer's weight dtype (`x.to(self.time_embedder.linear_1.weight.dtype)`) would
+    # read uint8 from a layer holding blocks: such layers get their weights dequantized at load instead.
+    candidates = {p.key.rpartition(".")[0]: modules[p.key.rpartition(".")[0]] for p in pieces if p.quantized}
+    readers = find_dtype_readers(model, candidates)
+    for piece in pieces:
+        why = readers.get(piece.key.rpartition(".")[0])
+        if piece.quantized and why:
+            logger.warning("hookwise gguf: dequantizing %s at load (%s: %s)", piece.key, REASON_DTYPE_READ, why)
+            piece.quantized = False
     targets = [state[p.key] for p in pieces if p.quantized]
     if not targets and not pieces:
         raise GGUFLoadError(f"{config.path!r} holds no tensors; nothing to load")
     compute = config.compute_dtype or _dominant_dtype(targets) or torch.float32
     device = torch.device(config.device) if config.device else _model_device(model)
     record = GGUFRecord(config, key_map.name, compute, _Dequantizer(config.kernels), {})
+    installed: set[tuple[int, str]] = set()
     with transaction() as txn:
         for piece in pieces:
             module_path, _, name = piece.key.rpartition(".")
             module = modules[module_path]
+            if (id(module), name) in installed:
+                continue  # a module registered under two paths (a reused block): its first path filled it
+            installed.add((id(module), name))
             original = state[piece.key]
             dtype = original.dtype if original.is_floating_point() else compute
             value = _piece_tensor(piece, original, dtype, device)
