@@ -483,3 +483,77 @@ def test_an_original_named_wan_file_loads_into_the_diffusers_wan(tmp_path):
     assert summary["types"]["condition_embedder.time_embedder.linear_1.weight"] == "Q8_0"
     target = run(reference, inputs)
     assert torch.equal(run(meta_wan, inputs), target)
+
+
+# ---- the Triton kernels ---------------------------------------------------------------------------------
+_INTERPRETED = """
+import os, sys
+assert os.environ["TRITON_INTERPRET"] == "1"
+sys.path.insert(0, {tests!r})
+import torch
+from hookwise.quant import _gguf_triton as tr, _gguf_dequant as dq
+from test_gguf import raw_for
+assert tr.available()
+bad = []
+for name in tr.SUPPORTED:
+    t = dq.TYPES[name]
+    raw = torch.from_numpy(raw_for(name, rows=3, blocks=5 if t.block_size == 32 else 2))
+    shape = (3, raw.shape[1] // t.type_size * t.block_size)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if not torch.equal(tr.dequantize(raw, name, shape, dtype), dq.dequantize(raw, name, shape, dtype)):
+            bad.append((name, str(dtype)))
+print("MISMATCHES", bad)
+"""
+
+
+def test_triton_kernels_under_the_interpreter_equal_the_torch_ops():
+    """Run in a child process: TRITON_INTERPRET must be set before triton is imported, and not leak here."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(hookwise.__path__[0]), env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED.format(tests=tests)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MISMATCHES []" in result.stdout, result.stdout[-2000:]
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def test_asking_for_triton_kernels_without_triton_names_the_extra(tmp_path, monkeypatch):
+    import hookwise.quant as quant
+
+    monkeypatch.setitem(sys.modules, "hookwise.quant._gguf_triton", None)
+    monkeypatch.delattr(quant, "_gguf_triton", raising=False)
+    path, plain, _, _ = flux_gguf(tmp_path, "Q8_0")
+    model = meta_flux(plain)
+    with pytest.raises(MissingDependencyError, match=r"hookwise\[triton\]"):
+        hookwise.load_gguf(model, path, kernels="triton")
+    assert not hookwise.applied(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("type_name", LEGACY + K_QUANTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+def test_triton_kernels_on_cuda_equal_the_torch_ops(type_name, dtype):
+    from hookwise.quant import _gguf_triton as tr
+
+    t = dq.TYPES[type_name]
+    raw = torch.from_numpy(raw_for(type_name, rows=64, blocks=8)).cuda()
+    shape = (64, 8 * t.block_size)
+    assert torch.equal(tr.dequantize(raw, type_name, shape, dtype), dq.dequantize(raw, type_name, shape, dtype))
+
+
+@pytest.mark.gpu
+def test_a_gguf_model_on_cuda_gives_the_same_output_with_triton_kernels_and_torch_ops(tmp_path):
+    path, plain, _, inputs = flux_gguf(tmp_path, "Q4_0")
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    outputs = []
+    for kernels in ("triton", "torch"):
+        model = meta_flux(plain)
+        hookwise.load_gguf(model, path, device="cuda", kernels=kernels)
+        outputs.append(run(model, cuda_inputs))
+    assert torch.equal(outputs[0], outputs[1])

@@ -47,7 +47,7 @@ from ..core.cost import CostContext, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
-from ..errors import ConfigError, HookError, require
+from ..errors import ConfigError, HookError, MissingDependencyError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
@@ -302,18 +302,24 @@ class _Dequantizer:
     def __init__(self, kernels: str) -> None:
         self.kernels = kernels
         self._triton: Any = None
-        if kernels != "torch":
-            try:
-                from . import _gguf_triton
-
-                self._triton = _gguf_triton if _gguf_triton.available() else None
-            except ImportError:
-                self._triton = None
-            if kernels == "triton" and self._triton is None:
-                raise ConfigError(
-                    "kernels='triton' needs Triton, which is not installed: pip install 'hookwise[triton]', "
-                    "or pass kernels='auto' / 'torch' (the same values from torch ops)"
-                )
+        if kernels == "torch":
+            return
+        try:
+            from . import _gguf_triton
+        except ImportError as exc:
+            if kernels == "triton":
+                raise MissingDependencyError(
+                    f"kernels='triton' needs Triton, which cannot be imported ({exc}): pip install 'hookwise[triton]', "
+                    f"or pass kernels='auto' / 'torch' (the same values from torch ops)"
+                ) from exc
+            return
+        if _gguf_triton.available():
+            self._triton = _gguf_triton
+        elif kernels == "triton":
+            raise ConfigError(
+                "kernels='triton': the Triton kernels run on CUDA and there is no CUDA device here; pass "
+                "kernels='auto' (Triton where weights are on CUDA) or 'torch' (the same values from torch ops)"
+            )
 
     def __call__(self, raw: torch.Tensor, type_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self._triton is not None and raw.is_cuda and type_name in self._triton.SUPPORTED:
