@@ -557,3 +557,31 @@ def test_a_gguf_model_on_cuda_gives_the_same_output_with_triton_kernels_and_torc
         hookwise.load_gguf(model, path, device="cuda", kernels=kernels)
         outputs.append(run(model, cuda_inputs))
     assert torch.equal(outputs[0], outputs[1])
+
+
+# ---- cost declaration -----------------------------------------------------------------------------------
+def test_the_cost_declaration_shrinks_the_leaves_the_file_quantizes_by_their_bytes_per_weight(tmp_path):
+    from hookwise.core.cost import CostContext, Placement
+    from hookwise.core.techniques import technique_named
+    from hookwise.plan.footprint import footprint_from_map
+    from hookwise.quant.gguf import bytes_per_weight
+
+    assert bytes_per_weight("Q8_0") == 34 / 32 and bytes_per_weight("Q4_K") == 144 / 256
+    path, plain, _, _ = flux_gguf(tmp_path, "Q4_0")
+    fp = footprint_from_map(hookwise.describe(plain))
+    before = Placement.resident(fp)
+    cost = technique_named("gguf").cost
+    ctx = CostContext(hardware=None, job=None, device_room=0, ram_room=0)
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    (config,) = hookwise.applied(model)
+    after = cost.effect(before, config, ctx)
+    leaves = {leaf.path: leaf for leaf in after.footprint.leaves}
+    to_q = leaves[D + "attn.to_q"]
+    assert to_q.nbytes == 32 * 32 // 32 * 18 + 32 * 4  # Q4_0 blocks + the float32 bias
+    assert leaves["x_embedder"].nbytes == dict((leaf.path, leaf) for leaf in fp.leaves)["x_embedder"].nbytes
+    assert after.device_bytes < before.device_bytes and after.compute_factor > 1
+    assert after.quality == ("gguf Q4_0",)
+    assert cost.options(before, ctx) == []  # a file is the user's choice: the planner proposes none
+    unknown = cost.effect(before, hookwise.GGUFFile(path=path), ctx)
+    assert unknown.footprint == fp and "type map is unknown" in unknown.notes[0]
