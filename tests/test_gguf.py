@@ -585,3 +585,20 @@ def test_the_cost_declaration_shrinks_the_leaves_the_file_quantizes_by_their_byt
     assert cost.options(before, ctx) == []  # a file is the user's choice: the planner proposes none
     unknown = cost.effect(before, hookwise.GGUFFile(path=path), ctx)
     assert unknown.footprint == fp and "type map is unknown" in unknown.notes[0]
+
+
+def test_the_readme_gguf_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("### GGUF files")
+    code = re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+    path, plain, reference, inputs = flux_gguf(tmp_path, "Q4_0")
+    namespace = {"config": plain.config}
+    exec(code.replace('"flux1-dev-Q4_0.gguf"', repr(path)), namespace)
+    transformer = namespace["transformer"]
+    assert hookwise.gguf_summary(transformer)["quantized"][D + "attn.to_q"] == "Q4_0"
+    assert next(p for p in transformer.parameters() if p.is_floating_point()).dtype == torch.bfloat16
+    inputs = {k: v.to(torch.bfloat16) if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}
+    assert torch.isfinite(run(transformer, inputs)).all()

@@ -72,8 +72,9 @@ class GGUFFile(TechniqueConfig):
     - `path`: the `.gguf` file.
     - `architecture`: the key map: `"auto"` (the model's own names when the file has them, else the
       map of the model's architecture), `"identity"`, `"flux"` (BFL names) or `"wan"` (original Wan).
-    - `compute_dtype`: the dtype quantized weights are dequantized to (default: the dtype the
-      model's targeted weights have now, `meta` ones included).
+    - `compute_dtype`: the dtype quantized weights are dequantized to, and the dtype every other
+      tensor of the file loads in. Default: the dtype the model's weights have now (`meta` ones
+      included), each tensor keeping its own.
     - `device`: where the loaded weights go (default: where the model's weights are; the CPU for a
       `meta` model).
     - `kernels`: `"auto"` (Triton kernels for weights on CUDA when Triton is installed, torch ops
@@ -261,7 +262,7 @@ def _fit(target: KeyTarget, tensor: _FileTensor, state: dict, pieces: list[_Piec
         bounds = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
     for key, rows in zip(target.keys, bounds):
         module_path, _, param = key.rpartition(".")
-        module = modules.get(module_path) or model_get(modules, module_path)
+        module = modules.get(module_path)
         whole_rows = int(np.prod(state[key].shape[1:], dtype=np.int64)) % t.block_size == 0
         keep = t.quantized and param == "weight" and module is not None and _hookable(module) and whole_rows
         pieces.append(_Piece(key, tensor, rows, target.swap_halves, keep))
@@ -444,7 +445,7 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
             logger.warning("hookwise gguf: dequantizing %s at load (%s: %s)", piece.key, REASON_DTYPE_READ, why)
             piece.quantized = False
     targets = [state[p.key] for p in pieces if p.quantized]
-    if not targets and not pieces:
+    if not pieces:
         raise GGUFLoadError(f"{config.path!r} holds no tensors; nothing to load")
     compute = config.compute_dtype or _dominant_dtype(targets) or torch.float32
     device = torch.device(config.device) if config.device else _model_device(model)
@@ -458,7 +459,7 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
                 continue  # a module registered under two paths (a reused block): its first path filled it
             installed.add((id(module), name))
             original = state[piece.key]
-            dtype = original.dtype if original.is_floating_point() else compute
+            dtype = (config.compute_dtype or original.dtype) if original.is_floating_point() else original.dtype
             value = _piece_tensor(piece, original, dtype, device)
             is_param = name in module._parameters
             holder = module._parameters if is_param else module._buffers
