@@ -602,3 +602,19 @@ def test_the_readme_gguf_example_runs(tmp_path):
     assert next(p for p in transformer.parameters() if p.is_floating_point()).dtype == torch.bfloat16
     inputs = {k: v.to(torch.bfloat16) if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}
     assert torch.isfinite(run(transformer, inputs)).all()
+
+
+def test_loading_a_file_under_offloading_already_applied_is_refused_and_one_apply_call_orders_them(tmp_path):
+    path, plain, _, inputs = flux_gguf(tmp_path, "Q8_0")
+    model = meta_flux(plain)
+    hookwise.load_gguf(model, path)
+    expected = run(model, inputs)
+    offloaded = copy.deepcopy(plain)
+    hookwise.apply(offloaded, hookwise.Offload(onload_device="cpu", offload_device="cpu", granularity="block"))
+    with pytest.raises(hookwise.CompatibilityError, match=r"load the GGUF file before applying \['offload'\]"):
+        hookwise.load_gguf(offloaded, path)
+    both = meta_flux(plain)
+    offload = hookwise.Offload(onload_device="cpu", offload_device="cpu", granularity="block")
+    hookwise.apply(both, offload, hookwise.GGUFFile(path=path))
+    assert hookwise.applied(both).names() == ["gguf", "offload"]
+    assert torch.equal(run(both, inputs), expected)

@@ -45,9 +45,9 @@ from torch import nn
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
-from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..core.techniques import applied_configs, apply_techniques, register_technique, remove_techniques, technique_of
 from ..core.transaction import transaction
-from ..errors import ConfigError, HookError, MissingDependencyError, require
+from ..errors import CompatibilityError, ConfigError, HookError, MissingDependencyError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
@@ -426,6 +426,13 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
     model = unwrap(model)
     if gguf_leaves(model):
         raise ConfigError("a GGUF file is already loaded into this model; remove it first to load another")
+    above = [technique_of(c).name for c in applied_configs(model) if technique_of(c).layer > Layer.QUANT]
+    if above:
+        # Those techniques hold the weights the file would replace (offloading's group buffers).
+        raise CompatibilityError(
+            f"load the GGUF file before applying {above}: hookwise.remove(model), then load_gguf, then apply them "
+            f"again (or pass them all to one hookwise.apply call)"
+        )
     contents = read_gguf(config.path)
     if config.types and _file_types(contents) != tuple(sorted(config.types)):
         raise GGUFLoadError(
