@@ -618,3 +618,22 @@ def test_loading_a_file_under_offloading_already_applied_is_refused_and_one_appl
     hookwise.apply(both, offload, hookwise.GGUFFile(path=path))
     assert hookwise.applied(both).names() == ["gguf", "offload"]
     assert torch.equal(run(both, inputs), expected)
+
+
+def test_a_forward_set_on_the_instance_computes_from_the_blocks_inside_it(tmp_path):
+    """kohya-style LoRA set before loading: `layer.forward = lora_forward`, calling the class forward inside."""
+    raw = legacy_blocks("Q8_0", 8, 64)
+    path = write_gguf(tmp_path / "one.gguf", {"0.weight": (raw, "Q8_0"), "0.bias": np.zeros(8, np.float32)}, "x")
+    x = torch.randn(3, 64)
+    weight = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType.Q8_0))
+    model = nn.Sequential(nn.Linear(64, 8))
+    org_forward = model[0].forward
+    model[0].forward = lambda x: org_forward(x) * 2
+    hookwise.load_gguf(model, path)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.nn.functional.linear(x, weight) * 2)
+    other = nn.Sequential(nn.Linear(64, 8))
+    other[0].forward = lambda x: x[..., :8]  # never computes the layer: an error, not uint8 arithmetic
+    hookwise.load_gguf(other, path)
+    with pytest.raises(hookwise.HookError, match="never computes the layer's own operation"):
+        other(x)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, Placement, TechniqueCost
@@ -379,16 +380,53 @@ class GGUFHook(ModelHook):
 
     def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
         if getattr(next_fn, "__func__", None) is not type(module).forward:
-            raise HookError(
-                f"{self.path or type(module).__name__} holds GGUF blocks, but its forward was replaced on the "
-                f"instance ({getattr(next_fn, '__qualname__', next_fn)!r}), which would read them as a weight; "
-                f"add adapters with PEFT (they call the layer itself) or load the file with architecture= "
-                f"keys that leave this layer out"
-            )
+            # A forward set on the instance (a kohya-style LoRA) or an observer hook sits inside: run it,
+            # computing the layer's own F.linear / conv on its weight wherever it happens in there.
+            with _BlocksCompute(self, module) as mode:
+                out = next_fn(*args, **kwargs)
+            if not mode.hits:
+                raise HookError(
+                    f"{self.path or type(module).__name__} holds GGUF blocks, but the forward inside its hook "
+                    f"({getattr(next_fn, '__qualname__', next_fn)!r}) never computes the layer's own operation on its "
+                    f"weight, so the blocks cannot be dequantized for it; add adapters with PEFT (they call the layer)"
+                )
+            return out
         x = args[0] if args else kwargs["input"]
+        return self.compute(module, x)
+
+    def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's own computation on `x` with its weight dequantized from the blocks."""
         if isinstance(module, nn.Linear):
             return _GGUFLinearFn.apply(x, module.weight, module.bias, self)
         return module._conv_forward(x, self.dequantize(module.weight), module.bias)
+
+
+_LAYER_FUNCS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+class _BlocksCompute(TorchFunctionMode):
+    """While a forward set inside the hook runs: the layer's own op on its uint8 weight is computed from the blocks.
+
+    Only the call that receives the stored weight identifies the layer's computation (a LoRA forward
+    calls the original forward from inside its own, out of any hook's reach).
+    """
+
+    def __init__(self, hook: GGUFHook, module: nn.Module) -> None:
+        super().__init__()
+        self.hook, self.module, self.hits = hook, module, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LAYER_FUNCS:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is not None and weight is self.module._parameters.get("weight"):
+                self.hits += 1
+                if func is F.linear:
+                    return _GGUFLinearFn.apply(args[0] if args else kwargs["input"], weight, self.module.bias, self.hook)
+                rest = list(args)
+                rest[1] = self.hook.dequantize(weight)
+                return func(*rest, **kwargs)
+        return func(*args, **kwargs)
 
 
 # ---- apply / remove ------------------------------------------------------------------------------------
