@@ -24,18 +24,24 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
 
-import numpy as np
-import torch
+# Run as a script, this file's folder comes first on sys.path, where `import gguf` (by diffusers and
+# below) would find this file instead of the gguf package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-import hookwise
-import hookwise.zoo
-from hookwise.introspect.gguf_keys import KEY_MAPS
-from hookwise.sampling import psnr, ssim
-from hookwise.sampling.flow import sample_reference
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import hookwise  # noqa: E402
+import hookwise.zoo  # noqa: E402
+from hookwise.introspect.gguf_keys import KEY_MAPS  # noqa: E402
+from hookwise.sampling import psnr, ssim  # noqa: E402
+from hookwise.sampling.flow import sample_reference  # noqa: E402
 
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)

@@ -11,14 +11,15 @@ installs the weights:
   offloading streams, and what `state_dict()` holds, are the quantized bytes. In training the hook
   saves only those bytes for backward and dequantizes again there (no compute-dtype copy stays alive);
   LoRA adapters (PEFT) on top train in the compute dtype.
-- F32 / F16 / BF16 tensors, and quantized tensors of anything else (a norm scale, a modulation table),
-  load as ordinary weights in the dtype the model gives them.
+- F32 / F16 / BF16 tensors, and quantized tensors of anything else (a norm scale, a modulation table,
+  a layer whose weight dtype some forward reads), load as ordinary weights in the model's dtype (or
+  `compute_dtype` when given).
 
 The model may be built on `meta` (`with torch.device("meta"): Model(config)`, or accelerate's
 `init_empty_weights(include_buffers=False)` where the model has buffers no file holds, such as rope
-tables): nothing full-precision is materialised, so peak RAM is about the file's size. Loading is all-or-nothing: a file of another
-architecture, a missing or unexpected key, a shape that does not fit or a type hookwise cannot
-dequantize is an error before anything changes.
+tables): nothing full-precision is materialised, so peak RAM is about the file's size. Loading is
+all-or-nothing: a file of another architecture, a missing or unexpected key, a shape that does not
+fit or a type hookwise cannot dequantize is an error before anything changes.
 
 Removing (`hookwise.remove(model, "gguf")`) gives each quantized leaf a compute-dtype weight again: the
 file's values dequantized, exactly. The weights the model held before loading are not restored (the
