@@ -637,3 +637,19 @@ def test_a_forward_set_on_the_instance_computes_from_the_blocks_inside_it(tmp_pa
     hookwise.load_gguf(other, path)
     with pytest.raises(hookwise.HookError, match="never computes the layer's own operation"):
         other(x)
+
+
+def test_training_through_a_gguf_layer_saves_only_its_blocks_for_backward(tmp_path):
+    raw = legacy_blocks("Q4_0", 16, 64)
+    path = write_gguf(tmp_path / "one.gguf", {"0.weight": (raw, "Q4_0"), "0.bias": np.zeros(16, np.float32)}, "x")
+    model = nn.Sequential(nn.Linear(64, 16))
+    hookwise.load_gguf(model, path)
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    assert [t.dtype for t in saved] == [torch.uint8]  # the blocks; no dequantized fp32 weight
+    out.sum().backward()
+    weight = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType.Q4_0))
+    assert torch.allclose(x.grad, weight.sum(0).expand(3, -1))
+    assert model[0].weight.grad is None and model[0].bias.grad is not None
