@@ -4,7 +4,8 @@ The FLUX-architecture zoo model (`hookwise.zoo.load_reference("flux-shapes")`, f
 files with the original BFL key names (as the common FLUX GGUF files have them), one per type: every
 weight whose rows hold whole blocks in that type, the rest F32. Each file is loaded into a model built
 on `meta` by `hookwise.load_gguf`, and by diffusers' `FluxTransformer2DModel.from_single_file` with
-`GGUFQuantizationConfig` where that runs. Reported per file: file bytes, the loaded model's weight
+`GGUFQuantizationConfig` where that runs; each type is written twice, with BFL names and with the
+model's own (diffusers) names, the same quantized rows in both. Reported per file: file bytes, the loaded model's weight
 bytes, sample PSNR / SSIM against the plain model (same seeds, same labels), and forward time against
 the plain model (median of shuffled interleaved rounds, so that load changes hit every variant alike).
 
@@ -142,13 +143,20 @@ def main() -> None:
     rows = [dict(variant="plain fp32", file_bytes=None, weight_bytes=weight_bytes(plain), psnr=None, ssim=None)]
     notes = []
     for type_name in args.types:
-        path = os.path.join(tmp, f"flux-shapes-{type_name}.gguf")
-        types = write_file(path, tensors, type_name)
+        # The same quantized rows under two namings: BFL (the common FLUX files) and the model's own.
+        bfl = os.path.join(tmp, f"flux-shapes-{type_name}-bfl.gguf")
+        own = os.path.join(tmp, f"flux-shapes-{type_name}-diffusers-names.gguf")
+        types = write_file(bfl, tensors, type_name)
+        write_file(own, {k: v.numpy() for k, v in plain.state_dict().items()}, type_name)
         quantized = sum(t != "F32" for t in types.values())
-        loaders = {"hookwise": lambda p=path: hookwise_model(reference, p)}
-        loaders["diffusers"] = lambda p=path: diffusers_model(reference, p, folder)
-        for impl, load in loaders.items():
-            name = f"{impl} {type_name}"
+        loaders = {
+            ("hookwise", "BFL names", bfl): lambda p=bfl: hookwise_model(reference, p),
+            ("diffusers", "BFL names", bfl): lambda p=bfl: diffusers_model(reference, p, folder),
+            ("hookwise", "diffusers names", own): lambda p=own: hookwise_model(reference, p),
+            ("diffusers", "diffusers names", own): lambda p=own: diffusers_model(reference, p, folder),
+        }
+        for (impl, naming, path), load in loaders.items():
+            name = f"{impl} {type_name} ({naming})"
             try:
                 model = load()
             except Exception as exc:  # a peer's loader that cannot read this file is reported, not fatal
@@ -183,12 +191,12 @@ def main() -> None:
         f"{torch.__version__}, commit {commit}; {len(labels)} samples, seed 0; forward: median of {args.repeats} "
         f"shuffled rounds (1-min load average per round: {', '.join(f'{x:.1f}' for x in loads)})"
     )
-    print(f"{'variant':22s} {'file KiB':>9s} {'weights KiB':>12s} {'PSNR dB':>8s} {'SSIM':>7s} {'fwd ms':>8s} {'x plain':>8s}")
+    print(f"{'variant':38s} {'file KiB':>9s} {'weights KiB':>12s} {'PSNR dB':>8s} {'SSIM':>7s} {'fwd ms':>8s} {'x plain':>8s}")
     for r in rows:
         file_kib = f"{r['file_bytes'] / 1024:9.1f}" if r["file_bytes"] else f"{'-':>9s}"
         quality = f"{r['psnr']:8.2f} {r['ssim']:7.4f}" if r["psnr"] is not None else f"{'-':>8s} {'-':>7s}"
         print(
-            f"{r['variant']:22s} {file_kib} {r['weight_bytes'] / 1024:12.1f} {quality} "
+            f"{r['variant']:38s} {file_kib} {r['weight_bytes'] / 1024:12.1f} {quality} "
             f"{r['forward_s'] * 1e3:8.2f} {r['forward_ratio']:8.3f}"
         )
     for note in notes:
