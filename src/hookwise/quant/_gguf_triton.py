@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _gguf_dequant as dq
+from ._gguf_dequant import dequantize as torch_dequantize
+from ._gguf_dequant import gguf_type
 
 SUPPORTED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _BLOCKS_PER_PROGRAM = {32: 32, 256: 4}
@@ -133,9 +134,9 @@ _KIND = {name: i for i, name in enumerate(SUPPORTED)}
 
 def dequantize(raw: torch.Tensor, type_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The weight of `shape` in `dtype` from its GGUF bytes, by a Triton kernel (same values as the torch ops)."""
-    t = dq.gguf_type(type_name)
+    t = gguf_type(type_name)
     if type_name not in _KIND:
-        return dq.dequantize(raw, type_name, shape, dtype)
+        return torch_dequantize(raw, type_name, shape, dtype)
     raw = raw.contiguous()
     n_blocks = raw.numel() // t.type_size
     # Computed in fp32 and rounded once to `dtype` on store (round to nearest even, as torch's .to()).

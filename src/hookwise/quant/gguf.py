@@ -53,7 +53,7 @@ from ..errors import CompatibilityError, ConfigError, HookError, MissingDependen
 from ..introspect.architectures import detect_architecture
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
-from . import _gguf_dequant as dq
+from ._gguf_dequant import TYPES, dequantize, gguf_type
 
 logger = logging.getLogger("hookwise.quant.gguf")
 
@@ -112,7 +112,7 @@ class GGUFFile(TechniqueConfig):
         ):
             raise ConfigError(f"compute_dtype={self.compute_dtype} cannot compute; use float32, bfloat16 or float16")
         for _, type_name in self.types:
-            dq.gguf_type(type_name)
+            gguf_type(type_name)
 
 
 # ---- reading a file ---------------------------------------------------------------------------------
@@ -145,10 +145,10 @@ def read_gguf(path: str) -> _GGUFContents:
     tensors = {}
     for t in reader.tensors:
         type_name = t.tensor_type.name
-        if type_name not in dq.TYPES:
+        if type_name not in TYPES:
             raise GGUFLoadError(
                 f"tensor {t.name!r} of {path!r} is stored as {type_name}, which hookwise cannot dequantize; "
-                f"supported types: {sorted(dq.TYPES)} (requantize the file to one of them)"
+                f"supported types: {sorted(TYPES)} (requantize the file to one of them)"
             )
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         orig = reader.fields.get(_ORIG_SHAPE + t.name)
@@ -249,7 +249,7 @@ def match_file(model: nn.Module, contents: _GGUFContents, config: GGUFFile) -> t
 def _fit(target: KeyTarget, tensor: _FileTensor, state: dict, pieces: list[_Piece], modules: dict) -> str | None:
     """Add the pieces of one file tensor; or say why its shape does not fit."""
     shapes = [tuple(state[k].shape) for k in target.keys]
-    t = dq.TYPES[tensor.type_name]
+    t = TYPES[tensor.type_name]
     if len(target.keys) == 1 and not target.swap_halves:
         if shapes[0] != tensor.shape:
             return f"{tensor.name} {tensor.shape} -> {target.keys[0]} {shapes[0]}"
@@ -293,8 +293,8 @@ def _piece_tensor(piece: _Piece, like: torch.Tensor, dtype: torch.dtype, device:
     type_name = piece.tensor.type_name
     if piece.quantized:
         return tensor.reshape(shape[0], -1) if len(shape) else tensor
-    if type_name == "BF16" or dq.TYPES[type_name].quantized:
-        return dq.dequantize(tensor.view(torch.uint8), type_name, shape, dtype)
+    if type_name == "BF16" or TYPES[type_name].quantized:
+        return dequantize(tensor.view(torch.uint8), type_name, shape, dtype)
     return tensor.reshape(shape).to(dtype)
 
 
@@ -308,7 +308,8 @@ class _Dequantizer:
         if kernels == "torch":
             return
         try:
-            from . import _gguf_triton
+            from ._gguf_triton import SUPPORTED, available
+            from ._gguf_triton import dequantize as triton_dequantize
         except ImportError as exc:
             if kernels == "triton":
                 raise MissingDependencyError(
@@ -316,8 +317,8 @@ class _Dequantizer:
                     f"or pass kernels='auto' / 'torch' (the same values from torch ops)"
                 ) from exc
             return
-        if _gguf_triton.available():
-            self._triton = _gguf_triton
+        if available():
+            self._triton = (SUPPORTED, triton_dequantize)
         elif kernels == "triton":
             raise ConfigError(
                 "kernels='triton': the Triton kernels run on CUDA and there is no CUDA device here; pass "
@@ -325,9 +326,9 @@ class _Dequantizer:
             )
 
     def __call__(self, raw: torch.Tensor, type_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if self._triton is not None and raw.is_cuda and type_name in self._triton.SUPPORTED:
-            return self._triton.dequantize(raw, type_name, shape, dtype)
-        return dq.dequantize(raw, type_name, shape, dtype)
+        if self._triton is not None and raw.is_cuda and type_name in self._triton[0]:
+            return self._triton[1](raw, type_name, shape, dtype)
+        return dequantize(raw, type_name, shape, dtype)
 
 
 @dataclass
@@ -601,7 +602,7 @@ DEQUANT_FACTOR = {"legacy": 1.1, "k": 1.2}
 
 def bytes_per_weight(type_name: str) -> float:
     """Bytes a weight element takes in a GGUF type (scales included): Q8_0 1.0625, Q4_K 0.5625..."""
-    t = dq.gguf_type(type_name)
+    t = gguf_type(type_name)
     return t.type_size / t.block_size
 
 
@@ -623,7 +624,7 @@ def _gguf_effect(placement: Placement, config: GGUFFile, ctx: CostContext) -> Pl
     factor = 1.0
     for leaf in fp.leaves:
         type_name = by_prefix.get(leaf.path)
-        if type_name is None or not dq.TYPES[type_name].quantized or leaf.kind not in ("linear", "conv"):
+        if type_name is None or not TYPES[type_name].quantized or leaf.kind not in ("linear", "conv"):
             continue
         numel = int(np.prod(leaf.shape, dtype=np.int64))
         stored = int(numel * bytes_per_weight(type_name))
