@@ -1,6 +1,9 @@
 """One entry path: every technique's own `apply_<name>` goes through `hookwise.apply`, so the ledger lists
 it and `hookwise.remove` (or its `remove_<name>`) takes everything it attached off the model again."""
 
+import functools
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -20,6 +23,29 @@ MODEL = "musubi"  # has main blocks and attention modules, so every technique fi
 MODEL_OF = {"pab": "wan", "faster_cache": "wan"}
 RATIOS = (1.0, 1.05, 1.02, 1.01, 0.99, 0.98, 0.97, 0.95)
 
+
+@functools.cache
+def _gguf_file() -> str:
+    """A GGUF file of the musubi model's own weights (Q8_0 where rows hold whole blocks, else F32)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+    from model_helpers import tiny_musubi
+
+    path = os.path.join(tempfile.mkdtemp(prefix="hookwise-entry-"), "musubi.gguf")
+    writer = gguf.GGUFWriter(path, "musubi")
+    for key, value in tiny_musubi()[0].state_dict().items():
+        value = value.numpy()
+        if value.ndim == 2 and value.shape[1] % 32 == 0:
+            writer.add_tensor(key, quantize(value, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # technique name -> (its module, the suffix of its apply_<name> / remove_<name>, a config that applies)
 CASES = {
     "casting": (memory, "casting", lambda: hookwise.LayerwiseCasting(storage_dtype=torch.bfloat16)),
@@ -37,6 +63,7 @@ CASES = {
     "quantization": (quant, "quantize", lambda: hookwise.Quantize("int8-weight")),
     "kernels": (kernels, "kernels", lambda: hookwise.Kernels(backend="eager")),
     "compile": (kernels, "compile", lambda: hookwise.Compile(backend="aot_eager")),
+    "gguf": (quant, "gguf", lambda: hookwise.GGUFFile(path=_gguf_file())),
 }
 
 REGISTERED = [t.name for t in techniques()]

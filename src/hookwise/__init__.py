@@ -57,6 +57,7 @@ from .memory import (
     remove_offload,
 )
 from .quant import Quantize, apply_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
+from .quant.gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
@@ -76,6 +77,8 @@ __all__ = [
     "DualBlockCache",
     "FasterCache",
     "FirstBlockCache",
+    "GGUFFile",
+    "GGUFLoadError",
     "LayerSkip",
     "MagCache",
     "MapMismatchError",
@@ -108,6 +111,7 @@ __all__ = [
     "apply",
     "apply_casting",
     "apply_component_offload",
+    "apply_gguf",
     "apply_offload",
     "apply_quantize",
     "branch",
@@ -117,7 +121,9 @@ __all__ = [
     "describe",
     "get_hook",
     "get_run_state",
+    "gguf_summary",
     "list_hooks",
+    "load_gguf",
     "load_model",
     "load_quantized",
     "new_run",
@@ -129,6 +135,7 @@ __all__ = [
     "remove",
     "remove_casting",
     "remove_component_offload",
+    "remove_gguf",
     "remove_hook",
     "remove_offload",
     "remove_quantize",

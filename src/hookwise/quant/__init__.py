@@ -2,14 +2,24 @@
 
 Techniques: `quantize.py` (`Quantize`: torchao and bitsandbytes schemes on a loaded model) and
 `save.py` (`save_quantized` / `load_quantized`: a quantized model and its stack on disk).
+`gguf.py` (`GGUFFile` / `load_gguf`: a .gguf file's quantized weights, dequantized per layer
+at forward).
 Machinery (private): `_targets.py` (which leaves, which scheme), `_formats.py` (the storage-format
-contract, optional imports), `_torchao.py`, `_bnb.py` (one backend each).
+contract, optional imports), `_torchao.py`, `_bnb.py` (one backend each), `_gguf_dequant.py` / `_gguf_triton.py` (GGUF
+dequantization in torch ops / Triton).
 """
 
 from .quantize import SCHEMES, Quantize, apply_quantize, quantize_summary, quantized_leaves, remove_quantize
+from .gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf
 from .save import load_quantized, save_quantized
 
 __all__ = [
+    "GGUFFile",
+    "GGUFLoadError",
+    "apply_gguf",
+    "gguf_summary",
+    "load_gguf",
+    "remove_gguf",
     "SCHEMES",
     "Quantize",
     "apply_quantize",

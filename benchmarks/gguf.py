@@ -1,0 +1,210 @@
+"""GGUF files: hookwise's load_gguf vs diffusers' GGUF loading vs the plain model, one run.
+
+The FLUX-architecture zoo model (`hookwise.zoo.load_reference("flux-shapes")`, fp32) is written as GGUF
+files with the original BFL key names (as the common FLUX GGUF files have them), one per type: every
+weight whose rows hold whole blocks in that type, the rest F32. Each file is loaded into a model built
+on `meta` by `hookwise.load_gguf`, and by diffusers' `FluxTransformer2DModel.from_single_file` with
+`GGUFQuantizationConfig` where that runs; each type is written twice, with BFL names and with the
+model's own (diffusers) names, the same quantized rows in both. Reported per file: file bytes, the loaded model's weight
+bytes, sample PSNR / SSIM against the plain model (same seeds, same labels), and forward time against
+the plain model (median of shuffled interleaved rounds, so that load changes hit every variant alike).
+
+K-quants (Q4_K, Q5_K, Q6_K) are not written: the `gguf` package quantizes only the legacy types from
+numpy (it dequantizes the K-quants but has no K-quant quantizer), and the zoo model's rows (64 wide)
+are shorter than a K-quant super-block (256), so hardly any of its weights could hold one.
+
+    python benchmarks/gguf.py [--types Q8_0 Q5_1 Q4_0] [--repeats 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+# Run as a script, this file's folder comes first on sys.path, where `import gguf` (by diffusers and
+# below) would find this file instead of the gguf package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import hookwise  # noqa: E402
+import hookwise.zoo  # noqa: E402
+from hookwise.introspect.gguf_keys import KEY_MAPS  # noqa: E402
+from hookwise.sampling import psnr, ssim  # noqa: E402
+from hookwise.sampling.flow import sample_reference  # noqa: E402
+
+warnings.filterwarnings("ignore")
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def bfl_tensors(state: dict[str, torch.Tensor], blocks: int) -> dict[str, np.ndarray]:
+    """The model's tensors under FLUX's BFL names (fused q/k/v stacked on rows, final shift/scale swapped)."""
+    key_map = KEY_MAPS["flux"]
+    templates = [(r.original, (".weight", ".bias")) for r in key_map.modules]
+    templates += [(original, ("",)) for original, _ in key_map.renames]
+    out: dict[str, np.ndarray] = {}
+    for template, suffixes in templates:
+        for n in range(blocks) if "{n}" in template else (None,):
+            for suffix in suffixes:
+                name = (template.replace("{n}", str(n)) if n is not None else template) + suffix
+                target = key_map.target(name)
+                if target is None or not all(k in state for k in target.keys):
+                    continue
+                value = torch.cat([state[k] for k in target.keys]).numpy()
+                if target.swap_halves:
+                    half = value.shape[0] // 2
+                    value = np.concatenate([value[half:], value[:half]])
+                out[name] = value
+    return out
+
+
+def write_file(path: str, tensors: dict[str, np.ndarray], type_name: str) -> dict[str, str]:
+    """Write `tensors` as a GGUF file, each weight with whole blocks in `type_name`; returns {name: type}."""
+    import gguf
+    from gguf.quants import quantize
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    writer = gguf.GGUFWriter(path, "flux")
+    types = {}
+    for name, value in tensors.items():
+        if value.ndim == 2 and value.shape[1] % block == 0:
+            writer.add_tensor(name, quantize(value, qtype), raw_dtype=qtype)
+            types[name] = type_name
+        else:
+            writer.add_tensor(name, value.astype(np.float32))
+            types[name] = "F32"
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
+
+
+def hookwise_model(reference, path: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = type(reference.transformer).from_config(reference.transformer.config)
+    hookwise.load_gguf(model, path)
+    return model.eval()
+
+
+def diffusers_model(reference, path: str, folder: str) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    return FluxTransformer2DModel.from_single_file(
+        path, config=folder, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        torch_dtype=torch.float32,
+    ).eval()  # fmt: skip
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def timed(model, inputs) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**inputs, return_dict=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--types", nargs="+", default=["Q8_0", "Q5_1", "Q4_0"])
+    parser.add_argument("--labels", type=int, default=8, help="samples (class ids 0..n-1, seed 0)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each variant once per round)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    reference = hookwise.zoo.load_reference("flux-shapes")
+    folder = str(hookwise.zoo.reference_path("flux-shapes"))
+    plain = reference.transformer
+    config = plain.config
+    tensors = bfl_tensors(plain.state_dict(), max(config.num_layers, config.num_single_layers))
+    labels = list(range(min(args.labels, reference.null_class)))
+    expected = sample_reference(reference, labels, seed=0)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=reference.noise(1, generator=g), timestep=torch.tensor([0.5]), **reference.conditioning([0]))
+
+    tmp = tempfile.mkdtemp(prefix="hookwise-gguf-")
+    models = {"plain fp32": plain}
+    rows = [dict(variant="plain fp32", file_bytes=None, weight_bytes=weight_bytes(plain), psnr=None, ssim=None)]
+    notes = []
+    for type_name in args.types:
+        # The same quantized rows under two namings: BFL (the common FLUX files) and the model's own.
+        bfl = os.path.join(tmp, f"flux-shapes-{type_name}-bfl.gguf")
+        own = os.path.join(tmp, f"flux-shapes-{type_name}-diffusers-names.gguf")
+        types = write_file(bfl, tensors, type_name)
+        write_file(own, {k: v.numpy() for k, v in plain.state_dict().items()}, type_name)
+        quantized = sum(t != "F32" for t in types.values())
+        loaders = {
+            ("hookwise", "BFL names", bfl): lambda p=bfl: hookwise_model(reference, p),
+            ("diffusers", "BFL names", bfl): lambda p=bfl: diffusers_model(reference, p, folder),
+            ("hookwise", "diffusers names", own): lambda p=own: hookwise_model(reference, p),
+            ("diffusers", "diffusers names", own): lambda p=own: diffusers_model(reference, p, folder),
+        }
+        for (impl, naming, path), load in loaders.items():
+            name = f"{impl} {type_name} ({naming})"
+            try:
+                model = load()
+            except Exception as exc:  # a peer's loader that cannot read this file is reported, not fatal
+                notes.append(f"{name}: failed to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                continue
+            samples = sample_reference(reference, labels, seed=0, model=model)
+            models[name] = model
+            rows.append(dict(
+                variant=name, file_bytes=os.path.getsize(path), weight_bytes=weight_bytes(model),
+                psnr=psnr(samples, expected), ssim=ssim(samples, expected), quantized_tensors=quantized,
+                tensors=len(types),
+            ))  # fmt: skip
+    names = list(models)
+    times = {n: [] for n in names}
+    for n in names:
+        timed(models[n], inputs)  # warm-up
+    rng = random.Random(0)
+    loads = []
+    for _ in range(args.repeats):
+        order = names[:]
+        rng.shuffle(order)
+        for n in order:
+            times[n].append(timed(models[n], inputs))
+        loads.append(os.getloadavg()[0])
+    for row in rows:
+        row["forward_s"] = statistics.median(times[row["variant"]])
+        row["forward_ratio"] = row["forward_s"] / statistics.median(times["plain fp32"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(
+        f"zoo flux-shapes (width {config.num_attention_heads * config.attention_head_dim}, {config.num_layers} double + "
+        f"{config.num_single_layers} single blocks), fp32 compute, CPU {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, commit {commit}; {len(labels)} samples, seed 0; forward: median of {args.repeats} "
+        f"shuffled rounds (1-min load average per round: {', '.join(f'{x:.1f}' for x in loads)})"
+    )
+    print(f"{'variant':38s} {'file KiB':>9s} {'weights KiB':>12s} {'PSNR dB':>8s} {'SSIM':>7s} {'fwd ms':>8s} {'x plain':>8s}")
+    for r in rows:
+        file_kib = f"{r['file_bytes'] / 1024:9.1f}" if r["file_bytes"] else f"{'-':>9s}"
+        quality = f"{r['psnr']:8.2f} {r['ssim']:7.4f}" if r["psnr"] is not None else f"{'-':>8s} {'-':>7s}"
+        print(
+            f"{r['variant']:38s} {file_kib} {r['weight_bytes'] / 1024:12.1f} {quality} "
+            f"{r['forward_s'] * 1e3:8.2f} {r['forward_ratio']:8.3f}"
+        )
+    for note in notes:
+        print("  note:", note)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "commit": commit, "loads": loads, "rows": rows, "notes": notes}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
