@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hookwise
-from hookwise import cache, memory, train
+from hookwise import cache, kernels, memory, train
 from hookwise.core import list_hooks, techniques
 
 from cache_helpers import build, denoise, one_thread  # noqa: F401
@@ -34,6 +34,7 @@ CASES = {
     "faster_cache": (cache, "faster_cache", lambda: hookwise.FasterCache(attention_range=2)),
     "layer_skip": (cache, "layer_skip", lambda: hookwise.LayerSkip(blocks=(1,))),
     "checkpointing": (train, "checkpointing", lambda: hookwise.Checkpointing()),
+    "attention": (kernels, "attention", lambda: hookwise.Attention(backend="sdpa-flash")),
 }
 
 REGISTERED = [t.name for t in techniques()]

@@ -217,7 +217,7 @@ class Backend:
             if dim % self.head_dim_multiple:
                 return f"head dim {dim} is not a multiple of {self.head_dim_multiple}"
         if call.mask_kind is not None and call.mask_kind not in self.masks:
-            return f"takes no {call.mask_kind} attention mask" if self.masks else "takes no attention mask"
+            return f"takes no {call.mask_kind} attention mask"
         if call.is_causal:
             if not self.causal:
                 return "takes no causal attention"

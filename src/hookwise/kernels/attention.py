@@ -238,11 +238,15 @@ class AttentionRecord:
         return out
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _warn(self, backend: str, reason: str, then: str) -> None:
+    def _warn(self, backend: str, reason: str, shape: str, then: str) -> None:
+        """One warning per backend and reason in this application (the summary lists every shape)."""
         if (backend, reason) in self.warned:
             return
         self.warned.add((backend, reason))
-        warnings.warn(f"hookwise attention: backend {backend!r} {reason}; using {then!r} instead", stacklevel=2)
+        warnings.warn(
+            f"hookwise attention: backend {backend!r} cannot serve {shape} ({reason}); using {then!r} instead",
+            stacklevel=2,
+        )
 
     def _why_not(self, backend: Backend, call: AttnCall) -> str | None:
         if backend.name in self.disabled:
@@ -288,7 +292,7 @@ class AttentionRecord:
                     logger.info("hookwise attention: %s on %s for %s", name, decision.shape, decision.modules[0])
                     return out
             decision.skipped[name] = reason
-            self._warn(name, f"cannot serve {decision.shape} ({reason})", names[i + 1])
+            self._warn(name, reason, decision.shape, names[i + 1])
         raise AssertionError("unreachable: the chain ends with the module's own call")
 
     def _auto(self, decision: Decision, call: AttnCall) -> torch.Tensor:
@@ -308,7 +312,7 @@ class AttentionRecord:
             except _Refused as refused:
                 decision.skipped[name] = str(refused)
                 if name in self.disabled:
-                    self._warn(name, f"cannot serve {decision.shape} ({refused})", "the next fastest")
+                    self._warn(name, str(refused), decision.shape, "the fastest other backend")
                 continue
             decision.times_ms[name] = elapsed * 1e3
             if best is None or elapsed < best[0]:
