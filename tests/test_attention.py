@@ -19,6 +19,7 @@ import hookwise
 from hookwise.core import list_hooks
 from hookwise.errors import HookwiseError, MissingDependencyError, NoTargetError
 from hookwise.kernels import _attn_backends as ab
+from hookwise.core.outputs import sample_of
 from hookwise.kernels import attention_backends, attention_summary
 from model_helpers import mlp, output_of, tiny_flux, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
@@ -506,3 +507,18 @@ def test_auto_on_cuda_picks_a_checked_backend_and_trains():
     torch.testing.assert_close(out.float(), plain.float(), rtol=0, atol=3e-2)
     decisions = attention_summary(model)["decisions"]
     assert all(d["chosen"] in d["times_ms"] for d in decisions)
+
+
+def test_the_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## Attention backends") :], re.S).group(1)
+    model, inputs = tiny_flux()
+    plain = output_of(model, inputs)
+    namespace = {"transformer": model, "inputs": inputs, "print": lambda *a: None}
+    with torch.no_grad():
+        exec(code, namespace)
+    torch.testing.assert_close(sample_of(namespace["out"], "readme"), plain, rtol=0, atol=1e-5)
+    assert list_hooks(model) == {}
