@@ -115,7 +115,7 @@ def test_each_cpu_backend_matches_the_plain_model_and_is_chosen_without_warnings
         assert decision["errors"][backend] < 1e-4 and decision["probe"].startswith("batch 0, query heads 0-1")
 
 
-@pytest.mark.parametrize("backend", ["sdpa-math", "sdpa-flash", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-math", "sdpa-flash", "auto"])
 def test_a_lora_training_step_gives_the_plain_gradients(backend):
     model, inputs = tiny_flux()
     add_lora(model, LORA_TARGETS)
@@ -522,3 +522,24 @@ def test_the_readme_example_runs():
         exec(code, namespace)
     torch.testing.assert_close(sample_of(namespace["out"], "readme"), plain, rtol=0, atol=1e-5)
     assert list_hooks(model) == {}
+
+
+def test_blocks_compiled_whole_run_the_routed_attention_eagerly_without_recompiling():
+    import torch._dynamo
+
+    model, inputs = tiny_flux()
+    plain = output_of(model, inputs)
+    hookwise.apply(model, hookwise.Attention(backend="sdpa-math"))
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.compile()
+    torch._dynamo.reset()
+    try:
+        output_of(model, inputs)  # the first call runs eagerly (the model map's first-call check)
+        output_of(model, inputs)  # compiles each block once, around its attention module's eager call
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for t in (0.9, 0.8):
+                out = output_of(model, dict(inputs, timestep=torch.full((1,), t)))
+        torch.testing.assert_close(output_of(model, inputs), plain, rtol=0, atol=1e-5)
+        assert all(m["routed"] == 5 for m in attention_summary(model)["modules"].values())
+    finally:
+        torch._dynamo.reset()

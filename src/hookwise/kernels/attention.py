@@ -370,6 +370,9 @@ class AttentionHook(ModelHook):
         self.calls = 0  # forwards of the module
         self.routed = 0  # attention calls routed
 
+    # Eager inside compiled code (a block compiled as a whole breaks its graph here): dynamo would
+    # compile the mode's `__torch_function__` as a frame of its own, once per op and shape.
+    @torch.compiler.disable
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         with _Route(self):
