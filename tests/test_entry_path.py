@@ -64,6 +64,7 @@ CASES = {
     "kernels": (kernels, "kernels", lambda: hookwise.Kernels(backend="eager")),
     "compile": (kernels, "compile", lambda: hookwise.Compile(backend="aot_eager")),
     "gguf": (quant, "gguf", lambda: hookwise.GGUFFile(path=_gguf_file())),
+    "attention": (kernels, "attention", lambda: hookwise.Attention(backend="sdpa-flash")),
 }
 
 REGISTERED = [t.name for t in techniques()]

@@ -42,6 +42,7 @@ from .errors import (
     NoTargetError,
     OffloadFileError,
 )
+from .kernels import Attention, apply_attention, attention_summary, remove_attention
 from .introspect import MapMismatchError, ModelMap, describe, load_model, spec_names
 from .memory import (
     ComponentOffload,
@@ -70,6 +71,10 @@ from .kernels import Compile, Kernels, apply_compile, apply_kernels, compiled_bl
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attention",
+    "apply_attention",
+    "attention_summary",
+    "remove_attention",
     "Checkpointing",
     "CompatibilityError",
     "ComponentOffload",
