@@ -153,6 +153,20 @@ class Placement:
     def note(self, text: str) -> Placement:
         return replace(self, notes=(*self.notes, text))
 
+    def stored_as(self, footprint: Footprint, *, transient: int, factor: float, quality: str) -> Placement:
+        """The weights stored smaller (`footprint`): the bytes saved leave the device, `transient` bytes
+        (one dequantized weight) are added as a device buffer, compute scales by `factor`, and the
+        storage's quality class is appended. Casting, quantization and GGUF files state this one way."""
+        saved = self.footprint.total_bytes - footprint.total_bytes
+        return replace(
+            self,
+            footprint=footprint,
+            device_bytes=max(self.device_bytes - saved, 0),
+            transient_bytes=self.transient_bytes + transient,
+            compute_factor=self.compute_factor * factor,
+            quality=(*self.quality, quality),
+        )
+
 
 @dataclass(frozen=True)
 class ActivationTerm:

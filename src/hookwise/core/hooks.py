@@ -15,12 +15,14 @@ import inspect
 import types
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from torch import nn
 
 from ..errors import HookError
 from .transaction import current_transaction
+
+H = TypeVar("H", bound="ModelHook")
 
 REGISTRY_ATTR = "_hookwise_registry"
 
@@ -439,6 +441,16 @@ def iter_registries(model: nn.Module) -> Iterator[tuple[str, HookRegistry]]:
         registry = module.__dict__.get(REGISTRY_ATTR)
         if registry is not None:
             yield path, registry
+
+
+def hooks_named(model: nn.Module, name: str, cls: type[H]) -> dict[str, H]:
+    """{module path: hook} of every hook registered as `name` that is a `cls`, in `named_modules` order."""
+    found = {}
+    for path, registry in iter_registries(model):
+        hook = registry.get(name)
+        if isinstance(hook, cls):
+            found[path] = hook
+    return found
 
 
 def list_hooks(model: nn.Module) -> dict[str, list[str]]:

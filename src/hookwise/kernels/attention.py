@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, check_int
 from ..core.cost import CostContext, Placement, TechniqueCost
-from ..core.hooks import Layer, ModelHook, add_hook, iter_registries, remove_hook, unwrap
+from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
@@ -415,11 +415,7 @@ def _remove_attention(model: nn.Module, config: Attention | None = None) -> int:
 
 
 def _hooks(model: nn.Module) -> dict[str, AttentionHook]:
-    return {
-        path: reg.get(HOOK_NAME)
-        for path, reg in iter_registries(unwrap(model))
-        if isinstance(reg.get(HOOK_NAME), AttentionHook)
-    }
+    return hooks_named(model, HOOK_NAME, AttentionHook)
 
 
 def apply_attention(model: nn.Module, config: Attention | None = None, **kwargs: Any) -> dict[str, Any]:

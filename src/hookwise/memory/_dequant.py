@@ -204,3 +204,16 @@ def fused_available(device: torch.device) -> bool:
         return False
     return has_triton is not None and bool(has_triton())
 
+
+def dequant_linear_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad of x, grad of bias) of `x @ dequant(W).T + b` for an autograd function that saved the
+    stored weight and its scale: the input's gradient in the gradient's dtype from the weight
+    dequantized again (no full-precision weight was kept), the weight itself frozen."""
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        storage, scale = ctx.saved_tensors
+        weight = ctx.dequant(storage, scale, grad_out.dtype, ctx.layout)
+        grad_x = grad_out.matmul(weight).to(ctx.x_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, grad_bias

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from ._dequant import Layout
+from ._dequant import Layout, dequant_linear_backward
 
 ACTIVATION_DTYPE = torch.float8_e4m3fn  # activations are quantized to e4m3 (the more precise fp8 format)
 ACTIVATION_SCALINGS = ("row", "tensor")
@@ -148,13 +148,7 @@ class Fp8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # In the compute dtype from the dequantized weight, as the upcast path does.
-            storage, scale = ctx.saved_tensors
-            weight = ctx.dequant(storage, scale, grad_out.dtype, ctx.layout)
-            grad_x = grad_out.matmul(weight).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        # In the compute dtype from the dequantized weight, as the upcast path does.
+        grad_x, grad_bias = dequant_linear_backward(ctx, grad_out)
         return grad_x, None, None, grad_bias, None, None, None, None
 

@@ -51,14 +51,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
-from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
+from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
 from ..errors import ConfigError, HookError, NoTargetError
 from ..introspect.model_map import ModelMap, describe
 from ..introspect.paths import prefixes
 from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
-from ._dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
+from ._dequant import Dequantizer, Layout, dequant_linear_backward, dequantize, probe_fused, quantize
 from ._fp8 import ACTIVATION_SCALINGS, FP8_WEIGHTS, Fp8LinearFn, fp8_matmul_failure
 from ._fp8 import SCALINGS as FP8_SCALINGS
 from ._placement import WAS_TRAINABLE
@@ -225,13 +225,7 @@ class _CastLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            storage, scale = ctx.saved_tensors
-            weight = ctx.dequant(storage, scale, grad_out.dtype, ctx.layout)
-            grad_x = grad_out.matmul(weight).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grad_x, grad_bias = dequant_linear_backward(ctx, grad_out)
         return grad_x, None, None, grad_bias, None, None, None
 
 
@@ -666,11 +660,7 @@ def _remove_casting(model: nn.Module, config: LayerwiseCasting | None = None) ->
 
 def cast_leaves(model: nn.Module) -> dict[str, CastHook]:
     """{path: hook} of every cast leaf of the model."""
-    return {
-        path: reg.get(HOOK_NAME)
-        for path, reg in iter_registries(unwrap(model))
-        if isinstance(reg.get(HOOK_NAME), CastHook)
-    }
+    return hooks_named(model, HOOK_NAME, CastHook)
 
 
 def casting_state_dict(model: nn.Module, form: str = "compute") -> dict[str, torch.Tensor]:
@@ -770,7 +760,6 @@ def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostCon
         if leaf.keep is None or modulation or (config.skip == "none" and leaf.keep not in ("adapter", "cast")):
             cast.append(_stored_leaf(leaf, config, compute))
     new = fp.with_leaves(cast)
-    saved = fp.total_bytes - new.total_bytes
     largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast), default=0)
     name = str(config.storage_dtype).removeprefix("torch.")
     quality = f"{'fp8' if config.storage_dtype.itemsize == 1 else name} ({config.scaling} scaling)"
@@ -782,14 +771,7 @@ def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostCon
         # Convolutions dequantize; a Linear's transient is its quantized activation, not a weight.
         largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast if leaf.kind == "conv"),
                       default=0)  # fmt: skip
-    return replace(
-        placement,
-        footprint=new,
-        device_bytes=max(placement.device_bytes - saved, 0),
-        transient_bytes=placement.transient_bytes + largest,
-        compute_factor=placement.compute_factor * factor,
-        quality=(*placement.quality, quality),
-    )
+    return placement.stored_as(new, transient=largest, factor=factor, quality=quality)
 
 
 def _casting_options(placement: Placement, ctx: CostContext) -> list[LayerwiseCasting]:

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, Placement, TechniqueCost
-from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
+from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
 from ..core.techniques import applied_configs, apply_techniques, register_technique, remove_techniques, technique_of
 from ..core.transaction import transaction
 from ..errors import CompatibilityError, ConfigError, HookError, MissingDependencyError, require
@@ -569,11 +569,7 @@ def _remove_gguf(model: nn.Module, config: GGUFFile | None = None) -> int:
 
 def gguf_leaves(model: nn.Module) -> dict[str, GGUFHook]:
     """{path: hook} of every leaf holding GGUF blocks."""
-    return {
-        path: reg.get(HOOK_NAME)
-        for path, reg in iter_registries(unwrap(model))
-        if isinstance(reg.get(HOOK_NAME), GGUFHook)
-    }
+    return hooks_named(model, HOOK_NAME, GGUFHook)
 
 
 def gguf_summary(model: nn.Module) -> dict[str, Any]:
@@ -631,17 +627,9 @@ def _gguf_effect(placement: Placement, config: GGUFFile, ctx: CostContext) -> Pl
         changed.append(replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + stored, itemsize=1, keep="cast"))
         largest = max(largest, numel * fp.compute_itemsize)
         factor = max(factor, DEQUANT_FACTOR["k" if type_name.endswith("_K") else "legacy"])
-    new = fp.with_leaves(changed)
-    saved = fp.total_bytes - new.total_bytes
     kinds = sorted({by_prefix[leaf.path] for leaf in changed})
-    return replace(
-        placement,
-        footprint=new,
-        device_bytes=max(placement.device_bytes - saved, 0),
-        transient_bytes=placement.transient_bytes + largest,
-        compute_factor=placement.compute_factor * factor,
-        quality=(*placement.quality, f"gguf {'/'.join(kinds) or 'plain'}"),
-    )
+    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=factor,
+                               quality=f"gguf {'/'.join(kinds) or 'plain'}")  # fmt: skip
 
 
 def _gguf_options(placement: Placement, ctx: CostContext) -> list[GGUFFile]:

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
-from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, iter_registries, unwrap
+from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
 from ..errors import ConfigError
@@ -317,11 +317,7 @@ def _remove_quantize(model: nn.Module, config: Quantize | None = None) -> int:
 
 def quantized_leaves(model: nn.Module) -> dict[str, QuantHook]:
     """{path: hook} of every quantized leaf of the model."""
-    return {
-        path: reg.get(HOOK_NAME)
-        for path, reg in iter_registries(unwrap(model))
-        if isinstance(reg.get(HOOK_NAME), QuantHook)
-    }
+    return hooks_named(model, HOOK_NAME, QuantHook)
 
 
 def quantize_summary(model: nn.Module) -> dict[str, Any]:
@@ -386,18 +382,10 @@ def _quantize_effect(placement: Placement, config: Quantize, ctx: CostContext) -
         numel = leaf.shape[0] * leaf.shape[1]
         new = stored_bytes(config.scheme, leaf.shape, config.group_size)
         changed.append(replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + new, itemsize=1, keep="quantized"))
-    new_fp = fp.with_leaves(changed)
-    saved = fp.total_bytes - new_fp.total_bytes
     largest = max((leaf.shape[0] * leaf.shape[1] * fp.compute_itemsize for leaf in changed), default=0)
     cost = SCHEME_COST[config.scheme]
-    return replace(
-        placement,
-        footprint=new_fp,
-        device_bytes=max(placement.device_bytes - saved, 0),
-        transient_bytes=placement.transient_bytes + largest,
-        compute_factor=placement.compute_factor * cost["compute"],
-        quality=(*placement.quality, cost["quality"]),
-    )
+    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=cost["compute"],
+                               quality=cost["quality"])  # fmt: skip
 
 
 def _quantize_options(placement: Placement, ctx: CostContext) -> list[Quantize]:
