@@ -13,7 +13,7 @@ K-quants (Q4_K, Q5_K, Q6_K) are not written: the `gguf` package quantizes only t
 numpy (it dequantizes the K-quants but has no K-quant quantizer), and the zoo model's rows (64 wide)
 are shorter than a K-quant super-block (256), so hardly any of its weights could hold one.
 
-    python benchmarks/gguf.py [--types Q8_0 Q5_1 Q4_0] [--repeats 15] [--json out.json]
+    python benchmarks/gguf_files.py [--types Q8_0 Q5_1 Q4_0] [--repeats 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,24 +25,18 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 
-# Run as a script, this file's folder comes first on sys.path, where `import gguf` (by diffusers and
-# below) would find this file instead of the gguf package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import hookwise  # noqa: E402
-import hookwise.zoo  # noqa: E402
-from hookwise.introspect.gguf_keys import KEY_MAPS  # noqa: E402
-from hookwise.sampling import psnr, ssim  # noqa: E402
-from hookwise.sampling.flow import sample_reference  # noqa: E402
+import hookwise
+import hookwise.zoo
+from hookwise.introspect.gguf_keys import KEY_MAPS
+from hookwise.sampling import psnr, ssim
+from hookwise.sampling.flow import sample_reference
 
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
