@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 
@@ -39,9 +40,11 @@ import hookwise
 from hookwise.core.outputs import sample_of
 from hookwise.kernels import _attn_backends as ab
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training import add_lora, full_width_model  # noqa: E402  (one full-width builder for the benchmarks)
+
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 DIFFUSERS_BACKENDS = ("native", "_native_math", "_native_flash", "flex")
 HOOKWISE_BACKENDS = ("sdpa", "sdpa-math", "sdpa-flash", "flex", "auto")
 
@@ -87,46 +90,6 @@ def op_rows(tokens: int, dtype: torch.dtype, repeats: int) -> list[dict]:
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
-def full_width_model(double: int, single: int, tokens: int, text: int, dtype: torch.dtype):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ).to(dtype)  # fmt: skip
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0, m.in_features**-0.5)
-    g = torch.Generator().manual_seed(0)
-    i = torch.arange(tokens)
-    width = max(int(tokens**0.5), 1)
-    img_ids = torch.stack([torch.zeros(tokens), (i // width).float(), (i % width).float()], -1)
-    inputs = dict(
-        hidden_states=torch.randn(1, tokens, 64, generator=g).to(dtype),
-        encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(dtype),
-        pooled_projections=torch.randn(1, 768, generator=g).to(dtype),
-        timestep=torch.full((1,), 0.5, dtype=dtype),
-        guidance=torch.full((1,), 3.5, dtype=dtype),
-        img_ids=img_ids,
-        txt_ids=torch.zeros(text, 3),
-        return_dict=False,
-    )
-    return model, inputs
-
-
-def add_lora(model: torch.nn.Module, rank: int = 16) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"), model)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-
-
 def forward(model, inputs):
     with torch.no_grad():
         return sample_of(model(**inputs), "bench")
@@ -217,7 +180,7 @@ def main() -> None:
             out["rows"] += rows
             print(table(rows, "op", "F.sdpa (eager)"))
     if args.only in (None, "model"):
-        base, inputs = full_width_model(args.double, args.single, args.tokens, args.text, dtype)
+        base, inputs = full_width_model(args.tokens, args.text, args.double, args.single, dtype)
         print(f"full-width FLUX, {args.double} double + {args.single} single blocks, {args.tokens} + {args.text} "
               f"tokens, {args.dtype}", flush=True)  # fmt: skip
         rows = model_rows(base, inputs, args.repeats)

@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import warnings
 
@@ -36,50 +37,11 @@ import hookwise
 from hookwise import Compile, Kernels
 from hookwise.core.outputs import sample_of
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from training import add_lora, full_width_model  # noqa: E402  (one full-width builder for the benchmarks)
+
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-def full_width_model(double: int, single: int, tokens: int, text: int, device: str, heads: int = 24) -> tuple[torch.nn.Module, dict]:
-    """FLUX at full width (3072 wide: 24 heads x 128) with `double` + `single` blocks, random weights."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
-        num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ).to(device=device, dtype=torch.bfloat16)  # fmt: skip
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0, m.in_features**-0.5)
-    g = torch.Generator().manual_seed(0)
-    i = torch.arange(tokens)
-    width = max(int(tokens**0.5), 1)
-    img_ids = torch.stack([torch.zeros(tokens), (i // width).float(), (i % width).float()], -1)
-    inputs = dict(
-        hidden_states=torch.randn(1, tokens, 64, generator=g).to(torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(torch.bfloat16),
-        pooled_projections=torch.randn(1, 768, generator=g).to(torch.bfloat16),
-        timestep=torch.full((1,), 0.5, dtype=torch.bfloat16),
-        guidance=torch.full((1,), 3.5, dtype=torch.bfloat16),
-        img_ids=img_ids,
-        txt_ids=torch.zeros(text, 3),
-        return_dict=False,
-    )
-    return model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-def add_lora(model: torch.nn.Module, rank: int = 16) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="gaussian"), model)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
 
 
 def sync(device: str) -> None:
@@ -185,7 +147,7 @@ def main() -> None:
         threads=torch.get_num_threads(), load_before=os.getloadavg(), args=vars(args),
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
-    base, inputs = full_width_model(args.double, args.single, args.tokens, args.text, args.device, args.heads)
+    base, inputs = full_width_model(args.tokens, args.text, args.double, args.single, device=args.device, heads=args.heads)
     lora_base = None
     if not args.no_step:
         lora_base = copy.deepcopy(base)

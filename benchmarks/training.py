@@ -59,15 +59,21 @@ def zoo_model(batch: int) -> tuple[torch.nn.Module, dict]:
     return ref.transformer, inputs
 
 
-def full_width_model(tokens: int, text: int) -> tuple[torch.nn.Module, dict]:
+def full_width_model(
+    tokens: int, text: int, double: int = 2, single: int = 2, dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu", heads: int = 24,
+) -> tuple[torch.nn.Module, dict]:
+    """FLUX at full width (`heads` x 128; 24 heads: 3072 wide) with `double` + `single` blocks, random
+    weights of trained-like magnitude, and inputs of `tokens` image + `text` text tokens. The attention,
+    kernels and quantization benchmarks build their full-width model here too."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
+        num_attention_heads=heads, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
-    ).to(torch.bfloat16)  # fmt: skip
+    ).to(device=device, dtype=dtype)  # fmt: skip
     with torch.no_grad():  # trained-like magnitudes, so fp8 scaling sees realistic ranges
         for m in model.modules():
             if isinstance(m, torch.nn.Linear):
@@ -77,16 +83,16 @@ def full_width_model(tokens: int, text: int) -> tuple[torch.nn.Module, dict]:
     width = max(int(tokens**0.5), 1)
     img_ids = torch.stack([torch.zeros(tokens), (i // width).float(), (i % width).float()], -1)  # a grid, row by row
     inputs = dict(
-        hidden_states=torch.randn(1, tokens, 64, generator=g).to(torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(torch.bfloat16),
-        pooled_projections=torch.randn(1, 768, generator=g).to(torch.bfloat16),
-        timestep=torch.full((1,), 0.5, dtype=torch.bfloat16),
-        guidance=torch.full((1,), 3.5, dtype=torch.bfloat16),
+        hidden_states=torch.randn(1, tokens, 64, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, text, 4096, generator=g).to(dtype),
+        pooled_projections=torch.randn(1, 768, generator=g).to(dtype),
+        timestep=torch.full((1,), 0.5, dtype=dtype),
+        guidance=torch.full((1,), 3.5, dtype=dtype),
         img_ids=img_ids,
         txt_ids=torch.zeros(text, 3),
         return_dict=False,
     )
-    return model, inputs
+    return model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def add_lora(model: torch.nn.Module, rank: int = 16) -> None:
