@@ -293,3 +293,17 @@ def test_removing_casting_under_offloading_applies_offloading_again(granularity)
     assert list(hookwise.applied(model)) == [offload]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     torch.testing.assert_close(output_of(model, inputs), cast_out, rtol=0, atol=0)
+
+
+def test_a_ledger_entry_replaced_in_place_keeps_its_position_and_an_unknown_one_is_refused():
+    model, _ = tiny_musubi()
+    scale, trace, other = ScaleBlocks(2.0), Trace(), ScaleBlocks(3.0)
+    hookwise.apply(model, scale, trace)
+    ledger_of(model).replace(trace, other)
+    assert ledger_of(model).configs == [other, scale]
+    with pytest.raises(ConfigError, match="not in this model's ledger"):
+        ledger_of(model).replace(trace, scale)
+    assert ledger_of(model).configs == [other, scale]
+    ledger_of(model).replace(other, trace)
+    hookwise.remove(model)
+    assert ledger_of(model) is None

@@ -87,6 +87,15 @@ class Ledger:
                 del self._configs[i]
                 return
 
+    def replace(self, old: Any, new: Any) -> None:
+        """Put `new` where `old` (by identity) stands: the same technique changed in place, so the order
+        (removal runs newest first) stays and nothing recorded after `old` is re-run."""
+        for i, c in enumerate(self._configs):
+            if c is old:
+                self._configs[i] = new
+                return
+        raise ConfigError(f"{type(old).__name__} is not in this model's ledger; nothing was replaced")
+
     @property
     def configs(self) -> list[Any]:
         return list(self._configs)

@@ -793,8 +793,7 @@ def switch_residency(model: nn.Module, config: Offload) -> ResidencySwitch:
         # Replaced where it stands: the same technique on the same targets, so neither the ledger's order
         # (removal runs newest first) nor the first-call check of the map (which `record` would install
         # again, describing the model) has cause to change.
-        entries = ledger._configs
-        entries[next(i for i, c in enumerate(entries) if c is old)] = config
+        ledger.replace(old, config)
     return result
 
 
