@@ -15,7 +15,15 @@ hookwise starts no processes: launch with `torchrun` (or any launcher that initi
 """
 
 from .cfg import CFGParallel, apply_cfg_parallel, cfg_parallel_report, remove_cfg_parallel
-from .data import DataParallel, apply_data_parallel, average_gradients, data_parallel_report, remove_data_parallel
+from ._dist import CollectiveError, default_timeout
+from .data import (
+    DataParallel,
+    apply_data_parallel,
+    average_gradients,
+    data_parallel_report,
+    mean_over_ranks,
+    remove_data_parallel,
+)
 
 __all__: list[str] = [
     "CFGParallel",
@@ -25,6 +33,9 @@ __all__: list[str] = [
     "DataParallel",
     "apply_data_parallel",
     "average_gradients",
+    "CollectiveError",
+    "mean_over_ranks",
+    "default_timeout",
     "data_parallel_report",
     "remove_data_parallel",
 ]

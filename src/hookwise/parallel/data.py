@@ -101,6 +101,16 @@ def average_gradients(params: Iterable[torch.Tensor], group: object = None, *, t
             offset += n
 
 
+def mean_over_ranks(value: torch.Tensor | float, group: object = None, *, timeout_s: float | None = None) -> float:
+    """The mean of a scalar over the ranks of `group` (the value itself outside torch.distributed)."""
+    t = torch.as_tensor(value).detach().reshape(1).to(torch.float64 if not torch.is_tensor(value) or not value.is_cuda else torch.float32)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return float(t)
+    work = dist.all_reduce(t, group=group, async_op=True)
+    wait(work, "averaging a scalar (the loss) over the ranks", "DataParallel", timeout_of(timeout_s))
+    return float(t) / dist.get_world_size(group)
+
+
 class DataParallelHook(ModelHook):
     """On the root model: arms the gradient average for the backward of a forward made with gradients on."""
 
