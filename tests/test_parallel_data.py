@@ -1,5 +1,5 @@
-"""Data-parallel LoRA training on 2 gloo ranks (DataParallel): DDP (plain, and under fp8 casting with
-checkpointing) and FSDP2 train the same LoRA as one process on the concatenated batch; a rank that is
+"""Data-parallel LoRA training on 2 gloo ranks (DataParallel): DDP (plain, under fp8 casting with
+checkpointing, under offloading) and FSDP2 with checkpointing train the same LoRA as one process on the concatenated batch; a rank that is
 stuck or gone ends the others with a CollectiveError naming the timeout, within it.
 
 One spawn of two ranks runs every scenario (starting a rank imports torch and diffusers: seconds each)."""
@@ -66,6 +66,10 @@ def _train(model, inputs, target):
 def _stack(kind):
     if kind == "fp8+checkpointing":
         return [hookwise.LayerwiseCasting(storage_dtype=torch.float8_e4m3fn), hookwise.Checkpointing()]
+    if kind == "offload":
+        return [hookwise.Offload(onload_device="cpu", offload_device="cpu")]
+    if kind == "fsdp+checkpointing":
+        return [hookwise.Checkpointing()]
     return []
 
 
@@ -111,8 +115,8 @@ def _refused(rank, world):
 
 
 def _ranks(rank, world):
-    out = {kind: _scenario(rank, world, kind) for kind in ("plain", "fp8+checkpointing")}
-    out["fsdp"] = _scenario(rank, world, "plain", mode="fsdp")
+    out = {kind: _scenario(rank, world, kind) for kind in ("plain", "fp8+checkpointing", "offload")}
+    out["fsdp+checkpointing"] = _scenario(rank, world, "fsdp+checkpointing", mode="fsdp")
     out["refused"] = _refused(rank, world)
     stuck, gone = dist.new_group([0, 1]), dist.new_group([0, 1])
     out["stuck"] = _stuck_or_gone(rank, world, stuck, gone=False)
@@ -125,13 +129,13 @@ def results():
     return run_ranks(_ranks, 2, pg_timeout=20.0)
 
 
-@pytest.mark.parametrize("kind", ["plain", "fp8+checkpointing", "fsdp"])
+@pytest.mark.parametrize("kind", ["plain", "fp8+checkpointing", "offload", "fsdp+checkpointing"])
 def test_two_ranks_train_the_same_lora_as_one_process_on_the_whole_batch(results, kind):
     single_losses, single_lora = results[0][kind]["single"]
     ranks = [r[kind] for r in results]
     for r in ranks:
         assert r["report"]["ranks"] == 2
-        if kind != "fsdp":
+        if kind != "fsdp+checkpointing":
             assert r["report"]["syncs"] == STEPS
         assert sorted(r["lora"]) == sorted(single_lora)
         for name, value in single_lora.items():

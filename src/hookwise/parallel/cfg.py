@@ -11,7 +11,8 @@ Calls that are not batched CFG (two-call CFG, a batch without equal halves, trai
 every rank (`unbatched="run"`, said once in the log) or raise (`unbatched="error"`). On a group of
 one rank the hook is the identity. Collectives wait at most the folder's timeout (`timeout_s`).
 The group may be one dimension of a 2 x N device mesh (`mesh["cfg"]`), so it can stand next to
-context parallelism on the other dimension.
+context parallelism on the other dimension: its hook sits outside the other parallel hooks
+(`Layer.CFG_PARALLEL`), so the batch is halved before the sequence is split.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class CFGParallel(TechniqueConfig):
 class CFGParallelHook(ModelHook):
     """On the root model, inside the run state: splits batched-CFG calls over the two ranks."""
 
-    layer = Layer.PARALLEL
+    layer = Layer.CFG_PARALLEL
 
     def __init__(self, config: CFGParallel, group: object, rank: int, size: int) -> None:
         self.config = config
@@ -192,4 +193,4 @@ def remove_cfg_parallel(model: nn.Module) -> None:
     remove_techniques(model, [NAME])
 
 
-register_technique(NAME, CFGParallel, apply=_apply_cfg_parallel, remove=_remove_cfg_parallel, layer=Layer.PARALLEL)
+register_technique(NAME, CFGParallel, apply=_apply_cfg_parallel, remove=_remove_cfg_parallel, layer=Layer.CFG_PARALLEL)
