@@ -39,8 +39,21 @@ def _two_call(unbatched):
     return cfg_parallel_report(model)
 
 
+def _positional():
+    """A batched-CFG call with its arguments given by position, split the same way (Wan: latents, timestep, text)."""
+    model, inputs = build("wan")
+    x, t, text = inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]
+    args = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, torch.zeros_like(text)]))
+    with torch.no_grad():
+        whole = model(*args, return_dict=False)[0]
+        hookwise.apply(model, hookwise.CFGParallel())
+        split = model(*args, return_dict=False)[0]
+    return whole, split, cfg_parallel_report(model)
+
+
 def _ranks(rank, world):
     out = {name: _split_run(name, batch) for name, batch in (("flux", 1), ("wan", 2))}
+    out["positional"] = _positional()
     out["two_call"] = _two_call("run")
     out["two_call_error"] = _two_call("error")
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
@@ -61,6 +74,13 @@ def test_each_rank_computes_one_half_and_the_gathered_output_equals_batched_and_
         torch.testing.assert_close(r["parallel"], r["batched"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["parallel"], r["separate"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(results[0][name]["parallel"], results[1][name]["parallel"], rtol=0, atol=0)
+
+
+def test_arguments_given_by_position_are_split_too(results):
+    for r in results:
+        whole, split, report = r["positional"]
+        assert report["split"] == 1
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_two_call_cfg_runs_whole_on_every_rank_or_raises_when_asked(results):

@@ -67,8 +67,8 @@ class CFGParallel(TechniqueConfig):
             check_fraction("CFGParallel.timeout_s", self.timeout_s, allow_zero=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict() if self.group is None else dataclasses.replace(self, group=None).to_dict()
-        return out
+        # A process group is not data: a saved stack runs on the world group unless given one again.
+        return super().to_dict() if self.group is None else dataclasses.replace(self, group=None).to_dict()
 
 
 class CFGParallelHook(ModelHook):
@@ -101,7 +101,8 @@ class CFGParallelHook(ModelHook):
             return next_fn(*args, **kwargs)
         half = batch // 2
         lo, hi = self.rank * half, (self.rank + 1) * half
-        args = tuple(self._half(self.names[i] if i < len(self.names) else None, a, batch, lo, hi) for i, a in enumerate(args))
+        names = self.names + [None] * (len(args) - len(self.names))  # *args beyond the named parameters
+        args = tuple(self._half(name, a, batch, lo, hi) for name, a in zip(names, args))
         kwargs = {k: self._half(k, v, batch, lo, hi) for k, v in kwargs.items()}
         self.split_calls += 1
         return self._gather(next_fn(*args, **kwargs), half)

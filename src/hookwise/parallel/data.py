@@ -103,7 +103,7 @@ def average_gradients(params: Iterable[torch.Tensor], group: object = None, *, t
 
 def mean_over_ranks(value: torch.Tensor | float, group: object = None, *, timeout_s: float | None = None) -> float:
     """The mean of a scalar over the ranks of `group` (the value itself outside torch.distributed)."""
-    t = torch.as_tensor(value).detach().reshape(1).to(torch.float64 if not torch.is_tensor(value) or not value.is_cuda else torch.float32)
+    t = value.detach().reshape(1).double() if torch.is_tensor(value) else torch.tensor([float(value)], dtype=torch.float64)
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return float(t)
     work = dist.all_reduce(t, group=group, async_op=True)
