@@ -58,6 +58,15 @@ def _ranks(rank, world):
     out["two_call_error"] = _two_call("error")
     singles = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     out["alone"] = _split_run("wan", 1, group=singles[rank])
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("cfg", "cp"))  # the 2 x N layout, N = 1
+    out["mesh"] = _split_run("wan", 1, group=mesh["cfg"])["report"]
+    model, _ = build("wan")
+    try:
+        hookwise.apply(model, hookwise.CFGParallel(group=mesh))
+    except hookwise.HookwiseError as exc:
+        out["mesh_2d"] = str(exc)
     return out
 
 
@@ -95,6 +104,12 @@ def test_a_group_of_one_rank_is_the_identity(results):
         assert alone["report"] == {"split": 0, "whole": STEPS, "ranks": 1}
         assert alone["samples"] == 2 * STEPS
         assert torch.equal(alone["parallel"], alone["batched"])
+
+
+def test_the_cfg_dimension_of_a_device_mesh_is_a_group_and_a_2d_mesh_is_refused(results):
+    for r in results:
+        assert r["mesh"] == {"split": STEPS, "whole": 0, "ranks": 2}
+        assert "mesh['cfg']" in r["mesh_2d"]
 
 
 def test_without_torch_distributed_initialised_apply_says_how_to_launch(monkeypatch):
