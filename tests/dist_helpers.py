@@ -77,3 +77,15 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float =
         if errors:
             raise RankFailed("\n".join(errors))
         return results
+
+
+def world_of_one() -> None:
+    """Initialise torch.distributed in this process as a gloo world of one rank (once; destroyed at exit),
+    for tests of a parallel technique's identity case without spawning processes."""
+    if dist.is_initialized():
+        return
+    import atexit
+
+    init_file = os.path.join(tempfile.mkdtemp(prefix="hookwise-dist-one-"), "init")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())

@@ -66,11 +66,18 @@ from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 from .train import train_lora
 from .train import validation
+from .parallel import CFGParallel, DataParallel, apply_cfg_parallel, apply_data_parallel, remove_cfg_parallel, remove_data_parallel
 from .kernels import Compile, Kernels, apply_compile, apply_kernels, compiled_blocks, kernels_summary, remove_compile, remove_kernels
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CFGParallel",
+    "DataParallel",
+    "apply_cfg_parallel",
+    "apply_data_parallel",
+    "remove_cfg_parallel",
+    "remove_data_parallel",
     "Attention",
     "apply_attention",
     "attention_summary",

@@ -4,6 +4,8 @@ first command (the shipped flux-shapes model learns a new class, then samples un
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +51,15 @@ def _train_summary(console: Console, result) -> None:
         console.print(f"before / after grid: {result.grid}")
 
 
+def _launched_rank() -> int:
+    """This process's rank: torch.distributed's when initialised, else torchrun's RANK, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
     import torch
 
@@ -63,15 +74,19 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         from ..stack import Stack
 
         stack = Stack.from_json(Path(args.stack).read_text())
+    # Under torchrun every rank runs this command; only rank 0 shows progress and prints.
+    main = _launched_rank() == 0
     bar, update = _train_progress(console, args.steps, f"LoRA on {args.model}")
-    with bar:
+    with bar if main else contextlib.nullcontext():
         result = train_lora(
             args.model, args.out, data=args.data, steps=args.steps, batch=args.batch, rank=args.rank, alpha=args.alpha,
             lr=args.lr, targets=args.targets.split(",") if args.targets else None, base=args.base, stack=stack,
             optimizer=args.optimizer, validate_every=args.validate_every, resume=args.resume,
             formats=tuple(args.formats.split(",")), seed=args.seed, device=args.device, sample_steps=args.sample_steps,
-            progress=update,
+            progress=update if main else None,
         )  # fmt: skip
+    if not main:
+        return 0
     if result.plan:
         console.print(f"plan: {result.plan}", style="dim")
     _train_summary(console, result)

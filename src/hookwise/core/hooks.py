@@ -56,6 +56,9 @@ class Layer(IntEnum):
     KERNEL = 400
     DEFAULT = 500
     PARALLEL = 600
+    # CFG parallelism on the root model: outside the other parallel hooks, so a batched-CFG call is cut into
+    # its two halves first and context parallelism then splits each half's sequence over its own group.
+    CFG_PARALLEL = 610
     # Layer skipping: inside the step caches, so a skipped block looks computed to them.
     CACHE_SKIP = 690
     CACHE = 700

@@ -1,7 +1,8 @@
 """Several processes on `torch.distributed`: each one a technique config for `hookwise.apply`.
 
 Techniques, one file each (a config, its validation, its registration): context parallelism
-(Ulysses / ring) for sampling, CFG parallelism, and data-parallel LoRA training (DDP / FSDP2).
+(Ulysses / ring) for sampling, CFG parallelism (`cfg.py`, `CFGParallel`), and data-parallel LoRA
+training (`data.py`, `DataParallel(mode="ddp" | "fsdp")`).
 
 Machinery, private to this folder:
 
@@ -13,4 +14,28 @@ hookwise starts no processes: launch with `torchrun` (or any launcher that initi
 `torch.distributed`), then apply the technique on every rank with the same config.
 """
 
-__all__: list[str] = []
+from .cfg import CFGParallel, apply_cfg_parallel, cfg_parallel_report, remove_cfg_parallel
+from ._dist import CollectiveError, default_timeout
+from .data import (
+    DataParallel,
+    apply_data_parallel,
+    average_gradients,
+    data_parallel_report,
+    mean_over_ranks,
+    remove_data_parallel,
+)
+
+__all__: list[str] = [
+    "CFGParallel",
+    "apply_cfg_parallel",
+    "cfg_parallel_report",
+    "remove_cfg_parallel",
+    "DataParallel",
+    "apply_data_parallel",
+    "average_gradients",
+    "CollectiveError",
+    "mean_over_ranks",
+    "default_timeout",
+    "data_parallel_report",
+    "remove_data_parallel",
+]

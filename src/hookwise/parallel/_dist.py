@@ -52,3 +52,47 @@ def group_of(group: object, technique: str) -> GroupInfo:
         size=dist.get_world_size(group),
         backend=str(dist.get_backend(group)),
     )
+
+
+# ---- waiting for a collective, with the folder's timeout ---------------------------------------------
+class CollectiveError(HookwiseError):
+    """A collective of a parallel technique did not complete: a rank died, left, or is stuck."""
+
+
+def timeout_of(timeout_s: float | None) -> datetime.timedelta:
+    """The collective timeout: `timeout_s` when given, else HOOKWISE_DIST_TIMEOUT, else DEFAULT_TIMEOUT_S."""
+    return default_timeout() if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+
+
+def resolve_group(group: object, technique: str) -> object:
+    """A ProcessGroup (or None, the world) from what a config holds: a group, None, or a 1-D DeviceMesh."""
+    if group is None:
+        return None
+    get_group = getattr(group, "get_group", None)
+    if callable(get_group) and hasattr(group, "mesh_dim_names"):  # a DeviceMesh
+        if getattr(group, "ndim", 1) != 1:
+            raise HookwiseError(
+                f"{technique}(group=a {group.ndim}-D DeviceMesh): pass the one dimension it runs on, "
+                "e.g. mesh['cfg'] (a 1-D mesh) or its process group"
+            )
+        return get_group()
+    return group
+
+
+def wait(work: object, what: str, technique: str, timeout: datetime.timedelta) -> None:
+    """Wait for an async collective at most `timeout`; a timeout or a lost peer raises `CollectiveError`."""
+    try:
+        work.wait(timeout)  # type: ignore[attr-defined]
+    except RuntimeError as exc:
+        seconds = timeout.total_seconds()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            why = (f"did not complete within the timeout ({seconds:g} s): another rank is stuck, died or "
+                   "never reached it")  # fmt: skip
+        else:
+            why = f"failed before the timeout ({seconds:g} s) because another rank died or left the group ({first})"
+        raise CollectiveError(
+            f"{technique}: {what} {why}. Every rank must run the same calls with the same inputs; check the "
+            "other ranks' logs. The timeout is the technique's timeout_s, or HOOKWISE_DIST_TIMEOUT in seconds "
+            "(the process group's own timeout, if shorter, ends it first)."
+        ) from exc

@@ -61,6 +61,10 @@ class ZooTask:
         self.new_label = null + 1  # after the empty prompt in the extended table
 
     # ---- trainable extras and their file ----------------------------------------------------------
+    def shared_keys(self) -> set[str]:
+        """Keyword arguments of `batch` that are the same for every sample (not split over data-parallel ranks)."""
+        return {"img_ids", "txt_ids"} if self.reference.spec.pack else set()
+
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.tokens, self.pooled) if p is not None]
 
@@ -207,6 +211,10 @@ class LatentsTask:
             raise ConfigError(f"{folder}: {missing} are missing from some files; every file needs the same tensors")
         self.shared = shared
         self.size = self.data[LATENTS_KEY].shape[0]
+
+    def shared_keys(self) -> set[str]:
+        """Keyword arguments of `batch` that are the same for every sample (not split over data-parallel ranks)."""
+        return set(self.shared)
 
     def parameters(self) -> list[nn.Parameter]:
         return []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from ..stack import apply as apply_stack
 from ..zoo.reference import ReferenceModel, load_reference, reference_names
 from ..zoo.grid import save_rows_png
 from ._lora_tasks import LatentsTask, ZooTask, class_distances
+from ._ranks import Ranks, join_ranks
 from .lora_io import FORMATS, load_lora, save_lora
 from .validation import validation
 
@@ -200,10 +202,13 @@ def _sample_validation(task: Any, model: nn.Module, labels: Sequence[int], *, se
 
 
 def _write_validation(task: Any, model: nn.Module, path: Path, *, title: str, per_class: int = 4,
-                      stack: Any = None, reports: list[Any] | None = None) -> Path:
-    """Validation samples as a PNG grid (zoo models) or a safetensors file of latents."""
+                      stack: Any = None, reports: list[Any] | None = None, write: bool = True) -> Path:
+    """Validation samples as a PNG grid (zoo models) or a safetensors file of latents (`write=False`: sampled,
+    not written; the path it would have)."""
     labels, names = task.validation_labels(per_class)
     out = _sample_validation(task, model, labels, stack=stack, reports=reports)
+    if not write:
+        return path.with_suffix(".png" if task.kind == "zoo" else ".safetensors")
     if task.kind == "zoo":
         rows = [(name, out[i * per_class : (i + 1) * per_class]) for i, name in enumerate(names)]
         return save_rows_png(rows, path.with_suffix(".png"), title=title)
@@ -256,6 +261,11 @@ def train_lora(
     ("plan": the planner's inference stack fitted to the training one; None: the training stack as
     is). The before / after samples that measure learning always use the training stack as is.
     A model passed as a module is changed in place: it keeps the LoRA and the stack afterwards.
+
+    Under `torchrun` (or with torch.distributed initialised) it trains data-parallel: each rank takes its
+    slice of the same global batch (`batch` must split evenly), the gradients are averaged
+    (`DataParallel`), every rank uses rank 0's stack, and only rank 0 writes files (`result.files` is
+    empty on the others); the losses are the whole batch's, as in one process.
     """
     for name, value in (("steps", steps), ("batch", batch), ("rank", rank), ("sample_steps", sample_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -273,6 +283,24 @@ def train_lora(
     if not (isinstance(stack, (Stack, list, tuple)) or stack in ("plan", None)):
         raise ConfigError(f"train_lora(stack={stack!r}): use 'plan', a hookwise.Stack, a list of configs, or None")
     peft = require("peft", "peft", "LoRA training")
+    ranks, device = join_ranks(device)
+    try:
+        ranks.check_batch(batch)
+        return _train_lora(
+            ranks, peft, model, out, data=data, steps=steps, batch=batch, rank=rank, alpha=alpha, lr=lr, targets=targets,
+            base=base, stack=stack, optimizer=optimizer, validate_every=validate_every, validation_stack=validation_stack,
+            resume=resume, formats=formats, seed=seed, device=device, timestep_scale=timestep_scale, prior=prior,
+            sample_steps=sample_steps, progress=progress,
+        )  # fmt: skip
+    finally:
+        ranks.close()
+
+
+def _train_lora(ranks: Ranks, peft: Any, model: Any, out: Any, *, data: Any, steps: int, batch: int, rank: int,
+                alpha: float | None, lr: float, targets: Any, base: str, stack: Any, optimizer: str, validate_every: int,
+                validation_stack: Any, resume: Any, formats: Sequence[str], seed: int, device: Any,
+                timestep_scale: float | None, prior: float, sample_steps: int,
+                progress: Callable[[StepInfo], None] | None) -> LoraTrainingResult:  # fmt: skip
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     alpha = float(rank if alpha is None else alpha)
@@ -301,7 +329,7 @@ def train_lora(
     # The plan is made for the base model: the planner counts the LoRA's bytes itself.
     explanation = None
     configs: list[Any] = []
-    if stack == "plan":
+    if stack == "plan" and ranks.main:  # the other ranks take rank 0's plan
         job = Job(training=True, batch=batch, lora_rank=rank)
         plan = make_plan(transformer, job, example_inputs=task.example_inputs(batch, compute_dtype))
         if plan.chosen is None:
@@ -313,6 +341,7 @@ def train_lora(
         configs = list(stack)
     if base == "fp8" and not any(isinstance(c, LayerwiseCasting) for c in configs):
         configs.append(LayerwiseCasting(storage_dtype=torch.float8_e4m3fn))
+    configs, explanation = ranks.same_stack(configs, explanation)
 
     torch.manual_seed(seed)  # peft's initialisation of the LoRA's down weights
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
@@ -352,7 +381,8 @@ def train_lora(
     params = lora_params + task.parameters()
     warmup = max(1, min(20, steps // 10))
 
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
     result = LoraTrainingResult(
         out=out, files={}, embedding=None, steps=steps, start_step=start, losses=[], optimizer=opt_name,
         stack=applied_stack.names(), plan=explanation, seconds=0.0, step_seconds=0.0, peak_bytes=0, peak_what="",
@@ -368,26 +398,29 @@ def train_lora(
         x0, cond = task.batch(batch, g, compute_dtype)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).to(device)
+        x0, noise, t, cond = ranks.shard(task, batch, x0, noise, t, cond)  # every rank drew the same global batch
         tt = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = ((1 - tt) * x0 + tt * noise).to(compute_dtype)
         pred = task.call(transformer, xt, t * task.timestep_scale, cond)
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
-        if not torch.isfinite(loss):
-            raise HookwiseError(f"train_lora: the loss is {float(loss)} at step {step + 1}; lower lr (now {lr})")
+        whole = ranks.loss(loss)  # the whole batch's loss (every rank gets the same, so all stop together)
+        if not math.isfinite(whole):
+            raise HookwiseError(f"train_lora: the loss is {whole} at step {step + 1}; lower lr (now {lr})")
         scale = min(1.0, (step + 1) / warmup)
         for group in opt.param_groups:
             group["lr"] = lr * scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.sync_extra(task.parameters())  # the LoRA's gradients are averaged by DataParallel
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seconds = time.perf_counter() - t0
-        result.losses.append(float(loss.detach()))
+        result.losses.append(whole)
         written = None
         if validate_every and (step + 1) % validate_every == 0 and step + 1 < steps:
             written = _write_validation(task, transformer, out / "validation" / f"step-{step + 1:06d}",
                                          title=f"step {step + 1}", stack=validation_stack,
-                                         reports=result.switches)  # fmt: skip
+                                         reports=result.switches, write=ranks.main)  # fmt: skip
             result.validations.append(written)
         if progress is not None:
             progress(StepInfo(step + 1, steps, result.losses[-1], seconds, _peak(device)[0], written))
@@ -396,7 +429,9 @@ def train_lora(
     result.peak_bytes, result.peak_what = _peak(device)
     result.validations.append(_write_validation(task, transformer, out / "validation" / f"step-{steps:06d}",
                                                  title=f"step {steps}", stack=validation_stack,
-                                                 reports=result.switches))  # fmt: skip
+                                                 reports=result.switches, write=ranks.main))  # fmt: skip
+    if not ranks.main:
+        return result
     if before is not None:
         after = _sample_validation(task, transformer, [task.new_label] * 8, seed=7)
         result.distances["after"] = class_distances(after)

@@ -1,0 +1,252 @@
+"""Data-parallel training: every rank trains on its share of the batch, the trained parameters stay equal.
+
+Two modes, for LoRA (or any partly frozen) training launched with `torchrun`:
+
+- `"ddp"` (replicated base): at apply the trainable parameters are broadcast from rank 0, so every
+  rank starts equal; after each backward of a forward made with gradients on, the trainable gradients
+  are averaged over the group in one flat all-reduce per dtype (queued at the end of backward, as
+  torch's DDP does it, so nothing waits inside backward). Reversible: the hooks come off exactly. No
+  wrapper module: the model stays the model, with every other hookwise technique on it (casting,
+  offload, checkpointing, quantization).
+- `"fsdp"` (sharded base, FSDP2): torch's `fully_shard` on each tower block and on the root, so the
+  frozen base and the LoRA parameters are sharded over the group (parameters become DTensors) and
+  gathered per block for compute (rank 0's trainable values are broadcast first). Irreversible (it changes the modules in place: reload to undo), and
+  refused with techniques that move or rewrite weights themselves (offloading, quantization, GGUF,
+  fp8 casting): FSDP2 owns the parameters' storage.
+
+Collectives wait at most the folder's timeout (`timeout_s`); a rank that died ends the others with a
+`CollectiveError`. On a group of one rank both modes are the identity (nothing to synchronise).
+`average_gradients(params)` averages the gradients of parameters that live outside the model (a
+trainer's extra embeddings) the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.config import TechniqueConfig, check_fraction
+from ..core.hooks import HookRegistry, Layer, ModelHook
+from ..core.techniques import apply_techniques, applied_configs, register_technique, remove_techniques, technique_of
+from ..errors import CompatibilityError, ConfigError, NoTargetError
+from ..introspect import describe
+from ._dist import group_of, resolve_group, timeout_of, wait
+
+NAME = "data_parallel"
+HOOK = "hookwise.data_parallel"
+MODES = ("ddp", "fsdp")
+# What FSDP2 cannot stand under: techniques that move, re-store or rewrite the weights it shards.
+_NOT_UNDER_FSDP = {
+    "offload": "offloading moves the weights between devices, and FSDP2 owns their storage (shards them instead)",
+    "component_offload": "component offloading moves whole components, and FSDP2 owns the weights' storage",
+    "quantization": "quantized weights are tensor subclasses FSDP2 cannot shard here",
+    "gguf": "GGUF weights are packed blocks FSDP2 cannot shard",
+    "casting": "fp8 casting re-stores each weight in place, and FSDP2's all-gather needs the sharded parameters "
+    "untouched (cast with DataParallel(mode='ddp'), or shard a bf16 base)",
+}
+
+
+@dataclass(frozen=True)
+class DataParallel(TechniqueConfig):
+    """Data-parallel training over a process group: `mode="ddp"` (replicated) or `"fsdp"` (FSDP2 sharded).
+
+    - `group`: the process group (None: the default world group; or a 1-D `DeviceMesh`). Not saved
+      by `to_dict`.
+    - `timeout_s`: how long a collective waits for the other ranks (None: HOOKWISE_DIST_TIMEOUT, else 600 s).
+    """
+
+    mode: str = "ddp"
+    group: Any = dataclasses.field(default=None, compare=False)
+    timeout_s: float | None = None
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"DataParallel.mode={self.mode!r}: use 'ddp' (replicated) or 'fsdp' (FSDP2, sharded)")
+        if self.timeout_s is not None:
+            check_fraction("DataParallel.timeout_s", self.timeout_s, allow_zero=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() if self.group is None else dataclasses.replace(self, group=None).to_dict()
+
+
+def average_gradients(params: Iterable[torch.Tensor], group: object = None, *, timeout_s: float | None = None) -> None:
+    """Average the gradients of `params` over `group` (missing gradients count as zeros and become them)."""
+    params = list(params)
+    if not params or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    timeout = timeout_of(timeout_s)
+    size = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype, same in by_dtype.items():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
+        work = dist.all_reduce(flat, group=group, async_op=True)
+        wait(work, f"averaging the gradients ({flat.numel()} {str(dtype).removeprefix('torch.')} values)",
+             "DataParallel", timeout)  # fmt: skip
+        flat.div_(size)
+        offset = 0
+        for p in same:
+            n = p.numel()
+            chunk = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = chunk.clone()
+            else:
+                p.grad.copy_(chunk)
+            offset += n
+
+
+def mean_over_ranks(value: torch.Tensor | float, group: object = None, *, timeout_s: float | None = None) -> float:
+    """The mean of a scalar over the ranks of `group` (the value itself outside torch.distributed)."""
+    t = value.detach().reshape(1).double() if torch.is_tensor(value) else torch.tensor([float(value)], dtype=torch.float64)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return float(t)
+    work = dist.all_reduce(t, group=group, async_op=True)
+    wait(work, "averaging a scalar (the loss) over the ranks", "DataParallel", timeout_of(timeout_s))
+    return float(t) / dist.get_world_size(group)
+
+
+class DataParallelHook(ModelHook):
+    """On the root model: arms the gradient average for the backward of a forward made with gradients on."""
+
+    layer = Layer.PARALLEL
+
+    def __init__(self, config: DataParallel, group: object, size: int, params: list[nn.Parameter]) -> None:
+        self.config = config
+        self.group = group
+        self.size = size
+        self.params = params
+        self.armed = False
+        self.queued = False
+        self.syncs = 0
+        self.handles: list[Any] = []
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if torch.is_grad_enabled():
+            self.armed = True
+        return args, kwargs
+
+    def on_grad(self, param: torch.Tensor) -> None:
+        # Called for each trainable parameter as its gradient is accumulated; the first one of a backward
+        # queues the average at the end of that backward, when every gradient is there.
+        if self.armed and not self.queued and self.size > 1:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+
+    def _sync(self) -> None:
+        self.queued = False
+        self.armed = False
+        average_gradients(self.params, self.group, timeout_s=self.config.timeout_s)
+        self.syncs += 1
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise NoTargetError(
+            "DataParallel: no parameter of the model requires grad, so there is nothing to train and synchronise; "
+            "add the LoRA (peft) or unfreeze what you train before applying it"
+        )
+    return params
+
+
+def _broadcast(params: list[nn.Parameter], group: object, config: DataParallel) -> None:
+    """Rank 0's values of `params` on every rank (one flat broadcast per dtype)."""
+    timeout = timeout_of(config.timeout_s)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    with torch.no_grad():
+        for same in by_dtype.values():
+            flat = torch.cat([p.detach().reshape(-1) for p in same])
+            work = dist.broadcast(flat, src, group=group, async_op=True)
+            wait(work, "broadcasting rank 0's trainable parameters", "DataParallel", timeout)
+            offset = 0
+            for p in same:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+def _apply_ddp(model: nn.Module, config: DataParallel, group: object, size: int) -> None:
+    params = _trainable(model)
+    hook = DataParallelHook(config, group, size, params)
+    if size > 1:
+        _broadcast(params, group, config)
+    HookRegistry.get_or_create(model).add(HOOK, hook)
+    for p in params:
+        hook.handles.append(p.register_post_accumulate_grad_hook(hook.on_grad))
+
+
+def _apply_fsdp(model: nn.Module, config: DataParallel, group: object, size: int) -> None:
+    for applied in applied_configs(model):
+        why = _NOT_UNDER_FSDP.get(technique_of(applied).name)
+        if why:
+            raise CompatibilityError(f"DataParallel(mode='fsdp') with {technique_of(applied).name!r}: {why}")
+    params = _trainable(model)
+    if size > 1:  # FSDP2 shards each rank's own values: start every rank from rank 0's trainable ones
+        _broadcast(params, group, config)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    if group is None:
+        group = dist.group.WORLD
+    mesh = DeviceMesh.from_group(group, "cuda" if next(model.parameters()).is_cuda else "cpu")
+    blocks = [model.get_submodule(path) for tower in describe(model).towers for path in tower.block_paths]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    hook = DataParallelHook(config, group, size, [])
+    HookRegistry.get_or_create(model).add(HOOK, hook)
+
+
+def _apply_data_parallel(model: nn.Module, config: DataParallel) -> None:
+    info = group_of(resolve_group(config.group, "DataParallel"), "DataParallel")
+    if config.mode == "ddp":
+        _apply_ddp(model, config, info.group, info.size)
+    else:
+        _apply_fsdp(model, config, info.group, info.size)
+
+
+def _remove_data_parallel(model: nn.Module, config: DataParallel | None = None) -> None:
+    registry = HookRegistry.of(model)
+    hook = registry.get(HOOK) if registry is not None else None
+    if config is not None and config.mode == "fsdp":
+        raise CompatibilityError(
+            "DataParallel(mode='fsdp') cannot be undone: FSDP2 changed the modules in place (their classes and "
+            "DTensor parameters); reload the model to train or sample without it"
+        )
+    if isinstance(hook, DataParallelHook):
+        for handle in hook.handles:
+            handle.remove()
+        hook.handles.clear()
+    if registry is not None:
+        registry.remove(HOOK, missing_ok=True)
+
+
+def data_parallel_report(model: nn.Module) -> dict[str, Any]:
+    """The mode, the group size and how many gradient averages DataParallel has made on this rank."""
+    registry = HookRegistry.of(model)
+    hook = registry.get(HOOK) if registry is not None else None
+    if not isinstance(hook, DataParallelHook):
+        raise ConfigError("data_parallel_report: DataParallel is not applied to this model")
+    return {"mode": hook.config.mode, "ranks": hook.size, "syncs": hook.syncs,
+            "parameters": sum(p.numel() for p in hook.params)}  # fmt: skip
+
+
+def apply_data_parallel(model: nn.Module, config: DataParallel | None = None) -> None:
+    """Train `model` data-parallel over a process group (the same as `hookwise.apply(model, config)`)."""
+    apply_techniques(model, [config or DataParallel()])
+
+
+def remove_data_parallel(model: nn.Module) -> None:
+    """Remove DataParallel (mode 'ddp') from `model` (the same as `hookwise.remove(model, "data_parallel")`)."""
+    remove_techniques(model, [NAME])
+
+
+register_technique(NAME, DataParallel, apply=_apply_data_parallel, remove=_remove_data_parallel, layer=Layer.PARALLEL)

@@ -1,0 +1,167 @@
+"""Data-parallel LoRA training on 2 gloo ranks (DataParallel): DDP (plain, under fp8 casting with
+checkpointing, under offloading) and FSDP2 with checkpointing train the same LoRA as one process on the concatenated batch; a rank that is
+stuck or gone ends the others with a CollectiveError naming the timeout, within it.
+
+One spawn of two ranks runs every scenario (starting a rank imports torch and diffusers: seconds each)."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import hookwise
+from hookwise.parallel import data_parallel_report
+
+from cache_helpers import build
+from dist_helpers import run_ranks
+
+BATCH = 4  # the whole batch; each of the 2 ranks trains on half of it
+STEPS = 3
+TIMEOUT_S = 3.0
+
+
+def _lora_model(seed):
+    import peft
+
+    model, inputs = build("flux", BATCH)
+    model.requires_grad_(False)
+    torch.manual_seed(seed)  # a different LoRA initialisation per rank: DataParallel broadcasts rank 0's
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    peft.inject_adapter_in_model(config, model)
+    target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
+    return model, inputs, target
+
+
+def _shard(inputs, target, rank, world):
+    n = BATCH // world
+    cut = {k: (v[rank * n : (rank + 1) * n] if isinstance(v, torch.Tensor) and v.shape[0] == BATCH else v)
+           for k, v in inputs.items()}  # fmt: skip
+    return cut, target[rank * n : (rank + 1) * n]
+
+
+def _lora(model):
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = full.detach().clone()
+    return out
+
+
+def _train(model, inputs, target):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(STEPS):
+        loss = F.mse_loss(model(**inputs).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, _lora(model)
+
+
+def _stack(kind):
+    if kind == "fp8+checkpointing":
+        return [hookwise.LayerwiseCasting(storage_dtype=torch.float8_e4m3fn), hookwise.Checkpointing()]
+    if kind == "offload":
+        return [hookwise.Offload(onload_device="cpu", offload_device="cpu")]
+    if kind == "fsdp+checkpointing":
+        return [hookwise.Checkpointing()]
+    return []
+
+
+def _scenario(rank, world, kind, mode="ddp"):
+    single = None
+    if rank == 0:  # one process on the whole batch, from rank 0's LoRA initialisation
+        model, inputs, target = _lora_model(100)
+        if _stack(kind):
+            hookwise.apply(model, *_stack(kind))
+        single = _train(model, inputs, target)
+    model, inputs, target = _lora_model(100 + rank)
+    hookwise.apply(model, *_stack(kind), hookwise.DataParallel(mode=mode))
+    inputs, target = _shard(inputs, target, rank, world)
+    losses, lora = _train(model, inputs, target)
+    return dict(single=single, losses=losses, lora=lora, report=data_parallel_report(model))
+
+
+def _stuck_or_gone(rank, world, group, gone):
+    model, inputs, target = _lora_model(100)
+    hookwise.apply(model, hookwise.DataParallel(group=group, timeout_s=TIMEOUT_S))
+    inputs, target = _shard(inputs, target, rank, world)
+    if rank == 1:  # stuck: never reaches the step's gradient average in time; gone: returns, the harness closes the group
+        if not gone:
+            time.sleep(2 * TIMEOUT_S)
+        return None
+    if gone:
+        time.sleep(2 * TIMEOUT_S + 1.0)  # rank 1 has woken from the stuck scenario, returned and closed its connections
+    began = time.monotonic()
+    try:
+        F.mse_loss(model(**inputs).sample, target).backward()
+    except hookwise.HookwiseError as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - began
+    return "no error", "", time.monotonic() - began
+
+
+def _refused(rank, world):
+    model, _, _ = _lora_model(100)
+    try:
+        hookwise.apply(model, hookwise.LayerwiseCasting(storage_dtype=torch.float8_e4m3fn), hookwise.DataParallel(mode="fsdp"))
+    except hookwise.CompatibilityError as exc:
+        return str(exc), hookwise.applied(model).names()
+    return "applied", hookwise.applied(model).names()
+
+
+def _ranks(rank, world):
+    out = {kind: _scenario(rank, world, kind) for kind in ("plain", "fp8+checkpointing", "offload")}
+    out["fsdp+checkpointing"] = _scenario(rank, world, "fsdp+checkpointing", mode="fsdp")
+    out["refused"] = _refused(rank, world)
+    stuck, gone = dist.new_group([0, 1]), dist.new_group([0, 1])
+    out["stuck"] = _stuck_or_gone(rank, world, stuck, gone=False)
+    out["gone"] = _stuck_or_gone(rank, world, gone, gone=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_ranks, 2, pg_timeout=20.0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fp8+checkpointing", "offload", "fsdp+checkpointing"])
+def test_two_ranks_train_the_same_lora_as_one_process_on_the_whole_batch(results, kind):
+    single_losses, single_lora = results[0][kind]["single"]
+    ranks = [r[kind] for r in results]
+    for r in ranks:
+        assert r["report"]["ranks"] == 2
+        if kind != "fsdp+checkpointing":
+            assert r["report"]["syncs"] == STEPS
+        assert sorted(r["lora"]) == sorted(single_lora)
+        for name, value in single_lora.items():
+            torch.testing.assert_close(r["lora"][name], value, rtol=1e-4, atol=1e-5, msg=f"{kind}: {name}")
+    # each rank's loss is its half's mean; their mean is the whole batch's
+    mean_losses = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
+    assert mean_losses == pytest.approx(single_losses, rel=1e-5)
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # the ranks did train on different data
+
+
+def test_fsdp_refuses_fp8_casting_at_apply_with_the_reason_and_leaves_nothing(results):
+    for r in results:
+        message, names = r["refused"]
+        assert "fsdp" in message and "casting" in message and "FSDP2" in message
+        assert names == []
+
+
+def test_a_stuck_rank_ends_the_others_with_an_error_naming_the_timeout_within_it(results):
+    kind, message, seconds = results[0]["stuck"]
+    assert kind == "CollectiveError"
+    assert f"timeout ({TIMEOUT_S:g} s)" in message
+    assert seconds < TIMEOUT_S + 2.0
+
+
+def test_a_rank_that_left_ends_the_others_with_a_clear_error_before_the_timeout(results):
+    kind, message, seconds = results[0]["gone"]
+    assert kind == "CollectiveError"
+    assert "died or left" in message and f"timeout ({TIMEOUT_S:g} s)" in message
+    assert seconds < TIMEOUT_S + 2.0
