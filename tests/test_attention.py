@@ -7,6 +7,8 @@ backends' constraint logic with fake availability, and their real kernels on CUD
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import warnings
 
 import pytest
@@ -463,11 +465,30 @@ def test_gpu_backend_constraints_checked_on_the_real_arguments(name, call, reaso
     assert on_cuda_only.refuse(_call(**call)) == "runs on cuda, not cpu"
 
 
+@pytest.mark.parametrize(
+    "backend, package, extra",
+    [("xformers", "xformers", "xformers"), ("flash-attn-2", "flash_attn", "flash-attn"), ("sage", "sageattention", "sage")],
+)
+def test_each_missing_backend_package_names_its_hookwise_extra(monkeypatch, backend, package, extra):
+    import tomllib
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    model, _ = tiny_flux()
+    with pytest.raises(MissingDependencyError, match=re.escape(f"needs the '{package}' package") + r".*" + re.escape(f"`pip install 'hookwise[{extra}]'`")):
+        hookwise.apply(model, hookwise.Attention(backend=backend))
+    assert list_hooks(model) == {}
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(req.replace("-", "_").startswith(package) for req in extras[extra])  # the extra the message names exists
+    assert not any(req.replace("-", "_").startswith(package) for req in extras["test"])  # CUDA builds: not in the test extra
+
+
 def test_a_missing_package_is_an_error_naming_how_to_install_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
     model, inputs = tiny_flux()
-    with pytest.raises(MissingDependencyError, match="needs the 'xformers' package.*`pip install xformers`"):
+    with pytest.raises(MissingDependencyError, match="needs the 'xformers' package.*`pip install 'hookwise\\[xformers\\]'`"):
         hookwise.apply(model, hookwise.Attention(backend="xformers"))
     assert list_hooks(model) == {}
     assert "not installed" in attention_backends()["xformers"]
