@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
-from ..core.cost import CostContext, Placement, TechniqueCost
+from ..core.cost import speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
@@ -405,16 +405,9 @@ def remove_kernels(model: nn.Module) -> list[str]:
 
 
 # ---- cost -----------------------------------------------------------------------------------------------
-def _effect(placement: Placement, config: Kernels, ctx: CostContext) -> Placement:
-    # Weights and their movement are unchanged; the time saved has not been measured for the planner,
-    # so no compute factor is claimed.
-    return placement.note(f"fused kernels ({config.backend}): time saving not declared")
-
-
-def _options(placement: Placement, ctx: CostContext) -> list[Kernels]:
-    # Never proposed by the planner until a measured speed-up can be declared (see BENCHMARKS.md).
-    return []
-
+# Step time under Kernels relative to without, per device type and mode, as benchmarks/kernels.py
+# measured (BENCHMARKS.md); the planner proposes Kernels only where one of these is below 1.
+MEASURED_SPEED: dict[str, dict[str, float]] = {}
 
 register_technique(
     NAME,
@@ -423,5 +416,5 @@ register_technique(
     remove=_remove_kernels,
     layer=Layer.KERNEL,
     description="fused norm / AdaLN / GELU kernels (Triton, torch.compile or eager), checked against eager",
-    cost=TechniqueCost(_effect, _options),
+    cost=speed_cost(NAME, lambda: Kernels(), MEASURED_SPEED),
 )
