@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 
 import hookwise  # noqa: F401 - registers the techniques
-from hookwise import Compile, Kernels
+from hookwise import Attention, Compile, Kernels
 from hookwise.core.cost import CostContext, Footprint, Placement
 from hookwise.core.techniques import technique_named
-from hookwise.kernels import compile as compile_technique, fused
+from hookwise.kernels import attention, compile as compile_technique, fused
 
-TECHNIQUES = {"kernels": (Kernels, fused), "compile": (Compile, compile_technique)}
+TECHNIQUES = {"kernels": (Kernels, fused), "compile": (Compile, compile_technique), "attention": (Attention, attention)}
 
 
 def context(device: str = "cuda", training: bool = False, speed: dict | None = None) -> CostContext:
