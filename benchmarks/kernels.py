@@ -1,19 +1,24 @@
-"""Fused kernels and regional compile on the CPU: forward and LoRA-step time of a full-width FLUX block stack.
+"""Speed techniques on the CPU: a full-width FLUX block stack's forward and forward + backward, interleaved.
 
-Variants, each on a fresh copy of the same bf16 weights, in one process, one run:
+Variants, each a model tree of its own that shares the same bf16 weights (and the same rank-16 peft
+LoRA on the attention projections), in one process, one run:
 
 - eager: the plain model;
-- kernels: `Kernels(backend="compile")` (norms, AdaLN modulation and GELU as generated C++ kernels);
+- kernels: `Kernels(backend="compile")` (norms, AdaLN modulation, GELU, gated residuals, rotary
+  embedding and Wan's modulation as `torch.compile`-generated kernels; the Triton kernels run on the
+  CPU only in Triton's interpreter, which says nothing of their speed, so they are not timed here);
 - compile: `Compile()` (each block compiled by inductor, one compile per block class);
 - kernels + compile: both (inside a compiled block the kernel hooks trace their eager expressions);
-- whole-model compile: `torch.compile(model)`, the usual alternative.
+- whole-model compile: `torch.compile(model)`, the usual alternative;
+- attention <backend>: `Attention(backend=...)` for each SDPA backend that runs on the CPU (FlexAttention
+  forward only: it has no backward on the CPU); and attention sdpa-flash + compile.
 
-Time: median of the timed calls after a warm-up call (which compiles; its time is reported apart).
-A LoRA step is forward + backward + AdamW of a rank-16 LoRA (peft) on the attention projections,
-the base frozen in bf16. The Triton kernels run on the CPU only in Triton's interpreter, which says
-nothing of their speed: their figures are GPU figures (`--device cuda` on a GPU machine).
+Each variant is warmed up (compiles, numerics checks, "auto" measurements: their time is reported
+apart), then `--repeats` rounds run every variant once in turn (forward without grad, then forward +
+backward of the LoRA), so a change of load hits every variant alike; the table gives the medians and
+their ratios to eager, and the load average before and after.
 
-    python benchmarks/kernels.py [--double 1] [--single 1] [--tokens 64] [--text 16] [--steps 3] [--no-step]
+    python benchmarks/kernels.py [--double 1] [--single 1] [--tokens 64] [--text 16] [--repeats 5]
                                  [--only kernels compile ...] [--device cuda] [--json out.json]
 """
 
@@ -34,7 +39,7 @@ import warnings
 import torch
 
 import hookwise
-from hookwise import Compile, Kernels
+from hookwise import Attention, Compile, Kernels
 from hookwise.core.outputs import sample_of
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,30 +48,26 @@ from training import add_lora, full_width_model  # noqa: E402  (one full-width b
 warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
+VARIANTS = (
+    "eager", "kernels", "compile", "kernels + compile", "whole-model compile",
+    "attention sdpa-math", "attention sdpa-flash", "attention flex", "attention sdpa-flash + compile",
+)  # fmt: skip
+FORWARD_ONLY = {"attention flex"}  # no backward on the CPU
+
 
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, steps: int, device: str) -> tuple[float, float]:
-    """(warm-up seconds, median seconds of `steps` calls)."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    warm = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return warm, statistics.median(times)
+def sharing(base: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `base`'s module tree holding the same parameters and buffers (hooks are per instance)."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo)
 
 
-def make_variant(name: str, base: torch.nn.Module):
-    model = copy.deepcopy(base)
+def make_variant(name: str, base: torch.nn.Module) -> torch.nn.Module:
+    model = sharing(base)
     if name == "kernels":
         hookwise.apply(model, Kernels(backend="compile"))
     elif name == "compile":
@@ -75,55 +76,54 @@ def make_variant(name: str, base: torch.nn.Module):
         hookwise.apply(model, Kernels(backend="compile"), Compile())
     elif name == "whole-model compile":
         model = torch.compile(model)
+    elif name.startswith("attention "):
+        backend = name.split()[1]
+        hookwise.apply(model, Attention(backend=backend), *([Compile()] if name.endswith("+ compile") else []))
     return model
 
 
-def run(name: str, base: torch.nn.Module, lora_base: torch.nn.Module | None, inputs: dict, steps: int, device: str) -> dict:
-    torch._dynamo.reset()
-    row: dict = dict(variant=name)
-    model = make_variant(name, base)
+class Variant:
+    def __init__(self, name: str, base: torch.nn.Module, inputs: dict, device: str) -> None:
+        self.name, self.inputs, self.device = name, inputs, device
+        self.model = make_variant(name, base)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.times: dict[str, list[float]] = {"forward": [], "backward": []}
+        self.warm: dict[str, float] = {}
 
-    def forward():
+    def forward(self) -> None:
         with torch.no_grad():
-            sample_of(model(**inputs), "bench")
+            sample_of(self.model(**self.inputs), "bench")
 
-    row["forward_warm_s"], row["forward_s"] = timed(forward, steps, device)
-    if name in ("kernels", "kernels + compile"):
-        row["kernel_sites"] = len(hookwise.kernels_summary(model)["used"])
-        row["rejected"] = hookwise.kernels_summary(model)["rejected"]
-    del model
-    if lora_base is None:
-        print(json.dumps(row), flush=True)
-        return row
-    torch._dynamo.reset()
-    model = make_variant(name, lora_base)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        out = sample_of(model(**inputs), "bench").float()
+    def backward(self) -> None:
+        for p in self.params:
+            p.grad = None
+        out = sample_of(self.model(**self.inputs), "bench").float()
         loss = out.pow(2).mean()
         del out
         loss.backward()
-        optimizer.step()
 
-    row["step_warm_s"], row["step_s"] = timed(step, steps, device)
-    print(json.dumps(row), flush=True)
-    return row
+    def modes(self) -> list[str]:
+        return ["forward"] if self.name in FORWARD_ONLY else ["forward", "backward"]
+
+    def time(self, mode: str) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        getattr(self, mode)()
+        sync(self.device)
+        return time.perf_counter() - start
 
 
-def table(rows: list[dict]) -> str:
-    plain = rows[0]
-    lines = ["| variant | forward s | vs eager | LoRA step s | vs eager | first forward / step s (compiles) |",
+def table(variants: list[Variant]) -> str:
+    eager = variants[0]
+    med = {v.name: {m: statistics.median(t) for m, t in v.times.items() if t} for v in variants}
+    lines = ["| variant | forward s | vs eager | forward + backward s | vs eager | warm-up forward / fwd+bwd s |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in rows:
-        step = r.get("step_s")
-        lines.append(
-            f"| {r['variant']} | {r['forward_s']:.3f} | {r['forward_s'] / plain['forward_s']:.2f} | "
-            + (f"{step:.3f} | {step / plain['step_s']:.2f} | " if step is not None else "- | - | ")
-            + f"{r['forward_warm_s']:.1f} / " + (f"{r['step_warm_s']:.1f} |" if step is not None else "- |")
-        )
+    for v in variants:
+        f, b = med[v.name].get("forward"), med[v.name].get("backward")
+        cells = [f"{f:.3f}", f"{f / med[eager.name]['forward']:.2f}"]
+        cells += [f"{b:.3f}", f"{b / med[eager.name]['backward']:.2f}"] if b is not None else ["-", "-"]
+        warm = " / ".join(f"{v.warm[m]:.1f}" if m in v.warm else "-" for m in ("forward", "backward"))
+        lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {warm} |")
     return "\n".join(lines)
 
 
@@ -133,36 +133,44 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--text", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (eager always runs)")
     parser.add_argument("--heads", type=int, default=24, help="heads of 128 (24: full width; fewer for a smoke run)")
-    parser.add_argument("--no-step", action="store_true", help="forward only (no LoRA step)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # several model trees share the block classes' code
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(
         date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, commit=commit,
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-        threads=torch.get_num_threads(), load_before=os.getloadavg(), args=vars(args),
+        threads=torch.get_num_threads(), load_before=open("/proc/loadavg").read().strip(), args=vars(args),
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
     base, inputs = full_width_model(args.tokens, args.text, args.double, args.single, device=args.device, heads=args.heads)
-    lora_base = None
-    if not args.no_step:
-        lora_base = copy.deepcopy(base)
-        add_lora(lora_base)
-    names = ["eager", "kernels", "compile", "kernels + compile", "whole-model compile"]
-    if args.only:
-        names = ["eager", *[n for n in names[1:] if n in args.only]]
-    rows: list[dict] = []
+    add_lora(base)
+    names = [n for n in VARIANTS if n == "eager" or not args.only or n in args.only]
+    variants: list[Variant] = []
     for name in names:
-        rows.append(run(name, base, lora_base, inputs, args.steps, args.device))
-        meta["load_after"] = os.getloadavg()
-        if args.json:  # after every variant, so a run cut short keeps what it measured
+        v = Variant(name, base, inputs, args.device)
+        for mode in v.modes():
+            v.warm[mode] = v.time(mode)
+            v.time(mode)  # a second untimed call: the first ones after a compile are still slow
+        print(json.dumps(dict(variant=name, warm=v.warm, load=open("/proc/loadavg").read().strip())), flush=True)
+        variants.append(v)
+    loads = []
+    for r in range(args.repeats):
+        for v in variants:
+            for mode in v.modes():
+                v.times[mode].append(v.time(mode))
+        loads.append(open("/proc/loadavg").read().strip())
+        print(json.dumps(dict(round=r, load=loads[-1], times={v.name: {m: t[-1] for m, t in v.times.items() if t} for v in variants})), flush=True)
+        meta["load_after"] = loads
+        if args.json:  # after every round, so a run cut short keeps what it measured
             with open(args.json, "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-    print(table(rows))
+                json.dump(dict(meta=meta, rows={v.name: dict(warm=v.warm, times=v.times) for v in variants}), f, indent=1)
+    print(table(variants))
+    print("load before:", meta["load_before"], "| after each round:", "; ".join(loads))
 
 
 if __name__ == "__main__":

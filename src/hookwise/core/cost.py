@@ -276,3 +276,39 @@ def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None =
         return [make()]
 
     return TechniqueCost(effect, options, training=False, exclusive="step-cache")
+
+
+def speed_factor(ctx: CostContext, technique: str, shipped: dict[str, dict[str, float]] | None = None) -> float | None:
+    """The measured time of a step under a speed technique relative to the step without it, or None.
+
+    Measurements are per device type ("cpu", "cuda") and mode ("forward" for sampling, "backward" for
+    a training step: forward + backward): `shipped` (what the technique's own benchmark measured, next
+    to its code), overridden by `ctx.measurements["speed"][technique]` (a user's own measurement, in the
+    same shape: `{"cuda": {"forward": 0.8, "backward": 0.9}}`). None where nothing was measured.
+    """
+    table = {**(shipped or {}), **(((ctx.measurements.get("speed") or {}).get(technique)) or {})}
+    row = table.get(str(getattr(ctx.hardware, "device", "") or ""))
+    if not row:
+        return None
+    value = row.get("backward" if ctx.training else "forward")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def speed_cost(technique: str, make: Callable[[], Any], shipped: dict[str, dict[str, float]] | None = None) -> TechniqueCost:
+    """The cost of a speed technique (fused kernels, compile, attention backends): bytes unchanged, the
+    compute time scaled by its measured factor (`speed_factor`), and offered to the planner only where
+    a measured factor below 1 exists for the job's device and mode (an unmeasured speed-up is no choice)."""
+
+    def effect(placement: Placement, config: Any, ctx: CostContext) -> Placement:
+        factor = speed_factor(ctx, technique, shipped)
+        if factor is None:
+            return placement.note(f"{technique}: no speed-up measured on this device and mode; time unchanged")
+        return replace(placement, compute_factor=placement.compute_factor * factor).note(
+            f"{technique}: measured x{factor:.2f} step time"
+        )
+
+    def options(placement: Placement, ctx: CostContext) -> list[Any]:
+        factor = speed_factor(ctx, technique, shipped)
+        return [make()] if factor is not None and factor < 1.0 else []
+
+    return TechniqueCost(effect, options)

@@ -38,6 +38,9 @@ class Layer(IntEnum):
     here, with the reason it sits there; never arithmetic on a member at a call site.
     """
 
+    # A module's own forward replaced by an equivalent one (Kernels' fused block forwards): innermost,
+    # so every other hook, probes included, wraps the replacement as it wrapped the module's forward.
+    REPLACE = 40
     # Observers that count the calls which really reach a module (tests, benchmarks): inside every
     # technique, so a call a cache skips or offloading reroutes is never counted.
     PROBE = 50

@@ -3,7 +3,7 @@
 Techniques (each a config, its hooks and its `apply_` / `remove_` functions):
 
 - `attention.py`: attention backends per attention module (`Attention`, `attention_summary`).
-- `fused.py`: fused norm / modulation / activation kernels injected through hooks (`Kernels`).
+- `fused.py`: fused norm / modulation / gate / rope / activation kernels injected through hooks (`Kernels`).
 - `compile.py`: regional compile, one compiled function per block class (`Compile`).
 
 Machinery, private to this folder:
@@ -11,6 +11,8 @@ Machinery, private to this folder:
 - `_attn_backends.py`: the attention backend registry: each backend's call and declared constraints,
   and the numerics check against the math reference.
 - `_patterns.py`: where the fused kernels apply (per architecture, and structural matching).
+- `_inline.py`: the FLUX / Wan block forwards and attention processors rewritten with the fused ops,
+  for the gate, rope and modulation those models write inline.
 - `_triton_dit.py`: the Triton kernels (forward and backward).
 """
 

@@ -10,9 +10,13 @@ A *site* is a module whose whole forward is one pattern, so a hook can compute i
   and `* (1 + scale) + shift` become one fused op.
 - `geglu`: GELU (tanh or erf) and GEGLU activations (diffusers' `GELU` / `GEGLU` with their `proj`,
   torch's `nn.GELU`).
+- `swiglu`: SwiGLU activations (diffusers' `SwiGLU` with its `proj`: `a * silu(g)` of the projection's
+  two halves).
 - `gate` (`x + gate * y`) and `rope` (interleaved-pair rotary embedding) have fused ops too, but in
-  FLUX and Wan they are written inline in a block's forward and in the attention processor, so no
-  module holds them: the known architectures list them as `inline` (not replaced, said in the summary).
+  FLUX and Wan they are written inline in a block's forward and in the attention processor (as is
+  Wan's modulation): `_inline.py` reaches those through the blocks and processors of the known
+  architectures. An architecture entry lists under `inline` the ops it computes where no route
+  reaches (said in the summary, not replaced).
 
 Known architectures state their sites by class (`ARCH_SITES`, in the architecture registry's style);
 any other model is matched structurally (class and forward code). Either way the numerics check at
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPS = ("norm", "modulate", "gate", "rope", "geglu")
+OPS = ("norm", "modulate", "gate", "rope", "geglu", "swiglu")
 
 
 # ---- the eager expressions (every backend's reference) ---------------------------------------------
@@ -89,12 +93,19 @@ def geglu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return (a * F.gelu(g, approximate=approximate)).to(h.dtype)
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`a * silu(g)` for `a, g = h.chunk(2, -1)`, in fp32, stored in h's dtype."""
+    a, g = h.float().chunk(2, dim=-1)
+    return (a * F.silu(g)).to(h.dtype)
+
+
 EXPRESSIONS: dict[str, Callable[..., torch.Tensor]] = {
     "norm_modulate": norm_modulate,
     "gated_residual": gated_residual,
     "rope_interleaved": rope_interleaved,
     "gelu": gelu,
     "geglu": geglu,
+    "swiglu": swiglu,
 }
 
 
@@ -206,6 +217,10 @@ def _geglu_proj(module: nn.Module, ops: Any, hidden_states: torch.Tensor, *args,
     return ops["geglu"](module.proj(hidden_states), "none")
 
 
+def _swiglu_proj(module: nn.Module, ops: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops["swiglu"](module.proj(hidden_states))
+
+
 def _gelu_act(module: nn.Module, ops: Any, x: torch.Tensor) -> torch.Tensor:
     return ops["gelu"](x, module.approximate)
 
@@ -229,6 +244,7 @@ KINDS: dict[str, Kind] = {
         Kind("gelu_proj", "geglu", _gelu_proj, _proj_example),
         Kind("geglu_proj", "geglu", _geglu_proj, _proj_example),
         Kind("gelu", "geglu", _gelu_act, _act_example),
+        Kind("swiglu_proj", "swiglu", _swiglu_proj, _proj_example),
     )
 }
 
@@ -253,19 +269,12 @@ ARCH_SITES: tuple[ArchSites, ...] = (
             "AdaLayerNormContinuous": "adaln_continuous",
             "GELU": "gelu_proj",
         },
-        {
-            "gate": "FluxTransformerBlock / FluxSingleTransformerBlock add `gate * out` inline in their forward",
-            "rope": "FluxAttnProcessor applies the rotary embedding inside the attention processor",
-        },
+        {},
     ),
     ArchSites(
         "wan",
         {**_DIFFUSERS_NORMS, "GELU": "gelu_proj"},
-        {
-            "modulate": "WanTransformerBlock modulates `norm1(x) * (1 + scale) + shift` inline in its forward",
-            "gate": "WanTransformerBlock adds `x + out * gate` inline in its forward",
-            "rope": "WanAttnProcessor applies the rotary embedding inside the attention processor",
-        },
+        {},
     ),
 )
 
@@ -305,6 +314,9 @@ def structural_kind(module: nn.Module) -> str | None:
         return "gelu_proj"
     if from_diffusers and name == "GEGLU" and isinstance(getattr(module, "proj", None), nn.Linear):
         return "geglu_proj"
+    if (from_diffusers and name == "SwiGLU" and isinstance(getattr(module, "proj", None), nn.Linear)
+            and type(getattr(module, "activation", None)) is nn.SiLU):  # fmt: skip
+        return "swiglu_proj"
     if list(module.children()) or not hasattr(module, "eps"):
         return None
     # A norm class of its own: the code normalizes the last dimension (RMS: mean of squares, rsqrt).

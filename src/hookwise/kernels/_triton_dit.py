@@ -9,7 +9,7 @@ The patterns (each an autograd function over plain tensors):
 - `rope_interleaved(x, cos_a, sin_a, cos_b, sin_b, seq_dim)`: rotary embedding on interleaved pairs
   (FLUX / Wan layout): `out[2i] = x[2i] cos_a - x[2i+1] sin_a`, `out[2i+1] = x[2i+1] cos_b + x[2i] sin_b`.
 - `gelu(x, approximate)` and `geglu(h, approximate)`: GELU (tanh or erf), and `a * gelu(g)` over the
-  two halves of `h`'s last dimension.
+  two halves of `h`'s last dimension; `swiglu(h)`: `a * silu(g)` over the same halves.
 
 Every kernel computes in fp32 and stores in the input dtype. They run on CUDA, and on the CPU under
 Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported), which is how the tests
@@ -353,7 +353,7 @@ def rope_interleaved(
 # ---- GELU and GEGLU --------------------------------------------------------------------------------
 @triton.jit
 def _gelu_kernel(G, A, DY, OUT, DA, numel, n_cols, GATED: tl.constexpr, BACKWARD: tl.constexpr,
-                 APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+                 APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr, SILU: tl.constexpr = False):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < numel
     if GATED:  # h = [a | g] per row of 2 * n_cols
@@ -363,7 +363,12 @@ def _gelu_kernel(G, A, DY, OUT, DA, numel, n_cols, GATED: tl.constexpr, BACKWARD
     else:
         g = tl.load(G + idx, mask=mask, other=0.0).to(tl.float32)
         a = 1.0
-    value, grad = _gelu_and_grad(g, APPROX_TANH)
+    if SILU:  # silu(g) = g * sigmoid(g); silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        value = g * sig
+        grad = sig * (1.0 + g * (1.0 - sig))
+    else:
+        value, grad = _gelu_and_grad(g, APPROX_TANH)
     if BACKWARD:
         dy = tl.load(DY + idx, mask=mask, other=0.0).to(tl.float32)
         if GATED:
@@ -376,6 +381,8 @@ def _gelu_kernel(G, A, DY, OUT, DA, numel, n_cols, GATED: tl.constexpr, BACKWARD
 
 
 class _Gelu(torch.autograd.Function):
+    """GELU, GEGLU (`approximate` "tanh" or "none") and SwiGLU (`approximate` "silu": the gate's SiLU)."""
+
     @staticmethod
     def forward(ctx, h, gated, approximate):
         h = h.contiguous()
@@ -386,7 +393,7 @@ class _Gelu(torch.autograd.Function):
         numel = out.numel()
         _gelu_kernel[(triton.cdiv(numel, _ELEMENTWISE_BLOCK),)](
             h, h, h, out, out, numel, n, GATED=gated, BACKWARD=False, APPROX_TANH=approximate == "tanh",
-            BLOCK=_ELEMENTWISE_BLOCK,
+            BLOCK=_ELEMENTWISE_BLOCK, SILU=approximate == "silu",
         )
         return out
 
@@ -399,7 +406,7 @@ class _Gelu(torch.autograd.Function):
         numel = dy.numel()
         _gelu_kernel[(triton.cdiv(numel, _ELEMENTWISE_BLOCK),)](
             h, h, dy, dh, dh, numel, dy.shape[-1], GATED=gated, BACKWARD=True, APPROX_TANH=approximate == "tanh",
-            BLOCK=_ELEMENTWISE_BLOCK,
+            BLOCK=_ELEMENTWISE_BLOCK, SILU=approximate == "silu",
         )
         return dh, None, None
 
@@ -412,6 +419,11 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
 def geglu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """`a * gelu(g)` for `a, g = h.chunk(2, -1)`."""
     return _Gelu.apply(h, True, approximate)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`a * silu(g)` for `a, g = h.chunk(2, -1)`."""
+    return _Gelu.apply(h, True, "silu")
 
 
 # ---- Liger-Kernel on CUDA ---------------------------------------------------------------------------

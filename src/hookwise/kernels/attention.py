@@ -22,6 +22,15 @@ How a backend is chosen, once per call shape (shapes, dtype, device, mask, causa
 3. `"auto"` takes every installed backend that accepts the call, checks each, times a few calls of
    each (no grad) and keeps the fastest that passed, for that shape.
 
+Inside a compiled graph (regional `Compile`, a compiled model) the mode is not entered: dynamo cannot
+trace it through the tensor methods diffusers' processors call, and the decision machinery (timing,
+the numerics check, warnings) cannot run in a graph. A chain of PyTorch SDPA kernels becomes
+`sdpa_kernel(kernels, set_priority=True)` around the module's forward, traced into the block's graph
+(no graph break; PyTorch takes the first kernel that accepts the call, the module's own call last;
+kernels an eager check disabled are left out), and "auto" runs the module's own call, which the
+compiler lowers. A chain naming another library's kernel (flex, flash-attn, Sage, xFormers) runs
+eagerly between graphs, as before. The call counts of the summary count eager calls only.
+
 `attention_summary(model)` gives each module's backends, the choice per shape and the reasons for
 every backend passed over, the errors measured and the times.
 """
@@ -39,10 +48,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, check_int
-from ..core.cost import CostContext, Placement, TechniqueCost
+from ..core.cost import speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
@@ -358,6 +368,32 @@ class _Route(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_SDPA_KERNELS = {
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+}  # fmt: skip
+
+
+def _traced_kernels(chain: tuple[str, ...], disabled: Mapping[str, str]) -> list[SDPBackend] | None:
+    """The PyTorch SDPA kernels, in priority order, that a compiled graph uses for `chain`; None when
+    the chain names a backend that is not one (those run eagerly, between graphs).
+
+    Inside a graph nothing can be timed, checked against the reference or warned about, so a chain of
+    SDPA kernels becomes `sdpa_kernel(..., set_priority=True)` around the module's forward: PyTorch
+    takes the first kernel that accepts the call, as the eager chain would, with the module's own call
+    (every other kernel) last; backends disabled by an eager numerics check are left out. "auto" runs
+    the module's own call, which the compiler lowers itself (it measured nothing to choose by).
+    """
+    if chain == ("auto",):
+        return []
+    if any(name != FALLBACK and name not in _SDPA_KERNELS for name in chain):
+        return None
+    kernels = [_SDPA_KERNELS[n] for n in chain if n in _SDPA_KERNELS and n not in disabled]
+    if FALLBACK in chain:
+        kernels += [k for k in _SDPA_KERNELS.values() if k not in kernels]
+    return kernels
+
+
 class AttentionHook(ModelHook):
     """On one attention module: routes its attention calls to its chain of backends."""
 
@@ -370,10 +406,20 @@ class AttentionHook(ModelHook):
         self.calls = 0  # forwards of the module
         self.routed = 0  # attention calls routed
 
-    # Eager inside compiled code (a block compiled as a whole breaks its graph here): dynamo would
-    # compile the mode's `__torch_function__` as a frame of its own, once per op and shape.
-    @torch.compiler.disable
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            kernels = _traced_kernels(self.chain, self.record.disabled)
+            if kernels is not None:  # traced with the block: no graph break at the attention module
+                if not kernels:
+                    return next_fn(*args, **kwargs)
+                with sdpa_kernel(kernels, set_priority=True):
+                    return next_fn(*args, **kwargs)
+        return self._eager(next_fn, *args, **kwargs)
+
+    # Eager inside compiled code for chains of other libraries' kernels: dynamo cannot trace the
+    # mode through the tensor methods that diffusers' processors call (`Tensor.unflatten`'s `super()`).
+    @torch.compiler.disable
+    def _eager(self, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         with _Route(self):
             return next_fn(*args, **kwargs)
@@ -457,21 +503,10 @@ def attention_summary(model: nn.Module) -> dict[str, Any]:
 
 
 # ---- cost declaration (for the planner) -------------------------------------------------------------
-def _attention_effect(placement: Placement, config: Attention, ctx: CostContext) -> Placement:
-    """No weight bytes change; the compute factor is the measured attention speed-up, when one was measured."""
-    measured = ctx.measurements.get("attention") or {}
-    factor = float(measured.get("compute_factor", 1.0))
-    return replace(placement, compute_factor=placement.compute_factor * factor).note(
-        f"attention backend {config.backend!r}" + (f" (measured x{factor:.2f})" if measured else "")
-    )
-
-
-def _attention_options(placement: Placement, ctx: CostContext) -> list[Attention]:
-    """Offered only where a measurement says it speeds the step up (a factor the planner cannot state is no choice)."""
-    measured = ctx.measurements.get("attention") or {}
-    if float(measured.get("compute_factor", 1.0)) < 1.0:
-        return [Attention()]
-    return []
+# Step time under Attention("auto") relative to without, per device type and mode, as
+# benchmarks/attention.py and benchmarks/kernels.py measured (BENCHMARKS.md); the planner proposes it
+# only where one of these is below 1 (or a measurement given as measurements={"speed": {"attention": ...}}).
+MEASURED_SPEED: dict[str, dict[str, float]] = {}
 
 
 register_technique(
@@ -481,5 +516,5 @@ register_technique(
     remove=_remove_attention,
     layer=Layer.KERNEL,
     description="attention backends per attention module (SDPA kernels, FlexAttention, flash-attn, Sage, xFormers)",
-    cost=TechniqueCost(_attention_effect, _attention_options),
+    cost=speed_cost(NAME, lambda: Attention(), MEASURED_SPEED),
 )

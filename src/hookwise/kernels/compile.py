@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
-from ..core.cost import CostContext, Placement, TechniqueCost
+from ..core.cost import speed_cost
 from ..core.hooks import Layer, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
@@ -139,14 +139,9 @@ def remove_compile(model: nn.Module) -> list[str]:
     return remove_techniques(model, [NAME])
 
 
-def _effect(placement: Placement, config: Compile, ctx: CostContext) -> Placement:
-    # Bytes unchanged; the speed-up depends on the device and was not measured for the planner.
-    return placement.note(f"regional compile (mode={config.mode}): time saving not declared")
-
-
-def _options(placement: Placement, ctx: CostContext) -> list[Compile]:
-    # Never proposed by the planner until a measured speed-up can be declared (see BENCHMARKS.md).
-    return []
+# Step time under Compile relative to without, per device type and mode, as benchmarks/kernels.py
+# measured (BENCHMARKS.md); the planner proposes Compile only where one of these is below 1.
+MEASURED_SPEED: dict[str, dict[str, float]] = {}
 
 
 register_technique(
@@ -156,5 +151,5 @@ register_technique(
     remove=_remove_compile,
     layer=Layer.KERNEL,
     description="regional torch.compile of each tower block, one compile per block class",
-    cost=TechniqueCost(_effect, _options),
+    cost=speed_cost(NAME, lambda: Compile(), MEASURED_SPEED),
 )

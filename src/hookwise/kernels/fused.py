@@ -1,8 +1,11 @@
-"""Fused DiT kernels: norms, AdaLN modulation and GELU / GEGLU computed by fused ops through hooks.
+"""Fused DiT kernels: norms, AdaLN modulation, gated residuals, rotary embedding and GELU / GEGLU / SwiGLU
+computed by fused ops through hooks.
 
 `Kernels(ops=..., backend=...)` finds the sites of each op (`_patterns.py`: per-architecture tables for
-FLUX and Wan, structural matching for the rest) and attaches a hook to each site module that computes
-its forward with the backend's fused functions instead of the module's chain of eager ops. The
+FLUX and Wan, structural matching for the rest; `_inline.py`: the FLUX / Wan blocks and attention
+processors that hold the gate, rope and Wan's modulation inline) and attaches a hook to each site
+module that computes its forward with the backend's fused functions instead of the module's chain of
+eager ops (for an attention processor: a processor object of its own on the instance). The
 module's own submodules still run (an adaptive norm's `linear`, a GELU's `proj`), so casting,
 offloading and LoRA on them are untouched. No class is patched; `hookwise.remove` takes the hooks off
 and the modules' forwards are their own again.
@@ -37,12 +40,13 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
-from ..core.cost import CostContext, Placement, TechniqueCost
+from ..core.cost import speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
 from ..errors import ConfigError, NoTargetError, require
 from ..introspect.architectures import detect_architecture
+from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, FusedProcessor, inline_sites, ops_for
 from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
 
 logger = logging.getLogger("hookwise.kernels")
@@ -53,6 +57,7 @@ BACKENDS = ("auto", "triton", "compile", "eager")
 # rtol per compute dtype: max |fused - eager| <= rtol * max |eager|, for outputs and each gradient.
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _STATE_ATTR = "_hookwise_kernels"
+ALL_KINDS = {**KINDS, **INLINE_KINDS}
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,10 @@ class Kernels(TechniqueConfig):
 
     - `ops`: any of "norm" (LayerNorm / RMSNorm), "modulate" (AdaLN: the norm fused with
       `* (1 + scale) + shift`), "gate" (`x + gate * y`), "rope" (interleaved rotary embedding),
-      "geglu" (GELU-tanh / GEGLU activations). An op the model writes inline (no module holds it) is
-      listed in the summary as such.
+      "geglu" (GELU-tanh / GEGLU activations), "swiglu" (SwiGLU activations). "gate", "rope" and
+      Wan's "modulate" are written inline in FLUX / Wan blocks and attention processors: those are
+      reached through a block-forward replacement and an instance-level processor (`_inline.py`); an
+      op a model writes inline where no route reaches is listed in the summary as such.
     - `backend`: "auto" (Triton kernels on CUDA, a `torch.compile`-generated function elsewhere),
       "triton", "compile" or "eager".
     """
@@ -116,7 +123,7 @@ def _compiled(name: str) -> Callable[..., torch.Tensor]:
 def _triton_ops(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     require("triton", "triton", "Kernels(backend='triton')")
     # Imported here: the module imports triton, which only this backend needs.
-    from ._triton_dit import gated_residual, geglu, gelu, liger_function, norm_modulate, rope_interleaved
+    from ._triton_dit import gated_residual, geglu, gelu, liger_function, norm_modulate, rope_interleaved, swiglu
 
     ops = {
         "norm_modulate": norm_modulate,
@@ -124,6 +131,7 @@ def _triton_ops(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
         "rope_interleaved": rope_interleaved,
         "gelu": gelu,
         "geglu": geglu,
+        "swiglu": swiglu,
     }
     if device.type == "cuda":
         ops["norm_modulate"] = _with_liger(norm_modulate, liger_function("rms_norm"), liger_function("layer_norm"))
@@ -178,7 +186,8 @@ class KernelHook(ModelHook):
         self.kind = kind
         self.backend = backend
         self.ops = ops
-        self._forward = KINDS[kind].forward
+        self.expressions = {name: EXPRESSIONS[name] for name in ops}  # what a compiled graph traces instead
+        self._forward = ALL_KINDS[kind].forward
         self._class_forward: Any = None
 
     def on_attach(self, module: nn.Module) -> None:
@@ -190,8 +199,42 @@ class KernelHook(ModelHook):
         if getattr(next_fn, "__func__", None) is not self._class_forward or getattr(next_fn, "__self__", None) is not module:
             return next_fn(*args, **kwargs)
         if torch.compiler.is_compiling():
-            return self._forward(module, EXPRESSIONS, *args, **kwargs)
+            return self._forward(module, self.expressions, *args, **kwargs)
         return self._forward(module, self.ops, *args, **kwargs)
+
+
+class BlockHook(KernelHook):
+    """Computes a known block's forward with its inline gate / modulation fused (`_inline.py`).
+
+    Innermost on the block (`Layer.REPLACE`): offloading, checkpointing and caches on the block wrap
+    the replacement as they wrapped the block's own forward."""
+
+    layer = Layer.REPLACE
+
+
+class ProcessorHook(ModelHook):
+    """Gives one attention module a processor that fuses its rotary embedding; puts the module's own
+    processor object back on detach. The module's forward itself is not replaced."""
+
+    layer = Layer.REPLACE
+
+    def __init__(self, kind: str, backend: str, ops: dict[str, Callable[..., torch.Tensor]]) -> None:
+        self.kind = kind
+        self.backend = backend
+        self.ops = ops
+        self.expressions = {name: EXPRESSIONS[name] for name in ops}
+        self.original: Any = None
+
+    def on_attach(self, module: nn.Module) -> None:
+        self.original = module.processor
+        module.processor = FusedProcessor(self.original, self.kind, self)
+
+    def on_detach(self, module: nn.Module) -> None:
+        current = module.processor
+        if isinstance(current, FusedProcessor) and current.owner is self:
+            module.processor = self.original
+        else:  # someone set another processor since: theirs stays
+            logger.warning("hookwise kernels: %s's processor was replaced after Kernels; left as it is", type(module).__name__)
 
 
 # ---- numerics check --------------------------------------------------------------------------------
@@ -230,11 +273,13 @@ def _desc(t: torch.Tensor | None) -> str:
 def check_site(module: nn.Module, kind: str, ops: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype,
                device: torch.device) -> str | None:
     """None if the fused forward of `module` matches its own forward within `TOLERANCE`, else why not."""
-    spec = KINDS[kind]
+    spec = ALL_KINDS[kind]
     rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
     try:
         args, kwargs = spec.example(module, dtype, device)
-        inputs = [t.requires_grad_() for t in _tensors((args, list(kwargs.values()))) if t.is_floating_point()]
+        # Gradients for the top-level tensor arguments; tensors inside tuples (rotary tables) are constants.
+        top = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        inputs = [t.requires_grad_() for t in top if t.is_floating_point()]
         params = [p for p in module.parameters() if p.requires_grad]
         with torch.enable_grad():
             eager_out = _tensors(type(module).forward(module, *args, **kwargs))
@@ -287,7 +332,8 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
     model = unwrap(model)
     arch = detect_architecture(model)
     arch_name = arch.name if arch else None
-    sites = find_sites(model, arch_name, config.ops)
+    # The inline sites after the module sites: a block's check then runs its submodules as they will run.
+    sites = find_sites(model, arch_name, config.ops) + inline_sites(model, arch_name, config.ops)
     table = arch_sites(arch_name)
     inline = {op: why for op, why in (table.inline.items() if table else ()) if op in config.ops}
     if not sites:
@@ -304,17 +350,21 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
         dtype, device = _module_dtype_device(module, (model_dtype, model_device))
         backend = backend_for(config.backend, device)
         ops = backend_ops(backend, device)
+        if kind in INLINE_KINDS:
+            ops = ops_for(kind, config.ops, ops)
         shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters())
-        key = (type(module), kind, backend, dtype, device, shapes, getattr(module, "eps", None), getattr(module, "approximate", None))
+        key = (type(module), kind, backend, dtype, device, shapes, getattr(module, "eps", None), getattr(module, "approximate", None),
+               tuple(ops))  # fmt: skip
         if key not in checked:
             checked[key] = check_site(module, kind, ops, dtype, device)
         why = checked[key]
         if why is not None:
             state.rejected[path or "<model>"] = f"{backend}: {why}"
             continue
-        add_hook(module, KernelHook(kind, backend, ops), HOOK_NAME)
+        hook_class = ProcessorHook if kind in PROCESSOR_KINDS else BlockHook if kind in INLINE_KINDS else KernelHook
+        add_hook(module, hook_class(kind, backend, ops), HOOK_NAME)
         state.used[path or "<model>"] = kind
-    found_ops = {KINDS[kind].op for _, _, kind in sites}
+    found_ops = {op for _, _, kind in sites for op in _ops_of(kind)}
     state.unmatched = [op for op in config.ops if op not in found_ops and op not in inline]
     if state.rejected:
         first = next(iter(state.rejected.items()))
@@ -328,11 +378,15 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
         txn.on_rollback(lambda: model.__dict__.pop(_STATE_ATTR, None), "kernels state")
 
 
+def _ops_of(kind: str) -> tuple[str, ...]:
+    return KIND_OPS.get(kind, (ALL_KINDS[kind].op,))
+
+
 def _remove_kernels(model: nn.Module, config: Kernels | None = None) -> int:
     model = unwrap(model)
     count = 0
     for _, registry in list(iter_registries(model)):
-        if isinstance(registry.get(HOOK_NAME), KernelHook):
+        if isinstance(registry.get(HOOK_NAME), (KernelHook, ProcessorHook)):
             registry.remove(HOOK_NAME)
             count += 1
     model.__dict__.pop(_STATE_ATTR, None)
@@ -351,16 +405,9 @@ def remove_kernels(model: nn.Module) -> list[str]:
 
 
 # ---- cost -----------------------------------------------------------------------------------------------
-def _effect(placement: Placement, config: Kernels, ctx: CostContext) -> Placement:
-    # Weights and their movement are unchanged; the time saved has not been measured for the planner,
-    # so no compute factor is claimed.
-    return placement.note(f"fused kernels ({config.backend}): time saving not declared")
-
-
-def _options(placement: Placement, ctx: CostContext) -> list[Kernels]:
-    # Never proposed by the planner until a measured speed-up can be declared (see BENCHMARKS.md).
-    return []
-
+# Step time under Kernels relative to without, per device type and mode, as benchmarks/kernels.py
+# measured (BENCHMARKS.md); the planner proposes Kernels only where one of these is below 1.
+MEASURED_SPEED: dict[str, dict[str, float]] = {}
 
 register_technique(
     NAME,
@@ -369,5 +416,5 @@ register_technique(
     remove=_remove_kernels,
     layer=Layer.KERNEL,
     description="fused norm / AdaLN / GELU kernels (Triton, torch.compile or eager), checked against eager",
-    cost=TechniqueCost(_effect, _options),
+    cost=speed_cost(NAME, lambda: Kernels(), MEASURED_SPEED),
 )

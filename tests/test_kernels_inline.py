@@ -1,0 +1,163 @@
+"""Kernels on the patterns FLUX and Wan write inline: the gated residual and Wan's modulation through a
+block-forward replacement, the rotary embedding through an instance-level attention processor; forward
+and backward equal to eager, exact removal, the replacement innermost on its block, the check at apply.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hookwise
+from hookwise import Kernels, kernels_summary
+from hookwise.core.hooks import Layer, ModelHook, add_hook, hooks_named
+from hookwise.kernels import _patterns as patterns
+from hookwise.kernels import fused
+from hookwise.kernels._inline import FusedProcessor
+from cache_helpers import one_thread  # noqa: F401 - the fixture
+from model_helpers import tiny_flux, tiny_musubi, tiny_wan
+from offload_helpers import add_lora, fwd_bwd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def counted_ops(model) -> dict[str, int]:
+    """Count the calls of every fused function the kernel hooks hold (by name)."""
+    calls: dict[str, int] = {}
+    for hook in {id(h): h for h in hooks_named(model, fused.HOOK_NAME, (fused.KernelHook, fused.ProcessorHook)).values()}.values():
+        def wrap(name, fn):
+            def counted(*args):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args)
+            return counted
+        hook.ops = {name: wrap(name, fn) for name, fn in hook.ops.items()}
+    return calls
+
+
+def assert_close(got, expected, rtol=1e-5) -> None:
+    out, grads = got
+    out_e, grads_e = expected
+    assert grads.keys() == grads_e.keys()
+    for name, (a, b) in {"output": (out, out_e), **{k: (grads[k], grads_e[k]) for k in grads}}.items():
+        bound = rtol * max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= bound, name
+
+
+@pytest.mark.parametrize("build", [tiny_flux, tiny_wan], ids=["flux", "wan"])
+def test_gate_modulate_and_rope_run_fused_forward_and_backward_equal_to_eager(build):
+    model, inputs = build()
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["rejected"] == {} and summary["unmatched"] == [] and summary["inline"] == {}
+    kinds = set(summary["used"].values())
+    assert kinds >= ({"flux_double", "flux_single", "flux_rope"} if build is tiny_flux else {"wan_block", "wan_rope"})
+    calls = counted_ops(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert calls["gated_residual"] > 0 and calls["rope_interleaved"] > 0 and calls["norm_modulate"] > 0
+
+
+def test_a_fused_qkv_attention_takes_the_fused_rope_too():
+    model, inputs = tiny_flux()
+    model.fuse_qkv_projections()
+    assert model.transformer_blocks[0].attn.fused_projections
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("rope",), backend="eager"))
+    assert set(kernels_summary(model)["used"].values()) == {"flux_rope"}
+    calls = counted_ops(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert calls["rope_interleaved"] == 4
+
+
+def test_a_custom_dit_with_fused_qkv_keeps_its_inline_code_and_says_so():
+    model, inputs = tiny_musubi()
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(backend="eager"))
+    summary = kernels_summary(model)
+    assert set(summary["unmatched"]) == {"modulate", "gate", "rope", "swiglu"}  # inline in its blocks (swiglu: none)
+    assert not {"flux_double", "wan_block", "flux_rope"} & set(summary["used"].values())
+    assert_close(fwd_bwd(model, inputs), expected)
+
+
+def test_removal_puts_back_the_processor_object_and_the_block_forwards():
+    model, inputs = tiny_flux()
+    processors = {p: m.processor for p, m in model.named_modules() if hasattr(m, "processor")}
+    forwards = {p: "forward" in m.__dict__ for p, m in model.named_modules()}
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(backend="eager"))
+    attn = model.transformer_blocks[0].attn
+    assert isinstance(attn.processor, FusedProcessor) and attn.processor.inner is processors["transformer_blocks.0.attn"]
+    assert type(attn).__call__ is torch.nn.Module.__call__  # nothing on the class
+    hookwise.remove(model)
+    assert all(m.processor is processors[p] for p, m in model.named_modules() if hasattr(m, "processor"))
+    assert {p: "forward" in m.__dict__ for p, m in model.named_modules()} == forwards
+    out, grads = fwd_bwd(model, inputs)
+    assert torch.equal(out, expected[0])
+
+
+def test_an_error_during_apply_leaves_no_processor_replaced(monkeypatch):
+    model, _ = tiny_flux()
+    processors = {p: m.processor for p, m in model.named_modules() if hasattr(m, "processor")}
+    real = fused.add_hook
+
+    def fails_on_the_last_block(module, hook, name):
+        if module is model.single_transformer_blocks[0]:  # after both attention processors were replaced
+            raise RuntimeError("boom")
+        return real(module, hook, name)
+
+    monkeypatch.setattr(fused, "add_hook", fails_on_the_last_block)
+    with pytest.raises(RuntimeError, match="boom"):
+        hookwise.apply(model, Kernels(backend="eager"))
+    assert all(m.processor is processors[p] for p, m in model.named_modules() if hasattr(m, "processor"))
+    assert hookwise.list_hooks(model) == {} and kernels_summary(model) == {}
+
+
+def test_the_block_replacement_sits_inside_other_hooks_on_the_block():
+    class Outer(ModelHook):
+        layer = Layer.OFFLOAD
+        calls = 0
+
+        def new_forward(self, module, next_fn, *args, **kwargs):
+            Outer.calls += 1
+            return next_fn(*args, **kwargs)
+
+    model, inputs = tiny_flux()
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    add_hook(model.transformer_blocks[0], Outer(), "test.outer")
+    hookwise.apply(model, Kernels(ops=("gate",), backend="eager"))
+    names = hookwise.list_hooks(model)["transformer_blocks.0"]
+    assert names.index("test.outer") < names.index(fused.HOOK_NAME)  # outermost first
+    calls = counted_ops(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert Outer.calls == 1 and calls["gated_residual"] == 5
+
+
+def test_a_block_whose_fused_forward_differs_is_rejected_with_the_reason(monkeypatch):
+    def off(backend, device):
+        ops = dict(patterns.EXPRESSIONS)
+        ops["gated_residual"] = lambda x, g, y: patterns.gated_residual(x, g, y) * 1.01
+        return ops
+
+    monkeypatch.setattr(fused, "backend_ops", off)
+    model, inputs = tiny_wan()
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["rejected"]["blocks.0"].startswith("eager: output 0 differs from eager by")
+    assert set(summary["used"].values()) == {"wan_rope"}
+    assert_close(fwd_bwd(model, inputs), expected)
+
+
+def test_bf16_flux_blocks_pass_the_check_and_stay_within_the_bound():
+    model, inputs = tiny_flux()
+    model = model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    expected = model(**inputs).sample
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["rejected"] == {} and "flux_double" in summary["used"].values()
+    out = model(**inputs).sample
+    assert (out.float() - expected.float()).abs().max() <= 0.05 * expected.float().abs().max()
