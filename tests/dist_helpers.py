@@ -77,3 +77,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float =
         if errors:
             raise RankFailed("\n".join(errors))
         return results
+
+
+def world_of_one() -> None:
+    """A 1-process gloo group in this process, if none is initialised (kept until the process ends or a
+    test destroys it): for techniques that need torch.distributed in single-process tests."""
+    if dist.is_initialized():
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="hookwise-world1-"), "init")
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)

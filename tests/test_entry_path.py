@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import hookwise
-from hookwise import cache, kernels, memory, quant, train
+from hookwise import cache, kernels, memory, parallel, quant, train
 from hookwise.core import list_hooks, techniques
 
 from cache_helpers import build, denoise, one_thread  # noqa: F401
+from dist_helpers import world_of_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,6 +66,7 @@ CASES = {
     "compile": (kernels, "compile", lambda: hookwise.Compile(backend="aot_eager")),
     "gguf": (quant, "gguf", lambda: hookwise.GGUFFile(path=_gguf_file())),
     "attention": (kernels, "attention", lambda: hookwise.Attention(backend="sdpa-flash")),
+    "context_parallel": (parallel, "context_parallel", lambda: (world_of_one(), hookwise.ContextParallel())[1]),
 }
 
 REGISTERED = [t.name for t in techniques()]

@@ -66,6 +66,7 @@ from .plan import Job, Plan, optimize
 from .train import Checkpointing, checkpointing_report
 from .train import train_lora
 from .train import validation
+from .parallel import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
 from .kernels import Compile, Kernels, apply_compile, apply_kernels, compiled_blocks, kernels_summary, remove_compile, remove_kernels
 
 __version__ = "0.1.0"
@@ -76,6 +77,10 @@ __all__ = [
     "attention_summary",
     "remove_attention",
     "Checkpointing",
+    "ContextParallel",
+    "apply_context_parallel",
+    "context_parallel_stats",
+    "remove_context_parallel",
     "CompatibilityError",
     "ComponentOffload",
     "ConfigError",

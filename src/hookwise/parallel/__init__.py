@@ -5,6 +5,9 @@ Techniques, one file each (a config, its validation, its registration): context 
 
 Machinery, private to this folder:
 
+- `_seq.py`: where context parallelism splits and gathers the token streams (per-architecture plans).
+- `_ulysses.py`: the all-to-all between head and sequence splits; `_ring.py`: ring attention with
+  log-sum-exp merging of the partial results.
 - `_dist.py`: the process group a technique runs on, checked once at apply (initialised, backend,
   world size), and the timeout every collective of this folder waits at most, so a dead rank ends
   the others with a clear error instead of a hang.
@@ -13,4 +16,11 @@ hookwise starts no processes: launch with `torchrun` (or any launcher that initi
 `torch.distributed`), then apply the technique on every rank with the same config.
 """
 
-__all__: list[str] = []
+from .context import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
+
+__all__: list[str] = [
+    "ContextParallel",
+    "apply_context_parallel",
+    "context_parallel_stats",
+    "remove_context_parallel",
+]
