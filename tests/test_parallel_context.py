@@ -108,8 +108,21 @@ def _all_two(rank, world):
     return {"cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world)}
 
 
+def _run_mesh(rank, world):
+    """ContextParallel on a 2-D DeviceMesh (ring x ulysses), uneven Wan tokens."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ring", "ulysses"))
+    model, inputs = build("wan")
+    inputs = _uneven("wan", inputs)
+    want = _output(model, inputs)
+    hookwise.apply(model, hookwise.ContextParallel(mesh=mesh))
+    got = _output(model, inputs)
+    return _error(got, want), context_parallel_stats(model)
+
+
 def _all_four(rank, world):
-    return {"cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world)}
+    return {"cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world), "mesh": _run_mesh(rank, world)}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +175,12 @@ def test_local_attention_runs_on_the_applied_backend(two):
 
 def test_offloading_composes_per_rank(two):
     assert max(result["compose"]["offload"] for result in two) < TOL
+
+
+def test_a_device_mesh_gives_the_ring_and_ulysses_groups(four):
+    for error, stats in (result["mesh"] for result in four):
+        assert error < TOL
+        assert (stats["ulysses"], stats["ring"]) == (2, 2) and {"ulysses", "ring"} <= set(stats["sent_bytes"])
 
 
 def test_casting_composes_per_rank(four):

@@ -138,9 +138,14 @@ def _layout(config: ContextParallel) -> Layout:
         u, r = mesh.size(names.index("ulysses")), mesh.size(names.index("ring"))
         if config.ulysses not in (None, u) or config.ring not in (None, r):
             raise HookwiseError(f"ContextParallel: the mesh is ulysses={u} x ring={r}, the config says ulysses={config.ulysses}, ring={config.ring}")
-        coords = mesh.get_coordinate()
-        rank = coords[names.index("ring")] * u + coords[names.index("ulysses")]
-        return Layout(None, rank, info.size, u, r, mesh.get_group("ulysses"), mesh.get_group("ring"))
+        ranks = mesh.mesh.permute(names.index("ring"), names.index("ulysses")).reshape(-1)
+        if ranks.tolist() != list(range(info.size)):
+            raise HookwiseError(
+                f"ContextParallel(mesh=...): the mesh must hold the world's ranks in order, ring-major ({ranks.tolist()} "
+                f"here), so each rank's share of the tokens is its rank's; build it with init_device_mesh(device, (ring, "
+                f"ulysses), mesh_dim_names=('ring', 'ulysses'))"
+            )
+        return Layout(None, info.rank, info.size, u, r, mesh.get_group("ulysses"), mesh.get_group("ring"))
     info = group_of(config.group, "ContextParallel")
     u, r = _degrees(config, info.size)
     layout = Layout(config.group, info.rank, info.size, u, r)
