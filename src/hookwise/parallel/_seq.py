@@ -67,10 +67,6 @@ def plan_from_dict(raw: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-def chunk_sizes(length: int, world: int) -> list[int]:
-    return [length // world + (1 if r < length % world else 0) for r in range(world)]
-
-
 def _local(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return x.tensor_split(world, dim=dim)[rank]
 
