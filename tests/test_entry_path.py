@@ -69,6 +69,7 @@ CASES = {
     # parallel techniques on a gloo world of one rank (this process): the identity, hooks and all
     "cfg_parallel": (parallel, "cfg_parallel", lambda: world_of_one() or hookwise.CFGParallel()),
     "data_parallel": (parallel, "data_parallel", lambda: world_of_one() or hookwise.DataParallel()),
+    "context_parallel": (parallel, "context_parallel", lambda: world_of_one() or hookwise.ContextParallel()),
 }
 
 REGISTERED = [t.name for t in techniques()]

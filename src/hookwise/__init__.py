@@ -67,6 +67,7 @@ from .train import Checkpointing, checkpointing_report
 from .train import train_lora
 from .train import validation
 from .parallel import CFGParallel, DataParallel, apply_cfg_parallel, apply_data_parallel, remove_cfg_parallel, remove_data_parallel
+from .parallel import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
 from .kernels import Compile, Kernels, apply_compile, apply_kernels, compiled_blocks, kernels_summary, remove_compile, remove_kernels
 
 __version__ = "0.1.0"
@@ -83,6 +84,10 @@ __all__ = [
     "attention_summary",
     "remove_attention",
     "Checkpointing",
+    "ContextParallel",
+    "apply_context_parallel",
+    "context_parallel_stats",
+    "remove_context_parallel",
     "CompatibilityError",
     "ComponentOffload",
     "ConfigError",

@@ -8,7 +8,9 @@
 - State resets with each new sampling run: cache hooks are `stateful` and the run state resets them
   when the timestep rises or a branch repeats its run's first timestep (or on `hookwise.new_run`).
 - `host_values()` reads a cache's decision scalars and, when it is still on the device, the run's
-  timestep in one transfer: a step costs at most one host synchronization per cache.
+  timestep in one transfer: a step costs at most one host synchronization per cache. Under context
+  parallelism the run state's `reduce_decisions` first reduces the scalars across the processes (one
+  collective), so each process decides on the same values.
 - Cache hooks are named "hookwise.cache.<technique>"; `cache_stats(model)` gathers their counters.
 """
 
@@ -74,6 +76,8 @@ def host_values(state: RunState, *values: torch.Tensor) -> list[float]:
     """
     pending = state.pending_timestep()
     parts = [v.detach().reshape(1).float() for v in values]
+    if parts and state.reduce_decisions is not None:  # several processes: one collective, same decision on each
+        parts = list(state.reduce_decisions(torch.cat(parts)).split(1))
     if pending is not None:
         parts.append(pending.reshape(1))
     if not parts:

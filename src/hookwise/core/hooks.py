@@ -56,6 +56,10 @@ class Layer(IntEnum):
     # Activation checkpointing on blocks: outside every offloading hook of the block, so the
     # recompute in backward enters the group hook again and loads the group's weights.
     CHECKPOINT = 370
+    # Context parallelism's hook on each attention module: inside the attention backends' hook, so its
+    # mode is entered last and meets `scaled_dot_product_attention` first; the local attention it
+    # computes after the exchange then reaches the chosen backend.
+    PARALLEL_ATTENTION = 390
     KERNEL = 400
     DEFAULT = 500
     PARALLEL = 600
@@ -68,6 +72,9 @@ class Layer(IntEnum):
     # A technique that attaches to a step cache (TaylorSeer predicting a block cache's skipped
     # residuals): applied after the block caches, so it finds one applied in the same call.
     CACHE_PREDICTOR = 710
+    # Context parallelism's split and gather at each tower's ends: outside the step caches, so a cache
+    # sees one rank's tokens (its decision statistic is reduced across ranks through the run state).
+    PARALLEL_SPLIT = 800
     STATE = 1000
 
 

@@ -82,6 +82,10 @@ class RunState:
         self._pending: torch.Tensor | None = None  # a device timestep not read yet
         self._pending_branch: str = DEFAULT_BRANCH
         self._pending_sampling: bool = True
+        # Set by a technique that runs the model on several processes (context parallelism): maps the
+        # stacked decision statistics of a step cache to their values over all processes, so every
+        # process makes the same decision. None: one process.
+        self.reduce_decisions: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def branch(self) -> str:

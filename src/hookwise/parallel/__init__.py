@@ -1,11 +1,14 @@
 """Several processes on `torch.distributed`: each one a technique config for `hookwise.apply`.
 
 Techniques, one file each (a config, its validation, its registration): context parallelism
-(Ulysses / ring) for sampling, CFG parallelism (`cfg.py`, `CFGParallel`), and data-parallel LoRA
-training (`data.py`, `DataParallel(mode="ddp" | "fsdp")`).
+(`context.py`, `ContextParallel`: Ulysses / ring) for sampling, CFG parallelism (`cfg.py`,
+`CFGParallel`), and data-parallel LoRA training (`data.py`, `DataParallel(mode="ddp" | "fsdp")`).
 
 Machinery, private to this folder:
 
+- `_seq.py`: where context parallelism splits and gathers the token streams (per-architecture plans).
+- `_ulysses.py`: the all-to-all between head and sequence splits; `_ring.py`: ring attention with
+  log-sum-exp merging of the partial results.
 - `_dist.py`: the process group a technique runs on, checked once at apply (initialised, backend,
   world size), and the timeout every collective of this folder waits at most, so a dead rank ends
   the others with a clear error instead of a hang.
@@ -24,6 +27,7 @@ from .data import (
     mean_over_ranks,
     remove_data_parallel,
 )
+from .context import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
 
 __all__: list[str] = [
     "CFGParallel",
@@ -38,4 +42,8 @@ __all__: list[str] = [
     "default_timeout",
     "data_parallel_report",
     "remove_data_parallel",
+    "ContextParallel",
+    "apply_context_parallel",
+    "context_parallel_stats",
+    "remove_context_parallel",
 ]

@@ -1,0 +1,171 @@
+"""Where the token sequence is split and gathered: the sequence plan of a tower's blocks.
+
+Context parallelism splits each main tower's token streams across the ranks when they enter the
+tower's first block and gathers them when they leave its last block; code between towers (a
+concatenation of text and image tokens, the final projection, an unpatchify) always sees whole
+sequences. Every stream is cut into contiguous chunks, rank r taking chunk r (`tensor_split`:
+uneven lengths work, the first ranks take one token more). Text tokens are split like image tokens:
+attention is indifferent to the order of its keys, so each rank holding some of every stream is
+exact, and no token is stored or attended twice.
+
+A plan names, per argument of the entry block, how it follows the split:
+
+- `Seq(dim)`: a token stream, split along `dim`.
+- `Rope(dim, parts)`: a per-token tensor (or tuple of tensors: rotary cos / sin) laid out as the
+  concatenation of the named streams in that order (FLUX's rotary table is `[text, image]`); each
+  part is split like its stream and the local parts concatenated again, so every rank's rotary
+  rows are its own tokens' rows.
+
+Known architectures have their plan here; any other model takes the structural default: every
+3-D tensor argument `[batch, tokens, features]` with more than one token is a stream, the rest is
+replicated. State a plan for a model the default misreads with `ContextParallel(plan=...)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, HookwiseError
+
+
+@dataclass(frozen=True)
+class Seq:
+    dim: int = 1
+
+
+@dataclass(frozen=True)
+class Rope:
+    dim: int
+    parts: tuple[str, ...]
+
+
+_FLUX = {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "image_rotary_emb": Rope(0, ("encoder_hidden_states", "hidden_states"))}
+PLANS: dict[str, dict[str, Any]] = {
+    "flux": _FLUX,
+    "wan": {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "rotary_emb": Rope(1, ("hidden_states",))},
+}
+
+
+def plan_from_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"arg": dim} or {"arg": {"dim": d, "parts": [...]}} -> a plan (the config's serialisable form)."""
+    plan: dict[str, Any] = {}
+    for name, spec in raw.items():
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            plan[name] = Seq(spec)
+        elif isinstance(spec, dict) and set(spec) == {"dim", "parts"}:
+            plan[name] = Rope(int(spec["dim"]), tuple(spec["parts"]))
+        else:
+            raise ConfigError(
+                f"ContextParallel(plan={{{name!r}: {spec!r}}}): give a stream's split dimension (an int) or "
+                f"{{'dim': d, 'parts': [stream names in order]}} for a per-token table such as rotary embeddings"
+            )
+    return plan
+
+
+def _local(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    return x.tensor_split(world, dim=dim)[rank]
+
+
+class Splitter:
+    """Splits an entry block's arguments by its plan, for one rank of `world`."""
+
+    def __init__(self, block: torch.nn.Module, plan: dict[str, Any] | None, rank: int, world: int) -> None:
+        self.signature = inspect.signature(block.forward)
+        self.plan = plan
+        self.rank, self.world = rank, world
+        # (whole value, its local part) of the entry's split arguments: the model passes the same
+        # objects (rotary tables, a cross-attention context) to every block of the tower, and each
+        # later block gets the local part in their place
+        self.swaps: list[tuple[Any, Any]] = []
+
+    def _streams(self, bound: dict[str, Any]) -> dict[str, Any]:
+        if self.plan is not None:
+            return self.plan
+        tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+        batch = next(iter(tensors.values())).shape[0] if tensors else None
+        return {k: Seq(1) for k, v in tensors.items() if v.dim() == 3 and v.shape[0] == batch and v.shape[1] > 1}
+
+    def split(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise HookwiseError(f"ContextParallel: the tower's first block was called with arguments its signature refuses ({exc})") from exc
+        values = bound.arguments
+        whole = dict(values)
+        plan = self._streams(values)
+        lengths: dict[str, int] = {}
+        for name, spec in plan.items():
+            value = values.get(name)
+            if isinstance(spec, Seq) and isinstance(value, torch.Tensor):
+                lengths[name] = value.shape[spec.dim]
+                values[name] = _local(value, spec.dim, self.rank, self.world)
+        for name, spec in plan.items():
+            value = values.get(name)
+            if isinstance(spec, Rope) and value is not None:
+                values[name] = self._rope(name, spec, value, lengths)
+        self.swaps = [(whole[name], values[name]) for name in plan if name in values and values[name] is not whole[name]]
+        return bound.args, bound.kwargs
+
+    def substitute(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A later block's arguments with the entry's whole values replaced by their local parts."""
+
+        def local(value: Any) -> Any:
+            for whole, part in self.swaps:
+                if value is whole:
+                    return part
+            return value
+
+        return tuple(local(a) for a in args), {k: local(v) for k, v in kwargs.items()}
+
+    def done(self) -> None:
+        self.swaps = []
+
+    def _rope(self, name: str, spec: Rope, value: Any, lengths: dict[str, int]) -> Any:
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._rope(name, spec, v, lengths) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        missing = [p for p in spec.parts if p not in lengths]
+        total = sum(lengths.get(p, 0) for p in spec.parts)
+        if missing or value.shape[spec.dim] != total:
+            raise HookwiseError(
+                f"ContextParallel: {name} has {value.shape[spec.dim]} rows on dim {spec.dim}, the plan says it covers "
+                f"{list(spec.parts)} ({total} tokens{'; not streams here: ' + str(missing) if missing else ''}); "
+                f"state the plan of this model with ContextParallel(plan=...)"
+            )
+        parts = value.split([lengths[p] for p in spec.parts], dim=spec.dim)
+        return torch.cat([_local(p, spec.dim, self.rank, self.world) for p in parts], dim=spec.dim)
+
+
+def gather_output(out: Any, group, world: int, traffic=None, dim: int = 1) -> Any:
+    """Every 3-D-or-more tensor of a tower's output gathered along `dim` (rank order: the original order)."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() < 3:
+            return out
+        return _gather(out, group, world, dim, traffic)
+    if isinstance(out, (tuple, list)):
+        return type(out)(gather_output(o, group, world, traffic, dim) for o in out)
+    return out
+
+
+def _gather(x: torch.Tensor, group, world: int, dim: int, traffic) -> torch.Tensor:
+    local = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    top = max(sizes)
+    if x.shape[dim] < top:
+        pad = list(x.shape)
+        pad[dim] = top - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    if traffic is not None:
+        traffic.add("gather", x.numel() * x.element_size() * (world - 1))
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)

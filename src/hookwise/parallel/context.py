@@ -1,0 +1,378 @@
+"""Context parallelism: one sampling step's tokens split across processes, attention exchanged.
+
+Every rank holds the whole model and runs the same call; each main tower's token streams are split
+across the ranks where they enter the tower and gathered where they leave it (`_seq.py`: the plan,
+uneven lengths, rotary tables following the split). Inside a tower every per-token computation runs
+on the rank's own tokens; only attention needs the others', in one of three ways:
+
+- Ulysses (`ulysses=N`): an all-to-all turns "all heads, my tokens" into "my heads, all tokens", the
+  rank computes ordinary attention for its heads (through whatever attention backend is applied:
+  this technique's hook sits inside the backends' hook, `Layer.PARALLEL_ATTENTION`), and a second
+  all-to-all turns the result back. Two exchanges of q/k/v/out per call; heads need not divide evenly.
+- Ring (`ring=N`): queries stay, K/V blocks travel around the ring while the rank attends to the one
+  it holds, and the partial results merge by log-sum-exp (`_ring.py`). Any head count.
+- Both (`ulysses=U, ring=R`, U x R = the world): Ulysses inside groups of U consecutive ranks, ring
+  across the groups (a 2-D mesh; `mesh=` takes a `DeviceMesh` with dims "ring" and "ulysses").
+
+A step cache under context parallelism sees each rank's tokens; its decision statistic is reduced
+across the ranks (the run state's `reduce_decisions`, one all-reduce of the cache's scalars per
+decision), so every rank skips the same steps. Sampling only: the exchanges have no backward here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..core.config import TechniqueConfig, check_int
+from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
+from ..core.state import attach_run_state, get_run_state
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..errors import ConfigError, HookwiseError, NoTargetError
+from ..introspect.model_map import describe
+from ._dist import group_of
+from ._ring import ring_attention
+from ._seq import PLANS, Splitter, gather_output, plan_from_dict
+from ._ulysses import Traffic, gather_heads, scatter_heads
+
+NAME = "context_parallel"
+SPLIT_HOOK = "hookwise.context_parallel.split"
+ATTN_HOOK = "hookwise.context_parallel.attention"
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+@dataclass(frozen=True)
+class ContextParallel(TechniqueConfig):
+    """Split each sampling step's tokens across processes; attention by Ulysses, ring, or both.
+
+    - `ulysses`, `ring`: the degrees; their product is the group's size. Give one and the other
+      fills the group; give neither for Ulysses over the whole group.
+    - `group`: the torch.distributed process group (None: the default world). `mesh`: a 2-D
+      `DeviceMesh` with dims "ring" and "ulysses" instead. Neither is saved with the config.
+    - `plan`: how the towers' first blocks' arguments follow the split, for a model whose
+      architecture hookwise does not know and the structural default misreads: {"arg": split dim}
+      for token streams, {"arg": {"dim": d, "parts": [streams in order]}} for per-token tables such
+      as rotary embeddings (see `hookwise.parallel._seq`).
+    """
+
+    ulysses: int | None = None
+    ring: int | None = None
+    group: Any = field(default=None, compare=False)
+    mesh: Any = field(default=None, compare=False)
+    plan: dict | None = None
+
+    def validate(self) -> None:
+        check_int("ContextParallel.ulysses", self.ulysses, 1, optional=True)
+        check_int("ContextParallel.ring", self.ring, 1, optional=True)
+        if self.group is not None and self.mesh is not None:
+            raise ConfigError("ContextParallel: give group= or mesh=, not both")
+        if self.plan is not None:
+            if not isinstance(self.plan, dict) or not self.plan:
+                raise ConfigError(f"ContextParallel(plan={self.plan!r}): give a dict from argument names to split specs")
+            plan_from_dict(self.plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict() if self.group is None and self.mesh is None else self.replace(group=None, mesh=None).to_dict()
+        out.pop("group", None)
+        out.pop("mesh", None)
+        return out
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.ulysses, self.ring, repr(self.plan)))
+
+
+# ---- the process layout -----------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """The groups one rank works in: the whole context-parallel group, its Ulysses group and ring."""
+
+    group: Any
+    rank: int  # in `group`: the index of this rank's chunk of every stream
+    size: int
+    ulysses: int
+    ring: int
+    u_group: Any = None
+    r_group: Any = None
+
+    @property
+    def u_rank(self) -> int:
+        return self.rank % self.ulysses
+
+    @property
+    def r_rank(self) -> int:
+        return self.rank // self.ulysses
+
+
+def _degrees(config: ContextParallel, size: int) -> tuple[int, int]:
+    u, r = config.ulysses, config.ring
+    if u is None and r is None:
+        u, r = size, 1
+    elif u is None:
+        u = size // r if size % r == 0 else 0
+    elif r is None:
+        r = size // u if size % u == 0 else 0
+    if u * r != size:
+        raise HookwiseError(
+            f"ContextParallel(ulysses={config.ulysses}, ring={config.ring}): the degrees must multiply to the group's "
+            f"size, {size} processes here"
+        )
+    return u, r
+
+
+def _layout(config: ContextParallel) -> Layout:
+    if config.mesh is not None:
+        mesh = config.mesh
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        if mesh.ndim != 2 or set(names) != {"ring", "ulysses"}:
+            raise HookwiseError(f"ContextParallel(mesh=...): use a 2-D DeviceMesh with dims named 'ring' and 'ulysses', got {names or mesh.ndim}")
+        info = group_of(None, "ContextParallel")
+        if mesh.size() != info.size:
+            raise HookwiseError(f"ContextParallel(mesh=...): the mesh holds {mesh.size()} ranks, the world {info.size}; use a mesh over the whole world")
+        u, r = mesh.size(names.index("ulysses")), mesh.size(names.index("ring"))
+        if config.ulysses not in (None, u) or config.ring not in (None, r):
+            raise HookwiseError(f"ContextParallel: the mesh is ulysses={u} x ring={r}, the config says ulysses={config.ulysses}, ring={config.ring}")
+        ranks = mesh.mesh.permute(names.index("ring"), names.index("ulysses")).reshape(-1)
+        if ranks.tolist() != list(range(info.size)):
+            raise HookwiseError(
+                f"ContextParallel(mesh=...): the mesh must hold the world's ranks in order, ring-major ({ranks.tolist()} "
+                f"here), so each rank's share of the tokens is its rank's; build it with init_device_mesh(device, (ring, "
+                f"ulysses), mesh_dim_names=('ring', 'ulysses'))"
+            )
+        return Layout(None, info.rank, info.size, u, r, mesh.get_group("ulysses"), mesh.get_group("ring"))
+    info = group_of(config.group, "ContextParallel")
+    u, r = _degrees(config, info.size)
+    layout = Layout(config.group, info.rank, info.size, u, r)
+    if u == info.size:
+        layout.u_group = config.group
+    if r == info.size:
+        layout.r_group = config.group
+    if 1 < u < info.size:
+        # every rank creates every subgroup, in the same order (torch.distributed's rule for new_group)
+        members = [dist.get_global_rank(config.group, i) if config.group is not None else i for i in range(info.size)]
+        for k in range(r):
+            g = dist.new_group(members[k * u : (k + 1) * u])
+            if k == layout.r_rank:
+                layout.u_group = g
+        for j in range(u):
+            g = dist.new_group(members[j::u])
+            if j == layout.u_rank:
+                layout.r_group = g
+    return layout
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+def _sdpa_args(args: tuple, kwargs: dict) -> dict[str, Any]:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    return call
+
+
+@dataclass
+class Record:
+    """One application: the layout, the bytes sent, the calls exchanged."""
+
+    layout: Layout
+    traffic: Traffic = field(default_factory=Traffic)
+    calls: int = 0
+
+    def attend(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        lay = self.layout
+        if lay.size == 1:
+            return F.scaled_dot_product_attention(*args, **kwargs)
+        call = _sdpa_args(args, kwargs)
+        q, k, v = call["query"], call["key"], call["value"]
+        if call.get("attn_mask") is not None or call.get("is_causal") or call.get("dropout_p", 0.0):
+            raise HookwiseError(
+                "ContextParallel: this attention call has a mask, is causal or uses dropout; the split sequence "
+                "supports unmasked, non-causal attention without dropout (the diffusion transformers' self- and "
+                "cross-attention); remove ContextParallel for this model"
+            )
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise HookwiseError(
+                "ContextParallel is for sampling: its exchanges have no backward; run the model under "
+                "torch.no_grad() (or torch.inference_mode()), or train with data parallelism"
+            )
+        if q.dim() != 4:
+            raise HookwiseError(f"ContextParallel: attention on {q.dim()}-D queries; expected [batch, heads, tokens, head_dim]")
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: each rank needs its query heads' keys
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scale = call.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+        self.calls += 1
+        local = torch.tensor([q.shape[2], k.shape[2]], dtype=torch.int64, device=q.device)
+        table = [torch.empty_like(local) for _ in range(lay.size)]
+        dist.all_gather(table, local, group=lay.group)
+        table = [t.tolist() for t in table]
+        heads = q.shape[1]
+        u0 = lay.r_rank * lay.ulysses
+        q_tokens = [table[u0 + i][0] for i in range(lay.ulysses)]
+        if lay.ulysses > 1:
+            k_tokens = [table[u0 + i][1] for i in range(lay.ulysses)]
+            q = scatter_heads(q.contiguous(), q_tokens, lay.u_group, lay.u_rank, self.traffic)
+            k = scatter_heads(k.contiguous(), k_tokens, lay.u_group, lay.u_rank, self.traffic)
+            v = scatter_heads(v.contiguous(), k_tokens, lay.u_group, lay.u_rank, self.traffic)
+        if lay.ring > 1:
+            kv = [sum(table[j * lay.ulysses + i][1] for i in range(lay.ulysses)) for j in range(lay.ring)]
+            out = ring_attention(q, k, v, scale, kv, lay.r_group, lay.r_rank, self.traffic)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # the applied backend, if any
+        if lay.ulysses > 1:
+            out = gather_heads(out, q_tokens, heads, lay.u_group, lay.u_rank, self.traffic)
+        return out
+
+
+class _Exchange(TorchFunctionMode):
+    def __init__(self, record: Record) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SDPA:
+            return self.record.attend(args, kwargs)
+        return func(*args, **kwargs)
+
+
+class AttentionHook(ModelHook):
+    """On one attention site of a tower: its attention calls see every rank's tokens."""
+
+    layer = Layer.PARALLEL_ATTENTION
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+
+    @torch.compiler.disable
+    def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with _Exchange(self.record):
+            return next_fn(*args, **kwargs)
+
+
+class SplitHook(ModelHook):
+    """On every block of a tower: the first splits its streams, the others take the local parts of the
+    values the model passes to every block, the last gathers its outputs."""
+
+    layer = Layer.PARALLEL_SPLIT
+
+    def __init__(self, record: Record, splitter: Splitter, entry: bool, exit: bool) -> None:
+        self.record = record
+        self.splitter = splitter
+        self.entry, self.exit = entry, exit
+
+    @torch.compiler.disable
+    def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        lay = self.record.layout
+        if lay.size == 1:
+            return next_fn(*args, **kwargs)
+        if self.entry:
+            args, kwargs = self.splitter.split(args, kwargs)
+        else:
+            args, kwargs = self.splitter.substitute(args, kwargs)
+        out = next_fn(*args, **kwargs)
+        if self.exit:
+            self.splitter.done()
+            out = gather_output(out, lay.group, lay.size, self.record.traffic)
+        return out
+
+
+# ---- apply / remove -----------------------------------------------------------------------------------
+def _runs_itself(module: nn.Module) -> bool:
+    return "forward" in module.__dict__ or type(module).forward is not nn.Module.forward
+
+
+def _sites(model: nn.Module, model_map) -> list[str]:
+    """The attention modules inside the main towers' blocks (a block itself when it computes attention inline)."""
+    modules = dict(model.named_modules())
+    roles = [r.path for r in model_map.attention if _runs_itself(modules[r.path])]
+    sites = []
+    for tower in model_map.main_towers:
+        for block in tower.blocks:
+            inside = [p for p in roles if p.startswith(block.path + ".")]
+            sites += inside or [block.path]
+    return sites
+
+
+def _reducer(layout: Layout) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values, group=layout.group)
+        return values / layout.size  # the mean over ranks (gloo has no AVG)
+
+    return reduce
+
+
+def _apply_context_parallel(model: nn.Module, config: ContextParallel) -> None:
+    model = unwrap(model)
+    model_map = describe(model)
+    if not model_map.main_towers:
+        raise NoTargetError(
+            f"ContextParallel: {type(model).__name__} has no tower of repeated blocks to split the sequence over "
+            f"(see hookwise.describe(model)); state them with hookwise.apply(model, ContextParallel(), towers=[...])"
+        )
+    layout = _layout(config)
+    arch = model_map.architecture
+    plan = plan_from_dict(config.plan) if config.plan is not None else PLANS.get(arch) if arch else None
+    record = Record(layout)
+    for tower in model_map.main_towers:
+        paths = [b.path for b in tower.blocks]
+        splitter = Splitter(model.get_submodule(paths[0]), plan, layout.rank, layout.size)
+        for i, path in enumerate(paths):
+            hook = SplitHook(record, splitter, entry=i == 0, exit=i == len(paths) - 1)
+            add_hook(model.get_submodule(path), hook, SPLIT_HOOK)
+    for path in dict.fromkeys(_sites(model, model_map)):
+        add_hook(model.get_submodule(path), AttentionHook(record), ATTN_HOOK)
+    attach_run_state(model).state.reduce_decisions = _reducer(layout) if layout.size > 1 else None
+
+
+def _remove_context_parallel(model: nn.Module, config: ContextParallel | None = None) -> int:
+    model = unwrap(model)
+    count = 0
+    for _, registry in list(iter_registries(model)):
+        for name in (SPLIT_HOOK, ATTN_HOOK):
+            if name in registry:
+                remove_hook(registry.module, name)
+                count += 1
+    state = get_run_state(model)
+    if state is not None:
+        state.reduce_decisions = None
+    return count
+
+
+def apply_context_parallel(model: nn.Module, config: ContextParallel | None = None, **kwargs: Any) -> None:
+    """Split the model's tokens across processes (`hookwise.apply(model, ContextParallel(...))`)."""
+    apply_techniques(model, [config or ContextParallel(**kwargs)])
+
+
+def remove_context_parallel(model: nn.Module) -> list[str]:
+    """Remove context parallelism (the same as `hookwise.remove(model, "context_parallel")`)."""
+    return remove_techniques(model, [NAME])
+
+
+def context_parallel_stats(model: nn.Module) -> dict[str, Any]:
+    """{"ulysses", "ring", "world", "attention_calls", "sent_bytes": {kind: bytes this rank sent}}."""
+    hooks = hooks_named(model, ATTN_HOOK, AttentionHook)
+    if not hooks:
+        return {}
+    record = next(iter(hooks.values())).record
+    lay = record.layout
+    return {
+        "world": lay.size, "ulysses": lay.ulysses, "ring": lay.ring, "attention_calls": record.calls,
+        "sent_bytes": dict(record.traffic.bytes),
+    }  # fmt: skip
+
+
+register_technique(
+    NAME,
+    ContextParallel,
+    apply=_apply_context_parallel,
+    remove=_remove_context_parallel,
+    layer=Layer.PARALLEL_SPLIT,
+    description="context parallelism: tokens split across processes, attention by Ulysses all-to-all and / or ring",
+)
