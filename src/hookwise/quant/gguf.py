@@ -42,18 +42,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
+from ..core.marks import mark_frozen
 from ..core.techniques import applied_configs, apply_techniques, register_technique, remove_techniques, technique_of
 from ..core.transaction import transaction
-from ..errors import CompatibilityError, ConfigError, HookError, MissingDependencyError, require
+from ..errors import CompatibilityError, ConfigError, MissingDependencyError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
 from ._gguf_dequant import TYPES, dequantize, gguf_type
+from ._inner import is_class_forward, run_inner
 
 logger = logging.getLogger("hookwise.quant.gguf")
 
@@ -381,54 +382,27 @@ class GGUFHook(ModelHook):
         return self.record.dequant(raw, self.type_name, self.shape, dtype or self.record.compute_dtype)
 
     def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
-        if getattr(next_fn, "__func__", None) is not type(module).forward:
+        if not is_class_forward(module, next_fn):
             # A forward set on the instance (a kohya-style LoRA) or an observer hook sits inside: run it,
             # computing the layer's own F.linear / conv on its weight wherever it happens in there.
-            with _BlocksCompute(self, module) as mode:
-                out = next_fn(*args, **kwargs)
-            if not mode.hits:
-                raise HookError(
-                    f"{self.path or type(module).__name__} holds GGUF blocks, but the forward inside its hook "
-                    f"({getattr(next_fn, '__qualname__', next_fn)!r}) never computes the layer's own operation on its "
-                    f"weight, so the blocks cannot be dequantized for it; add adapters with PEFT (they call the layer)"
-                )
-            return out
+            return run_inner(module, next_fn, args, kwargs, self._inner_op, "GGUF blocks", self.path or type(module).__name__)
         x = args[0] if args else kwargs["input"]
         return self.compute(module, x)
+
+    def _inner_op(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        if func is F.linear:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return _GGUFLinearFn.apply(args[0] if args else kwargs["input"], weight, bias, self)
+        rest = list(args)
+        rest[1] = self.dequantize(weight)
+        return func(*rest, **kwargs)
 
     def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The layer's own computation on `x` with its weight dequantized from the blocks."""
         if isinstance(module, nn.Linear):
             return _GGUFLinearFn.apply(x, module.weight, module.bias, self)
         return module._conv_forward(x, self.dequantize(module.weight), module.bias)
-
-
-_LAYER_FUNCS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-
-
-class _BlocksCompute(TorchFunctionMode):
-    """While a forward set inside the hook runs: the layer's own op on its uint8 weight is computed from the blocks.
-
-    Only the call that receives the stored weight identifies the layer's computation (a LoRA forward
-    calls the original forward from inside its own, out of any hook's reach).
-    """
-
-    def __init__(self, hook: GGUFHook, module: nn.Module) -> None:
-        super().__init__()
-        self.hook, self.module, self.hits = hook, module, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _LAYER_FUNCS:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is not None and weight is self.module._parameters.get("weight"):
-                self.hits += 1
-                if func is F.linear:
-                    return _GGUFLinearFn.apply(args[0] if args else kwargs["input"], weight, self.module.bias, self.hook)
-                rest = list(args)
-                rest[1] = self.hook.dequantize(weight)
-                return func(*rest, **kwargs)
-        return func(*args, **kwargs)
 
 
 # ---- apply / remove ------------------------------------------------------------------------------------
@@ -515,6 +489,8 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
             if is_param:
                 grad = bool(original.requires_grad) and not piece.quantized
                 holder[name] = nn.Parameter(value, requires_grad=grad)
+                if piece.quantized:  # frozen because blocks cannot be trained: offloading reads the user's flag
+                    mark_frozen(holder[name], original.requires_grad)
             else:
                 holder[name] = value
             if piece.quantized:

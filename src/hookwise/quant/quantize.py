@@ -45,11 +45,13 @@ from torch import nn
 from ..core.config import TechniqueConfig
 from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
+from ..core.marks import mark_frozen
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
 from ..errors import ConfigError
 from ._bnb import BNB_DEFAULT_GROUP, BnbFormat
 from ._formats import Format
+from ._inner import is_class_forward, run_inner
 from ._targets import choose_targets
 from ._torchao import INT4_DEFAULT_GROUP, TorchaoFormat
 
@@ -206,7 +208,18 @@ class QuantHook(ModelHook):
         return out
 
     def new_forward(self, module: nn.Module, next_fn, *args: Any, **kwargs: Any) -> Any:
+        if not is_class_forward(module, next_fn):
+            # An observer hook below this one, or a forward set on the instance, sits inside: run it,
+            # computing the layer's own F.linear on its stored weight wherever it happens in there.
+            def linear(func, a: tuple, k: dict) -> torch.Tensor:
+                return self.compute(module, a[0] if a else k["input"])
+
+            return run_inner(module, next_fn, args, kwargs, linear, f"{self.scheme} data", self.path or type(module).__name__)
         x = args[0] if args else kwargs["input"]
+        return self.compute(module, x)
+
+    def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The leaf's own computation on `x` with its stored tensors, through the backend."""
         tensors = self.tensors(module)
         bias = module.bias
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
@@ -263,7 +276,9 @@ def _apply_quantize(model: nn.Module, config: Quantize) -> None:
                 value = tensors[name].detach()
                 value = value.clone() if i and value.numel() <= 256 else value
                 if i == 0:
-                    module._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+                    # Frozen because quantized bytes cannot be trained, not by the user: offloading
+                    # reads the user's flag from the mark.
+                    module._parameters["weight"] = mark_frozen(nn.Parameter(value, requires_grad=False), original.requires_grad)
                 else:
                     module.register_buffer(_slot(name, False), value, persistent=True)
             if "compute_dtype" not in module.__dict__:
