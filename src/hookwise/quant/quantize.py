@@ -199,6 +199,10 @@ class QuantHook(ModelHook):
         self.original = original
         self.set_compute_attr = False
 
+    def slots(self) -> list[str]:
+        """Where the stored tensors live on the module: `weight` (a parameter), then `weight_<name>` buffers."""
+        return [_slot(name, i == 0) for i, name in enumerate(self.names)]
+
     def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The stored tensors, read from the module at each call (offloading swaps them)."""
         out = {}

@@ -81,7 +81,8 @@ def _read_stack(folder: Path) -> tuple[list[TechniqueConfig], dict[str, tuple[st
     return configs, {k: tuple(v) for k, v in data.get("map", {}).items()}
 
 
-def _empty_model(factory: Callable[[], nn.Module]) -> nn.Module:
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """`factory()` with its parameters on meta (buffers real where accelerate is installed)."""
     try:
         from accelerate import init_empty_weights
     except ImportError:
@@ -107,7 +108,7 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module])
     if not isinstance(model, nn.Module):
         if not callable(model):
             raise ConfigError(f"load_quantized needs a model on meta or a function that builds one, got {model!r}")
-        model = _empty_model(model)
+        model = build_on_meta(model)
     root = unwrap(model)
     root.requires_grad_(False)
     quant = [
