@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import hookwise
 from hookwise import Layer, Offload, Quantize

@@ -50,14 +50,14 @@ from ..core.techniques import apply_techniques, register_technique, remove_techn
 from ..core.transaction import transaction
 from ..errors import ConfigError
 from ._bnb import BNB_DEFAULT_GROUP, BnbFormat
-from ._formats import Format
+from ._formats import QUANT_HOOK, Format, stored_slot
 from ._inner import is_class_forward, run_inner
 from ._targets import choose_targets
 from ._torchao import INT4_DEFAULT_GROUP, TorchaoFormat
 
 logger = logging.getLogger("hookwise.quant.quantize")
 
-HOOK_NAME = "hookwise.quantize"
+HOOK_NAME = QUANT_HOOK
 TECHNIQUE = "quantization"
 SCHEMES = {
     "int8-weight": "torchao",
@@ -176,8 +176,7 @@ class _QuantLinearFn(torch.autograd.Function):
         return (grad_x, grad_bias, None, *([None] * len(ctx.saved_tensors or ctx.hook.names)))
 
 
-def _slot(name: str, first: bool) -> str:
-    return "weight" if first else f"weight_{name}"
+_slot = stored_slot
 
 
 class QuantHook(ModelHook):
