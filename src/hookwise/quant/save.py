@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -187,16 +188,59 @@ def checkpoint_files(checkpoint: str | Path | Iterable[str | Path]) -> list[Path
     return files
 
 
-def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """{key: (file, shape)} read from the files' headers only."""
-    from safetensors import safe_open
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
-    keys: dict[str, tuple[Path, tuple[int, ...]]] = {}
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor of a safetensors file is: its file, shape, dtype and byte range."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _headers(files: list[Path]) -> dict[str, _Entry]:
+    """{key: entry} from the files' headers only (the safetensors layout: a length, a JSON header, the data)."""
+    keys: dict[str, _Entry] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                keys[key] = (f, tuple(handle.get_slice(key).get_shape()))
+        with open(f, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            try:
+                header = json.loads(handle.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{f} is not a readable safetensors file ({exc})") from exc
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ConfigError(f"{f}: tensor {key!r} is stored as {info['dtype']}, which hookwise cannot load")
+            begin, end = info["data_offsets"]
+            keys[key] = _Entry(f, tuple(info["shape"]), _ST_DTYPES[info["dtype"]], 8 + size + begin, end - begin)
     return keys
+
+
+def _read(entry: _Entry, handle: Any) -> torch.Tensor:
+    """One tensor read from its file into a fresh (aligned) CPU tensor, without mapping the file.
+
+    Reading rather than memory-mapping keeps the file's pages out of this process (a mapped file's
+    pages count in its resident memory until unmapped), and a fresh allocation is aligned as a built
+    model's weights are (a tensor viewed at the file's offset is not, and the CPU's matmul then sums
+    in another order).
+    """
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        handle.seek(entry.start)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if handle.readinto(view) != entry.nbytes:
+            raise ConfigError(f"{entry.file} ends before tensor data it announces; the file is truncated")
+    return out
 
 
 def load_and_quantize(
@@ -286,8 +330,8 @@ def _expected_keys(
 def _check_keys(expected: dict, headers: dict, files: list[Path], model_keys: set[str]) -> None:
     missing = [k for k in expected if k not in headers]
     unexpected = [k for k in headers if k not in model_keys]
-    wrong = [f"{k}: {headers[k][1]} in the file, {expected[k][0]} in the model" for k in expected
-             if k in headers and headers[k][1] != expected[k][0]]  # fmt: skip
+    wrong = [f"{k}: {headers[k].shape} in the file, {expected[k][0]} in the model" for k in expected
+             if k in headers and headers[k].shape != expected[k][0]]  # fmt: skip
     if missing or wrong or unexpected:
         where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
         raise ConfigError(
@@ -299,7 +343,6 @@ def _check_keys(expected: dict, headers: dict, files: list[Path], model_keys: se
 
 def _fill(txn: Transaction, modules: dict, expected: dict, headers: dict, device: torch.device) -> None:
     """Read each expected tensor from its file, quantizing a quantized leaf's weight as soon as it is read."""
-    from safetensors import safe_open
 
     def put(holder: dict, name: str, value: torch.Tensor) -> None:
         txn.on_rollback(lambda h=holder, n=name, o=holder[name]: h.__setitem__(n, o), f"loading {name}")
@@ -307,19 +350,16 @@ def _fill(txn: Transaction, modules: dict, expected: dict, headers: dict, device
 
     by_file: dict[Path, list[str]] = {}
     for key in expected:
-        by_file.setdefault(headers[key][0], []).append(key)
+        by_file.setdefault(headers[key].file, []).append(key)
     for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
+        with open(f, "rb") as handle:
             for key in keys:
                 _, dtype, hook = expected[key]
                 module_path, _, name = key.rpartition(".")
                 module = modules[module_path]
-                read = handle.get_tensor(key)
-                # A fresh allocation, as loading into a built model gives: a tensor read from the file sits
-                # at the file's offset, unaligned, and the CPU's matmul then sums in another order.
-                value = torch.empty(read.shape, dtype=dtype if read.is_floating_point() else read.dtype, device=device)
-                value.copy_(read)
-                del read
+                value = _read(headers[key], handle)
+                if value.is_floating_point() and value.dtype != dtype or device.type != "cpu":
+                    value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
                 if hook is None:
                     is_param = name in module._parameters
                     put(module._parameters if is_param else module._buffers, name,
