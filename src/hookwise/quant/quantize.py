@@ -388,22 +388,37 @@ def stored_bytes(scheme: str, shape: tuple[int, ...], group_size: int | None = N
     return data + out * cost["rows"]
 
 
+def _leaf_scheme(config: Quantize, path: str) -> str | None:
+    """The scheme `config` gives the leaf at `path` (its `modules=` overrides first, first match wins)."""
+    for pattern, scheme in config.modules or ():
+        if re.search(pattern, path):
+            return scheme
+    return config.scheme
+
+
 def _quantize_effect(placement: Placement, config: Quantize, ctx: CostContext) -> Placement:
-    """Targeted tower Linears shrink to the scheme's bytes; one dequantized weight is transient."""
+    """Targeted tower Linears shrink to their scheme's bytes (per-module overrides included), which is
+    also what offloading then streams; one dequantized weight is transient; compute scales by the
+    slowest scheme's dequant factor; the quality class names each scheme used with its measured error."""
     fp = placement.footprint
     changed: list[LeafBytes] = []
+    used: set[str] = set()
     for leaf in fp.leaves:
         if leaf.kind != "linear" or leaf.block is None or len(leaf.shape) != 2:
             continue
         if leaf.keep is not None and (config.skip == "auto" or leaf.keep in ("adapter", "cast")):
             continue
+        scheme = _leaf_scheme(config, leaf.path)
+        if scheme is None:
+            continue
+        used.add(scheme)
         numel = leaf.shape[0] * leaf.shape[1]
-        new = stored_bytes(config.scheme, leaf.shape, config.group_size)
+        new = stored_bytes(scheme, leaf.shape, config.group_size)
         changed.append(replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + new, itemsize=1, keep="quantized"))
     largest = max((leaf.shape[0] * leaf.shape[1] * fp.compute_itemsize for leaf in changed), default=0)
-    cost = SCHEME_COST[config.scheme]
-    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=cost["compute"],
-                               quality=cost["quality"])  # fmt: skip
+    factor = max((SCHEME_COST[s]["compute"] for s in used), default=1.0)
+    quality = " + ".join(SCHEME_COST[s]["quality"] for s in sorted(used)) or SCHEME_COST[config.scheme]["quality"]
+    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=factor, quality=quality)
 
 
 def _quantize_options(placement: Placement, ctx: CostContext) -> list[Quantize]:

@@ -367,6 +367,7 @@ def _fill(txn: Transaction, modules: dict, expected: dict, headers: dict, device
                     continue
                 tensors, _ = hook.format.quantize(value)
                 del value  # the full-precision weight goes as soon as it is quantized
+                _give_back_freed_memory()
                 for i, (slot_name, slot) in enumerate(zip(hook.names, hook.slots())):
                     # As Quantize stores them: small constants (bitsandbytes' code table) get their own copy.
                     stored = tensors[slot_name].detach()
@@ -375,3 +376,25 @@ def _fill(txn: Transaction, modules: dict, expected: dict, headers: dict, device
                         put(module._parameters, slot, mark_frozen(nn.Parameter(stored, requires_grad=False), False))
                     else:
                         put(module._buffers, slot, stored)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap pages freed since the last call to the OS (glibc's `malloc_trim`; elsewhere nothing).
+
+    The full-precision weight and the quantizer's temporaries freed after each leaf sit between the
+    quantized tensors kept; glibc keeps such free pages in the process unless asked, so without this
+    the process's memory grows towards the size of everything read, not of what is kept.
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
