@@ -177,32 +177,41 @@ def zoo(device: str, rounds: int, schemes: list[str]) -> list[dict]:
 
 
 def full(device: str, rounds: int, schemes: list[str], tokens: int, text: int, lora_steps: int) -> list[dict]:
+    """Every scheme on one full-width block stack: bytes, output PSNR against bf16, forward time interleaved
+    with bf16 in the same rounds, then (with `lora_steps`) the peak of a LoRA step, one variant at a time."""
     base, inputs = full_width_model(tokens, text)
     base = base.to(device).eval().requires_grad_(False)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
         exact = sample_of(base(**inputs), "bench").float()
-    rows = []
+    span = float(exact.max() - exact.min())  # PSNR of the output over its own range
+    models, rows = {}, []
     for scheme in ["bf16", *schemes]:
         model = base if scheme == "bf16" else ours(base, scheme)
         with torch.no_grad():
             out = sample_of(model(**inputs), "bench").float()
-        seconds = timed({scheme: model}, lambda m: m(**inputs), rounds)[scheme]
-        row = dict(scheme=scheme, bytes=stored_bytes(model), error=((out - exact).norm() / exact.norm()).item(),
-                   forward_s=seconds)  # fmt: skip
-        trained = copy.deepcopy(model) if scheme == "bf16" else model
+        models[scheme] = model
+        rows.append(dict(scheme=scheme, bytes=stored_bytes(model), error=((out - exact).norm() / exact.norm()).item(),
+                         psnr=psnr(out, exact, data_range=span), lora_peak=None))  # fmt: skip
+    with torch.no_grad():
+        seconds = timed(models, lambda m: m(**inputs), rounds)
+    for row in rows:
+        row["forward_s"] = seconds[row["scheme"]]
+        row["forward_x"] = row["forward_s"] / seconds["bf16"]
+    for row in rows if lora_steps else ():
+        scheme = row["scheme"]
+        trained = copy.deepcopy(base) if scheme == "bf16" else models.pop(scheme)
         add_lora(trained)
         trained.train()
         runner = Runner(trained, inputs)
         for _ in range(lora_steps):
             runner.step()
         row["lora_peak"] = runner.peak()
-        rows.append(row)
-        print(f"  {scheme:<13} {row['bytes'] / MIB:9.1f} MiB  err {row['error']:.4f}  forward {seconds:.3f} s  "
-              f"LoRA step peak {row['lora_peak'] / MIB:9.1f} MiB", flush=True)  # fmt: skip
-        del model, trained, runner
+        del trained, runner
     for row in rows:
-        row["forward_x"] = row["forward_s"] / rows[0]["forward_s"]
+        peak = f"{row['lora_peak'] / MIB:9.1f} MiB" if row["lora_peak"] else "-"
+        print(f"  {row['scheme']:<13} {row['bytes'] / MIB:9.1f} MiB  err {row['error']:.4f}  PSNR {row['psnr']:.2f} dB  "
+              f"forward {row['forward_s']:.3f} s ({row['forward_x']:.2f}x bf16)  LoRA step peak {peak}", flush=True)  # fmt: skip
     return rows
 
 
@@ -234,7 +243,7 @@ def main() -> None:
     parser.add_argument("--schemes", default=None, help="comma-separated; default: those that run on the device")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--text", type=int, default=64)
-    parser.add_argument("--lora-steps", type=int, default=1)
+    parser.add_argument("--lora-steps", type=int, default=1, help="0: no LoRA step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     schemes = args.schemes.split(",") if args.schemes else (GPU_SCHEMES if args.device.startswith("cuda") else CPU_SCHEMES)

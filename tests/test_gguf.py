@@ -581,7 +581,7 @@ def test_the_cost_declaration_shrinks_the_leaves_the_file_quantizes_by_their_byt
     assert to_q.nbytes == 32 * 32 // 32 * 18 + 32 * 4  # Q4_0 blocks + the float32 bias
     assert leaves["x_embedder"].nbytes == dict((leaf.path, leaf) for leaf in fp.leaves)["x_embedder"].nbytes
     assert after.device_bytes < before.device_bytes and after.compute_factor > 1
-    assert after.quality == ("gguf Q4_0",)
+    assert after.quality == ("gguf Q4_0 (8.6% weight error)",)
     assert cost.options(before, ctx) == []  # a file is the user's choice: the planner proposes none
     unknown = cost.effect(before, hookwise.GGUFFile(path=path), ctx)
     assert unknown.footprint == fp and "type map is unknown" in unknown.notes[0]

@@ -61,7 +61,7 @@ def test_a_cast_weight_remembers_the_flag_it_had_and_removal_forgets_it():
     model.requires_grad_(False)  # frozen by the user before casting: stays "frozen by the user"
     hookwise.apply(model, LayerwiseCasting())
     weight = model.get_submodule("transformer_blocks.0.attn.to_q").weight
-    from hookwise.memory._placement import user_trainable
+    from hookwise.core.marks import user_trainable
 
     assert weight.dtype == torch.float8_e4m3fn and not user_trainable(weight)
     hookwise.remove(model)

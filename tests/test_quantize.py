@@ -310,7 +310,10 @@ def test_compiled_blocks_of_a_quantized_model_do_not_recompile_from_step_to_step
 
 
 # ---- cost declaration -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [Quantize("nf4"), Quantize("int8-weight"), Quantize("int8", skip="none")])
+@pytest.mark.parametrize("config", [
+    Quantize("nf4"), Quantize("int8-weight"), Quantize("int8", skip="none"),
+    Quantize("nf4", modules={r"\.ff\.": "int8-weight", r"to_out": None}),  # per-module overrides, one leaf kept
+])  # fmt: skip
 def test_the_declared_footprint_is_the_bytes_quantization_really_stores(config):
     from hookwise.core.cost import CostContext, Placement
     from hookwise.plan import Hardware, Job
@@ -324,7 +327,9 @@ def test_the_declared_footprint_is_the_bytes_quantization_really_stores(config):
     hookwise.apply(model, config)
     stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert placed.footprint.total_bytes == stored < footprint.total_bytes
-    assert placed.compute_factor > 1 and placed.quality == (SCHEME_COST[config.scheme]["quality"],)
+    used = sorted(set(hookwise.quantize_summary(model)["quantized"].values()))
+    assert placed.compute_factor == max(SCHEME_COST[s]["compute"] for s in used) > 1
+    assert placed.quality == (" + ".join(SCHEME_COST[s]["quality"] for s in used),)
 
 
 def test_the_planner_offers_quantization_where_the_weights_do_not_fit():

@@ -57,7 +57,7 @@ from .memory import (
     remove_component_offload,
     remove_offload,
 )
-from .quant import Quantize, apply_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
+from .quant import Quantize, apply_quantize, load_and_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
 from .quant.gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
@@ -142,6 +142,7 @@ __all__ = [
     "list_hooks",
     "load_gguf",
     "load_model",
+    "load_and_quantize",
     "load_quantized",
     "new_run",
     "offload_report",

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..core.marks import user_trainable
 from ..errors import ConfigError, NoTargetError
 from ..introspect import ModelMap
 from ..introspect.paths import join, prefixes, under
-from ._placement import user_trainable
 
 ALIGN = 64  # bytes; a multiple of every element size, and of the GPU's preferred copy alignment
 
@@ -145,9 +145,10 @@ def partition(
     resident when the user froze some parameters (LoRA training, training part of a model) and
     stream when the user froze none: that is how models load for inference (`requires_grad=True`
     is every module's default, not a sign of training), and a full fine-tune, where keeping them
-    resident would offload nothing. A weight casting stored in fp8 is frozen by casting, not by
-    the user: it counts with the flag it had before (`user_trainable`), so casting does not turn
-    sampling into "LoRA training" and keep every other parameter resident.
+    resident would offload nothing. A weight a storage technique replaced (casting's fp8, a
+    quantized or GGUF weight) is frozen by that technique, not by the user: it counts with the flag
+    it had before (`core.marks.user_trainable`), so storing weights smaller does not turn sampling
+    into "LoRA training" and keep every other parameter resident.
     """
     if offload_trainable is None:
         offload_trainable = all(user_trainable(p) for p in model.parameters())

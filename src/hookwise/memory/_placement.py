@@ -20,9 +20,6 @@ from ..errors import ConfigError
 OFFLOAD_ROOT_HOOK = "hookwise.offload.root"  # on a model that `Offload` manages
 COMPONENT_HOOK = "hookwise.component_offload"  # on each component that `ComponentOffload` manages
 PIN_SHARE = 0.5  # pin="auto": pinned host memory stays under this share of (free RAM + the model's host bytes)
-# Set by casting on each weight it stores (the stored weight cannot be trained, so it is frozen): the
-# `requires_grad` the weight had before. Offloading reads a user's freezing from it, not casting's.
-WAS_TRAINABLE = "_hookwise_was_trainable"
 
 
 def parse_device(value: Any, field: str) -> torch.device:
@@ -65,12 +62,6 @@ def pin_allowance(pin: str, host_bytes: int) -> float:
     if pin == "all":
         return math.inf
     return int(PIN_SHARE * (psutil.virtual_memory().available + host_bytes))
-
-
-def user_trainable(param: torch.Tensor) -> bool:
-    """Whether `param` requires grad as the user set it: a weight casting froze counts with the flag it had."""
-    was = getattr(param, WAS_TRAINABLE, None)
-    return param.requires_grad if was is None else bool(was)
 
 
 def offload_applied(module: nn.Module) -> bool:

@@ -52,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, iter_registries, unwrap
+from ..core.marks import mark_frozen
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
 from ..errors import ConfigError, HookError, NoTargetError
@@ -61,7 +62,6 @@ from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD
 from ._dequant import Dequantizer, Layout, dequant_linear_backward, dequantize, probe_fused, quantize
 from ._fp8 import ACTIVATION_SCALINGS, FP8_WEIGHTS, Fp8LinearFn, fp8_matmul_failure
 from ._fp8 import SCALINGS as FP8_SCALINGS
-from ._placement import WAS_TRAINABLE
 
 logger = logging.getLogger("hookwise.memory.casting")
 
@@ -560,7 +560,7 @@ def _apply_casting(model: nn.Module, config: LayerwiseCasting) -> None:
             hook = CastHook(record, layout, original.dtype, original.requires_grad, path)
             stored_param = nn.Parameter(stored, requires_grad=False)
             # Frozen because fp8 cannot be trained, not by the user: offloading reads the user's flag.
-            setattr(stored_param, WAS_TRAINABLE, original.requires_grad)
+            mark_frozen(stored_param, original.requires_grad)
             module._parameters["weight"] = stored_param
             if scale is not None:
                 module.register_buffer("weight_scale", scale, persistent=True)

@@ -23,6 +23,12 @@ import torch
 from ..errors import ConfigError, MissingDependencyError
 
 EXTRA = {"torchao": "torchao", "bitsandbytes": "bnb"}
+QUANT_HOOK = "hookwise.quantize"  # the hook of a quantized leaf: has `format`, `names`, `original_dtype`, `slots()`
+
+
+def stored_slot(name: str, first: bool) -> str:
+    """Where a format's stored tensor `name` lives on its module: the first is `weight`, the others `weight_<name>`."""
+    return "weight" if first else f"weight_{name}"
 _LOADED: dict[str, Any] = {}
 
 

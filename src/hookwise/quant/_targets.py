@@ -63,7 +63,9 @@ def choose_targets(
             out.kept[leaf.path] = "adapter (LoRA / PEFT) layer"
         elif skip == "auto" and leaf.keep is not None:
             out.kept[leaf.path] = f"high precision: {leaf.keep}"
-        elif not _plain_linear(module) or "forward" in module.__dict__:
+        elif not _plain_linear(module):
+            # A forward set on the instance (an adapter, an observer hook) is fine: the quantized hook
+            # runs it and computes the layer's own F.linear inside it (`_inner.py`).
             out.kept[leaf.path] = f"{type(module).__name__} has its own forward"
         elif not isinstance(getattr(module, "weight", None), torch.Tensor) or not module.weight.is_floating_point():
             out.kept[leaf.path] = "weight is not floating point (already quantized?)"

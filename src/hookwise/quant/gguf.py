@@ -1,7 +1,7 @@
 """GGUF files: load a pre-quantized `.gguf` into a model and keep its weights quantized.
 
 `load_gguf(model, path)` (the same as `hookwise.apply(model, GGUFFile(path))`) reads the file
-memory-mapped (`gguf.GGUFReader`), maps its tensor names to the model's keys (`introspect/gguf_keys.py`:
+memory-mapped (`gguf.GGUFReader`; reading and matching live in `_gguf_file.py`), maps its tensor names to the model's keys (`introspect/gguf_keys.py`:
 FLUX's BFL names, Wan's original names, or the model's own names), checks every shape, and only then
 installs the weights:
 
@@ -42,29 +42,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
 from ..core.cost import CostContext, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
+from ..core.marks import mark_frozen
 from ..core.techniques import applied_configs, apply_techniques, register_technique, remove_techniques, technique_of
 from ..core.transaction import transaction
-from ..errors import CompatibilityError, ConfigError, HookError, MissingDependencyError, require
-from ..introspect.architectures import detect_architecture
+from ..errors import CompatibilityError, ConfigError, MissingDependencyError
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
-from ..introspect.gguf_keys import KEY_MAPS, GGUFKeyMap, KeyTarget, key_map_named
+from ..introspect.gguf_keys import KEY_MAPS
 from ._gguf_dequant import TYPES, dequantize, gguf_type
+from ._gguf_file import GGUFLoadError, file_types, match_file, piece_tensor, read_gguf
+from ._inner import is_class_forward, run_inner
 
 logger = logging.getLogger("hookwise.quant.gguf")
 
 NAME = "gguf"
 HOOK_NAME = "hookwise.gguf"
 KERNELS = ("auto", "torch", "triton")
-_ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF stores the shape of tensors it reshaped to quantize
-
-
-class GGUFLoadError(ConfigError):
-    """A GGUF file does not fit the model it is loaded into (architecture, keys, shapes or types)."""
 
 
 @dataclass(frozen=True)
@@ -113,189 +109,6 @@ class GGUFFile(TechniqueConfig):
             raise ConfigError(f"compute_dtype={self.compute_dtype} cannot compute; use float32, bfloat16 or float16")
         for _, type_name in self.types:
             gguf_type(type_name)
-
-
-# ---- reading a file ---------------------------------------------------------------------------------
-@dataclass
-class _FileTensor:
-    name: str
-    type_name: str
-    shape: tuple[int, ...]  # the logical (numpy-order) shape of the weight
-    data: np.ndarray  # memory-mapped: values for plain types, uint8 blocks for quantized ones
-
-
-@dataclass
-class _GGUFContents:
-    path: str
-    architecture: str | None
-    tensors: dict[str, _FileTensor]
-
-
-def read_gguf(path: str) -> _GGUFContents:
-    """The tensors of a GGUF file, memory-mapped (nothing is read until used)."""
-    gguf = require("gguf", "gguf", "loading GGUF files")
-    if not os.path.isfile(path):
-        raise GGUFLoadError(f"GGUF file {path!r} does not exist; pass the path of a .gguf file")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except (ValueError, OSError) as exc:
-        raise GGUFLoadError(f"{path!r} is not a readable GGUF file ({exc}); check that it is a complete .gguf") from exc
-    arch_field = reader.fields.get("general.architecture")
-    architecture = str(arch_field.contents()) if arch_field is not None else None
-    tensors = {}
-    for t in reader.tensors:
-        type_name = t.tensor_type.name
-        if type_name not in TYPES:
-            raise GGUFLoadError(
-                f"tensor {t.name!r} of {path!r} is stored as {type_name}, which hookwise cannot dequantize; "
-                f"supported types: {sorted(TYPES)} (requantize the file to one of them)"
-            )
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        orig = reader.fields.get(_ORIG_SHAPE + t.name)
-        if orig is not None:
-            shape = tuple(int(n) for n in orig.contents())
-        tensors[t.name] = _FileTensor(t.name, type_name, shape, t.data)
-    return _GGUFContents(path, architecture, tensors)
-
-
-def _file_types(contents: _GGUFContents) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((name, t.type_name) for name, t in contents.tensors.items()))
-
-
-# ---- matching a file to a model ---------------------------------------------------------------------
-@dataclass
-class _Piece:
-    """One model key and the part of a file tensor that fills it."""
-
-    key: str
-    tensor: _FileTensor
-    rows: tuple[int, int] | None  # the rows of the file tensor this key takes; None: all of it
-    swap_halves: bool
-    quantized: bool  # kept as GGUF blocks under a hook (a Linear / Conv weight)
-
-
-def _hookable(module: nn.Module) -> bool:
-    """A Linear / Conv whose forward is its class's own (so the hook can compute it)."""
-    for base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return True
-    return False
-
-
-def _choose_map(config: GGUFFile, model: nn.Module, contents: _GGUFContents, keys: set[str]) -> GGUFKeyMap:
-    if config.architecture != "auto":
-        return key_map_named(config.architecture)
-    identity = KEY_MAPS["identity"]
-    if all(identity.target(n).keys[0] in keys for n in contents.tensors):
-        return identity
-    arch = detect_architecture(model)
-    if arch is not None and arch.name in KEY_MAPS:
-        return KEY_MAPS[arch.name]
-    if contents.architecture in KEY_MAPS:
-        return KEY_MAPS[contents.architecture]
-    return identity
-
-
-def match_file(model: nn.Module, contents: _GGUFContents, config: GGUFFile) -> tuple[GGUFKeyMap, list[_Piece]]:
-    """Every model key and the file data that fills it; a `GGUFLoadError` listing everything that does not fit."""
-    state = model.state_dict(keep_vars=True)
-    modules = dict(model.named_modules(remove_duplicate=False))  # a block registered twice: both paths
-    key_map = _choose_map(config, model, contents, set(state))
-    arch = detect_architecture(model)
-    model_arch = arch.name if arch is not None and arch.name in KEY_MAPS else None
-    stated = config.architecture if config.architecture in ("flux", "wan") else model_arch
-    if contents.architecture in KEY_MAPS and stated is not None and contents.architecture != stated:
-        raise GGUFLoadError(
-            f"{contents.path!r} holds a {contents.architecture!r} model (its general.architecture), but the model is "
-            f"{type(model).__name__} ({stated}); load a file made for this architecture"
-        )
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    pieces: list[_Piece] = []
-    filled: set[str] = set()
-    for name, tensor in contents.tensors.items():
-        target = key_map.target(name)
-        if target is None or any(k not in state for k in target.keys):
-            where = f" (-> {', '.join(target.keys)})" if target is not None else ""
-            unexpected.append(name + where)
-            continue
-        problem = _fit(target, tensor, state, pieces, modules)
-        if problem:
-            mismatched.append(problem)
-        filled.update(target.keys)
-    missing = [k for k in state if k not in filled]
-    # Buffers outside the state dict (rope tables) are no file's: on `meta` they would stay unusable.
-    missing += [f"{n} (a non-persistent buffer on meta)" for n, b in model.named_buffers() if b.is_meta and n not in state]
-    if unexpected or mismatched or missing:
-        lines = [f"{contents.path!r} does not fit {type(model).__name__} (key map {key_map.name!r}):"]
-        for title, items in (("missing from the file", missing), ("not in the model", unexpected),
-                             ("shape mismatch", mismatched)):  # fmt: skip
-            if items:
-                more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[:12])}{more}")
-        lines.append(
-            "  Load a file of this model's architecture and size; pass architecture= ('flux', 'wan', 'identity') "
-            "if its names were not recognised."
-        )
-        if any(k.endswith("on meta)") for k in missing):
-            lines.append(
-                "  Build the model with its buffers materialised: accelerate.init_empty_weights(include_buffers=False) "
-                "puts only the parameters on meta."
-            )
-        raise GGUFLoadError("\n".join(lines))
-    return key_map, pieces
-
-
-def _fit(target: KeyTarget, tensor: _FileTensor, state: dict, pieces: list[_Piece], modules: dict) -> str | None:
-    """Add the pieces of one file tensor; or say why its shape does not fit."""
-    shapes = [tuple(state[k].shape) for k in target.keys]
-    t = TYPES[tensor.type_name]
-    if len(target.keys) == 1 and not target.swap_halves:
-        if shapes[0] != tensor.shape:
-            return f"{tensor.name} {tensor.shape} -> {target.keys[0]} {shapes[0]}"
-        bounds = [None]
-    else:
-        if any(s[1:] != tensor.shape[1:] for s in shapes) or sum(s[0] for s in shapes) != tensor.shape[0]:
-            return f"{tensor.name} {tensor.shape} -> {', '.join(f'{k} {s}' for k, s in zip(target.keys, shapes))}"
-        row = int(np.prod(tensor.shape[1:], dtype=np.int64))
-        if t.quantized and row % t.block_size:
-            return f"{tensor.name}: {tensor.type_name} blocks straddle its rows, so it cannot be split"
-        starts = np.cumsum([0, *(s[0] for s in shapes)])
-        bounds = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-    for key, rows in zip(target.keys, bounds):
-        module_path, _, param = key.rpartition(".")
-        module = modules.get(module_path)
-        whole_rows = int(np.prod(state[key].shape[1:], dtype=np.int64)) % t.block_size == 0
-        keep = t.quantized and param == "weight" and module is not None and _hookable(module) and whole_rows
-        pieces.append(_Piece(key, tensor, rows, target.swap_halves, keep))
-    return None
-
-
-def _raw_rows(piece: _Piece) -> np.ndarray:
-    """The file bytes / values of a piece: its rows of the file tensor (the halves swapped if asked)."""
-    data = piece.tensor.data
-    if piece.rows is None and not piece.swap_halves:
-        return data
-    data = data.reshape(piece.tensor.shape[0], -1)
-    if piece.swap_halves:
-        half = data.shape[0] // 2
-        data = np.concatenate([data[half:], data[:half]])
-    if piece.rows is not None:
-        data = data[piece.rows[0] : piece.rows[1]]
-    return data
-
-
-def _piece_tensor(piece: _Piece, like: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The tensor a piece installs: GGUF blocks (uint8, rows of blocks) or plain values in `dtype`."""
-    # A copy: the reader's arrays are views of the read-only file mapping.
-    tensor = torch.from_numpy(np.array(_raw_rows(piece), copy=True)).to(device)
-    shape = tuple(like.shape)
-    type_name = piece.tensor.type_name
-    if piece.quantized:
-        return tensor.reshape(shape[0], -1) if len(shape) else tensor
-    if type_name == "BF16" or TYPES[type_name].quantized:
-        return dequantize(tensor.view(torch.uint8), type_name, shape, dtype)
-    return tensor.reshape(shape).to(dtype)
 
 
 # ---- the hook -----------------------------------------------------------------------------------------
@@ -381,54 +194,27 @@ class GGUFHook(ModelHook):
         return self.record.dequant(raw, self.type_name, self.shape, dtype or self.record.compute_dtype)
 
     def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
-        if getattr(next_fn, "__func__", None) is not type(module).forward:
+        if not is_class_forward(module, next_fn):
             # A forward set on the instance (a kohya-style LoRA) or an observer hook sits inside: run it,
             # computing the layer's own F.linear / conv on its weight wherever it happens in there.
-            with _BlocksCompute(self, module) as mode:
-                out = next_fn(*args, **kwargs)
-            if not mode.hits:
-                raise HookError(
-                    f"{self.path or type(module).__name__} holds GGUF blocks, but the forward inside its hook "
-                    f"({getattr(next_fn, '__qualname__', next_fn)!r}) never computes the layer's own operation on its "
-                    f"weight, so the blocks cannot be dequantized for it; add adapters with PEFT (they call the layer)"
-                )
-            return out
+            return run_inner(module, next_fn, args, kwargs, self._inner_op, "GGUF blocks", self.path or type(module).__name__)
         x = args[0] if args else kwargs["input"]
         return self.compute(module, x)
+
+    def _inner_op(self, func, args: tuple, kwargs: dict) -> torch.Tensor:
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        if func is F.linear:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return _GGUFLinearFn.apply(args[0] if args else kwargs["input"], weight, bias, self)
+        rest = list(args)
+        rest[1] = self.dequantize(weight)
+        return func(*rest, **kwargs)
 
     def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The layer's own computation on `x` with its weight dequantized from the blocks."""
         if isinstance(module, nn.Linear):
             return _GGUFLinearFn.apply(x, module.weight, module.bias, self)
         return module._conv_forward(x, self.dequantize(module.weight), module.bias)
-
-
-_LAYER_FUNCS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
-
-
-class _BlocksCompute(TorchFunctionMode):
-    """While a forward set inside the hook runs: the layer's own op on its uint8 weight is computed from the blocks.
-
-    Only the call that receives the stored weight identifies the layer's computation (a LoRA forward
-    calls the original forward from inside its own, out of any hook's reach).
-    """
-
-    def __init__(self, hook: GGUFHook, module: nn.Module) -> None:
-        super().__init__()
-        self.hook, self.module, self.hits = hook, module, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _LAYER_FUNCS:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is not None and weight is self.module._parameters.get("weight"):
-                self.hits += 1
-                if func is F.linear:
-                    return _GGUFLinearFn.apply(args[0] if args else kwargs["input"], weight, self.module.bias, self.hook)
-                rest = list(args)
-                rest[1] = self.hook.dequantize(weight)
-                return func(*rest, **kwargs)
-        return func(*args, **kwargs)
 
 
 # ---- apply / remove ------------------------------------------------------------------------------------
@@ -440,7 +226,7 @@ def load_gguf(model: nn.Module, path: str | os.PathLike, **options: Any) -> dict
     """
     config = GGUFFile(path=os.fspath(path), **options)
     if not config.types:
-        config = replace(config, types=_file_types(read_gguf(config.path)))
+        config = replace(config, types=file_types(read_gguf(config.path)))
     return apply_gguf(model, config)
 
 
@@ -474,7 +260,7 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
             f"again (or pass them all to one hookwise.apply call)"
         )
     contents = read_gguf(config.path)
-    if config.types and _file_types(contents) != tuple(sorted(config.types)):
+    if config.types and file_types(contents) != tuple(sorted(config.types)):
         raise GGUFLoadError(
             f"{config.path!r} no longer holds the tensors and types this config recorded (the file changed since "
             f"the stack was saved); load it again with hookwise.load_gguf to record what it holds now"
@@ -507,7 +293,7 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
             installed.add((id(module), name))
             original = state[piece.key]
             dtype = (config.compute_dtype or original.dtype) if original.is_floating_point() else original.dtype
-            value = _piece_tensor(piece, original, dtype, device)
+            value = piece_tensor(piece, original, dtype, device)
             is_param = name in module._parameters
             holder = module._parameters if is_param else module._buffers
             txn.on_rollback(lambda h=holder, n=name, o=holder[name]: h.__setitem__(n, o), f"gguf {piece.key}")
@@ -515,6 +301,8 @@ def _apply_gguf(model: nn.Module, config: GGUFFile) -> None:
             if is_param:
                 grad = bool(original.requires_grad) and not piece.quantized
                 holder[name] = nn.Parameter(value, requires_grad=grad)
+                if piece.quantized:  # frozen because blocks cannot be trained: offloading reads the user's flag
+                    mark_frozen(holder[name], original.requires_grad)
             else:
                 holder[name] = value
             if piece.quantized:
@@ -594,6 +382,16 @@ def gguf_summary(model: nn.Module) -> dict[str, Any]:
 # for the K-quants' two-level scales. Assumed from the shape of the kernels; BENCHMARKS.md has the
 # ratios measured on the CPU with torch ops.
 DEQUANT_FACTOR = {"legacy": 1.1, "k": 1.2}
+# Quality class: the relative L2 error of the dequantized weight, measured with the `gguf` package's own
+# quantizer on a Gaussian fp32 weight of FLUX's width (3072 x 3072, N(0, 1/3072), numpy seed 0). The
+# package has no K-quant quantizer, so the K-quants' error is not measured (their class says so).
+WEIGHT_ERROR = {"Q8_0": 0.0054, "Q5_1": 0.038, "Q5_0": 0.043, "Q4_1": 0.078, "Q4_0": 0.086}
+
+
+def quality_class(type_name: str) -> str:
+    """A GGUF type's quality class: the type and its measured weight error, where measured."""
+    error = WEIGHT_ERROR.get(type_name)
+    return f"{type_name} ({error:.1%} weight error)" if error is not None else f"{type_name} (weight error not measured)"
 
 
 def bytes_per_weight(type_name: str) -> float:
@@ -629,7 +427,7 @@ def _gguf_effect(placement: Placement, config: GGUFFile, ctx: CostContext) -> Pl
         factor = max(factor, DEQUANT_FACTOR["k" if type_name.endswith("_K") else "legacy"])
     kinds = sorted({by_prefix[leaf.path] for leaf in changed})
     return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=factor,
-                               quality=f"gguf {'/'.join(kinds) or 'plain'}")  # fmt: skip
+                               quality=f"gguf {' + '.join(quality_class(k) for k in kinds) or 'plain'}")  # fmt: skip
 
 
 def _gguf_options(placement: Placement, ctx: CostContext) -> list[GGUFFile]:

@@ -45,17 +45,19 @@ from torch import nn
 from ..core.config import TechniqueConfig
 from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, unwrap
+from ..core.marks import mark_frozen
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
 from ..errors import ConfigError
 from ._bnb import BNB_DEFAULT_GROUP, BnbFormat
-from ._formats import Format
+from ._formats import QUANT_HOOK, Format, stored_slot
+from ._inner import is_class_forward, run_inner
 from ._targets import choose_targets
 from ._torchao import INT4_DEFAULT_GROUP, TorchaoFormat
 
 logger = logging.getLogger("hookwise.quant.quantize")
 
-HOOK_NAME = "hookwise.quantize"
+HOOK_NAME = QUANT_HOOK
 TECHNIQUE = "quantization"
 SCHEMES = {
     "int8-weight": "torchao",
@@ -174,8 +176,7 @@ class _QuantLinearFn(torch.autograd.Function):
         return (grad_x, grad_bias, None, *([None] * len(ctx.saved_tensors or ctx.hook.names)))
 
 
-def _slot(name: str, first: bool) -> str:
-    return "weight" if first else f"weight_{name}"
+_slot = stored_slot
 
 
 class QuantHook(ModelHook):
@@ -197,6 +198,10 @@ class QuantHook(ModelHook):
         self.original = original
         self.set_compute_attr = False
 
+    def slots(self) -> list[str]:
+        """Where the stored tensors live on the module: `weight` (a parameter), then `weight_<name>` buffers."""
+        return [_slot(name, i == 0) for i, name in enumerate(self.names)]
+
     def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The stored tensors, read from the module at each call (offloading swaps them)."""
         out = {}
@@ -206,7 +211,18 @@ class QuantHook(ModelHook):
         return out
 
     def new_forward(self, module: nn.Module, next_fn, *args: Any, **kwargs: Any) -> Any:
+        if not is_class_forward(module, next_fn):
+            # An observer hook below this one, or a forward set on the instance, sits inside: run it,
+            # computing the layer's own F.linear on its stored weight wherever it happens in there.
+            def linear(func, a: tuple, k: dict) -> torch.Tensor:
+                return self.compute(module, a[0] if a else k["input"])
+
+            return run_inner(module, next_fn, args, kwargs, linear, f"{self.scheme} data", self.path or type(module).__name__)
         x = args[0] if args else kwargs["input"]
+        return self.compute(module, x)
+
+    def compute(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The leaf's own computation on `x` with its stored tensors, through the backend."""
         tensors = self.tensors(module)
         bias = module.bias
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
@@ -263,7 +279,9 @@ def _apply_quantize(model: nn.Module, config: Quantize) -> None:
                 value = tensors[name].detach()
                 value = value.clone() if i and value.numel() <= 256 else value
                 if i == 0:
-                    module._parameters["weight"] = nn.Parameter(value, requires_grad=False)
+                    # Frozen because quantized bytes cannot be trained, not by the user: offloading
+                    # reads the user's flag from the mark.
+                    module._parameters["weight"] = mark_frozen(nn.Parameter(value, requires_grad=False), original.requires_grad)
                 else:
                     module.register_buffer(_slot(name, False), value, persistent=True)
             if "compute_dtype" not in module.__dict__:
@@ -370,22 +388,37 @@ def stored_bytes(scheme: str, shape: tuple[int, ...], group_size: int | None = N
     return data + out * cost["rows"]
 
 
+def _leaf_scheme(config: Quantize, path: str) -> str | None:
+    """The scheme `config` gives the leaf at `path` (its `modules=` overrides first, first match wins)."""
+    for pattern, scheme in config.modules or ():
+        if re.search(pattern, path):
+            return scheme
+    return config.scheme
+
+
 def _quantize_effect(placement: Placement, config: Quantize, ctx: CostContext) -> Placement:
-    """Targeted tower Linears shrink to the scheme's bytes; one dequantized weight is transient."""
+    """Targeted tower Linears shrink to their scheme's bytes (per-module overrides included), which is
+    also what offloading then streams; one dequantized weight is transient; compute scales by the
+    slowest scheme's dequant factor; the quality class names each scheme used with its measured error."""
     fp = placement.footprint
     changed: list[LeafBytes] = []
+    used: set[str] = set()
     for leaf in fp.leaves:
         if leaf.kind != "linear" or leaf.block is None or len(leaf.shape) != 2:
             continue
         if leaf.keep is not None and (config.skip == "auto" or leaf.keep in ("adapter", "cast")):
             continue
+        scheme = _leaf_scheme(config, leaf.path)
+        if scheme is None:
+            continue
+        used.add(scheme)
         numel = leaf.shape[0] * leaf.shape[1]
-        new = stored_bytes(config.scheme, leaf.shape, config.group_size)
+        new = stored_bytes(scheme, leaf.shape, config.group_size)
         changed.append(replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + new, itemsize=1, keep="quantized"))
     largest = max((leaf.shape[0] * leaf.shape[1] * fp.compute_itemsize for leaf in changed), default=0)
-    cost = SCHEME_COST[config.scheme]
-    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=cost["compute"],
-                               quality=cost["quality"])  # fmt: skip
+    factor = max((SCHEME_COST[s]["compute"] for s in used), default=1.0)
+    quality = " + ".join(SCHEME_COST[s]["quality"] for s in sorted(used)) or SCHEME_COST[config.scheme]["quality"]
+    return placement.stored_as(fp.with_leaves(changed), transient=largest, factor=factor, quality=quality)
 
 
 def _quantize_options(placement: Placement, ctx: CostContext) -> list[Quantize]:
