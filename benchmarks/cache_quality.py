@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hookwise.bench import RunResult, compare_at_equal_work, comparison_markdown, run_cache_bench, save_plot, to_markdown
+from hookwise.bench import RunResult, best_at_work, best_at_work_markdown, compare_at_equal_work, comparison_markdown, run_cache_bench, save_plot, to_markdown
 from hookwise.zoo import load_reference
 
 
@@ -64,6 +64,7 @@ def main() -> int:
             print(f"## {name} (saved run)\n")
             print(to_markdown(results) + "\n")
             print(comparison_markdown(compare_at_equal_work(results)) + "\n")
+            print(best_at_work_markdown(best_at_work(results)) + "\n")
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,7 @@ def main() -> int:
         print(f"## {name} ({time.perf_counter() - start:.0f} s)\n")
         print(to_markdown(results) + "\n")
         print(comparison_markdown(compare_at_equal_work(results)) + "\n")
+        print(best_at_work_markdown(best_at_work(results)) + "\n")
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_int
+from ..core.cost import cached_cost
 from ..core.hooks import Layer
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
@@ -222,4 +223,6 @@ register_technique(
     layer=Layer.CACHE,
     # TaylorSeer would replace the forecast as the span's predictor: one predictor per block cache.
     conflicts=(*(n for n in BLOCK_CACHES if n != NAME), "taylorseer"),
+    # offered by the planner once the shipped harness rows hold its default ("budget=7/28, order=1")
+    cost=cached_cost("forecast", lambda: Forecast(num_steps=28, budget=7)),
 )
