@@ -203,3 +203,18 @@ def test_composes_with_offload_and_casting(memory):
     assert counters[0].n == 4 * 2
     torch.testing.assert_close(out, denoise(expected_model, "musubi", inputs, steps=STEPS), rtol=0, atol=0)
     hookwise.remove(model)
+
+
+@pytest.mark.parametrize("name", ["flux-shapes", "wan-moving"])
+def test_shipped_zoo_schedules_load_as_configs_of_their_budget(name):
+    from hookwise.zoo import shipped_forecast, shipped_forecasts
+
+    found = shipped_forecasts(name)
+    assert 28 in found
+    for steps, by_budget in found.items():
+        for budget, config in by_budget.items():
+            assert config.num_steps == steps and len(config.computed_steps()) == budget
+            assert config.coefficients is None or len(config.coefficients) == steps
+    assert shipped_forecast(name).computed_steps() == found[28][7].computed_steps()
+    with pytest.raises(ConfigError, match="shipped budgets"):
+        shipped_forecast(name, 28, 5)
