@@ -56,7 +56,7 @@ def main() -> int:
 
     if args.tables_from:
         for name in args.models.split(","):
-            rows = json.loads((Path(args.tables_from) / f"cache-{name}.json").read_text())
+            rows = json.loads((Path(args.tables_from) / f"cache-{_stem(name, args.steps)}.json").read_text())
             results = [
                 RunResult(**{k: (math.inf if v == "inf" else math.nan if v is None and k != "note" else v) for k, v in r.items()})
                 for r in rows
