@@ -205,7 +205,9 @@ def calibrate_forecast(
     - `schedule` given: fit for it; else `budget` computed steps, starting from the front-loaded rule
       and, with `search`, improved by a search whose objective is the PSNR of `run()`'s samples
       against the uncached ones (at most `max_runs` runs of `run()`).
-    Use calibration prompts / seeds that you do not evaluate on. Remove any block cache first.
+    Use calibration prompts / seeds that you do not evaluate on. Remove any block cache first. The
+    recording run keeps every step's residual of every tower (float32, on the model's device) until
+    it ends: about `num_steps` times one block's output per CFG branch.
     """
     from ._schedule import calibrate_schedule  # the search and fit machinery
 
