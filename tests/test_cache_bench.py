@@ -8,7 +8,7 @@ import torch
 
 from hookwise.cli import main
 from hookwise.errors import ConfigError
-from hookwise.bench import RunResult, compare_at_equal_work, run_cache_bench, save_plot, to_markdown
+from hookwise.bench import RunResult, best_at_work, best_at_work_markdown, compare_at_equal_work, run_cache_bench, save_plot, to_markdown
 from hookwise.zoo.reference import ReferenceModel, get_reference_spec
 
 from cache_helpers import one_thread  # noqa: F401
@@ -128,3 +128,44 @@ def test_harness_on_cuda_counts_the_same_evaluations_as_on_the_cpu():
     # Float differences between devices may flip a borderline reuse decision, not the amount of work.
     for a, b in zip(on_cpu, on_cuda):
         assert b.block_frac == pytest.approx(a.block_frac, abs=0.2) and b.seconds > 0 and b.psnr > 0
+
+
+def test_forecast_rows_count_their_budget_and_calibrate_on_classes_not_evaluated(untrained, monkeypatch):
+    import hookwise.bench.methods as methods
+
+    monkeypatch.setattr(methods, "FORECAST_SEARCH_RUNS", 6)
+    calibrated_on = []
+    real = methods.calibrate_forecast
+
+    def spy(model, run, **kw):
+        calibrated_on.append(run())
+        return real(model, run, **kw)
+
+    monkeypatch.setattr(methods, "calibrate_forecast", spy)
+    results = run_cache_bench(
+        untrained, steps=8, repeats=1, methods=["forecast", "forecast-calibrated"], compare_diffusers=False,
+        calibration_labels=[0, 4, 8],
+    )
+    rows = [r for r in results if r.impl == "hookwise"]
+    assert {r.method for r in rows} == {"forecast", "forecast-calibrated"}
+    for r in rows:
+        budget = r.config[0]["budget"] or len(r.config[0]["schedule"])
+        assert r.block_frac == pytest.approx(budget / 8)
+    calibrated = [r for r in rows if r.method == "forecast-calibrated"]
+    assert all(r.config[0]["schedule"][0] == 0 and len(r.config[0]["coefficients"] or [0] * 8) == 8 for r in calibrated)
+    assert calibrated_on and calibrated_on[0].shape[0] == 3  # the three calibration classes, not the six evaluated
+    with pytest.raises(ConfigError, match="overlap"):
+        run_cache_bench(untrained, labels=[0, 1], steps=2, methods=["forecast"], calibration_labels=[1])
+
+
+def test_best_at_work_takes_each_sides_best_setting_doing_at_most_that_work():
+    def run(method, impl, frac, p):
+        return RunResult(method, impl, "s", frac, 1.0, 1.0, 1.0, p, 0.9)
+
+    results = [run("none", "reference", 1.0, math.inf), run("a", "hookwise", 0.25, 36.0), run("a", "hookwise", 0.2, 38.0),
+               run("a", "hookwise", 0.5, 45.0), run("b", "diffusers", 0.3, 30.0)]
+    rows = {(r["method"], r["impl"]): r["best"] for r in best_at_work(results, (0.2, 0.25, 0.34, 0.5))}
+    assert rows[("a", "hookwise")] == {0.2: 38.0, 0.25: 38.0, 0.34: 38.0, 0.5: 45.0}
+    assert rows[("b", "diffusers")] == {0.2: None, 0.25: None, 0.34: 30.0, 0.5: 30.0}
+    assert ("none", "reference") not in rows
+    assert best_at_work_markdown(best_at_work(results)).count("\n") == 3

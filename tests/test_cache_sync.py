@@ -17,6 +17,7 @@ from hookwise import (
     DualBlockCache,
     FasterCache,
     FirstBlockCache,
+    Forecast,
     LayerSkip,
     MagCache,
     PyramidAttentionBroadcast,
@@ -29,6 +30,7 @@ from cache_helpers import build, denoise, one_thread  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {
+    "forecast": ("musubi", [Forecast(num_steps=8, schedule=(0, 1, 3, 6), order=2)]),
     "first_block": ("musubi", [FirstBlockCache(threshold=0.2)]),
     "dual_block+taylorseer": ("musubi", [DualBlockCache(threshold=0.2, warmup=1), TaylorSeer(order=2)]),
     "taylorseer": ("musubi", [TaylorSeer(order=1, interval=2, warmup=1)]),

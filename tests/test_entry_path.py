@@ -56,6 +56,7 @@ CASES = {
     "dual_block_cache": (cache, "dual_block_cache", lambda: hookwise.DualBlockCache(threshold=10.0, warmup=1)),
     "magcache": (cache, "magcache", lambda: hookwise.MagCache(ratios=RATIOS, threshold=1.0)),
     "teacache": (cache, "teacache", lambda: hookwise.TeaCache(threshold=10.0)),
+    "forecast": (cache, "forecast", lambda: hookwise.Forecast(budget=7)),
     "taylorseer": (cache, "taylorseer", lambda: hookwise.TaylorSeer(order=1, interval=2, warmup=1)),
     "pab": (cache, "pab", lambda: hookwise.PyramidAttentionBroadcast(spatial_range=2, cross_range=2)),
     "faster_cache": (cache, "faster_cache", lambda: hookwise.FasterCache(attention_range=2)),

@@ -8,7 +8,7 @@ counted per sample by `SampleCounter` hooks, time, PSNR / SSIM against the uncac
 """
 
 from .methods import DIFFUSERS_METHODS, HOOKWISE_METHODS, Method, diffusers_methods, hookwise_methods
-from .report import compare_at_equal_work, comparison_markdown, save_plot, to_markdown
+from .report import best_at_work, best_at_work_markdown, compare_at_equal_work, comparison_markdown, save_plot, to_markdown
 from .run import RunResult, SampleCounter, run_cache_bench
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "Method",
     "RunResult",
     "SampleCounter",
+    "best_at_work",
+    "best_at_work_markdown",
     "compare_at_equal_work",
     "comparison_markdown",
     "diffusers_methods",

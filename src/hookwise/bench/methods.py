@@ -18,9 +18,11 @@ from .. import (
     DualBlockCache,
     FasterCache,
     FirstBlockCache,
+    Forecast,
     LayerSkip,
     PyramidAttentionBroadcast,
     TaylorSeer,
+    calibrate_forecast,
     calibrate_magcache,
     calibrate_teacache,
     describe,
@@ -42,6 +44,7 @@ class Method:
     remove: Callable[[nn.Module], Any]
     cfg: str = "separate"
     default: bool = False
+    configs: tuple = ()  # hookwise's configs (saved with the results)
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -52,16 +55,19 @@ TAYLOR_WARMUP = 3
 PAB_SPATIAL_RANGES = (2, 3, 4)
 FASTERCACHE_SETTINGS = ((5, 2), (3, 2), (5, None), (2, 3))  # (uncond_range, attention_range)
 MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
+FORECAST_SHARES = (6, 4, 3)  # budgets of computed steps: steps // share (4: 4x fewer block evaluations)
+FORECAST_SEARCH_RUNS = 20  # calibration runs the schedule search may make per budget
 
 
 def _hookwise(method: str, setting: str, *configs, cfg: str = "separate", default: bool = False) -> Method:
-    return Method(method, "hookwise", setting, lambda m: hw_apply(m, *configs), lambda m: hw_remove(m), cfg, default)
+    return Method(method, "hookwise", setting, lambda m: hw_apply(m, *configs), lambda m: hw_remove(m), cfg, default, configs)
 
 
 def hookwise_methods(
-    model: nn.Module, calibrate: Callable[[], None], steps: int, n_blocks: int, wanted: set[str] | None = None
+    model: nn.Module, calibrate: Callable[[], Any], steps: int, n_blocks: int, wanted: set[str] | None = None
 ) -> list[Method]:
-    """Every hookwise cache at its default and over a sweep. Calibration runs `calibrate()` once each."""
+    """Every hookwise cache at its default and over a sweep. Calibration runs `calibrate()` (which returns
+    its samples) once each; the forecast's schedule search up to `FORECAST_SEARCH_RUNS` times per budget."""
     out: list[Method] = []
     wanted = wanted or set(HOOKWISE_METHODS)
     for th in FIRST_BLOCK_THRESHOLDS:
@@ -112,6 +118,21 @@ def hookwise_methods(
         tea = calibrate_teacache(model, calibrate)
         for th in (0.05, 0.1, 0.2, 0.4):
             out.append(_hookwise("teacache", f"threshold={th}", tea.replace(threshold=th), default=th == 0.1))
+    for share in FORECAST_SHARES:
+        budget = max(2, steps // share)
+        out.append(
+            _hookwise("forecast", f"budget={budget}/{steps}, order=1", Forecast(num_steps=steps, budget=budget, order=1),
+                      default=share == 4)
+        )
+    if "forecast-calibrated" in wanted:
+        for share in FORECAST_SHARES:
+            budget = max(2, steps // share)
+            config = calibrate_forecast(model, calibrate, num_steps=steps, budget=budget, order=1, max_runs=FORECAST_SEARCH_RUNS)
+            weights = "fitted" if config.coefficients is not None else "Lagrange"
+            out.append(
+                _hookwise("forecast-calibrated", f"budget={budget}/{steps}, {weights}, schedule={','.join(map(str, config.schedule))}",
+                          config, default=share == 4)
+            )
     mid = n_blocks // 2
     out.append(_hookwise("layer-skip", f"blocks=({mid},), what=attention", LayerSkip(blocks=(mid,), what="attention")))
     out.append(_hookwise("layer-skip", f"blocks=({mid},)", LayerSkip(blocks=(mid,)), default=True))
@@ -120,7 +141,7 @@ def hookwise_methods(
 
 HOOKWISE_METHODS = (
     "first-block", "dual-block", "dual-block+taylorseer", "taylorseer", "taylorseer-attention", "pab", "fastercache",
-    "magcache", "teacache", "layer-skip",
+    "magcache", "teacache", "forecast", "forecast-calibrated", "layer-skip",
 )
 DIFFUSERS_METHODS = ("first-block", "taylorseer-attention", "pab", "fastercache", "magcache")
 

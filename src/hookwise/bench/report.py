@@ -179,3 +179,31 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
             f"{'-' if r['delta'] is None else format(r['delta'], '+.2f') + ' dB'} |"
         )
     return "\n".join(lines)
+
+
+def best_at_work(results: list[RunResult], fractions: tuple[float, ...] = (0.2, 0.25, 0.34, 0.5)) -> list[dict[str, Any]]:
+    """Per method and implementation, the best PSNR of any setting doing at most each fraction of the
+    block evaluations (None where no setting does that little work): the frontier at equal work."""
+    out = []
+    keys = sorted({(r.method, r.impl) for r in results if r.impl != "reference" and math.isfinite(r.block_frac)})
+    for method, impl in keys:
+        runs = [r for r in results if (r.method, r.impl) == (method, impl) and math.isfinite(r.block_frac)]
+        best = {}
+        for f in fractions:
+            ok = [r for r in runs if r.block_frac <= f + 1e-9 and math.isfinite(r.psnr)]
+            best[f] = max((min(r.psnr, 99.0) for r in ok), default=None)
+        out.append(dict(method=method, impl=impl, best=best))
+    return out
+
+
+def best_at_work_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows of `best_at_work` as a Markdown table (PSNR dB; '-' where no setting does that little work)."""
+    fractions = list(rows[0]["best"]) if rows else []
+    lines = [
+        "| method | impl | " + " | ".join(f"<= {f:.2f} of the block evals ({1 / f:.1f}x)" for f in fractions) + " |",
+        "|---|---|" + "---:|" * len(fractions),
+    ]
+    for r in rows:
+        cells = ["-" if v is None else f"{v:.2f}" for v in r["best"].values()]
+        lines.append(f"| {r['method']} | {r['impl']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

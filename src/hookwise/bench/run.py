@@ -44,6 +44,7 @@ class RunResult:
     ssim: float
     default: bool = False
     note: str = ""
+    config: list[dict[str, Any]] | None = None  # the hookwise configs run (calibrated ones with their data)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: infinite PSNR (identical samples) as "inf", a failed run's numbers as None."""
@@ -89,6 +90,7 @@ def run_cache_bench(
     compare_diffusers: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
     device: str | torch.device | None = None,
+    calibration_labels: Iterable[int] | None = None,
 ) -> list[RunResult]:
     """Benchmark the caches on a `hookwise.zoo` reference model; returns one result per run.
 
@@ -96,6 +98,9 @@ def run_cache_bench(
     per setting (the fastest counts); each setting's speed-up is against the faster of two uncached
     runs made right before and right after it. `methods`: names to keep (default: all).
     `device`: where to sample; the reference model is moved there (default: where it is).
+    `calibration_labels`: the classes the calibrated caches are calibrated on (with seed `seed + 1`);
+    then `labels` must not hold any of them and defaults to the other classes. Without it the
+    calibrations sample the evaluated classes.
     """
     wanted = set(methods) if methods is not None else set(HOOKWISE_METHODS)
     unknown = wanted - set(HOOKWISE_METHODS)
@@ -106,11 +111,27 @@ def run_cache_bench(
     spec = reference.spec
     model = reference.transformer
     steps = steps or spec.steps
-    labels = torch.as_tensor(list(labels) if labels is not None else range(len(spec.classes)), dtype=torch.long)
+    cal_labels = sorted(set(calibration_labels)) if calibration_labels is not None else None
+    if labels is None:
+        labels = [c for c in range(len(spec.classes)) if cal_labels is None or c not in cal_labels]
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    if cal_labels is not None and set(labels.tolist()) & set(cal_labels):
+        raise ConfigError(
+            f"calibration classes {cal_labels} and evaluated classes {labels.tolist()} overlap; keep them disjoint"
+        )
     generator = torch.Generator().manual_seed(seed)
     noise = reference.noise(labels.shape[0], generator)
     cond = reference.conditioning(labels)
     uncond = reference.conditioning(torch.full_like(labels, -1))
+    if cal_labels is not None:
+        cal = torch.as_tensor(cal_labels, dtype=torch.long)
+        cal_inputs = (
+            reference.noise(cal.shape[0], torch.Generator().manual_seed(seed + 1)),
+            reference.conditioning(cal),
+            reference.conditioning(torch.full_like(cal, -1)),
+        )
+    else:
+        cal_inputs = None
     model_map = describe(model)
     main_blocks = {b.path for t in model_map.main_towers for b in t.blocks}
     blocks = [model.get_submodule(b.path) for b in model_map.blocks if b.path in main_blocks]
@@ -135,13 +156,14 @@ def run_cache_bench(
         if noise.device.type == "cuda":
             torch.cuda.synchronize(noise.device)
 
-    def once(cfg: str, branch_context=None, wrap=None) -> tuple[torch.Tensor, float]:
+    def once(cfg: str, branch_context=None, wrap=None, inputs=None) -> tuple[torch.Tensor, float]:
         synchronize()
         start = time.perf_counter()
         ctx = wrap() if wrap is not None else contextlib.nullcontext()
+        x0, c, u = inputs or (noise, cond, uncond)
         with ctx:
             latents = sample(
-                model, noise, cond, uncond, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
+                model, x0, c, u, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
                 timestep_scale=spec.timestep_scale, branch_context=branch_context,
             )
         # On the host: the metrics run there (ssim's window is made on the CPU), and the copy waits for the work.
@@ -168,11 +190,11 @@ def run_cache_bench(
             reference_images[cfg], base_counts[cfg], base_seconds[cfg] = images, (nb, na), min(times)
             results.append(RunResult("none", "reference", f"cfg={cfg}", 1.0, 1.0, min(times), 1.0, math.inf, 1.0, True))
 
-        def calibrate() -> None:
-            once("separate")
+        def calibrate() -> torch.Tensor:
+            return once("separate", inputs=cal_inputs)[0]
 
         def calibrate_diffusers() -> None:
-            once("separate", branch_context=lambda name: model.cache_context(name))
+            once("separate", branch_context=lambda name: model.cache_context(name), inputs=cal_inputs)
 
         todo = hookwise_methods(model, calibrate, steps, len(blocks), wanted)
         if compare_diffusers and wanted & set(DIFFUSERS_METHODS):
@@ -222,6 +244,7 @@ def run_cache_bench(
                 RunResult(
                     m.method, m.impl, m.setting, nb / b0, (na / a0) if a0 else 1.0, best, local_base / best,
                     psnr(images, ref), ssim(images, ref), m.default, f"cfg={m.cfg}",
+                    [c.to_dict() for c in m.configs] or None,
                 )
             )
         for r in results:

@@ -9,6 +9,10 @@ Techniques, one file each (a config, its validation, its registration):
   reusing; with `targets="attention"`, an attention cache.
 - `pab.py` (`PyramidAttentionBroadcast`), `faster_cache.py` (`FasterCache`, which also reuses the
   unconditional CFG branch): attention caches.
+- `forecast.py` (`Forecast`, `calibrate_forecast`): computes the main towers on a schedule of steps
+  (dense early, sparse late) and forecasts the others' residual from the last computed ones
+  (Lagrange extrapolation, or weights fitted per model); the calibration also searches the schedule
+  for a budget of computed steps.
 - `layer_skip.py` (`LayerSkip`): drops blocks or their attention / FFN modules by index.
 
 Machinery, private to this folder (no technique imports another technique's file):
@@ -18,6 +22,7 @@ Machinery, private to this folder (no technique imports another technique's file
 - `_streams.py`: how a module's outputs continue its inputs (stream maps) and `map_output`.
 - `_blocks.py`: the block-span engine behind the block caches (policies, predictors, targets).
 - `_reuse.py`: the module-output reuse engine behind the attention caches.
+- `_schedule.py`: schedules of computed steps, forecast weights (Lagrange, fitted) and the schedule search.
 
 All of them read the timestep and step from the run state, keep their state per CFG branch, reset
 with each sampling run, take their targets from `hookwise.describe`, and make at most one host
@@ -26,6 +31,7 @@ synchronization per step for their decision. `cache_stats(model)` says what each
 
 from ._state import cache_stats
 from .dual_block import DualBlockCache, apply_dual_block_cache, remove_dual_block_cache
+from .forecast import Forecast, apply_forecast, calibrate_forecast, remove_forecast
 from .faster_cache import FasterCache, apply_faster_cache, remove_faster_cache
 from .first_block import FirstBlockCache, apply_first_block_cache, remove_first_block_cache
 from .layer_skip import LayerSkip, apply_layer_skip, remove_layer_skip
@@ -37,6 +43,7 @@ from .teacache import TeaCache, apply_teacache, calibrate_teacache, remove_teaca
 __all__ = [
     "DualBlockCache",
     "FasterCache",
+    "Forecast",
     "FirstBlockCache",
     "LayerSkip",
     "MagCache",
@@ -45,6 +52,7 @@ __all__ = [
     "TeaCache",
     "apply_dual_block_cache",
     "apply_faster_cache",
+    "apply_forecast",
     "apply_first_block_cache",
     "apply_layer_skip",
     "apply_magcache",
@@ -52,10 +60,12 @@ __all__ = [
     "apply_taylorseer",
     "apply_teacache",
     "cache_stats",
+    "calibrate_forecast",
     "calibrate_magcache",
     "calibrate_teacache",
     "remove_dual_block_cache",
     "remove_faster_cache",
+    "remove_forecast",
     "remove_first_block_cache",
     "remove_layer_skip",
     "remove_magcache",

@@ -47,7 +47,7 @@ from ._state import (
 from ._streams import StreamMap, identity_output, infer_stream_map, input_of, rel_l1, tensor_inputs
 
 # The block caches: each one drives a span controller, so at most one of them per model.
-BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache")
+BLOCK_CACHES = ("first_block_cache", "dual_block_cache", "magcache", "teacache", "forecast")
 
 RUN = object()  # `before()` says: run the block
 

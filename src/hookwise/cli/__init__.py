@@ -218,18 +218,24 @@ def _add_plan(sub) -> None:
 def cmd_bench_cache(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     reference = load_reference(args.model)
-    labels = None
-    if args.prompts:
-        names = list(reference.spec.classes)
-        labels = []
-        for item in args.prompts.split(","):
+    names = list(reference.spec.classes)
+
+    def classes(text: str | None) -> list[int] | None:
+        if not text:
+            return None
+        out = []
+        for item in text.split(","):
             item = item.strip()
             if item.isdigit():
-                labels.append(int(item))
+                out.append(int(item))
             elif item in names:
-                labels.append(names.index(item))
+                out.append(names.index(item))
             else:
                 raise ConfigError(f"unknown prompt {item!r} for {args.model}; use class ids or names: {names}")
+        return out
+
+    labels = classes(args.prompts)
+    calibration = classes(args.calibration_prompts)
     methods = args.methods.split(",") if args.methods else None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -248,6 +254,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
             methods=methods,
             compare_diffusers=not args.no_diffusers,
             progress=progress,
+            calibration_labels=calibration,
         )
     table = to_markdown(results)
     print(table)
@@ -293,6 +300,9 @@ def _add_bench(sub) -> None:
     )
     cache.add_argument("--model", default="flux-shapes", choices=reference_names(), help="reference model (default flux-shapes)")
     cache.add_argument("--prompts", default=None, help="comma-separated class ids or names of the model's prompt classes (listed below; default: every class)")
+    cache.add_argument("--calibration-prompts", default=None,
+                       help="classes the calibrated caches are calibrated on (then --prompts defaults to the others; "
+                       "default: calibrate on the evaluated classes)")
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's, 28)")
     cache.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per setting; the fastest counts")

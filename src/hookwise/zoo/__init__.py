@@ -7,6 +7,7 @@ by `python -m hookwise.zoo.train` on procedurally generated data, shipped with t
 """
 
 from .data import IMAGE_CLASSES, VIDEO_CLASSES, make_images, make_videos
+from .schedules import shipped_forecast, shipped_forecasts
 from .reference import ReferenceModel, ReferenceSpec, get_reference_spec, load_reference, reference_names, reference_path
 
 __all__ = [
@@ -20,4 +21,6 @@ __all__ = [
     "make_videos",
     "reference_names",
     "reference_path",
+    "shipped_forecast",
+    "shipped_forecasts",
 ]

@@ -1,0 +1,230 @@
+"""Forecast: compute the block stack on a schedule of steps, forecast the residual of the others.
+
+The main towers run on the steps of a *schedule* (data: a tuple of step indices, or the
+front-loaded rule `front_loaded(num_steps, budget, power)`: dense early where the trajectory
+changes fastest, sparse late). On every other step all main blocks are skipped and each tower's
+residual (output - input) is forecast from its residuals at the last computed steps, as a weighted
+sum `sum_j w_j R(c_j)`:
+
+- with no fitted coefficients, `w` are the Lagrange weights of the polynomial through the last
+  `order + 1` computed steps, evaluated at the current step (no fitting; order 0 reuses);
+- with `coefficients` (fitted per model by `calibrate_forecast` in seconds from one calibration
+  run: a least-squares fit, ridge-pulled to the Lagrange weights, of each skipped step's residual
+  on the computed ones), `w` are that step's fitted weights. They are plain numbers saved with the
+  stack, like the schedule.
+
+`calibrate_forecast` also chooses the schedule for a budget of computed steps (`_schedule.py`:
+a search on the calibration run's own PSNR). The decision is the step index, so it costs no host
+read beyond resolving the timestep; the state is per CFG branch; with every step in the schedule
+the model computes exactly as without the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.config import TechniqueConfig, check_int
+from ..core.cost import cached_cost
+from ..core.hooks import Layer
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..errors import ConfigError
+from ._blocks import BLOCK_CACHES, Call, Policy, Predictor, SpanController, install_span, uninstall_span
+from ._schedule import front_loaded, lagrange_weights
+from ._state import resolved_step
+
+NAME = "forecast"
+
+
+@dataclass(frozen=True)
+class Forecast(TechniqueConfig):
+    """Forecast the main towers' residual on the steps a schedule skips.
+
+    - `num_steps`: steps of the sampling runs the schedule is for; later steps always compute.
+    - `schedule`: the computed steps (step 0 included); None: `budget` steps by the front-loaded
+      rule (`power` > 1 packs them early; 1, the default, spaces them evenly, which measured best
+      without a search on the zoo models). Neither: every step computes (exact).
+    - `order`: forecast from the last `order + 1` computed steps (Lagrange polynomial of that order,
+      or that many fitted weights); 1 (linear) measured best with Lagrange's weights.
+    - `coefficients`: per step, the fitted weights of the last computed residuals (oldest first; an
+      empty tuple for a computed step or to use the Lagrange weights there). Made by
+      `calibrate_forecast`, for this schedule.
+    """
+
+    num_steps: int = 28
+    schedule: tuple[int, ...] | None = None
+    budget: int | None = None
+    power: float = 1.0
+    order: int = 1
+    coefficients: tuple[tuple[float, ...], ...] | None = None
+
+    def validate(self) -> None:
+        check_int("Forecast.num_steps", self.num_steps, 1)
+        check_int("Forecast.order", self.order, 0)
+        check_int("Forecast.budget", self.budget, 1, optional=True)
+        if not isinstance(self.power, (int, float)) or isinstance(self.power, bool) or not 0 < self.power <= 8:
+            raise ConfigError(f"Forecast.power must be a number in (0, 8], got {self.power!r}")
+        if self.schedule is not None and self.budget is not None:
+            raise ConfigError("Forecast takes a `schedule` or a `budget` (the front-loaded rule), not both")
+        if self.schedule is not None:
+            steps = tuple(self.schedule)
+            if not steps or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < self.num_steps for s in steps):
+                raise ConfigError(
+                    f"Forecast.schedule must be step indices in [0, {self.num_steps}) (num_steps={self.num_steps}), got {self.schedule!r}"
+                )
+            if list(steps) != sorted(set(steps)) or steps[0] != 0:
+                raise ConfigError(f"Forecast.schedule must be increasing, without repeats, starting at step 0; got {self.schedule!r}")
+            object.__setattr__(self, "schedule", steps)
+        if self.budget is not None and self.budget > self.num_steps:
+            raise ConfigError(f"Forecast.budget={self.budget} is more than num_steps={self.num_steps}")
+        if self.coefficients is not None:
+            coefs = tuple(tuple(float(w) for w in row) for row in self.coefficients)
+            if len(coefs) != self.num_steps:
+                raise ConfigError(f"Forecast.coefficients needs one row per step ({self.num_steps}), got {len(coefs)}")
+            computed = set(self.computed_steps())
+            for s, row in enumerate(coefs):
+                if row and (s in computed or len(row) > self.order + 1):
+                    raise ConfigError(
+                        f"Forecast.coefficients[{s}] has {len(row)} weights: a computed step takes none and a skipped one at "
+                        f"most order + 1 = {self.order + 1}; fit them for this schedule with calibrate_forecast"
+                    )
+            object.__setattr__(self, "coefficients", coefs)
+
+    def computed_steps(self) -> tuple[int, ...]:
+        """The steps where the blocks run."""
+        if self.schedule is not None:
+            return self.schedule
+        if self.budget is not None:
+            return front_loaded(self.num_steps, self.budget, self.power)
+        return tuple(range(self.num_steps))
+
+
+class SchedulePolicy(Policy):
+    """Computes on the schedule's steps (and past `num_steps`); decides before the first block."""
+
+    def __init__(self, config: Forecast) -> None:
+        self.computed = frozenset(config.computed_steps())
+        self.num_steps = config.num_steps
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        step = resolved_step(ctrl.state)
+        return step in self.computed or step >= self.num_steps
+
+
+@dataclass
+class History:
+    """The forecast's state on one branch: per segment, (step, residual) at the last computed steps."""
+
+    by_segment: dict[int, list[tuple[int, list[torch.Tensor | None]]]] = field(default_factory=dict)
+
+
+class ForecastPredictor(Predictor):
+    """Weighted sum of the last computed residuals: fitted weights where given, else Lagrange's."""
+
+    name = "forecast"
+
+    def __init__(self, order: int, coefficients: tuple[tuple[float, ...], ...] | None) -> None:
+        self.keep = order + 1
+        self.coefficients = coefficients
+
+    def new_predictor_state(self) -> History:
+        return History()
+
+    def update(self, memory: History, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        hist = memory.by_segment.setdefault(seg, [])
+        if hist and hist[-1][0] >= step:
+            hist.clear()  # a new run on the same state: start over
+        hist.append((step, residual))
+        del hist[: -self.keep]
+
+    def ready(self, memory: History, segments: int) -> bool:
+        return len(memory.by_segment) == segments
+
+    def weights(self, steps: list[int], step: int) -> list[float]:
+        row = self.coefficients[step] if self.coefficients is not None and step < len(self.coefficients) else ()
+        if row and len(row) <= len(steps):
+            return [0.0] * (len(steps) - len(row)) + list(row)
+        return lagrange_weights(steps, step)
+
+    def predict(self, memory: History, seg: int, step: int) -> list[torch.Tensor | None]:
+        hist = memory.by_segment[seg]
+        weights = self.weights([s for s, _ in hist], step)
+        out: list[torch.Tensor | None] = []
+        for k, first in enumerate(hist[-1][1]):
+            terms = [(w, r[k]) for w, (_, r) in zip(weights, hist) if w != 0.0]
+            if first is None or any(r is None or r.shape != first.shape for _, r in terms):
+                out.append(first)  # a stream that changed shape: reuse its last residual
+                continue
+            value = torch.zeros_like(first, dtype=torch.float32)
+            for w, r in terms:
+                value.add_(r.float(), alpha=w)
+            out.append(value.to(first.dtype))
+        return out
+
+
+def _apply_forecast(model: nn.Module, config: Forecast | None = None) -> None:
+    """A span cache over every main block of `model`, computing on the schedule."""
+    config = config or Forecast()
+    ctrl = install_span(NAME, model, 0, 0, SchedulePolicy(config))
+    ctrl.predictor = ForecastPredictor(config.order, config.coefficients)
+
+
+def _remove_forecast(model: nn.Module, config: Forecast | None = None) -> None:
+    uninstall_span(NAME, model)
+
+
+def apply_forecast(model: nn.Module, config: Forecast | None = None) -> None:
+    """Attach Forecast to the main blocks of `model`; the same as `hookwise.apply(model, config)`."""
+    apply_techniques(model, [config or Forecast()])
+
+
+def remove_forecast(model: nn.Module) -> None:
+    """Remove Forecast from `model` (the same as `hookwise.remove(model, "forecast")`)."""
+    remove_techniques(model, [NAME])
+
+
+def calibrate_forecast(
+    model: nn.Module,
+    run: Callable[[], Any],
+    *,
+    num_steps: int,
+    budget: int | None = None,
+    schedule: tuple[int, ...] | None = None,
+    order: int = 1,
+    fit: bool = True,
+    search: bool = True,
+    max_runs: int = 40,
+) -> Forecast:
+    """A `Forecast` for `model`, from calibration runs made by `run()` (one whole sampling run that
+    returns its samples: pixels or latents).
+
+    - `fit`: fit the forecast weights (else Lagrange's).
+    - `schedule` given: fit for it; else `budget` computed steps, starting from the front-loaded rule
+      and, with `search`, improved by a search whose objective is the PSNR of `run()`'s samples
+      against the uncached ones (at most `max_runs` runs of `run()`).
+    Use calibration prompts / seeds that you do not evaluate on. Remove any block cache first. The
+    recording run keeps every step's residual of every tower (float32, on the model's device) until
+    it ends: about `num_steps` times one block's output per CFG branch.
+    """
+    from ._schedule import calibrate_schedule  # the search and fit machinery
+
+    return calibrate_schedule(
+        NAME, model, run, Forecast, num_steps=num_steps, budget=budget, schedule=schedule, order=order,
+        fit=fit, search=search, max_runs=max_runs,
+    )
+
+
+register_technique(
+    NAME,
+    Forecast,
+    apply=_apply_forecast,
+    remove=_remove_forecast,
+    layer=Layer.CACHE,
+    # TaylorSeer would replace the forecast as the span's predictor: one predictor per block cache.
+    conflicts=(*(n for n in BLOCK_CACHES if n != NAME), "taylorseer"),
+    # offered by the planner once the shipped harness rows hold its default ("budget=7/28, order=1")
+    cost=cached_cost("forecast", lambda: Forecast(num_steps=28, budget=7)),
+)
