@@ -261,6 +261,24 @@ def test_qlora_trains_the_adapters_only_and_saves_no_full_precision_weight_for_b
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8-weight"])
+def test_qlora_under_checkpointing_gives_the_gradients_it_gives_without(scheme):
+    base, inputs = tiny_flux()
+    base.requires_grad_(False)
+    hookwise.apply(base, Quantize(scheme))
+    model = _lora(base).train()
+    checkpointed = copy.deepcopy(model)
+    hookwise.apply(checkpointed, hookwise.Checkpointing())
+    target = torch.randn_like(output_of(model, inputs))
+    grads = []
+    for m in (model, checkpointed):
+        (m(**inputs).sample - target).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_input_and_bias_gradients_match_the_dequantized_weight():
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Sequential(nn.Linear(64, 32)), nn.Sequential(nn.Linear(32, 32)))

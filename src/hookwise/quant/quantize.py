@@ -173,7 +173,9 @@ class _QuantLinearFn(torch.autograd.Function):
             grad_x = grad_out.matmul(weight).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return (grad_x, grad_bias, None, *([None] * len(ctx.saved_tensors or ctx.hook.names)))
+        # one None per stored tensor, counted from the hook: non-reentrant checkpointing lets each saved
+        # tensor be unpacked once, so `ctx.saved_tensors` must not be read a second time here
+        return (grad_x, grad_bias, None, *([None] * len(ctx.hook.names)))
 
 
 _slot = stored_slot
