@@ -72,9 +72,7 @@ CASES = [
     ("zoo-flux-shapes", "train", "budget-offload"),
     ("zoo-wan-moving", "sample", "block-offload"),
     # Every model sampled and trained (checkpointing on and off) under a stack, every stack sampled and trained.
-    ("tiny-wan", "train", "block-offload"),
     ("zoo-flux-shapes", "sample", "int8"),
-    ("zoo-flux-shapes", "train-no-ckpt", "nf4"),
     ("zoo-wan-moving", "train", "fp8+offload"),
     ("zoo-wan-moving", "sample", "nf4"),
     ("tiny-wan", "train-no-ckpt", "int8"),
