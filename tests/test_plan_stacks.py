@@ -71,7 +71,7 @@ CASES = [
     ("zoo-flux-shapes", "sample", "fp8+offload"),
     ("zoo-flux-shapes", "train", "budget-offload"),
     ("zoo-wan-moving", "sample", "block-offload"),
-    # Every model sampled and trained (checkpointing on and off) under a stack, every stack sampled and trained.
+    # Every model sampled and trained under a stack; quantization sampled and trained.
     ("zoo-flux-shapes", "sample", "int8"),
     ("zoo-wan-moving", "train", "fp8+offload"),
     ("zoo-wan-moving", "sample", "nf4"),
