@@ -92,6 +92,7 @@ def compare_small() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def stacks(weight_bytes: int) -> dict[str, tuple]:
     from hookwise.memory import LayerwiseCasting, Offload
+    from hookwise.quant import Quantize
 
     return {
         "plain": (),
@@ -100,6 +101,9 @@ def stacks(weight_bytes: int) -> dict[str, tuple]:
         "budget offload": (Offload(onload_device="cpu", granularity="block", vram_budget=weight_bytes * 6 // 10),),
         "leaf offload": (Offload(onload_device="cpu", granularity="leaf"),),
         "fp8 + offload": (LayerwiseCasting(), Offload(onload_device="cpu", granularity="block")),
+        "int8": (Quantize("int8-weight"),),
+        "nf4": (Quantize("nf4"),),
+        "int8 + offload": (Quantize("int8-weight"), Offload(onload_device="cpu", granularity="block")),
     }
 
 
@@ -131,7 +135,7 @@ STACK_JOBS = {
 }
 
 
-def compare_stacks() -> list[dict[str, Any]]:
+def compare_stacks(models: list[str] | None = None) -> list[dict[str, Any]]:
     import warnings
 
     rows = []
@@ -139,7 +143,10 @@ def compare_stacks() -> list[dict[str, Any]]:
           "MiB (math attention; training: LoRA r16 + AdamW state; ckpt = hookwise Checkpointing)")
     print(f"{'model':16s} {'step':10s} {'stack':15s} {'measured':>9s} {'fake':>9s} {'ratio':>6s} {'declared':>9s} "
           f"{'ratio':>6s} {'host':>7s}")
-    for name, model, _ in small_models():
+    chosen = {name: (model, job) for name, model, job in small_models()}
+    for name in models or list(chosen):
+        model = chosen[name][0]
+        print(f"# {name}: load {open('/proc/loadavg').read().strip()}", flush=True)
         target, _ = known_target(model)
         weights = sum(t.numel() * t.element_size() for t in [*target.parameters(), *target.buffers()])
         for mode, extra in MODES.items():
@@ -154,17 +161,24 @@ def compare_stacks() -> list[dict[str, Any]]:
                     except HookwiseError as exc:  # a budget below two slots of the largest block
                         print(f"{name:16s} {mode:10s} {label:15s} does not apply: {str(exc)[:80]}")
                         continue
+                    except RuntimeError as exc:  # the real run fails: the table says so
+                        print(f"{name:16s} {mode:10s} {label:15s} real run fails: {type(exc).__name__}: "
+                              f"{str(exc)[:90]}", flush=True)
+                        rows.append(dict(model=name, step=mode, stack=label, error=f"{type(exc).__name__}: {exc}"))
+                        continue
                     fake = estimate_peak(model, job, attention_backend="math", compute_device="cpu", stack=stack)
                 declared = declared_peak(model, job, stack, plain)
                 m = measured["peak_bytes"]
                 print(f"{name:16s} {mode:10s} {label:15s} {mib(m)} {mib(fake.peak_bytes)} {fake.peak_bytes / m:6.3f} "
-                      f"{mib(declared)} {declared / m:6.3f} {measured['host_bytes'] / 2**20:7.3f}")
+                      f"{mib(declared)} {declared / m:6.3f} {measured['host_bytes'] / 2**20:7.3f}", flush=True)
                 rows.append(dict(model=name, step=mode, stack=label, measured=m, fake=fake.peak_bytes,
                                  declared=declared, host=measured["host_bytes"], fake_host=fake.host_bytes,
                                  optimizer=measured["optimizer_bytes"], fake_optimizer=fake.optimizer_bytes))
-    within = sum(abs(r["fake"] / r["measured"] - 1) <= 0.05 for r in rows)
-    declared_within = sum(abs(r["declared"] / r["measured"] - 1) <= 0.05 for r in rows)
-    print(f"within 5%: fake run with the stack {within}/{len(rows)}, declarations {declared_within}/{len(rows)}")
+    ran = [r for r in rows if "error" not in r]
+    within = sum(abs(r["fake"] / r["measured"] - 1) <= 0.05 for r in ran)
+    declared_within = sum(abs(r["declared"] / r["measured"] - 1) <= 0.05 for r in ran)
+    print(f"within 5%: fake run with the stack {within}/{len(ran)}, declarations {declared_within}/{len(ran)}; "
+          f"{len(rows) - len(ran)} real runs failed")
     return rows
 
 
@@ -204,21 +218,33 @@ def full_size() -> list[dict[str, Any]]:
     return rows
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-full", action="store_true", help="skip the full-size FLUX / Wan estimates")
     parser.add_argument("--skip-small", action="store_true", help="skip the plain small-model comparison")
     parser.add_argument("--stacks", action="store_true", help="compare every strategy on the small models")
+    parser.add_argument("--models", nargs="+", choices=list(STACK_JOBS), help="only these models in --stacks")
     parser.add_argument("--calibrate", action="store_true", help="print the formula factors fitted on the small models")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load {open('/proc/loadavg').read().strip()}, commit {_commit()}")
     out: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     if not args.skip_small:
         out["small"], samples = compare_small()
     if args.stacks:
-        out["stacks"] = compare_stacks()
+        out["stacks"] = compare_stacks(args.models)
     if args.calibrate and samples:
         factors = fit_factors(samples)
         print("\nformula factors fitted on the measured peaks (flash):",

@@ -18,6 +18,7 @@ import hookwise
 from hookwise import LayerwiseCasting, Offload
 from hookwise.core import Layer, ModelHook, TechniqueConfig, add_hook, register_technique, remove_hook, unregister_technique
 from hookwise.core.cost import Placement, TechniqueCost, parse_rate, parse_size
+from hookwise.core.techniques import technique_of
 from hookwise.errors import ConfigError
 from hookwise.introspect import build_spec
 from hookwise.plan import Hardware, Job, Plan, make_plan, optimize
@@ -159,9 +160,29 @@ def test_register_technique_refuses_a_cost_that_is_not_a_declaration():
         register_technique("bad", Halve, apply=lambda m, c: None, remove=None, layer=Layer.DEFAULT, cost=object())
 
 
+def test_the_hardware_profile_says_whether_the_gpu_multiplies_in_fp8():
+    ada = Hardware.detect(gpu="RTX 4090", ram="32GB", probe=False)
+    assert ada.fp8 and ada.capability == (8, 9) and "fp8 matmul" in ada.describe()
+    hopper = Hardware.detect(gpu="H100", ram="32GB", probe=False)
+    assert hopper.fp8 and hopper.capability == (9, 0)
+    for older in ("RTX 3090", "A100"):
+        assert not Hardware.detect(gpu=older, ram="32GB", probe=False).fp8
+    unknown = Hardware.detect(vram="24GB", ram="32GB", probe=False)
+    assert not unknown.fp8 and unknown.capability is None
+    assert any("fp8" in a for a in unknown.assumed)  # it says it did not know, and how to state it
+    stated = Hardware.detect(vram="24GB", ram="32GB", probe=False, fp8=True)
+    assert stated.fp8 and not any("fp8" in a for a in stated.assumed)
+    assert not Hardware.detect(gpu="RTX 4090", ram="32GB", probe=False, fp8=False).fp8
+    assert not Hardware.detect(device="cpu", ram="8GB", probe=False).fp8
+    assert Hardware.from_dict(json.loads(json.dumps(ada.to_dict()))) == ada
+    with pytest.raises(ConfigError, match="fp8="):
+        Hardware.detect(vram="24GB", probe=False, fp8="yes")
+
+
 # ---- choices on hand-made machines ----------------------------------------------------------------------
-def _machine(vram_gb: int, ram_gb: int) -> Hardware:
-    return Hardware.detect(vram=f"{vram_gb}GB", ram=f"{ram_gb}GB", h2d="25GB/s", disk_read="2GB/s", tflops=130, probe=False)
+def _machine(vram_gb: int, ram_gb: int, **extra) -> Hardware:
+    return Hardware.detect(vram=f"{vram_gb}GB", ram=f"{ram_gb}GB", h2d="25GB/s", disk_read="2GB/s", tflops=130,
+                           probe=False, **extra)  # fmt: skip
 
 
 def _const(n: int):
@@ -226,7 +247,41 @@ def test_the_choice_on_a_hand_made_machine(specs, name, job, vram, ram, goal, ex
     assert plan.chosen is not None, plan.explain()
     assert plan.chosen.label.startswith(expected), plan.explain()
     assert plan.chosen.quality_class == quality
+    # Without fp8 matmul (unknown capability) neither fp8 path is offered.
+    assert not any("compute=fp8" in o.label or "fp8-dynamic" in o.label for o in plan.options)
     assert plan.chosen.device_peak <= 0.95 * vram * GB - 512 * 2**20
+
+
+# Where the GPU multiplies in fp8 (stated, or capability 8.9+ of a named GPU), casting offers fp8
+# compute (assumed 0.75x of bf16 on CUDA) and quantization fp8-dynamic (0.7x, offered from the
+# capability). "balanced" takes them: at least 15% faster than every exact stack. Training keeps
+# the upcast path, and "quality" keeps exact weights.
+FP8 = {"fp8": True}
+H100 = {"gpu": "H100"}
+FP8_CHOICES = [
+    ("flux.1-dev", FLUX, 80, 128, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
+    ("flux.1-dev", FLUX, 80, 128, FP8, "quality", "all resident", "exact"),
+    ("flux.1-dev", FLUX, 12, 64, FP8, "balanced", "casting(scaling=channel, compute=fp8) + offload(vram_budget=",
+     "fp8 (channel scaling, fp8 compute"),
+    ("flux.1-dev", FLUX, 80, 128, H100, "balanced", "quantization(scheme=fp8-dynamic)", "fp8 dynamic"),
+    ("flux.1-dev", FLUX_LORA, 48, 64, FP8, "balanced", "all resident", "exact"),
+    ("wan2.1-t2v-14b", WAN, 80, 128, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
+    ("wan2.1-t2v-14b", WAN, 24, 64, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
+]
+
+
+@pytest.mark.parametrize("name, job, vram, ram, hw, goal, expected, quality", FP8_CHOICES)
+def test_the_choice_on_a_hand_made_machine_with_fp8_matmul(specs, name, job, vram, ram, hw, goal, expected, quality):
+    model, target, estimator = specs[name]
+    plan = make_plan(model, job, _machine(vram, ram, **hw), goal, activation_estimator=estimator, target=target)
+    assert plan.chosen is not None, plan.explain()
+    assert plan.chosen.label.startswith(expected), plan.explain()
+    assert plan.chosen.quality_class.startswith(quality)
+    offered = {o.label for o in plan.options}
+    assert any("compute=fp8" in label for label in offered) == (not job.training)
+    schemes = {c.scheme for o in plan.options for c in o.configs if technique_of(c).name == "quantization"}
+    assert {"int8-weight", "nf4"} <= schemes  # quantization's own declaration offers these everywhere
+    assert ("fp8-dynamic" in schemes) == (hw is H100 and not job.training)  # offered from the capability
 
 
 def test_a_job_that_fits_nowhere_is_explained_with_the_closest_failure(specs):
@@ -441,3 +496,51 @@ def test_the_bandwidth_probe_is_cached_per_machine(tmp_path, monkeypatch):
     hardware._store_probe("Some GPU", 21e9)
     assert hardware._cached_probe("Some GPU") == 21e9 and hardware._cached_probe("Other GPU") is None
     assert (tmp_path / "hookwise" / "hardware.json").exists()
+
+
+# ---- one description per plan ---------------------------------------------------------------------------
+def _count_describes(monkeypatch) -> list:
+    from hookwise.introspect import model_map
+
+    described = []
+    real = model_map._describe
+
+    def counting(model, *args, **kwargs):
+        described.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(model_map, "_describe", counting)
+    return described
+
+
+def test_a_plan_describes_its_model_once_even_with_stack_checks(monkeypatch):
+    model, _ = tiny_flux()
+    described = _count_describes(monkeypatch)
+    hw = Hardware.detect(device="cpu", vram=GB, ram=GB, tflops=1e-3, probe=False)
+    plan = make_plan(model, Job(height=64, width=64, text_len=24, training=True), hw, stack_check=True)
+    assert plan.peak_source == "fake run with the stack"
+    assert sum(m is model for m in described) == 1
+    # Without a plan around it, describe maps the model every time it is asked.
+    described.clear()
+    hookwise.describe(model)
+    hookwise.describe(model)
+    assert sum(m is model for m in described) == 2
+
+
+def test_a_model_changed_within_a_plan_is_described_again():
+    from hookwise.introspect import describe_cache
+
+    model, _ = tiny_flux()
+    with describe_cache():
+        first = hookwise.describe(model)
+        assert hookwise.describe(model) is first
+        assert hookwise.describe(model, architecture=None) is not first  # other arguments, another map
+        hookwise.apply(model, LayerwiseCasting(storage_dtype=torch.bfloat16, scaling="none"))  # weights change dtype
+        cast = hookwise.describe(model)
+        assert cast is not first and "bfloat16" in {leaf.dtype for leaf in cast.leaves}
+        hookwise.remove(model)
+        model.proj_out = nn.Sequential(model.proj_out)  # a module wrapped: the paths change
+        assert hookwise.describe(model) is not cast
+        other, _ = tiny_flux()
+        assert hookwise.describe(other) is not hookwise.describe(model)  # another model, never its twin's map
+    assert hookwise.describe(model) is not hookwise.describe(model)  # the cache ends with the plan

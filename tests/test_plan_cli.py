@@ -15,6 +15,22 @@ def stated_activations(monkeypatch):
     monkeypatch.setattr(estimate, "default_activation_estimator", lambda *a, **k: ActivationEstimate(2 * 10**9, "stated"))
 
 
+@pytest.fixture(autouse=True)
+def stack_checks(monkeypatch):
+    """The stack check's fake runs, recorded and answered with "cannot run" (the declarations stand):
+    these tests check that the command asks for them, not the runs (tests/test_plan_stacks.py does)."""
+    from hookwise.plan import plan as plan_module
+
+    calls = []
+
+    def no_run(model, job, configs, **kwargs):
+        calls.append(configs)
+        return None
+
+    monkeypatch.setattr(plan_module, "stack_peak", no_run)
+    return calls
+
+
 MACHINE = ["--ram", "64GB", "--h2d", "25GB/s", "--tflops", "130", "--disk-read", "2GB/s"]
 
 
@@ -45,3 +61,40 @@ def test_plan_that_fits_nowhere_exits_nonzero_and_says_why(capsys):
 def test_plan_with_a_bad_size_is_a_clear_error(capsys):
     assert main(["plan", "flux.1-dev", "--vram", "lots"]) == 2
     assert "not a size" in capsys.readouterr().err
+
+
+def test_plan_checks_the_chosen_stack_on_fake_tensors_by_default_as_optimize_does(capsys, stack_checks):
+    import inspect
+
+    from hookwise.plan import make_plan, optimize
+
+    # One default for the library and the command: verify the stack really applied.
+    assert inspect.signature(make_plan).parameters["stack_check"].default is None
+    assert inspect.signature(optimize).parameters["stack_check"].default is None
+    assert main(["plan", "flux.1-dev", "--vram", "24GB", *MACHINE, "--json"]) == 0
+    assert len(stack_checks) == 1  # the best option's fake run was asked for
+    json.loads(capsys.readouterr().out)
+    stack_checks.clear()
+    assert main(["plan", "flux.1-dev", "--vram", "24GB", *MACHINE, "--json", "--no-stack-check"]) == 0
+    assert stack_checks == []
+
+
+def test_plan_offers_fp8_compute_only_for_a_gpu_with_fp8_matmul(capsys):
+    def options(*extra):
+        assert main(["plan", "flux.1-dev", "--vram", "80GB", *MACHINE, "--json", "--no-stack-check", *extra]) == 0
+        data = json.loads(capsys.readouterr().out)
+        return data, [o["label"] for o in data["options"]]
+
+    stated, labels = options("--fp8")
+    assert stated["hardware"]["fp8"] is True
+    assert "casting(scaling=channel, compute=fp8)" in labels and "casting(scaling=tensor, compute=fp8)" in labels
+    assert stated["chosen"]["label"] == "casting(scaling=channel, compute=fp8)"  # 0.75x of bf16, assumed
+    named, labels = options("--gpu", "RTX 4090")  # compute capability 8.9
+    assert named["hardware"]["fp8"] is True and named["hardware"]["capability"] == [8, 9]
+    assert any("compute=fp8" in label for label in labels)
+    for extra in ((), ("--gpu", "RTX 3090")):
+        data, labels = options(*extra)
+        assert data["hardware"]["fp8"] is False and not any("compute=fp8" in label for label in labels)
+        assert data["chosen"]["label"] == "all resident"
+    stated_off, labels = options("--gpu", "RTX 4090", "--no-fp8")
+    assert stated_off["hardware"]["fp8"] is False and not any("compute=fp8" in label for label in labels)

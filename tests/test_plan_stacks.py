@@ -43,6 +43,11 @@ STEPS = {
 
 
 def _stack(name: str, weight_bytes: int) -> tuple:
+    if name in ("int8", "nf4"):
+        pytest.importorskip("torchao" if name == "int8" else "bitsandbytes")
+        from hookwise.quant import Quantize
+
+        return (Quantize("int8-weight" if name == "int8" else "nf4"),)
     return {
         "fp8": (LayerwiseCasting(),),
         "block-offload": (Offload(onload_device="cpu", granularity="block"),),
@@ -66,6 +71,11 @@ CASES = [
     ("zoo-flux-shapes", "sample", "fp8+offload"),
     ("zoo-flux-shapes", "train", "budget-offload"),
     ("zoo-wan-moving", "sample", "block-offload"),
+    # Every model sampled and trained under a stack; quantization sampled and trained.
+    ("zoo-flux-shapes", "sample", "int8"),
+    ("zoo-wan-moving", "train", "fp8+offload"),
+    ("zoo-wan-moving", "sample", "nf4"),
+    ("tiny-wan", "train-no-ckpt", "int8"),
 ]
 
 
@@ -158,15 +168,19 @@ def test_a_budget_given_as_a_share_of_the_device_needs_the_hardware():
     assert 0 < half.host_bytes < weights
 
 
-def test_a_plan_with_stack_check_takes_its_peak_from_the_fake_run():
+def test_a_plan_takes_its_peak_from_the_fake_run_with_the_stack_by_default():
     from hookwise.plan import Hardware, make_plan
+    from hookwise.plan.estimate import ActivationEstimate
 
     model, _ = tiny_flux()
     job = Job(height=64, width=64, text_len=24)
     hw = Hardware.detect(device="cpu", vram=10**9, ram=10**9, tflops=1e-3, probe=False)
-    declared = make_plan(model, job, hw)
-    checked = make_plan(model, job, hw, stack_check=True)
+    declared = make_plan(model, job, hw, stack_check=False)
+    checked = make_plan(model, job, hw)
     assert declared.peak_source == "declarations"
+    # Activations the caller states are not replaced by a fake run unless asked for.
+    stated = make_plan(model, job, hw, activation_estimator=lambda *a, **k: ActivationEstimate(10**5, "stated"))
+    assert stated.peak_source == "declarations"
     assert checked.peak_source == "fake run with the stack"
     run = estimate_peak(model, job, compute_device="cpu", stack=checked.chosen.configs, hardware=hw)
     assert checked.chosen.device_peak == run.peak_bytes
@@ -189,3 +203,21 @@ def test_the_harness_results_are_read_from_the_installed_package():
         docs = Path(__file__).resolve().parents[1] / "docs" / Path(source).name
         assert docs.read_text() == installed.read_text()
         assert harness_file(job, docs.parent) == docs
+
+
+def test_the_offloads_extra_slot_warning_is_quiet_in_a_fake_run_and_not_in_a_real_one(caplog):
+    import logging
+
+    from hookwise.plan._peak_stack import SCHEDULE_LOGGER
+
+    model, _ = tiny_flux()
+    job = Job(height=64, width=64, text_len=24, training=True)  # the recompute holds every leaf group of a block
+    stack = _stack("leaf-offload", _weights(model))
+    with caplog.at_level(logging.WARNING, logger=SCHEDULE_LOGGER):
+        report = estimate_peak(model, job, attention_backend="math", compute_device="cpu", stack=stack)
+        assert not [r for r in caplog.records if r.name == SCHEDULE_LOGGER]
+        assert any("beyond the budget's plan" in note for note in report.modelled)  # the plan still says so
+        assert not logging.getLogger(SCHEDULE_LOGGER).filters  # nothing left behind
+        inputs = build_inputs(model, job, torch.float32)
+        measure_peak(known_target(model)[0], inputs, job, attention_backend="math", stack=stack)
+        assert any("slot" in r.getMessage() for r in caplog.records if r.name == SCHEDULE_LOGGER)

@@ -161,8 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job = Job(height=height, width=width, frames=args.frames, batch=args.batch, text_len=args.text_len,
               cfg=args.cfg, training=args.training, lora_rank=args.lora_rank)  # fmt: skip
     hardware = Hardware.detect(gpu=args.gpu, vram=args.vram, ram=args.ram, h2d=args.h2d, disk_read=args.disk_read,
-                               tflops=args.tflops, device=args.device)  # fmt: skip
-    plan = make_plan(model, job, hardware, args.goal, attention_backend=args.attention)
+                               tflops=args.tflops, device=args.device, fp8=args.fp8)  # fmt: skip
+    plan = make_plan(model, job, hardware, args.goal, attention_backend=args.attention, stack_check=args.stack_check)
     if args.json:
         print(plan.to_json())
         return 0 if plan.chosen else 1
@@ -171,7 +171,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         console = Console(width=160)
     console.print(Text.assemble((plan.model_cls, "bold"), f"  from {source}"))
     console.print(Text(f"machine: {hardware.describe()}"))
-    console.print(Text(f"activations: {plan.activation.activation_bytes / 2**30:.2f} GiB ({plan.activation.method})\n"))
+    console.print(Text(f"activations: {plan.activation.activation_bytes / 2**30:.2f} GiB ({plan.activation.method}); "
+                       f"the chosen stack's device peak from: {plan.peak_source}\n"))
     for renderable in _plan_tables(plan, None if args.all else 12):
         console.print(renderable)
     console.print(Text("\nChoice: ", style="bold"), Text(plan.explain()))
@@ -199,6 +200,12 @@ def _add_plan(sub) -> None:
     plan.add_argument("--gpu", default=None, help="a GPU to plan for by name (e.g. 'RTX 4090'): its memory and rate")
     plan.add_argument("--tflops", type=float, default=None, help="the device's dense bf16 rate a step reaches")
     plan.add_argument("--device", choices=("cuda", "cpu"), default=None, help="where the model computes")
+    plan.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                      help="the GPU multiplies in fp8 (compute capability 8.9+), so fp8-compute options are offered "
+                      "(default: from this GPU's or the named GPU's capability)")  # fmt: skip
+    plan.add_argument("--stack-check", action=argparse.BooleanOptionalAction, default=True,
+                      help="run the best options on fake tensors with their stack in place and choose by that peak "
+                      "(default; --no-stack-check trusts the cost declarations alone, faster)")  # fmt: skip
     plan.add_argument("--goal", choices=("balanced", "quality", "speed", "memory"), default="balanced")
     plan.add_argument("--resolution", default="1024", help="HEIGHTxWIDTH or one number (default 1024)")
     plan.add_argument("--frames", type=_positive_int, default=1, help="video frames (default 1: an image)")

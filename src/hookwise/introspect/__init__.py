@@ -1,8 +1,10 @@
 """describe(model) -> ModelMap: towers, blocks, leaves, high-precision modules, known architectures, specs.
 
 Traced call structure (`CallRecorder`, `trace_calls`, `check_against_trace`) confirms the map against what a forward ran.
+Machinery: `_cache.py` (`describe_cache()`: within it, an unchanged model is described once; the planner opens one per plan).
 """
 
+from ._cache import describe_cache
 from .architectures import ARCHITECTURES, Architecture, detect_architecture
 from .model_map import BlockInfo, LeafInfo, ModelMap, ModuleRole, TowerInfo, describe
 from .resolve import load_model
@@ -26,6 +28,7 @@ __all__ = [
     "build_spec",
     "check_against_trace",
     "describe",
+    "describe_cache",
     "detect_architecture",
     "example_inputs",
     "load_model",

@@ -10,6 +10,9 @@ architectures). With example inputs, one forward is traced (`trace.py`) and the 
 a block is a module that was called, an attention module is the innermost module in which attention
 was computed and never a whole block. Towers and attention modules the user states (`towers=`,
 `attention=`, module paths) win over both and are kept in `ModelMap.overrides`.
+
+Inside `describe_cache()` (`_cache.py`; the planner holds one open per plan) the map of an unchanged
+model is reused; traced maps (with example inputs) never are.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..core.hooks import unwrap
 from ..core.ledger import stated_map
 from ..core.state import find_timestep_parameter
 from ..errors import ConfigError
+from ._cache import cached
 from .architectures import Architecture, architecture_named, detect_architecture
 from .paths import prefixes as _prefixes
 from .precision import find_high_precision
@@ -427,6 +431,24 @@ def describe(
     model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"describe() needs a torch.nn.Module, got {type(model).__name__}")
+    def make() -> ModelMap:
+        return _describe(model, example_inputs, towers, attention, architecture, timestep_arg)
+
+    if example_inputs is not None:
+        return make()
+    stated = tuple(sorted((k, tuple(v)) for k, v in stated_map(model).items() if v is not None))
+    args = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in (towers, attention, architecture, timestep_arg))
+    return cached(model, (args, stated), make)
+
+
+def _describe(
+    model: nn.Module,
+    example_inputs: Any,
+    towers: list[str] | tuple[str, ...] | None,
+    attention: list[str] | tuple[str, ...] | None,
+    architecture: str | None,
+    timestep_arg: str | None,
+) -> ModelMap:
     notes: list[str] = []
     modules = dict(model.named_modules())
     stated = stated_map(model)  # the map stated when techniques were applied: theirs and ours agree

@@ -775,10 +775,15 @@ def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostCon
 
 
 def _casting_options(placement: Placement, ctx: CostContext) -> list[LayerwiseCasting]:
-    """fp8 storage at each scaling (block scaling first: the most accurate)."""
+    """fp8 storage at each scaling (block scaling first: the most accurate); for sampling on a device
+    whose hardware profile says it multiplies in fp8 (`hardware.fp8`), also fp8 compute at each
+    scaling it takes. Training keeps the upcast path: its gradients were measured only there."""
     if not any(leaf.keep is None and leaf.kind in ("linear", "conv") for leaf in placement.footprint.leaves):
         return []
-    return [LayerwiseCasting(scaling=s) for s in ("block", "channel", "tensor", "none")]
+    options = [LayerwiseCasting(scaling=s) for s in ("block", "channel", "tensor", "none")]
+    if getattr(ctx.hardware, "fp8", False) is True and not ctx.training:
+        options += [LayerwiseCasting(scaling=s, compute="fp8") for s in ("channel", "tensor")]
+    return options
 
 
 register_technique(

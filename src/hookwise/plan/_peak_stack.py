@@ -23,10 +23,13 @@ bytes come from its cost declaration on the copy's footprint after the technique
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
+import threading
 from types import SimpleNamespace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -207,3 +210,48 @@ def checkpointed_blocks(model: nn.Module, configs: list[Any]) -> list[str]:
             return list(config.blocks)
         return blocks if config.blocks == "auto" else blocks[: config.blocks]
     return []
+
+
+# The offload's scheduler warns when a recomputation makes it add a slot beyond its plan. On the fake
+# copy that is a finding of the plan (counted in the report's notes), not a fault of the user's run.
+SCHEDULE_LOGGER = "hookwise.memory.schedule"
+
+
+class _ThisThread(logging.Filter):
+    """Drops the warnings this thread logs; other threads' records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and record.levelno == logging.WARNING:
+            self.dropped += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_schedule() -> Iterator[_ThisThread]:
+    """While a fake run steps: the offload scheduler's warnings from this thread are dropped (and
+    counted); the logger, its level and every other thread's records are left as they are."""
+    quiet = _ThisThread()
+    logger = logging.getLogger(SCHEDULE_LOGGER)
+    logger.addFilter(quiet)
+    try:
+        yield quiet
+    finally:
+        logger.removeFilter(quiet)
+
+
+def overflow_note(fake: nn.Module) -> str | None:
+    """A note for the slots the offload on `fake` added beyond its plan during the run, or None."""
+    try:
+        added = offload_report(fake).stats.get("overflow_slots", 0)
+    except ConfigError:  # no offload on the copy
+        return None
+    if not added:
+        return None
+    return (f"offload: the run needed {added} prefetch slot(s) beyond the budget's plan (a checkpointed block's "
+            f"recomputation holds all its groups at once); counted in the peak")

@@ -4,6 +4,10 @@
 machine in the hookwise cache folder); every value can be given instead, to plan for a machine you
 do not have: `Hardware.detect(vram="24GB", ram="64GB", h2d="25GB/s")`. A CPU-only machine plans for
 a stated GPU (`gpu="RTX 4090"` or `vram=...`) or, with neither, for the CPU itself.
+
+`fp8` says whether the compute device multiplies in fp8 (tensor cores of compute capability 8.9+:
+Ada, Hopper, Blackwell): detected from this GPU's capability, or a named GPU's, or stated
+(`fp8=True`, `hookwise plan --fp8`). Techniques read it to offer their fp8-compute variants.
 """
 
 from __future__ import annotations
@@ -29,19 +33,21 @@ GB = 10**9
 
 # Dense bf16 matmul rates a DiT step reaches in practice (about 60% of the datasheet peak), and
 # memory. Used when a GPU is named but not present; a stated `tflops=` wins.
-KNOWN_GPUS: dict[str, dict[str, float]] = {
-    "rtx 3060": {"vram": 12 * 2**30, "tflops": 30},
-    "rtx 3090": {"vram": 24 * 2**30, "tflops": 50},
-    "rtx 4060 ti": {"vram": 16 * 2**30, "tflops": 45},
-    "rtx 4070": {"vram": 12 * 2**30, "tflops": 60},
-    "rtx 4080": {"vram": 16 * 2**30, "tflops": 100},
-    "rtx 4090": {"vram": 24 * 2**30, "tflops": 130},
-    "rtx 5090": {"vram": 32 * 2**30, "tflops": 170},
-    "a100": {"vram": 80 * 2**30, "tflops": 190},
-    "l40s": {"vram": 48 * 2**30, "tflops": 180},
-    "h100": {"vram": 80 * 2**30, "tflops": 450},
-    "h200": {"vram": 141 * 2**30, "tflops": 450},
+# `capability` is the CUDA compute capability (fp8 matmul from 8.9).
+KNOWN_GPUS: dict[str, dict[str, Any]] = {
+    "rtx 3060": {"vram": 12 * 2**30, "tflops": 30, "capability": (8, 6)},
+    "rtx 3090": {"vram": 24 * 2**30, "tflops": 50, "capability": (8, 6)},
+    "rtx 4060 ti": {"vram": 16 * 2**30, "tflops": 45, "capability": (8, 9)},
+    "rtx 4070": {"vram": 12 * 2**30, "tflops": 60, "capability": (8, 9)},
+    "rtx 4080": {"vram": 16 * 2**30, "tflops": 100, "capability": (8, 9)},
+    "rtx 4090": {"vram": 24 * 2**30, "tflops": 130, "capability": (8, 9)},
+    "rtx 5090": {"vram": 32 * 2**30, "tflops": 170, "capability": (12, 0)},
+    "a100": {"vram": 80 * 2**30, "tflops": 190, "capability": (8, 0)},
+    "l40s": {"vram": 48 * 2**30, "tflops": 180, "capability": (8, 9)},
+    "h100": {"vram": 80 * 2**30, "tflops": 450, "capability": (9, 0)},
+    "h200": {"vram": 141 * 2**30, "tflops": 450, "capability": (9, 0)},
 }
+FP8_CAPABILITY = (8, 9)  # the first CUDA generation with fp8 tensor cores (Ada)
 DEFAULT_GPU_TFLOPS = 100.0  # an unknown GPU: a mid-range card
 DEFAULT_CPU_TFLOPS = 0.5
 DEFAULT_H2D = 12 * GB  # PCIe 4.0 x16 with pageable copies, measured ~12-25 GB/s
@@ -64,16 +70,21 @@ class Hardware:
     tflops: float  # the dense matmul rate a step reaches
     assumed: tuple[str, ...] = field(default=())
     shared: bool = False  # the device's memory is the host RAM (planning for the CPU itself)
+    capability: tuple[int, int] | None = None  # CUDA compute capability, where known
+    fp8: bool = False  # the compute device multiplies in fp8 (capability 8.9+, or stated)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["assumed"] = list(self.assumed)
+        out["capability"] = list(self.capability) if self.capability else None
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hardware:
         data = dict(data)
         data["assumed"] = tuple(data.get("assumed", ()))
+        if data.get("capability") is not None:
+            data["capability"] = tuple(data["capability"])
         return cls(**data)
 
     def describe(self) -> str:
@@ -82,6 +93,7 @@ class Hardware:
         return (
             f"{self.name} ({self.device}): {self.vram * gib:.1f} GiB device memory, {self.ram * gib:.1f} GiB RAM, "
             f"host->device {self.h2d / GB:.1f} GB/s, disk {self.disk_read / GB:.1f} GB/s, ~{self.tflops:g} TFLOP/s"
+            + (", fp8 matmul" if self.fp8 else "")
             + (f" (assumed: {', '.join(self.assumed)})" if self.assumed else "")
         )
 
@@ -98,12 +110,14 @@ class Hardware:
         tflops: float | None = None,
         device: str | None = None,
         probe: bool = True,
+        fp8: bool | None = None,
     ) -> Hardware:
         """This machine, with any value given replacing what would be measured.
 
         `gpu` names a GPU to plan for (its memory and rate from a small table); `device="cpu"` plans
         for computing on the CPU. `probe=False` skips the bandwidth probe (defaults are used instead
-        unless a cached measurement exists).
+        unless a cached measurement exists). `fp8` states whether the device has fp8 matmul (None:
+        from the GPU's compute capability, this one's or the named one's; unknown counts as no).
         """
         assumed: list[str] = []
         cuda = torch.cuda.is_available()
@@ -119,11 +133,13 @@ class Hardware:
             )
         host = psutil.virtual_memory()
         ram_bytes = parse_size(ram, "ram") if ram is not None else int(host.available)
+        capability = None
         if device == "cuda" and cuda and gpu is None:
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             name = props.name
             free, total = torch.cuda.mem_get_info()
             known = _known_gpu(name)
+            capability = (int(props.major), int(props.minor))
         elif device == "cuda":
             name = gpu or "GPU"
             total = int(known["vram"]) if known else 0
@@ -164,6 +180,14 @@ class Hardware:
             disk = float(DEFAULT_DISK_READ)
             assumed.append("disk read speed")
         pinned = parse_size(pinned_limit, "pinned_limit") if pinned_limit is not None else ram_bytes // 2
+        if capability is None and known is not None and device == "cuda":
+            capability = tuple(known["capability"])
+        if fp8 is not None and not isinstance(fp8, bool):
+            raise ConfigError(f"fp8={fp8!r}: use True (the device has fp8 matmul), False, or None (detect)")
+        if fp8 is None:
+            fp8 = device == "cuda" and capability is not None and capability >= FP8_CAPABILITY
+            if device == "cuda" and capability is None:
+                assumed.append("no fp8 matmul (compute capability unknown; --fp8 states it)")
         return cls(
             device=device,
             name=name,
@@ -176,6 +200,8 @@ class Hardware:
             tflops=float(tflops),
             assumed=tuple(assumed),
             shared=device == "cpu" and vram is None,
+            capability=capability,
+            fp8=fp8,
         )
 
     def with_(self, **changes: Any) -> Hardware:

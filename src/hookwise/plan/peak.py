@@ -43,7 +43,16 @@ from ._peak_formula import formula_estimate
 from ..core.techniques import technique_of
 from ..stack import apply as apply_stack
 from ._peak_inputs import build_inputs, known_target
-from ._peak_stack import apply_offload_fake, checkpointed_blocks, configs_of, fake_copy, modelled_weights, split
+from ._peak_stack import (
+    apply_offload_fake,
+    checkpointed_blocks,
+    configs_of,
+    fake_copy,
+    modelled_weights,
+    overflow_note,
+    quiet_schedule,
+    split,
+)
 from ._peak_tracker import CUDA_BLOCK, StorageTracker, storage_bytes
 from ._peak_training import ADAM_MOMENTS, attached, lora_targets, make_lora
 from .footprint import label
@@ -223,8 +232,12 @@ def _fake_run(
     start_live = tracker.live_bytes("cpu")
     # The fake tensors carry their mode into every operation; factory calls without tensor inputs
     # (small: position tables, timestep frequencies) run for real, as the run state's read does.
-    with attached(fake, adapters), attention, tracker:
+    with attached(fake, adapters), attention, tracker, quiet_schedule():
         saved = _step(fake, inputs, job, tracker, start_live)
+    if configs_of_offload and not modelled:
+        overflow = overflow_note(fake)
+        if overflow is not None:
+            notes.append(overflow)
     peak = tracker.peak_bytes("cpu")
     del state
     modelled_notes = _notes(job, backend, compute_device, weights_on_device, attention, adapters, run, modelled)

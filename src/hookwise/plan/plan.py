@@ -29,6 +29,7 @@ from torch import nn
 from ..core.hooks import Layer, ModelHook, add_hook, get_hook, remove_hook, unwrap
 from ..core.techniques import technique_named, technique_of
 from ..errors import ConfigError
+from ..introspect import describe_cache
 from ..stack import Stack
 from ..stack import apply as apply_stack
 from ..stack import remove as remove_stack
@@ -86,7 +87,7 @@ class Plan:
     events: list[str] = field(default_factory=list)  # fallbacks and verification, in order
     measured: dict[str, Any] | None = None
     # Where the chosen option's device peak comes from: "declarations" (composed from each technique's
-    # cost declaration and the activation estimate) or "fake run with the stack" (`stack_check=True`).
+    # cost declaration and the activation estimate) or "fake run with the stack" (`stack_check`).
     peak_source: str = "declarations"
 
     # ---- reading ------------------------------------------------------------------------------
@@ -242,15 +243,44 @@ def make_plan(
     margin: tuple[float, int] = choose.DEFAULT_MARGIN,
     measurements: dict[str, Any] | None = None,
     target: Target | None = None,
-    stack_check: bool = False,
+    stack_check: bool | None = None,
 ) -> Plan:
     """Measure, predict and choose without changing the model (it may live on `meta`).
 
     With `stack_check`, the best ranked options of a single model are run on fake tensors with their
     stack in place (`plan.peak.estimate_peak(stack=...)`), and the first that fits by that peak is
     chosen, its device peak the fake run's; where the run cannot be made, the declarations stand.
-    `Plan.peak_source` says which."""
+    `Plan.peak_source` says which. None (the default) checks, unless `activation_estimator` states the
+    activations (a fake run would replace what the caller stated); False trusts the declarations
+    alone (faster: no fake run per option).
+
+    The model is described once per plan (`describe_cache`): every step that maps it reuses the map
+    while the model is unchanged."""
+    with describe_cache():
+        return _make_plan(
+            model_or_pipe, job, hardware, goal, activation_estimator=activation_estimator,
+            attention_backend=attention_backend, example_inputs=example_inputs, margin=margin,
+            measurements=measurements, target=target, stack_check=stack_check,
+        )  # fmt: skip
+
+
+def _make_plan(
+    model_or_pipe: Any,
+    job: Job | None,
+    hardware: Hardware | None,
+    goal: str,
+    *,
+    activation_estimator: ActivationEstimator | None,
+    attention_backend: str,
+    example_inputs: Any,
+    margin: tuple[float, int],
+    measurements: dict[str, Any] | None,
+    target: Target | None,
+    stack_check: bool | None,
+) -> Plan:
     job = job or Job()
+    if stack_check is None:
+        stack_check = activation_estimator is None
     if not isinstance(job, Job):
         raise ConfigError(f"job must be a hookwise.Job, got {type(job).__name__}")
     if goal not in choose.GOALS:
@@ -360,22 +390,25 @@ def optimize(
     example_inputs: Any = None,
     margin: tuple[float, int] = choose.DEFAULT_MARGIN,
     verify: bool = True,
-    stack_check: bool = False,
+    stack_check: bool | None = None,
     **hardware: Any,
 ) -> Plan:
     """Plan for `model_or_pipe` (a module, a diffusers pipeline or a dict of modules), apply the
     choice and return the `Plan`.
 
     `vram`, `ram` and the other `Hardware.detect` keywords (`h2d="25GB/s"`, `gpu=`, `device=`,
-    `tflops=`...) replace what would be measured. With `verify`, the denoiser's first real call
+    `tflops=`...) replace what would be measured; `stack_check` as for `make_plan` (on unless the
+    activations are stated). With `verify`, the denoiser's first real call
     is measured against the prediction and falls back to the next strategy on out-of-memory.
     """
     hw = Hardware.detect(vram=vram, ram=ram, **hardware)
-    target = measure(model_or_pipe)
-    plan = make_plan(
-        model_or_pipe, job, hw, goal, activation_estimator=activation_estimator, attention_backend=attention_backend,
-        example_inputs=example_inputs, margin=margin, target=target, stack_check=stack_check,
-    )  # fmt: skip
+    with describe_cache():
+        target = measure(model_or_pipe)
+        plan = make_plan(
+            model_or_pipe, job, hw, goal, activation_estimator=activation_estimator,
+            attention_backend=attention_backend, example_inputs=example_inputs, margin=margin, target=target,
+            stack_check=stack_check,
+        )  # fmt: skip
     if plan.chosen is None:
         raise ConfigError(f"hookwise.optimize: no stack fits. {plan.explanation}")
     _apply_option(model_or_pipe, plan.chosen)
