@@ -253,20 +253,19 @@ def test_the_choice_on_a_hand_made_machine(specs, name, job, vram, ram, goal, ex
 
 
 # Where the GPU multiplies in fp8 (stated, or capability 8.9+ of a named GPU), casting offers fp8
-# compute (assumed 0.75x of bf16 on CUDA) and quantization fp8-dynamic (0.7x, offered from the
-# capability). "balanced" takes them: at least 15% faster than every exact stack. Training keeps
-# the upcast path, and "quality" keeps exact weights.
+# compute (assumed 0.75x of bf16 on CUDA) and quantization fp8-dynamic (0.7x); both read the
+# profile's fp8 flag. "balanced" takes the faster, fp8-dynamic: at least 15% faster than every exact
+# stack. Training keeps the upcast path, and "quality" keeps exact weights.
 FP8 = {"fp8": True}
 H100 = {"gpu": "H100"}
 FP8_CHOICES = [
-    ("flux.1-dev", FLUX, 80, 128, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
+    ("flux.1-dev", FLUX, 80, 128, FP8, "balanced", "quantization(scheme=fp8-dynamic)", "fp8 dynamic"),
     ("flux.1-dev", FLUX, 80, 128, FP8, "quality", "all resident", "exact"),
-    ("flux.1-dev", FLUX, 12, 64, FP8, "balanced", "casting(scaling=channel, compute=fp8) + offload(vram_budget=",
-     "fp8 (channel scaling, fp8 compute"),
+    ("flux.1-dev", FLUX, 12, 64, FP8, "balanced", "quantization(scheme=fp8-dynamic) + offload(vram_budget=", "fp8 dynamic"),
     ("flux.1-dev", FLUX, 80, 128, H100, "balanced", "quantization(scheme=fp8-dynamic)", "fp8 dynamic"),
     ("flux.1-dev", FLUX_LORA, 48, 64, FP8, "balanced", "all resident", "exact"),
-    ("wan2.1-t2v-14b", WAN, 80, 128, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
-    ("wan2.1-t2v-14b", WAN, 24, 64, FP8, "balanced", "casting(scaling=channel, compute=fp8)", "fp8 (channel scaling, fp8 compute"),
+    ("wan2.1-t2v-14b", WAN, 80, 128, FP8, "balanced", "quantization(scheme=fp8-dynamic)", "fp8 dynamic"),
+    ("wan2.1-t2v-14b", WAN, 24, 64, FP8, "balanced", "quantization(scheme=fp8-dynamic)", "fp8 dynamic"),
 ]
 
 
@@ -281,7 +280,13 @@ def test_the_choice_on_a_hand_made_machine_with_fp8_matmul(specs, name, job, vra
     assert any("compute=fp8" in label for label in offered) == (not job.training)
     schemes = {c.scheme for o in plan.options for c in o.configs if technique_of(c).name == "quantization"}
     assert {"int8-weight", "nf4"} <= schemes  # quantization's own declaration offers these everywhere
-    assert ("fp8-dynamic" in schemes) == (hw is H100 and not job.training)  # offered from the capability
+    assert ("fp8-dynamic" in schemes) == (not job.training)  # offered wherever the profile has fp8 matmul
+
+
+def test_a_gpu_stated_without_fp8_matmul_gets_no_fp8_compute_offer(specs):
+    model, target, estimator = specs["flux.1-dev"]
+    plan = make_plan(model, FLUX, _machine(80, 128, gpu="H100", fp8=False), activation_estimator=estimator, target=target)
+    assert plan.options and not any("compute=fp8" in o.label or "fp8-dynamic" in o.label for o in plan.options)
 
 
 def test_a_job_that_fits_nowhere_is_explained_with_the_closest_failure(specs):

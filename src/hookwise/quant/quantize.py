@@ -429,8 +429,8 @@ def _quantize_options(placement: Placement, ctx: CostContext) -> list[Quantize]:
         return []
     options = [Quantize("int8-weight"), Quantize("nf4")]
     device = str(getattr(ctx.hardware, "device", ""))
-    capability = getattr(ctx.hardware, "capability", None)
-    if device.startswith("cuda") and isinstance(capability, tuple) and capability >= (8, 9) and not ctx.training:
+    # the hardware profile's fp8 flag (detected from the compute capability, or stated with --fp8 / --no-fp8)
+    if device.startswith("cuda") and getattr(ctx.hardware, "fp8", False) and not ctx.training:
         options.append(Quantize("fp8-dynamic"))
     return options
 
