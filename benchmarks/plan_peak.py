@@ -71,6 +71,8 @@ def compare_small() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         target, _ = known_target(model)
         sample: dict[str, Any] = {"shape": step_shape(model, base)}
         for mode, extra in MODES.items():
+            if modes and mode not in modes:
+                continue
             job = Job(**{**base.__dict__, **extra})
             inputs = build_inputs(model, job, torch.float32)
             for backend in ("math", "flash"):
@@ -135,7 +137,8 @@ STACK_JOBS = {
 }
 
 
-def compare_stacks(models: list[str] | None = None) -> list[dict[str, Any]]:
+def compare_stacks(models: list[str] | None = None, labels: list[str] | None = None,
+                   modes: list[str] | None = None) -> list[dict[str, Any]]:
     import warnings
 
     rows = []
@@ -150,10 +153,14 @@ def compare_stacks(models: list[str] | None = None) -> list[dict[str, Any]]:
         target, _ = known_target(model)
         weights = sum(t.numel() * t.element_size() for t in [*target.parameters(), *target.buffers()])
         for mode, extra in MODES.items():
+            if modes and mode not in modes:
+                continue
             job = Job(**{**STACK_JOBS[name].__dict__, **extra})
             inputs = build_inputs(model, job, torch.float32)
             plain = estimate_peak(model, job, attention_backend="math", compute_device="cpu")
             for label, stack in stacks(weights).items():
+                if labels and label not in labels:
+                    continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the offload's extra-slot warnings: the table shows them
                     try:
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-small", action="store_true", help="skip the plain small-model comparison")
     parser.add_argument("--stacks", action="store_true", help="compare every strategy on the small models")
     parser.add_argument("--models", nargs="+", choices=list(STACK_JOBS), help="only these models in --stacks")
+    parser.add_argument("--only", nargs="+", metavar="STACK", help="only these stacks in --stacks (labels as printed)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help="only these steps in --stacks")
     parser.add_argument("--calibrate", action="store_true", help="print the formula factors fitted on the small models")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_small:
         out["small"], samples = compare_small()
     if args.stacks:
-        out["stacks"] = compare_stacks(args.models)
+        out["stacks"] = compare_stacks(args.models, args.only, args.modes)
     if args.calibrate and samples:
         factors = fit_factors(samples)
         print("\nformula factors fitted on the measured peaks (flash):",
