@@ -1,0 +1,38 @@
+"""CFG parallelism and context parallelism together on a 2 x 2 mesh of gloo ranks: the CFG halves on the
+"cfg" dimension, each half's tokens split by Ulysses on the other; the output equals one process's
+batched-CFG output on every rank."""
+
+import pytest
+import torch
+
+import hookwise
+from hookwise.parallel import cfg_parallel_report, context_parallel_stats
+
+from cache_helpers import build, denoise
+from dist_helpers import run_ranks
+
+STEPS = 2
+
+
+def _ranks(rank, world, name):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, inputs = build(name)
+    batched = denoise(model, name, inputs, steps=STEPS, cfg="batched")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cfg", "sp"))
+    hookwise.apply(
+        model,
+        hookwise.CFGParallel(group=mesh["cfg"]),
+        hookwise.ContextParallel(ulysses=2, group=mesh["sp"].get_group()),
+    )
+    parallel = denoise(model, name, inputs, steps=STEPS, cfg="batched")
+    return dict(batched=batched, parallel=parallel, cfg=cfg_parallel_report(model), cp=context_parallel_stats(model))
+
+
+@pytest.mark.parametrize("name", ["flux"])
+def test_cfg_halves_on_one_mesh_dimension_and_ulysses_on_the_other_equal_one_process(name):
+    results = run_ranks(_ranks, 4, name, timeout=300.0)
+    for r in results:
+        assert r["cfg"] == {"split": STEPS, "whole": 0, "ranks": 2}
+        assert r["cp"]["world"] == 2 and r["cp"]["attention_calls"] > 0 and sum(r["cp"]["sent_bytes"].values()) > 0
+        torch.testing.assert_close(r["parallel"], r["batched"], rtol=2e-5, atol=2e-5)
