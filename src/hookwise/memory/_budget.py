@@ -121,25 +121,33 @@ def choose_residency(groups: list[Group], *, pinned_bytes: int, slots: int, budg
     tower_sizes = np.array([g.nbytes for g in tower], dtype=np.int64)
     n = len(tower)
 
+    rest_sizes = [g.nbytes for g in rest]
+    rest_prefix = np.concatenate([[0], np.cumsum(rest_sizes, dtype=np.int64)]).tolist()  # bytes of the first k
+    rest_suffix_max = [0] * (len(rest) + 1)  # [k]: the largest of rest[k:], those streamed
+    for k in range(len(rest) - 1, -1, -1):
+        rest_suffix_max[k] = max(rest_sizes[k], rest_suffix_max[k + 1])
+
     def attempt(rest_resident: int, tower_streamed: int) -> Residency | None:
-        streamed_idx = spread(n, tower_streamed)
         streamed_mask = np.zeros(n, dtype=bool)
-        streamed_mask[streamed_idx] = True
+        if tower_streamed >= n:
+            streamed_mask[:] = True
+        elif tower_streamed > 0:  # `spread`'s indices, the same float arithmetic vectorised
+            streamed_mask[((np.arange(tower_streamed) + 0.5) * n / tower_streamed).astype(np.int64)] = True
+        slot = max(rest_suffix_max[rest_resident], int(tower_sizes[streamed_mask].max(initial=0)))
+        res_bytes = int(rest_prefix[rest_resident] + tower_sizes[~streamed_mask].sum())
+        if pinned_bytes + res_bytes + slots * slot > budget:  # Residency.device_bytes, before building one
+            return None
         resident = {g.index for g in rest[:rest_resident]}
         resident.update(g.index for g, s in zip(tower, streamed_mask) if not s)
-        stream_sizes = [g.nbytes for g in rest[rest_resident:]] + tower_sizes[streamed_mask].tolist()
-        slot = max(stream_sizes, default=0)
-        res_bytes = int(sum(g.nbytes for g in rest[:rest_resident]) + tower_sizes[~streamed_mask].sum())
-        candidate = Residency(
+        return Residency(
             frozenset(resident),
             tuple(g.index for g in groups if g.index not in resident),
             slots,
-            int(slot),
+            slot,
             pinned_bytes,
             res_bytes,
             budget,
         )
-        return candidate if candidate.device_bytes <= budget else None
 
     # Everything outside the towers resident, then as many tower groups as fit.
     for tower_streamed in range(0, n + 1):
