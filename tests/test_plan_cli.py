@@ -88,7 +88,8 @@ def test_plan_offers_fp8_compute_only_for_a_gpu_with_fp8_matmul(capsys):
     stated, labels = options("--fp8")
     assert stated["hardware"]["fp8"] is True
     assert "casting(scaling=channel, compute=fp8)" in labels and "casting(scaling=tensor, compute=fp8)" in labels
-    assert stated["chosen"]["label"] == "casting(scaling=channel, compute=fp8)"  # 0.75x of bf16, assumed
+    assert "quantization(scheme=fp8-dynamic)" in labels  # the same flag governs quantization's fp8 matmul
+    assert stated["chosen"]["label"] == "quantization(scheme=fp8-dynamic)"  # 0.70x of bf16 assumed, casting's 0.75x
     named, labels = options("--gpu", "RTX 4090")  # compute capability 8.9
     assert named["hardware"]["fp8"] is True and named["hardware"]["capability"] == [8, 9]
     assert any("compute=fp8" in label for label in labels)
@@ -98,3 +99,4 @@ def test_plan_offers_fp8_compute_only_for_a_gpu_with_fp8_matmul(capsys):
         assert data["chosen"]["label"] == "all resident"
     stated_off, labels = options("--gpu", "RTX 4090", "--no-fp8")
     assert stated_off["hardware"]["fp8"] is False and not any("compute=fp8" in label for label in labels)
+    assert not any("fp8-dynamic" in label for label in labels)
