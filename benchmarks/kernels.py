@@ -1,7 +1,7 @@
 """Speed techniques on the CPU: a full-width FLUX block stack's forward and forward + backward, interleaved.
 
-Variants, each a model tree of its own that shares the same bf16 weights (and the same rank-16 peft
-LoRA on the attention projections), in one process, one run:
+Variants, each a model tree of its own that shares the same weights (bf16 on CUDA, fp32 on the CPU:
+see DTYPE_NOTE) and the same rank-16 peft LoRA on the attention projections, in one process, one run:
 
 - eager: the plain model;
 - kernels: `Kernels(backend="compile")` (norms, AdaLN modulation, GELU, gated residuals, rotary
@@ -19,7 +19,7 @@ backward of the LoRA), so a change of load hits every variant alike; the table g
 their ratios to eager, and the load average before and after.
 
     python benchmarks/kernels.py [--double 1] [--single 1] [--tokens 64] [--text 16] [--repeats 5]
-                                 [--only kernels compile ...] [--device cuda] [--json out.json]
+                                 [--only kernels compile ...] [--device cuda] [--dtype float32|bfloat16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ VARIANTS = (
     "attention sdpa-math", "attention sdpa-flash", "attention flex", "attention sdpa-flash + compile",
 )  # fmt: skip
 FORWARD_ONLY = {"attention flex"}  # no backward on the CPU
+# On a CPU without native bf16 (AVX2 only, as the CI machines), torch's bf16 matmul takes a slow path for
+# one operand layout: measured 2026-12-01, (320 x 3072) @ (3072 x 3072) in 18.6 s against 0.49 s with the
+# weight transposed and 0.08 s in fp32. A LoRA step's input gradient (grad @ W) hits it, so a bf16 backward
+# on such a CPU times that path and nothing else; the CPU default is float32.
+DTYPE_NOTE = "float32 on the CPU: bf16 matmul with a non-transposed weight is ~40x slower there (AVX2)"
 
 
 def sync(device: str) -> None:
@@ -137,8 +142,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (eager always runs)")
     parser.add_argument("--heads", type=int, default=24, help="heads of 128 (24: full width; fewer for a smoke run)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None,
+        help="default: bfloat16 on CUDA, float32 on the CPU (see DTYPE_NOTE)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     torch._dynamo.config.cache_size_limit = 64  # several model trees share the block classes' code
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(
@@ -147,7 +158,10 @@ def main() -> None:
         threads=torch.get_num_threads(), load_before=open("/proc/loadavg").read().strip(), args=vars(args),
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
-    base, inputs = full_width_model(args.tokens, args.text, args.double, args.single, device=args.device, heads=args.heads)
+    dtype = getattr(torch, args.dtype)
+    base, inputs = full_width_model(
+        args.tokens, args.text, args.double, args.single, dtype=dtype, device=args.device, heads=args.heads
+    )  # fmt: skip
     add_lora(base)
     names = [n for n in VARIANTS if n == "eager" or not args.only or n in args.only]
     variants: list[Variant] = []
