@@ -425,3 +425,15 @@ def test_a_plan_states_tuples_of_tables_and_refuses_malformed_ones():
     for bad in ({"rope": {"items": []}}, {"rope": {"items": [{"dim": 0}]}}, {"mask": {"dim": "last", "parts": ["txt"]}}):
         with pytest.raises(hookwise.ConfigError, match="items"):
             hookwise.ContextParallel(plan=bad)
+
+
+def test_the_ring_asks_the_cuda_efficient_kernel_for_its_log_sum_exp():
+    """SDPA asks the efficient kernel for its log-sum-exp only under grad; a ring step (no grad) asks it too,
+    instead of computing it again (checked on meta tensors: the kernel's shapes, no CUDA needed)."""
+    from hookwise.parallel._ring import _CaptureLSE
+
+    q = torch.empty(1, 2, 40, 16, device="meta")
+    capture = _CaptureLSE(q)
+    with capture:
+        torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, False)
+    assert capture.lse is not None and tuple(capture.lse.shape) == (1, 2, 40)  # the kernel pads rows to 32: cut

@@ -12,7 +12,8 @@ Each step's local attention is an ordinary `scaled_dot_product_attention` call, 
 attention backend is applied to the module serves it (its hook's mode sees the call). The merge
 needs the step's log-sum-exp, which that call does not return: `attend_lse` takes it from the
 kernel that ran when that kernel computes one (PyTorch's fused kernels: the CPU flash kernel, the
-CUDA flash / efficient / cuDNN kernels, seen at the dispatcher), and otherwise computes it in
+CUDA flash / efficient / cuDNN kernels, seen at the dispatcher; the last two compute it only when
+asked, which SDPA does under grad only, so the ring asks them), and otherwise computes it in
 float32 from q and k (a second q k^T product, in row chunks) and says so once (`on_computed`).
 """
 
@@ -34,6 +35,7 @@ _LSE_KERNELS = {
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
 }
+_ASKED = {_aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default}
 _CHUNK_BYTES = 64 << 20  # the most a computed log-sum-exp holds of scores at once
 
 
@@ -47,7 +49,13 @@ class _CaptureLSE(TorchDispatchMode):
         self.kernels: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func in _ASKED:  # these compute it only when asked (SDPA asks under grad): ask, at no extra cost
+            if len(args) > 4:
+                args = (*args[:4], True, *args[5:])
+            elif "compute_log_sumexp" in kwargs:
+                kwargs = {**kwargs, "compute_log_sumexp": True}
+        out = func(*args, **kwargs)
         if func in _LSE_KERNELS:
             self.kernels.append(str(func.overloadpacket.__name__))
             b, h, n = self.shape
