@@ -281,8 +281,26 @@ def _run_mesh(rank, world):
     return _error(got, want), context_parallel_stats(model)
 
 
+def _masks_four(rank, world):
+    """Masks on 4 ranks: each ring member's block is a Ulysses group's keys, its mask theirs (2 x 2)."""
+    results = {}
+    for u, r in ((4, 1), (1, 4), (2, 2)):
+        model, inputs = _masked(True)
+        want = _output(model, inputs)
+        hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+        results[("masked-dit", u, r)] = _error(_output(model, inputs), want)
+    model, inputs = _inputs("hunyuanvideo", True)
+    want = _output(model, inputs)
+    hookwise.apply(model, hookwise.ContextParallel(ulysses=2, ring=2))
+    results[("hunyuanvideo", 2, 2)] = _error(_output(model, inputs), want)
+    return results
+
+
 def _all_four(rank, world):
-    return {"cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world), "mesh": _run_mesh(rank, world)}
+    return {
+        "cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world), "mesh": _run_mesh(rank, world),
+        "masks": _masks_four(rank, world),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +363,13 @@ def test_a_device_mesh_gives_the_ring_and_ulysses_groups(four):
 
 def test_casting_composes_per_rank(four):
     assert max(result["casting"] for result in four) < TOL
+
+
+def test_text_masks_follow_the_split_on_four_ranks_and_a_two_by_two_mesh(four):
+    for rank, result in enumerate(four):
+        assert len(result["masks"]) == 4
+        for case, error in result["masks"].items():
+            assert error < TOL, f"rank {rank}, {case}: relative error {error:.3g}"
 
 
 def test_a_world_of_one_is_the_identity():
