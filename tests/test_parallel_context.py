@@ -241,7 +241,7 @@ def _masks(rank, world):
 # ---- ring steps through the applied attention backend ------------------------------------------------
 def _backends(rank, world):
     results = {}
-    for backend in ("sdpa-flash", "sdpa-math"):
+    for backend in ("sdpa-flash", "sdpa-math", "flex"):
         model, inputs = _masked(True)
         want = _output(model, inputs)
         hookwise.apply(model, hookwise.Attention(backend=backend), hookwise.ContextParallel(ring=world))
@@ -437,11 +437,12 @@ def test_a_backend_whose_kernel_returns_the_log_sum_exp_is_used_as_is(two):
         assert flash["stats"]["lse_computed"] == 0 and flash["warned"] == []
 
 
-def test_a_backend_without_the_log_sum_exp_falls_back_with_one_warning(two):
+@pytest.mark.parametrize("backend, kernel", [("sdpa-math", "math kernel"), ("flex", "flex_attention")])
+def test_a_backend_without_the_log_sum_exp_falls_back_with_one_warning(two, backend, kernel):
     for result in two:
-        math_ = result["backends"]["sdpa-math"]
-        assert math_["stats"]["lse_computed"] == 2 * 2 * 2 * 2  # every ring step
-        assert len(math_["warned"]) == 1 and "math kernel" in math_["warned"][0]
+        got = result["backends"][backend]
+        assert got["stats"]["lse_computed"] == 2 * 2 * 2 * 2  # every ring step
+        assert len(got["warned"]) == 1 and kernel in got["warned"][0]
 
 
 def test_a_plan_states_tuples_of_tables_and_refuses_malformed_ones():

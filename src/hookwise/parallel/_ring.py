@@ -42,6 +42,15 @@ _CHUNK_BYTES = 64 << 20  # the most a computed log-sum-exp holds of scores at on
 class _CaptureLSE(TorchDispatchMode):
     """Keeps the log-sum-exp a fused SDPA kernel returned for queries of shape (B, H, Lq, ...)."""
 
+    supports_higher_order_operators = True  # FlexAttention is one: it runs as it would without this mode
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        # FlexAttention compiles its eager path and dynamo refuses any other mode on the stack; this one
+        # only watches (and asks two kernels for what they compute anyway), so a compiled region it does
+        # not see costs nothing but the capture: the log-sum-exp is then computed
+        return True
+
     def __init__(self, q: torch.Tensor) -> None:
         super().__init__()
         self.shape = tuple(q.shape[:3])
@@ -63,8 +72,11 @@ class _CaptureLSE(TorchDispatchMode):
             # the efficient kernel returns an empty one unless asked (no grad), and pads rows to 32
             if isinstance(lse, torch.Tensor) and lse.dim() >= 3 and tuple(lse.shape[:2]) == (b, h) and lse.numel() >= b * h * n:
                 self.lse = lse.reshape(b, h, -1)[..., :n].float()
-        elif func.namespace == "aten" and "attention" in func.overloadpacket.__name__:
-            self.kernels.append(str(func.overloadpacket.__name__))
+        else:
+            packet = getattr(func, "overloadpacket", None)
+            name = packet.__name__ if packet is not None else getattr(func, "__name__", str(func))
+            if "attention" in name:
+                self.kernels.append(str(name))
         return out
 
 
