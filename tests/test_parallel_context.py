@@ -1,19 +1,26 @@
-"""Context parallelism on spawned gloo ranks: Ulysses, ring and both give the single-process output.
+"""Context parallelism on spawned gloo ranks: Ulysses, ring and both give the single-process output, on
+tiny Flux, Wan, LTX-Video, Qwen-Image, SD3, HunyuanVideo and custom DiTs (one with a text padding mask),
+and ring steps run on the applied attention backend.
 
 Spawning costs seconds (each rank imports torch and diffusers), so each world size is spawned once
 (a module fixture) and every rank runs all the cases of that world, returning each case's error
 against the single-process model, which every rank also computes itself.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 import hookwise
 from hookwise.parallel import context_parallel_stats
 
 from cache_helpers import build, denoise
 from dist_helpers import run_ranks, world_of_one
+from model_helpers import TINY_DIFFUSERS
 
 TOL = 2e-5  # relative to the output's largest magnitude: fp32 reassociation only
 
@@ -104,8 +111,161 @@ def _run_compose(rank, world):
     return {"backend": (_error(got, want), routed), "offload": _error(got_offload, want_offload)}
 
 
+# ---- LTX-Video, Qwen-Image, SD3 and HunyuanVideo: their plans (rotary tuples, text masks) ----------
+MODELS = ("ltx-video", "qwen-image", "sd3", "hunyuanvideo")
+LAYOUTS = ((2, 1), (1, 2))  # (ulysses, ring)
+
+
+def _text_mask(batch: int, length: int, valid: list[int], dtype=torch.bool) -> torch.Tensor:
+    """A key-padding text mask: sample i keeps its first valid[i] tokens."""
+    return (torch.arange(length)[None] < torch.tensor(valid)[:, None]).to(dtype)
+
+
+def _inputs(name: str, uneven: bool) -> tuple[nn.Module, dict]:
+    """The tiny model and its inputs; `uneven`: token counts 2 does not divide and padded text masks."""
+    model, inputs = TINY_DIFFUSERS[name]()
+    if not uneven:
+        return model, inputs
+    g = torch.Generator().manual_seed(1)
+    b = inputs["hidden_states"].shape[0]
+    valid = [8, 11][:b] if b == 2 else [8]
+    if name == "ltx-video":
+        inputs.update(hidden_states=torch.randn(b, 1 * 5 * 7, 4, generator=g), num_frames=1, height=5, width=7,
+                      encoder_hidden_states=torch.randn(b, 11, 16, generator=g), encoder_attention_mask=_text_mask(b, 11, valid))
+    elif name == "qwen-image":
+        inputs.update(hidden_states=torch.randn(b, 3 * 5, 16, generator=g), img_shapes=[(1, 3, 5)] * b,
+                      encoder_hidden_states=torch.randn(b, 11, 16, generator=g),
+                      encoder_hidden_states_mask=_text_mask(b, 11, valid, torch.long))
+    elif name == "sd3":
+        inputs.update(hidden_states=torch.randn(b, 4, 5, 7, generator=g), encoder_hidden_states=torch.randn(b, 11, 32, generator=g))
+    elif name == "hunyuanvideo":
+        inputs.update(hidden_states=torch.randn(b, 4, 1, 5, 7, generator=g), encoder_hidden_states=torch.randn(b, 11, 16, generator=g),
+                      encoder_attention_mask=_text_mask(b, 11, valid, torch.float32))
+    return model, inputs
+
+
+def _models(rank, world):
+    results = {}
+    for name in MODELS:
+        for uneven in (False, True):
+            model, inputs = _inputs(name, uneven)
+            want = _output(model, inputs)
+            for u, r in LAYOUTS:
+                hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+                got = _output(model, inputs)
+                stats = context_parallel_stats(model)
+                hookwise.remove(model)
+                results[(name, u, r, uneven)] = (_error(got, want), stats)
+    return results
+
+
+# ---- a custom DiT with a text key-padding mask -------------------------------------------------------
+class MaskedBlock(nn.Module):
+    """Joint attention over [text, image] with the text's padding masked (boolean), then the image's
+    cross-attention to the text alone (an additive float mask: a rank's text may be all padding)."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.img_qkv, self.txt_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.img_out, self.txt_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mod = nn.Linear(dim, 2 * dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, img, txt, txt_mask, vec, query_mask=None):
+        scale, shift = self.mod(vec)[:, None].chunk(2, dim=-1)
+        iq, ik, iv = self.img_qkv(img * (1 + scale) + shift).chunk(3, dim=-1)
+        tq, tk, tv = self.txt_qkv(txt).chunk(3, dim=-1)
+        q, k, v = (self._heads(torch.cat(pair, dim=1)) for pair in ((tq, iq), (tk, ik), (tv, iv)))
+        keep = torch.cat([txt_mask.bool(), torch.ones(img.shape[:2], dtype=torch.bool)], dim=1)[:, None, None, :]
+        if query_mask is not None:  # a mask that differs between queries: refused under the split
+            keep = keep & query_mask
+        joint = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
+        txt = txt + self.txt_out(joint[:, : txt.shape[1]])
+        img = img + self.img_out(joint[:, txt.shape[1] :])
+        ck, cv = self.cross_kv(txt).chunk(2, dim=-1)
+        bias = torch.zeros(txt_mask.shape).masked_fill(~txt_mask.bool(), float("-inf"))[:, None, None, :]
+        cross = F.scaled_dot_product_attention(self._heads(self.cross_q(img)), self._heads(ck), self._heads(cv), attn_mask=bias)
+        return img + self.cross_out(cross.transpose(1, 2).flatten(2)), txt
+
+
+class MaskedDiT(nn.Module):
+    def __init__(self, dim: int = 24, depth: int = 2) -> None:
+        super().__init__()
+        self.img_in, self.txt_in, self.t_in = nn.Linear(6, dim), nn.Linear(10, dim), nn.Linear(1, dim)
+        self.blocks = nn.ModuleList([MaskedBlock(dim) for _ in range(depth)])
+        self.out = nn.Linear(dim, 6)
+
+    def forward(self, img, txt, txt_mask, t, query_mask=None):
+        img, txt, vec = self.img_in(img), self.txt_in(txt), self.t_in(t[:, None])
+        for block in self.blocks:
+            img, txt = block(img, txt, txt_mask, vec, query_mask)
+        return self.out(img)
+
+
+def _masked(uneven: bool):
+    """Batch 2: sample 0 keeps 3 text tokens (the second rank's text is all padding), sample 1 all of them."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    n, t = (13, 9) if uneven else (16, 8)
+    inputs = dict(img=torch.randn(2, n, 6, generator=g), txt=torch.randn(2, t, 10, generator=g),
+                  txt_mask=_text_mask(2, t, [3, t]), t=torch.tensor([0.3, 0.8]))
+    return MaskedDiT().eval(), inputs
+
+
+def _masks(rank, world):
+    results = {}
+    for uneven in (False, True):
+        model, inputs = _masked(uneven)
+        want = _output(model, inputs)
+        for u, r in LAYOUTS:
+            hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+            got = _output(model, inputs)
+            results[(u, r, uneven)] = (_error(got, want), context_parallel_stats(model))
+            hookwise.remove(model)
+    # a mask that differs between queries is refused with the reason
+    model, inputs = _masked(False)
+    hookwise.apply(model, hookwise.ContextParallel(ring=world))
+    rows = torch.ones(1, 1, 24 // world, 24 // world, dtype=torch.bool).tril()
+    try:
+        _output(model, {**inputs, "query_mask": rows})
+        results["query-dependent"] = None
+    except hookwise.HookwiseError as exc:
+        results["query-dependent"] = str(exc)
+    return results
+
+
+# ---- ring steps through the applied attention backend ------------------------------------------------
+def _backends(rank, world):
+    results = {}
+    for backend in ("sdpa-flash", "sdpa-math", "flex"):
+        model, inputs = _masked(True)
+        want = _output(model, inputs)
+        hookwise.apply(model, hookwise.Attention(backend=backend), hookwise.ContextParallel(ring=world))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _output(model, inputs)
+            _output(model, inputs)
+        summary = hookwise.attention_summary(model)
+        results[backend] = dict(
+            error=_error(got, want),
+            routed=sum(m["routed"] for m in summary["modules"].values()),
+            chosen={c for m in summary["modules"].values() for c in m["chosen"].values()},
+            stats=context_parallel_stats(model),
+            warned=[str(w.message) for w in caught if "log-sum-exp" in str(w.message)],
+        )
+        hookwise.remove(model)
+    return results
+
+
 def _all_two(rank, world):
-    return {"cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world)}
+    return {
+        "cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world),
+        "models": _models(rank, world), "masks": _masks(rank, world), "backends": _backends(rank, world),
+    }  # fmt: skip
 
 
 def _run_mesh(rank, world):
@@ -121,8 +281,26 @@ def _run_mesh(rank, world):
     return _error(got, want), context_parallel_stats(model)
 
 
+def _masks_four(rank, world):
+    """Masks on 4 ranks: each ring member's block is a Ulysses group's keys, its mask theirs (2 x 2)."""
+    results = {}
+    for u, r in ((4, 1), (1, 4), (2, 2)):
+        model, inputs = _masked(True)
+        want = _output(model, inputs)
+        hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+        results[("masked-dit", u, r)] = _error(_output(model, inputs), want)
+    model, inputs = _inputs("hunyuanvideo", True)
+    want = _output(model, inputs)
+    hookwise.apply(model, hookwise.ContextParallel(ulysses=2, ring=2))
+    results[("hunyuanvideo", 2, 2)] = _error(_output(model, inputs), want)
+    return results
+
+
 def _all_four(rank, world):
-    return {"cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world), "mesh": _run_mesh(rank, world)}
+    return {
+        "cases": _run_cases(rank, world, CASES_4), "casting": _run_casting(rank, world), "mesh": _run_mesh(rank, world),
+        "masks": _masks_four(rank, world),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +365,13 @@ def test_casting_composes_per_rank(four):
     assert max(result["casting"] for result in four) < TOL
 
 
+def test_text_masks_follow_the_split_on_four_ranks_and_a_two_by_two_mesh(four):
+    for rank, result in enumerate(four):
+        assert len(result["masks"]) == 4
+        for case, error in result["masks"].items():
+            assert error < TOL, f"rank {rank}, {case}: relative error {error:.3g}"
+
+
 def test_a_world_of_one_is_the_identity():
     world_of_one()
     results = _run_cases(0, 1, [("musubi", 1, 1, True), ("flux", 1, 1, True)])
@@ -209,3 +394,72 @@ def test_degrees_that_do_not_fill_the_world_are_refused():
     with pytest.raises(hookwise.ConfigError, match="plan"):
         hookwise.ContextParallel(plan={"hidden_states": "one"})
     assert hookwise.ContextParallel.from_dict(hookwise.ContextParallel(ring=2).to_dict()) == hookwise.ContextParallel(ring=2)
+
+
+CASES_MODELS = [(m, u, r, uneven) for m in MODELS for (u, r) in LAYOUTS for uneven in (False, True)]
+
+
+@pytest.mark.parametrize("case", CASES_MODELS, ids=_label)
+def test_ltx_qwen_sd3_and_hunyuanvideo_give_the_single_process_output(two, case):
+    for rank, result in enumerate(two):
+        error, stats = result["models"][case]
+        assert error < TOL, f"rank {rank}: relative error {error:.3g}"
+        assert stats["attention_calls"] > 0 and sum(stats["sent_bytes"].values()) > 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}-r{l[1]}")
+@pytest.mark.parametrize("uneven", (False, True), ids=("even", "uneven"))
+def test_a_text_padding_mask_follows_the_split_on_a_custom_dit(two, layout, uneven):
+    for rank, result in enumerate(two):
+        error, stats = result["masks"][(*layout, uneven)]
+        assert error < TOL, f"rank {rank}: relative error {error:.3g}"
+        assert stats["sent_bytes"]["mask"] > 0  # the masks were exchanged with the keys
+
+
+def test_a_mask_that_differs_between_queries_is_refused_with_the_reason(two):
+    for result in two:
+        assert result["masks"]["query-dependent"] is not None and "differs between queries" in result["masks"]["query-dependent"]
+
+
+def test_ring_steps_run_on_the_applied_backend(two):
+    calls = 2 * 2 * 2  # 2 forwards x 2 blocks x 2 attention calls per block
+    for result in two:
+        for backend, got in result["backends"].items():
+            assert got["error"] < TOL, backend
+            assert got["chosen"] == {backend}
+            assert got["routed"] == calls * 2, backend  # each call's 2 ring steps reached the backend
+            assert got["stats"]["attention_calls"] == calls
+
+
+def test_a_backend_whose_kernel_returns_the_log_sum_exp_is_used_as_is(two):
+    for result in two:
+        flash = result["backends"]["sdpa-flash"]
+        assert flash["stats"]["lse_computed"] == 0 and flash["warned"] == []
+
+
+@pytest.mark.parametrize("backend, kernel", [("sdpa-math", "math kernel"), ("flex", "flex_attention")])
+def test_a_backend_without_the_log_sum_exp_falls_back_with_one_warning(two, backend, kernel):
+    for result in two:
+        got = result["backends"][backend]
+        assert got["stats"]["lse_computed"] == 2 * 2 * 2 * 2  # every ring step
+        assert len(got["warned"]) == 1 and kernel in got["warned"][0]
+
+
+def test_a_plan_states_tuples_of_tables_and_refuses_malformed_ones():
+    config = hookwise.ContextParallel(plan={"hidden_states": 1, "rope": {"items": [{"dim": 0, "parts": ["hidden_states"]}]}})
+    assert hookwise.ContextParallel.from_dict(config.to_dict()) == config
+    for bad in ({"rope": {"items": []}}, {"rope": {"items": [{"dim": 0}]}}, {"mask": {"dim": "last", "parts": ["txt"]}}):
+        with pytest.raises(hookwise.ConfigError, match="items"):
+            hookwise.ContextParallel(plan=bad)
+
+
+def test_the_ring_asks_the_cuda_efficient_kernel_for_its_log_sum_exp():
+    """SDPA asks the efficient kernel for its log-sum-exp only under grad; a ring step (no grad) asks it too,
+    instead of computing it again (checked on meta tensors: the kernel's shapes, no CUDA needed)."""
+    from hookwise.parallel._ring import _CaptureLSE
+
+    q = torch.empty(1, 2, 40, 16, device="meta")
+    capture = _CaptureLSE(q)
+    with capture:
+        torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, False)
+    assert capture.lse is not None and tuple(capture.lse.shape) == (1, 2, 40)  # the kernel pads rows to 32: cut

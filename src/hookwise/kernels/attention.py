@@ -37,7 +37,6 @@ every backend passed over, the errors measured and the times.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import time
@@ -56,7 +55,7 @@ from ..core.cost import speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
-from ..introspect.model_map import ModelMap, describe
+from ..introspect.sites import attention_sites
 from ._attn_backends import AttnCall, Backend, backend_named, backend_names, probe_slice, reference, relative_error
 
 logger = logging.getLogger("hookwise.kernels.attention")
@@ -131,43 +130,6 @@ class Attention(TechniqueConfig):
 
     def __hash__(self) -> int:  # the dict form is not hashable as is
         return hash((type(self), repr(self.to_dict())))
-
-
-# ---- where attention is computed ---------------------------------------------------------------------
-def _runs_itself(module: nn.Module) -> bool:
-    """Whether the module has a forward of its own (a holder of projections that its block calls does not)."""
-    return "forward" in module.__dict__ or type(module).forward is not nn.Module.forward
-
-
-def _computes_attention_inline(block: nn.Module) -> bool:
-    """Whether a block's own forward reads as computing attention (its source names attention or softmax)."""
-    try:
-        source = inspect.getsource(type(block).forward)
-    except (OSError, TypeError):
-        return True  # no source to read: hook it; a hook on a block with no attention call costs nothing
-    return bool(re.search(r"attention|attn|attend|softmax", source))
-
-
-def attention_sites(model: nn.Module, model_map: ModelMap | None = None) -> dict[str, str | None]:
-    """{path: tower name or None} of the modules in which `model` computes attention, from the map.
-
-    The map's attention modules that have a forward of their own, and each tower block that holds
-    none of them but computes attention inline (a fused-qkv block).
-    """
-    model = unwrap(model)
-    model_map = model_map or describe(model)
-    modules = dict(model.named_modules())
-    tower_of = {b.path: t.name for t in model_map.towers for b in t.blocks}
-    sites: dict[str, str | None] = {}
-    for role in model_map.attention:
-        if _runs_itself(modules[role.path]):
-            sites[role.path] = tower_of.get(role.block) if role.block else None
-    for tower in model_map.towers:
-        for block in tower.blocks:
-            inside = any(p == block.path or p.startswith(block.path + ".") for p in sites)
-            if not inside and _computes_attention_inline(modules[block.path]):
-                sites[block.path] = tower.name
-    return sites
 
 
 def _chains(config: Attention, sites: dict[str, str | None]) -> dict[str, tuple[str, ...]]:

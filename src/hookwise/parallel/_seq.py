@@ -12,13 +12,21 @@ A plan names, per argument of the entry block, how it follows the split:
 
 - `Seq(dim)`: a token stream, split along `dim`.
 - `Rope(dim, parts)`: a per-token tensor (or tuple of tensors: rotary cos / sin) laid out as the
-  concatenation of the named streams in that order (FLUX's rotary table is `[text, image]`); each
-  part is split like its stream and the local parts concatenated again, so every rank's rotary
-  rows are its own tokens' rows.
+  concatenation of the named streams in that order (FLUX's rotary table is `[text, image]`,
+  HunyuanVideo's attention mask `[image, text]` on its last dim); each part is split like its
+  stream and the local parts concatenated again, so every rank's rows are its own tokens' rows.
+  A tensor of size 1 on `dim` broadcasts over the tokens and is left whole (LTX's `temb`, one row
+  unless timesteps are given per token).
+- `Tables(items)`: a tuple whose items follow different streams (Qwen-Image's rotary tables are
+  `(image, text)`), one `Rope` per item.
+
+Masks follow the split like any per-token table: a key-padding mask split with its keys is what
+each rank's attention call needs, and context parallelism exchanges it with the keys.
 
 Known architectures have their plan here; any other model takes the structural default: every
-3-D tensor argument `[batch, tokens, features]` with more than one token is a stream, the rest is
-replicated. State a plan for a model the default misreads with `ContextParallel(plan=...)`.
+3-D tensor argument `[batch, tokens, features]` with more than one token is a stream, an argument
+named like a mask whose last dim is the length of exactly one stream follows that stream, and the
+rest is replicated. State a plan for a model the default misreads with `ContextParallel(plan=...)`.
 """
 
 from __future__ import annotations
@@ -44,26 +52,60 @@ class Rope:
     parts: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Tables:
+    items: tuple[Rope, ...]
+
+
 _FLUX = {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "image_rotary_emb": Rope(0, ("encoder_hidden_states", "hidden_states"))}
+_IMAGE, _TEXT = ("hidden_states",), ("encoder_hidden_states",)
 PLANS: dict[str, dict[str, Any]] = {
     "flux": _FLUX,
-    "wan": {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "rotary_emb": Rope(1, ("hidden_states",))},
-}
+    "wan": {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "rotary_emb": Rope(1, _IMAGE)},
+    # joint attention over [image, text] (both blocks), mask [B, 1, 1, image + text], rotary (cos, sin) [image, D]
+    # (named freqs_cis by the double blocks, image_rotary_emb by the single ones)
+    "hunyuanvideo": {
+        "hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "attention_mask": Rope(-1, _IMAGE + _TEXT),
+        "image_rotary_emb": Rope(0, _IMAGE), "freqs_cis": Rope(0, _IMAGE),
+    },
+    # self-attention on the image with rotary (cos, sin) [B, image, D], cross-attention to the text with a
+    # bias [B, 1, text]; temb [B, 1 | image, 6 D]
+    "ltx-video": {
+        "hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "image_rotary_emb": Rope(1, _IMAGE),
+        "encoder_attention_mask": Rope(-1, _TEXT), "temb": Rope(1, _IMAGE),
+    },
+    # joint attention, no rotary embedding (positions are added before the blocks)
+    "sd3": {"hidden_states": Seq(1), "encoder_hidden_states": Seq(1)},
+    # joint attention over [text, image]; rotary tables (image [N, D], text [T, D]); text mask [B, T]
+    "qwen-image": {
+        "hidden_states": Seq(1), "encoder_hidden_states": Seq(1), "encoder_hidden_states_mask": Rope(1, _TEXT),
+        "image_rotary_emb": Tables((Rope(0, _IMAGE), Rope(0, _TEXT))), "modulate_index": Rope(1, _IMAGE),
+    },
+}  # fmt: skip
+
+
+def _table_from_dict(name: str, spec: Any) -> Rope:
+    if isinstance(spec, dict) and set(spec) == {"dim", "parts"} and isinstance(spec["parts"], (list, tuple)):
+        if isinstance(spec["dim"], int) and not isinstance(spec["dim"], bool) and all(isinstance(p, str) for p in spec["parts"]):
+            return Rope(spec["dim"], tuple(spec["parts"]))
+    raise ConfigError(
+        f"ContextParallel(plan={{{name!r}: {spec!r}}}): give a stream's split dimension (an int), "
+        f"{{'dim': d, 'parts': [stream names in order]}} for a per-token table such as rotary embeddings or a "
+        f"mask, or {{'items': [one such table per item]}} for a tuple whose items follow different streams"
+    )
 
 
 def plan_from_dict(raw: dict[str, Any]) -> dict[str, Any]:
-    """{"arg": dim} or {"arg": {"dim": d, "parts": [...]}} -> a plan (the config's serialisable form)."""
+    """{"arg": dim}, {"arg": {"dim": d, "parts": [...]}} or {"arg": {"items": [...]}} -> a plan (the config's
+    serialisable form)."""
     plan: dict[str, Any] = {}
     for name, spec in raw.items():
         if isinstance(spec, int) and not isinstance(spec, bool):
             plan[name] = Seq(spec)
-        elif isinstance(spec, dict) and set(spec) == {"dim", "parts"}:
-            plan[name] = Rope(int(spec["dim"]), tuple(spec["parts"]))
+        elif isinstance(spec, dict) and set(spec) == {"items"} and isinstance(spec["items"], (list, tuple)) and spec["items"]:
+            plan[name] = Tables(tuple(_table_from_dict(name, item) for item in spec["items"]))
         else:
-            raise ConfigError(
-                f"ContextParallel(plan={{{name!r}: {spec!r}}}): give a stream's split dimension (an int) or "
-                f"{{'dim': d, 'parts': [stream names in order]}} for a per-token table such as rotary embeddings"
-            )
+            plan[name] = _table_from_dict(name, spec)
     return plan
 
 
@@ -88,7 +130,17 @@ class Splitter:
             return self.plan
         tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
         batch = next(iter(tensors.values())).shape[0] if tensors else None
-        return {k: Seq(1) for k, v in tensors.items() if v.dim() == 3 and v.shape[0] == batch and v.shape[1] > 1}
+        plan: dict[str, Any] = {
+            k: Seq(1) for k, v in tensors.items() if v.dim() == 3 and v.shape[0] == batch and v.shape[1] > 1
+        }
+        lengths = {k: tensors[k].shape[1] for k in plan}
+        for k, v in tensors.items():
+            if k in plan or "mask" not in k.lower() or v.dim() < 2:
+                continue
+            follows = [s for s, n in lengths.items() if v.shape[-1] == n]
+            if len(follows) == 1:  # a key-padding mask of one stream (two of that length: not guessed)
+                plan[k] = Rope(-1, (follows[0],))
+        return plan
 
     def split(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         try:
@@ -108,6 +160,13 @@ class Splitter:
             value = values.get(name)
             if isinstance(spec, Rope) and value is not None:
                 values[name] = self._rope(name, spec, value, lengths)
+            elif isinstance(spec, Tables) and isinstance(value, (tuple, list)):
+                if len(value) != len(spec.items):
+                    raise HookwiseError(
+                        f"ContextParallel: {name} holds {len(value)} items, the plan names {len(spec.items)}; state the "
+                        f"plan of this model with ContextParallel(plan=...)"
+                    )
+                values[name] = type(value)(self._rope(name, s, v, lengths) for s, v in zip(spec.items, value))
         self.swaps = [(whole[name], values[name]) for name in plan if name in values and values[name] is not whole[name]]
         return bound.args, bound.kwargs
 
@@ -132,6 +191,13 @@ class Splitter:
             return value
         missing = [p for p in spec.parts if p not in lengths]
         total = sum(lengths.get(p, 0) for p in spec.parts)
+        if not -value.dim() <= spec.dim < value.dim():
+            raise HookwiseError(
+                f"ContextParallel: {name} has {value.dim()} dims, the plan splits its dim {spec.dim}; state the plan "
+                f"of this model with ContextParallel(plan=...)"
+            )
+        if value.shape[spec.dim] == 1 and total != 1:
+            return value  # one row for every token: it broadcasts
         if missing or value.shape[spec.dim] != total:
             raise HookwiseError(
                 f"ContextParallel: {name} has {value.shape[spec.dim]} rows on dim {spec.dim}, the plan says it covers "

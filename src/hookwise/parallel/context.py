@@ -10,9 +10,17 @@ on the rank's own tokens; only attention needs the others', in one of three ways
   this technique's hook sits inside the backends' hook, `Layer.PARALLEL_ATTENTION`), and a second
   all-to-all turns the result back. Two exchanges of q/k/v/out per call; heads need not divide evenly.
 - Ring (`ring=N`): queries stay, K/V blocks travel around the ring while the rank attends to the one
-  it holds, and the partial results merge by log-sum-exp (`_ring.py`). Any head count.
+  it holds, and the partial results merge by log-sum-exp (`_ring.py`). Any head count. Each step is
+  an ordinary attention call, so the applied backend serves it too; its log-sum-exp comes from the
+  kernel when the kernel returns one, and is computed otherwise (one warning says so).
 - Both (`ulysses=U, ring=R`, U x R = the world): Ulysses inside groups of U consecutive ranks, ring
   across the groups (a 2-D mesh; `mesh=` takes a `DeviceMesh` with dims "ring" and "ulysses").
+
+Key-padding masks (a text mask: the same for every query) follow the split like the keys: the
+plan splits the mask argument with its streams, each attention call's mask then covers the rank's
+own keys, and the ranks exchange their masks (small: one value per key) so Ulysses' local attention
+and every ring step see the mask of the keys they attend to. A mask that differs between queries
+(causal, block-sparse) is refused with the reason.
 
 A step cache under context parallelism sees each rank's tokens; its decision statistic is reduced
 across the ranks (the run state's `reduce_decisions`, one all-reduce of the cache's scalars per
@@ -22,6 +30,7 @@ decision), so every rank skips the same steps. Sampling only: the exchanges have
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,10 +46,11 @@ from ..core.state import attach_run_state, get_run_state
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, HookwiseError, NoTargetError
 from ..introspect.model_map import describe
+from ..introspect.sites import attention_sites
 from ._dist import group_of
 from ._ring import ring_attention
 from ._seq import PLANS, Splitter, gather_output, plan_from_dict
-from ._ulysses import Traffic, gather_heads, scatter_heads
+from ._ulysses import Traffic, gather_heads, head_sizes, scatter_heads
 
 NAME = "context_parallel"
 SPLIT_HOOK = "hookwise.context_parallel.split"
@@ -175,6 +185,31 @@ def _sdpa_args(args: tuple, kwargs: dict) -> dict[str, Any]:
     return call
 
 
+def _key_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The call's mask as a key-padding mask [b|1, h|1, 1, local keys], or a clear error."""
+    if mask.dim() > 4:
+        raise HookwiseError(f"ContextParallel: an attention mask of {mask.dim()} dims; SDPA takes at most 4")
+    while mask.dim() < 4:  # SDPA broadcasts from the right
+        mask = mask.unsqueeze(0)
+    if mask.shape[-1] != k.shape[2]:
+        raise HookwiseError(
+            f"ContextParallel: this attention call's mask covers {mask.shape[-1]} keys, this rank holds {k.shape[2]}: "
+            "the mask did not follow the split. Name the argument that carries it in ContextParallel(plan=...) as a "
+            "per-token table of the streams its keys come from ({'arg': {'dim': -1, 'parts': [...]}})"
+        )
+    if mask.shape[-2] != 1:
+        if not bool((mask == mask[..., :1, :]).all()):
+            raise HookwiseError(
+                "ContextParallel: this attention call's mask differs between queries (causal or block-sparse); the split "
+                "sequence supports key-padding masks (the same for every query), as the diffusion transformers' text "
+                "masks are; remove ContextParallel for this model"
+            )
+        mask = mask[..., :1, :]
+    if mask.shape[1] not in (1, q.shape[1]) or mask.shape[0] not in (1, q.shape[0]):
+        raise HookwiseError(f"ContextParallel: a mask of shape {list(mask.shape)} for queries {list(q.shape)}")
+    return mask
+
+
 @dataclass
 class Record:
     """One application: the layout, the bytes sent, the calls exchanged."""
@@ -182,6 +217,36 @@ class Record:
     layout: Layout
     traffic: Traffic = field(default_factory=Traffic)
     calls: int = 0
+    lse_computed: int = 0  # ring steps whose kernel gave no log-sum-exp (computed instead)
+    warned: bool = False
+
+    def _lse_computed(self, kernels: list[str]) -> None:
+        self.lse_computed += 1
+        if not self.warned:
+            self.warned = True
+            seen = ", ".join(dict.fromkeys(kernels)) or "PyTorch's math kernel or another library's"
+            warnings.warn(
+                f"hookwise ContextParallel (ring): the attention kernel that served a ring step returns no log-sum-exp "
+                f"(ran: {seen}); the ring computes it in float32 from q and k instead (one more q k^T product per "
+                f"step). The output is exact; for speed, use a backend whose kernel returns it (sdpa-flash, "
+                f"sdpa-efficient, or the model's own call)",
+                stacklevel=2,
+            )
+
+    def _gather_masks(self, mask: torch.Tensor, k_tokens: list[int]) -> list[torch.Tensor]:
+        """Every rank's key mask, in rank order (padded to the longest for the exchange)."""
+        lay = self.layout
+        kind = mask.dtype
+        wire = mask.to(torch.uint8) if kind == torch.bool else mask.contiguous()  # gloo moves no bools
+        top = max(k_tokens)
+        if wire.shape[-1] < top:
+            pad = list(wire.shape)
+            pad[-1] = top - wire.shape[-1]
+            wire = torch.cat([wire, wire.new_zeros(pad)], dim=-1)
+        parts = [torch.empty_like(wire) for _ in range(lay.size)]
+        dist.all_gather(parts, wire.contiguous(), group=lay.group)
+        self.traffic.add("mask", wire.numel() * wire.element_size() * (lay.size - 1))
+        return [p[..., :n].to(kind) for p, n in zip(parts, k_tokens)]
 
     def attend(self, args: tuple, kwargs: dict) -> torch.Tensor:
         lay = self.layout
@@ -189,11 +254,11 @@ class Record:
             return F.scaled_dot_product_attention(*args, **kwargs)
         call = _sdpa_args(args, kwargs)
         q, k, v = call["query"], call["key"], call["value"]
-        if call.get("attn_mask") is not None or call.get("is_causal") or call.get("dropout_p", 0.0):
+        if call.get("is_causal") or call.get("dropout_p", 0.0):
             raise HookwiseError(
-                "ContextParallel: this attention call has a mask, is causal or uses dropout; the split sequence "
-                "supports unmasked, non-causal attention without dropout (the diffusion transformers' self- and "
-                "cross-attention); remove ContextParallel for this model"
+                "ContextParallel: this attention call is causal or uses dropout; the split sequence supports "
+                "non-causal attention without dropout (the diffusion transformers' self- and cross-attention), with "
+                "or without a key-padding mask; remove ContextParallel for this model"
             )
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise HookwiseError(
@@ -202,6 +267,9 @@ class Record:
             )
         if q.dim() != 4:
             raise HookwiseError(f"ContextParallel: attention on {q.dim()}-D queries; expected [batch, heads, tokens, head_dim]")
+        mask = call.get("attn_mask")
+        if mask is not None:
+            mask = _key_mask(mask, q, k)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each rank needs its query heads' keys
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -212,6 +280,15 @@ class Record:
         dist.all_gather(table, local, group=lay.group)
         table = [t.tolist() for t in table]
         heads = q.shape[1]
+        # each ring member's block of keys: the keys of its Ulysses group's ranks, in rank order
+        members = [[j * lay.ulysses + i for i in range(lay.ulysses)] for j in range(lay.ring)]
+        masks = None
+        if mask is not None:
+            every = self._gather_masks(mask, [row[1] for row in table])
+            if mask.shape[1] > 1 and lay.ulysses > 1:  # per-head masks: this rank's heads after the exchange
+                start = sum(head_sizes(heads, lay.ulysses)[: lay.u_rank])
+                every = [m.narrow(1, start, head_sizes(heads, lay.ulysses)[lay.u_rank]) for m in every]
+            masks = [torch.cat([every[r] for r in ranks], dim=-1) for ranks in members]
         u0 = lay.r_rank * lay.ulysses
         q_tokens = [table[u0 + i][0] for i in range(lay.ulysses)]
         if lay.ulysses > 1:
@@ -220,10 +297,10 @@ class Record:
             k = scatter_heads(k.contiguous(), k_tokens, lay.u_group, lay.u_rank, self.traffic)
             v = scatter_heads(v.contiguous(), k_tokens, lay.u_group, lay.u_rank, self.traffic)
         if lay.ring > 1:
-            kv = [sum(table[j * lay.ulysses + i][1] for i in range(lay.ulysses)) for j in range(lay.ring)]
-            out = ring_attention(q, k, v, scale, kv, lay.r_group, lay.r_rank, self.traffic)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # the applied backend, if any
+            kv = [sum(table[r][1] for r in ranks) for ranks in members]
+            out = ring_attention(q, k, v, scale, kv, lay.r_group, lay.r_rank, self.traffic, masks, self._lse_computed)
+        else:  # the applied backend, if any, serves it (its mode is below this one)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[0] if masks else None, scale=scale)
         if lay.ulysses > 1:
             out = gather_heads(out, q_tokens, heads, lay.u_group, lay.u_rank, self.traffic)
         return out
@@ -283,18 +360,13 @@ class SplitHook(ModelHook):
 
 
 # ---- apply / remove -----------------------------------------------------------------------------------
-def _runs_itself(module: nn.Module) -> bool:
-    return "forward" in module.__dict__ or type(module).forward is not nn.Module.forward
-
-
 def _sites(model: nn.Module, model_map) -> list[str]:
-    """The attention modules inside the main towers' blocks (a block itself when it computes attention inline)."""
-    modules = dict(model.named_modules())
-    roles = [r.path for r in model_map.attention if _runs_itself(modules[r.path])]
+    """The attention sites inside the main towers' blocks (a block itself when none is found inside it)."""
+    found = attention_sites(model, model_map)
     sites = []
     for tower in model_map.main_towers:
         for block in tower.blocks:
-            inside = [p for p in roles if p.startswith(block.path + ".")]
+            inside = [p for p in found if p == block.path or p.startswith(block.path + ".")]
             sites += inside or [block.path]
     return sites
 
@@ -356,7 +428,8 @@ def remove_context_parallel(model: nn.Module) -> list[str]:
 
 
 def context_parallel_stats(model: nn.Module) -> dict[str, Any]:
-    """{"ulysses", "ring", "world", "attention_calls", "sent_bytes": {kind: bytes this rank sent}}."""
+    """{"ulysses", "ring", "world", "attention_calls", "sent_bytes": {kind: bytes this rank sent},
+    "lse_computed": ring steps whose attention kernel returned no log-sum-exp (computed instead)}."""
     hooks = hooks_named(model, ATTN_HOOK, AttentionHook)
     if not hooks:
         return {}
@@ -364,7 +437,7 @@ def context_parallel_stats(model: nn.Module) -> dict[str, Any]:
     lay = record.layout
     return {
         "world": lay.size, "ulysses": lay.ulysses, "ring": lay.ring, "attention_calls": record.calls,
-        "sent_bytes": dict(record.traffic.bytes),
+        "sent_bytes": dict(record.traffic.bytes), "lse_computed": record.lse_computed,
     }  # fmt: skip
 
 
