@@ -25,6 +25,7 @@ from .data import (
     average_gradients,
     data_parallel_report,
     mean_over_ranks,
+    no_sync,
     remove_data_parallel,
 )
 from .context import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
@@ -39,6 +40,7 @@ __all__: list[str] = [
     "average_gradients",
     "CollectiveError",
     "mean_over_ranks",
+    "no_sync",
     "default_timeout",
     "data_parallel_report",
     "remove_data_parallel",

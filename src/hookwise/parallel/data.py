@@ -12,7 +12,13 @@ Two modes, for LoRA (or any partly frozen) training launched with `torchrun`:
   frozen base and the LoRA parameters are sharded over the group (parameters become DTensors) and
   gathered per block for compute (rank 0's trainable values are broadcast first). Irreversible (it changes the modules in place: reload to undo), and
   refused with techniques that move or rewrite weights themselves (offloading, quantization, GGUF,
-  fp8 casting): FSDP2 owns the parameters' storage.
+  fp8 casting), applied before or after it: FSDP2 owns the parameters' storage.
+
+Gradient accumulation: the micro-steps that do not step the optimizer run inside `no_sync(model)`
+(DDP: no average; FSDP2: `set_requires_gradient_sync(False)`), so a step of k micro-batches
+synchronises once. Applying is all-or-nothing: a `fully_shard` that fails part-way (or a technique
+applied after it in the same call) puts every module back as it was (class, parameters, hooks), and
+what FSDP2 cannot stand is refused in either order (`refuses_to_follow` / `refuses_to_precede`).
 
 Collectives wait at most the folder's timeout (`timeout_s`); a rank that died ends the others with a
 `CollectiveError`. On a group of one rank both modes are the identity (nothing to synchronise).
@@ -24,14 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction
-from ..core.hooks import HookRegistry, Layer, ModelHook, hook_on
+from ..core.hooks import HookRegistry, Layer, ModelHook, hook_on, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
 from ..errors import CompatibilityError, ConfigError, NoTargetError
@@ -132,12 +139,13 @@ class DataParallelHook(ModelHook):
         self.params = params
         self.armed = False
         self.queued = False
+        self.sync = True  # False inside no_sync(model)
         self.syncs = 0
         self.handles: list[Any] = []
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if torch.is_grad_enabled():
-            self.armed = True
+        if torch.is_grad_enabled():  # decided at forward, as torch's DDP does: a forward inside no_sync keeps
+            self.armed = self.sync  # its backward's gradients local
         return args, kwargs
 
     def on_grad(self, param: torch.Tensor) -> None:
@@ -152,6 +160,37 @@ class DataParallelHook(ModelHook):
         self.armed = False
         average_gradients(self.params, self.group, timeout_s=self.config.timeout_s)
         self.syncs += 1
+
+
+@contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradient accumulation's micro-steps: backward passes of forwards made inside keep their gradients on
+    each rank (no collective); the first backward of a forward made outside synchronises what accumulated.
+
+        for i, micro in enumerate(micro_batches):
+            with no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                (loss_of(model, micro) / len(micro_batches)).backward()
+        optimizer.step()
+
+    So an optimizer step of k micro-batches costs one gradient average (mode "ddp": one all-reduce per
+    dtype) instead of k. Mode "fsdp" uses FSDP2's `set_requires_gradient_sync(False)` (its gradients
+    stay unsharded, and are reduce-scattered by the last backward): run the backward inside too.
+    """
+    hook = hook_on(model, HOOK, DataParallelHook, technique="DataParallel", caller="no_sync")
+    if hook.config.mode == "fsdp":
+        root = unwrap(model)
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+        return
+    before = hook.sync
+    hook.sync = False
+    try:
+        yield
+    finally:
+        hook.sync = before
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
