@@ -102,6 +102,18 @@ def register_technique(
     return technique
 
 
+def declare_cost(name: str, cost: TechniqueCost) -> Technique:
+    """Give the technique registered as `name` its cost declaration (for a declaration kept apart from the
+    technique's registration); returns the technique as now registered."""
+    technique = technique_named(name)
+    if not isinstance(cost, TechniqueCost):
+        raise ConfigError(f"technique {name!r}: cost= must be a hookwise.core.cost.TechniqueCost, got {type(cost).__name__}")
+    declared = Technique(**{**technique.__dict__, "cost": cost})
+    _BY_NAME[name] = declared
+    _BY_CONFIG[technique.config_cls] = declared
+    return declared
+
+
 def unregister_technique(name: str) -> None:
     """Remove a technique from the table (for tests and plugins)."""
     technique = _BY_NAME.pop(name, None)
