@@ -4,6 +4,7 @@ stuck or gone ends the others with a CollectiveError naming the timeout, within 
 
 One spawn of two ranks runs every scenario (starting a rank imports torch and diffusers: seconds each)."""
 
+import contextlib
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import hookwise
-from hookwise.parallel import data_parallel_report
+from hookwise.parallel import data_parallel_report, no_sync
 
 from cache_helpers import build
 from dist_helpers import run_ranks
@@ -87,8 +88,62 @@ def _scenario(rank, world, kind, mode="ddp"):
     return dict(single=single, losses=losses, lora=lora, report=data_parallel_report(model))
 
 
+MICRO = 2  # micro-batches per optimizer step in the accumulation scenarios
+
+
+class _Count:
+    """Counts this rank's calls of the gradient collectives (torch.distributed's functions, wrapped)."""
+
+    NAMES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather_single")  # FSDP2: *_single
+
+    def __enter__(self):
+        self.real = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
+        self.calls = {n: 0 for n in self.real}
+        for name, fn in self.real.items():
+            def counted(*args, _name=name, _fn=fn, **kwargs):
+                self.calls[_name] += 1
+                return _fn(*args, **kwargs)
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.real.items():
+            setattr(dist, name, fn)
+
+
+def _accumulate(model, inputs, target):
+    """STEPS optimizer steps of MICRO micro-batches each, all but the last inside no_sync; the collectives
+    of each micro-step counted."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    n = target.shape[0] // MICRO
+    per_step = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        counts = []
+        for i in range(MICRO):
+            micro = {k: (v[i * n : (i + 1) * n] if isinstance(v, torch.Tensor) and v.shape[0] == target.shape[0] else v)
+                     for k, v in inputs.items()}  # fmt: skip
+            with _Count() as count, no_sync(model) if i < MICRO - 1 else contextlib.nullcontext():
+                (F.mse_loss(model(**micro).sample, target[i * n : (i + 1) * n]) / MICRO).backward()
+            counts.append(count.calls)
+        per_step.append(counts)
+        opt.step()
+    return per_step, _lora(model)
+
+
+def _accumulation(rank, world, mode):
+    # the single-process reference is the "plain" scenario's (the same initialisation, batch and steps)
+    model, inputs, target = _lora_model(100 + rank)
+    hookwise.apply(model, hookwise.DataParallel(mode=mode))
+    inputs, target = _shard(inputs, target, rank, world)
+    collectives, lora = _accumulate(model, inputs, target)
+    return dict(lora=lora, collectives=collectives, report=data_parallel_report(model))
+
+
 def _stuck_or_gone(rank, world, group, gone):
     model, inputs, target = _lora_model(100)
+    dist.barrier()  # both ranks start the scenario together: the apply's broadcast must not wait on the other's sleep
     hookwise.apply(model, hookwise.DataParallel(group=group, timeout_s=TIMEOUT_S))
     inputs, target = _shard(inputs, target, rank, world)
     if rank == 1:  # stuck: never reaches the step's gradient average in time; gone: returns, the harness closes the group
@@ -118,6 +173,8 @@ def _ranks(rank, world):
     out = {kind: _scenario(rank, world, kind) for kind in ("plain", "fp8+checkpointing", "offload")}
     out["fsdp+checkpointing"] = _scenario(rank, world, "fsdp+checkpointing", mode="fsdp")
     out["refused"] = _refused(rank, world)
+    out["accumulate-ddp"] = _accumulation(rank, world, "ddp")
+    out["accumulate-fsdp"] = _accumulation(rank, world, "fsdp")
     stuck, gone = dist.new_group([0, 1]), dist.new_group([0, 1])
     out["stuck"] = _stuck_or_gone(rank, world, stuck, gone=False)
     out["gone"] = _stuck_or_gone(rank, world, gone, gone=True)
@@ -126,7 +183,7 @@ def _ranks(rank, world):
 
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_ranks, 2, pg_timeout=20.0)
+    return run_ranks(_ranks, 2, pg_timeout=20.0, timeout=300.0)  # a loaded machine: minutes, not a hang
 
 
 @pytest.mark.parametrize("kind", ["plain", "fp8+checkpointing", "offload", "fsdp+checkpointing"])
@@ -165,3 +222,25 @@ def test_a_rank_that_left_ends_the_others_with_a_clear_error_before_the_timeout(
     assert kind == "CollectiveError"
     assert "died or left" in message and f"timeout ({TIMEOUT_S:g} s)" in message
     assert seconds < TIMEOUT_S + 2.0
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_accumulating_micro_batches_on_two_ranks_trains_as_one_process_on_the_whole_batch(results, mode):
+    single = results[0]["plain"]["single"][1]
+    for r in (r[f"accumulate-{mode}"] for r in results):
+        for name, value in single.items():
+            torch.testing.assert_close(r["lora"][name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+
+
+def test_accumulation_under_ddp_makes_one_gradient_all_reduce_per_optimizer_step(results):
+    for r in (r["accumulate-ddp"] for r in results):
+        assert r["report"]["syncs"] == STEPS
+        # per optimizer step: nothing in the first micro-step, one all-reduce (one dtype of LoRA parameters) in the last
+        assert [[c["all_reduce"] for c in micro] for micro in r["collectives"]] == [[0] * (MICRO - 1) + [1]] * STEPS
+
+
+def test_accumulation_under_fsdp_reduces_gradients_only_in_the_last_micro_step(results):
+    for r in (r["accumulate-fsdp"] for r in results):
+        for micro in r["collectives"]:
+            reduced = [c.get("reduce_scatter_single", 0) + c.get("reduce_scatter_tensor", 0) + c["all_reduce"] for c in micro]
+            assert reduced[:-1] == [0] * (MICRO - 1) and reduced[-1] > 0, reduced

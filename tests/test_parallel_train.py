@@ -1,5 +1,6 @@
 """`hookwise train-lora` on 2 gloo ranks (as under torchrun): rank 0 alone writes files and prints, each rank
-trains on its slice of the global batch, and the LoRA and the loss equal one process's on the whole batch."""
+trains on its slice of the global batch in 2 accumulated micro-batches, and the LoRA and the loss equal one
+process's on the whole batch in one pass."""
 
 import contextlib
 import io
@@ -20,7 +21,7 @@ ARGS = ["--steps", "2", "--batch", "4", "--sample-steps", "2", "--threads", "1",
 def _cli(rank, world, out):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-        code = main(["train-lora", "flux-shapes", "--out", out, *ARGS])
+        code = main(["train-lora", "flux-shapes", "--out", out, *ARGS, "--accumulate", "2"])
     return code, err.getvalue()
 
 
@@ -46,7 +47,7 @@ def test_only_rank_zero_prints(runs):
     assert "LoRA" not in out1 and "loss" not in out1
 
 
-def test_two_ranks_train_the_lora_one_process_trains_on_the_whole_batch(runs):
+def test_two_ranks_accumulating_micro_batches_train_the_lora_one_process_trains_on_the_whole_batch(runs):
     two, _, single = runs
     summary = json.loads((single.out / "training.json").read_text())
     two_summary = json.loads(open(f"{two}/training.json").read())
@@ -65,6 +66,8 @@ def test_two_ranks_train_the_lora_one_process_trains_on_the_whole_batch(runs):
 def _odd_batch(rank, world):
     with pytest.raises(hookwise.ConfigError, match="split evenly"):
         hookwise.train_lora("flux-shapes", "/nonexistent", steps=1, batch=3)
+    with pytest.raises(hookwise.ConfigError, match="2 ranks x 4 micro-batches.*multiple of 8"):
+        hookwise.train_lora("flux-shapes", "/nonexistent", steps=1, batch=4, accumulate=4)
     return True
 
 

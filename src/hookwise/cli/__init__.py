@@ -161,7 +161,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job = Job(height=height, width=width, frames=args.frames, batch=args.batch, text_len=args.text_len,
               cfg=args.cfg, training=args.training, lora_rank=args.lora_rank)  # fmt: skip
     hardware = Hardware.detect(gpu=args.gpu, vram=args.vram, ram=args.ram, h2d=args.h2d, disk_read=args.disk_read,
-                               tflops=args.tflops, device=args.device, fp8=args.fp8)  # fmt: skip
+                               tflops=args.tflops, device=args.device, fp8=args.fp8, gpus=args.gpus,
+                               link=args.link)  # fmt: skip
     plan = make_plan(model, job, hardware, args.goal, attention_backend=args.attention, stack_check=args.stack_check)
     if args.json:
         print(plan.to_json())
@@ -203,6 +204,11 @@ def _add_plan(sub) -> None:
     plan.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                       help="the GPU multiplies in fp8 (compute capability 8.9+), so fp8-compute options are offered "
                       "(default: from this GPU's or the named GPU's capability)")  # fmt: skip
+    plan.add_argument("--gpus", type=_positive_int, default=None,
+                      help="how many such GPUs the run uses (under torchrun): above 1, context / CFG / data "
+                      "parallelism are offered (default: the initialised torch.distributed world, else 1)")  # fmt: skip
+    plan.add_argument("--link", default=None, help="bytes per second between the GPUs, e.g. 300GB/s for NVLink "
+                      "(default 25GB/s, PCIe 4.0, assumed)")  # fmt: skip
     plan.add_argument("--stack-check", action=argparse.BooleanOptionalAction, default=True,
                       help="run the best options on fake tensors with their stack in place and choose by that peak "
                       "(default; --no-stack-check trusts the cost declarations alone, faster)")  # fmt: skip

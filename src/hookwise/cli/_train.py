@@ -83,7 +83,7 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
             lr=args.lr, targets=args.targets.split(",") if args.targets else None, base=args.base, stack=stack,
             optimizer=args.optimizer, validate_every=args.validate_every, resume=args.resume,
             formats=tuple(args.formats.split(",")), seed=args.seed, device=args.device, sample_steps=args.sample_steps,
-            progress=update if main else None,
+            progress=update if main else None, accumulate=args.accumulate,
         )  # fmt: skip
     if not main:
         return 0
@@ -110,6 +110,8 @@ def _add_train_lora(sub) -> None:
     train.add_argument("--out", default="lora-run", help="output folder (default lora-run)")
     train.add_argument("--steps", type=_positive_int, default=300)
     train.add_argument("--batch", type=_positive_int, default=16)
+    train.add_argument("--accumulate", type=_positive_int, default=1,
+                       help="compute each step's batch as this many micro-batches (gradient accumulation; default 1)")  # fmt: skip
     train.add_argument("--rank", type=_positive_int, default=8)
     train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     train.add_argument("--lr", type=float, default=2e-3)

@@ -35,6 +35,18 @@ class TechniqueConfig:
     def validate(self) -> None:
         """Raise `ConfigError` if a field has a value that cannot work."""
 
+    # ---- order-aware conflicts, per config (the technique table's `conflicts` are per technique and
+    # symmetric). `hookwise.apply` asks both sides of every pair of the stack, in the order the configs
+    # are applied (what the model has first, then the new ones in canonical order), before anything
+    # changes; the reason returned is the error's message.
+    def refuses_to_follow(self, earlier: TechniqueConfig) -> str | None:
+        """Why this config cannot be applied to a model that `earlier` is on already (None: it can)."""
+        return None
+
+    def refuses_to_precede(self, later: TechniqueConfig) -> str | None:
+        """Why `later` cannot be applied to a model this config is on already (None: it can)."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"technique": self.technique or type(self).__name__}
         for f in dataclasses.fields(self):

@@ -144,6 +144,12 @@ class Placement:
     quality: tuple[str, ...] = ()  # each lossy technique's class; () is exact
     notes: tuple[str, ...] = field(default=())
     activation_bytes: int | None = None  # device bytes of activations under the stack; None: the job's estimate
+    # Several GPUs (the parallel techniques): bytes each rank sends to the others per step, over the
+    # GPUs' link (`hardware.link`); the planner adds their time to the step, not overlapped (a bound).
+    comm_bytes: int = 0
+    # The share of the job's activations each device holds (the parallel techniques split the tokens or the
+    # batch over the ranks); applies to `activation_bytes` or, when that is None, the job's estimate.
+    activation_share: float = 1.0
 
     @classmethod
     def resident(cls, footprint: Footprint) -> Placement:
@@ -199,6 +205,11 @@ class CostContext:
     activation estimate per block (None for sampling). `passes` is how many times a step runs
     through the weights (two CFG calls, or forward and backward). `measurements` holds measured
     results a technique may quote (the step-cache harness rows under "cache").
+
+    For the parallel techniques: `hardware.gpus` (how many ranks) and `hardware.link` (bytes per second
+    between them); `tokens` (one sample's attention sequence), `hidden` (the residual width),
+    `attention_layers` (attention modules per call), `trainable_bytes` (the LoRA's parameter bytes:
+    each rank's gradient bytes to synchronise) and `output_bytes` (one call's output).
     """
 
     hardware: Any
@@ -211,6 +222,11 @@ class CostContext:
     cfg: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
     activations: ActivationTerm | None = None
+    tokens: int = 0
+    hidden: int = 0
+    attention_layers: int = 0
+    trainable_bytes: int = 0
+    output_bytes: int = 0
 
 
 Effect = Callable[[Placement, Any, CostContext], Placement]
@@ -226,7 +242,11 @@ class TechniqueCost:
     serves. Techniques of one `exclusive` group are never proposed together (step caches: each
     was measured alone, so their effects do not compose). `exact_undo=False` says removing the
     technique does not give the original weights back (casting's rounding stays), so a fallback
-    keeps it rather than swapping it.
+    keeps it rather than swapping it. `fake_run=False` says the planner's fake run cannot model the
+    technique (it needs several processes), so a stack with it keeps its declared peak. `offered(ctx)`
+    (optional) says whether the technique has any option at all for this job and machine, whatever the
+    placement (the parallel techniques: only on several GPUs): the planner leaves it out of every set
+    otherwise, rather than expanding each set to find it empty.
     """
 
     effect: Effect
@@ -236,6 +256,8 @@ class TechniqueCost:
     sampling: bool = True
     exclusive: str | None = None
     exact_undo: bool = True
+    fake_run: bool = True
+    offered: Callable[[CostContext], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.scope not in ("model", "pipeline"):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from torch import nn
 
-from ..errors import HookError
+from ..errors import ConfigError, HookError
 from .transaction import current_transaction
 
 H = TypeVar("H", bound="ModelHook")
@@ -464,6 +464,21 @@ def hooks_named(model: nn.Module, name: str, cls: type[H]) -> dict[str, H]:
         if isinstance(hook, cls):
             found[path] = hook
     return found
+
+
+def hook_on(model: nn.Module, name: str, cls: type[H], *, technique: str, caller: str) -> H:
+    """The hook registered as `name` on `model` itself (a root-only hook, not a submodule's) when it is a `cls`.
+
+    Raises `ConfigError` saying that `caller` (e.g. "cfg_parallel_report") needs `technique` (e.g.
+    "CFGParallel") applied to this model.
+    """
+    hook = get_hook(unwrap(model), name)
+    if not isinstance(hook, cls):
+        raise ConfigError(
+            f"{caller}: {technique} is not applied to this model; apply it with hookwise.apply first, and pass the "
+            "model it was applied to (not one of its submodules)"
+        )
+    return hook
 
 
 def list_hooks(model: nn.Module) -> dict[str, list[str]]:

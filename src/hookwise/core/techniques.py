@@ -12,7 +12,9 @@ that is not a hook); `remove(model, config)` undoes what that config applied. `c
 `core.cost.TechniqueCost`) declares how the technique changes bytes and time, for the planner.
 
 This is the one entry path: `hookwise.apply` reads this table to validate a stack (no duplicates
-unless `multiple`, no declared conflict in either direction), applies it in canonical order (lowest
+unless `multiple`, no declared conflict in either direction, and no config that refuses to follow or
+precede another in the order they are applied: `TechniqueConfig.refuses_to_follow` /
+`refuses_to_precede`, per config, with the reason), applies it in canonical order (lowest
 layer first) and records each config in the model's ledger; every public `apply_<name>` is a call of
 it, and every `remove_<name>` a call of `remove_techniques` for that one name.
 """
@@ -100,6 +102,18 @@ def register_technique(
     return technique
 
 
+def declare_cost(name: str, cost: TechniqueCost) -> Technique:
+    """Give the technique registered as `name` its cost declaration (for a declaration kept apart from the
+    technique's registration); returns the technique as now registered."""
+    technique = technique_named(name)
+    if not isinstance(cost, TechniqueCost):
+        raise ConfigError(f"technique {name!r}: cost= must be a hookwise.core.cost.TechniqueCost, got {type(cost).__name__}")
+    declared = Technique(**{**technique.__dict__, "cost": cost})
+    _BY_NAME[name] = declared
+    _BY_CONFIG[technique.config_cls] = declared
+    return declared
+
+
 def unregister_technique(name: str) -> None:
     """Remove a technique from the table (for tests and plugins)."""
     technique = _BY_NAME.pop(name, None)
@@ -153,7 +167,28 @@ def check_compatible(configs: Sequence[Any], *, applied: Sequence[Any] = ()) -> 
                 raise CompatibilityError(
                     f"techniques {a.name!r} and {b.name!r} cannot be combined on one model; choose one"
                 )
+    check_order([*applied, *sorted(configs, key=lambda c: technique_of(c).layer)], applied=len(on_model))
     return found[len(on_model) :]
+
+
+def refusal(earlier: Any, later: Any) -> str | None:
+    """Why `later` cannot be applied to a model `earlier` is on (either config may refuse), or None."""
+    return later.refuses_to_follow(earlier) or earlier.refuses_to_precede(later)
+
+
+def check_order(configs: Sequence[Any], *, applied: int = 0) -> None:
+    """Raise `CompatibilityError` if a config of `configs` (in the order they are applied; the first
+    `applied` are on the model already) refuses to follow an earlier one or to be followed by a later one."""
+    for j in range(max(applied, 1), len(configs)):  # pairs already on the model were checked when applied
+        later = configs[j]
+        for i, earlier in enumerate(configs[:j]):
+            why = refusal(earlier, later)
+            if why:
+                where = "the model has it already" if i < applied else "applied first, by layer"
+                raise CompatibilityError(
+                    f"{type(later).__name__} cannot be applied after {type(earlier).__name__} ({where}): "
+                    f"{why}. Nothing was applied"
+                )
 
 
 # ---- applying and removing techniques on a model ------------------------------------------------------

@@ -9,6 +9,8 @@ Machinery, private to this folder:
 - `_seq.py`: where context parallelism splits and gathers the token streams (per-architecture plans).
 - `_ulysses.py`: the all-to-all between head and sequence splits; `_ring.py`: ring attention with
   log-sum-exp merging of the partial results.
+- `_cost.py`: the three techniques' cost declarations for the planner (one rank's bytes, the bytes it
+  sends per step, a declared time model), declared on the techniques when this folder is imported.
 - `_dist.py`: the process group a technique runs on, checked once at apply (initialised, backend,
   world size), and the timeout every collective of this folder waits at most, so a dead rank ends
   the others with a clear error instead of a hang.
@@ -25,9 +27,13 @@ from .data import (
     average_gradients,
     data_parallel_report,
     mean_over_ranks,
+    no_sync,
     remove_data_parallel,
 )
 from .context import ContextParallel, apply_context_parallel, context_parallel_stats, remove_context_parallel
+from ._cost import declare_parallel_costs
+
+declare_parallel_costs()
 
 __all__: list[str] = [
     "CFGParallel",
@@ -39,6 +45,7 @@ __all__: list[str] = [
     "average_gradients",
     "CollectiveError",
     "mean_over_ranks",
+    "no_sync",
     "default_timeout",
     "data_parallel_report",
     "remove_data_parallel",

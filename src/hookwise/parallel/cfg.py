@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction
-from ..core.hooks import HookRegistry, Layer, ModelHook
+from ..core.hooks import HookRegistry, Layer, ModelHook, hook_on
 from ..core.state import get_run_state
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, HookwiseError
@@ -177,10 +177,7 @@ def _remove_cfg_parallel(model: nn.Module, config: CFGParallel | None = None) ->
 
 def cfg_parallel_report(model: nn.Module) -> dict[str, int]:
     """How many calls CFGParallel split over the ranks and how many ran whole on this rank."""
-    registry = HookRegistry.of(model)
-    hook = registry.get(HOOK) if registry is not None else None
-    if not isinstance(hook, CFGParallelHook):
-        raise ConfigError("cfg_parallel_report: CFGParallel is not applied to this model")
+    hook = hook_on(model, HOOK, CFGParallelHook, technique="CFGParallel", caller="cfg_parallel_report")
     return {"split": hook.split_calls, "whole": hook.whole_calls, "ranks": hook.size}
 
 

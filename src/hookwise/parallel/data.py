@@ -12,7 +12,13 @@ Two modes, for LoRA (or any partly frozen) training launched with `torchrun`:
   frozen base and the LoRA parameters are sharded over the group (parameters become DTensors) and
   gathered per block for compute (rank 0's trainable values are broadcast first). Irreversible (it changes the modules in place: reload to undo), and
   refused with techniques that move or rewrite weights themselves (offloading, quantization, GGUF,
-  fp8 casting): FSDP2 owns the parameters' storage.
+  fp8 casting), applied before or after it: FSDP2 owns the parameters' storage.
+
+Gradient accumulation: the micro-steps that do not step the optimizer run inside `no_sync(model)`
+(DDP: no average; FSDP2: `set_requires_gradient_sync(False)`), so a step of k micro-batches
+synchronises once. Applying is all-or-nothing: a `fully_shard` that fails part-way (or a technique
+applied after it in the same call) puts every module back as it was (class, parameters, hooks), and
+what FSDP2 cannot stand is refused in either order (`refuses_to_follow` / `refuses_to_precede`).
 
 Collectives wait at most the folder's timeout (`timeout_s`); a rank that died ends the others with a
 `CollectiveError`. On a group of one rank both modes are the identity (nothing to synchronise).
@@ -24,15 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..core.config import TechniqueConfig, check_fraction
-from ..core.hooks import HookRegistry, Layer, ModelHook
-from ..core.techniques import apply_techniques, applied_configs, register_technique, remove_techniques, technique_of
+from ..core.hooks import HookRegistry, Layer, ModelHook, hook_on, unwrap
+from ..core.techniques import apply_techniques, register_technique, remove_techniques
+from ..core.transaction import current_transaction
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from ..introspect import describe
 from ._dist import group_of, resolve_group, timeout_of, wait
@@ -72,6 +80,14 @@ class DataParallel(TechniqueConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return super().to_dict() if self.group is None else dataclasses.replace(self, group=None).to_dict()
+
+    def refuses_to_follow(self, earlier: TechniqueConfig) -> str | None:
+        why = _NOT_UNDER_FSDP.get(earlier.technique) if self.mode == "fsdp" else None
+        return f"DataParallel(mode='fsdp') cannot shard a model with {earlier.technique!r} on it: {why}" if why else None
+
+    def refuses_to_precede(self, later: TechniqueConfig) -> str | None:
+        why = _NOT_UNDER_FSDP.get(later.technique) if self.mode == "fsdp" else None
+        return f"{later.technique!r} cannot run on a model DataParallel(mode='fsdp') sharded: {why}" if why else None
 
 
 def average_gradients(params: Iterable[torch.Tensor], group: object = None, *, timeout_s: float | None = None) -> None:
@@ -123,12 +139,13 @@ class DataParallelHook(ModelHook):
         self.params = params
         self.armed = False
         self.queued = False
+        self.sync = True  # False inside no_sync(model)
         self.syncs = 0
         self.handles: list[Any] = []
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if torch.is_grad_enabled():
-            self.armed = True
+        if torch.is_grad_enabled():  # decided at forward, as torch's DDP does: a forward inside no_sync keeps
+            self.armed = self.sync  # its backward's gradients local
         return args, kwargs
 
     def on_grad(self, param: torch.Tensor) -> None:
@@ -145,6 +162,37 @@ class DataParallelHook(ModelHook):
         self.syncs += 1
 
 
+@contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradient accumulation's micro-steps: backward passes of forwards made inside keep their gradients on
+    each rank (no collective); the first backward of a forward made outside synchronises what accumulated.
+
+        for i, micro in enumerate(micro_batches):
+            with no_sync(model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                (loss_of(model, micro) / len(micro_batches)).backward()
+        optimizer.step()
+
+    So an optimizer step of k micro-batches costs one gradient average (mode "ddp": one all-reduce per
+    dtype) instead of k. Mode "fsdp" uses FSDP2's `set_requires_gradient_sync(False)` (its gradients
+    stay unsharded, and are reduce-scattered by the last backward): run the backward inside too.
+    """
+    hook = hook_on(model, HOOK, DataParallelHook, technique="DataParallel", caller="no_sync")
+    if hook.config.mode == "fsdp":
+        root = unwrap(model)
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
+        return
+    before = hook.sync
+    hook.sync = False
+    try:
+        yield
+    finally:
+        hook.sync = before
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -156,7 +204,18 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _broadcast(params: list[nn.Parameter], group: object, config: DataParallel) -> None:
-    """Rank 0's values of `params` on every rank (one flat broadcast per dtype)."""
+    """Rank 0's values of `params` on every rank (one flat broadcast per dtype); this rank's own values
+    come back if the apply fails later."""
+    txn = current_transaction()
+    if txn is not None:
+        before = [(p, p.detach().clone()) for p in params]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, value in before:
+                    p.copy_(value)
+
+        txn.on_rollback(restore, "DataParallel's broadcast of rank 0's trainable values")
     timeout = timeout_of(config.timeout_s)
     src = dist.get_global_rank(group, 0) if group is not None else 0
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
@@ -184,25 +243,79 @@ def _apply_ddp(model: nn.Module, config: DataParallel, group: object, size: int)
 
 
 def _apply_fsdp(model: nn.Module, config: DataParallel, group: object, size: int) -> None:
-    for applied in applied_configs(model):
-        why = _NOT_UNDER_FSDP.get(technique_of(applied).name)
-        if why:
-            raise CompatibilityError(f"DataParallel(mode='fsdp') with {technique_of(applied).name!r}: {why}")
     params = _trainable(model)
     if size > 1:  # FSDP2 shards each rank's own values: start every rank from rank 0's trainable ones
         _broadcast(params, group, config)
+    from torch.distributed import fsdp
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
 
     if group is None:
         group = dist.group.WORLD
     mesh = DeviceMesh.from_group(group, "cuda" if next(model.parameters()).is_cuda else "cpu")
     blocks = [model.get_submodule(path) for tower in describe(model).towers for path in tower.block_paths]
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # All or nothing: fully_shard changes each module in place (class, parameters, hooks), so what it
+    # changed is put back if a later fully_shard, or anything after it in this apply, fails.
+    restore = _unsharded_state(model)
+    txn = current_transaction()
+    try:
+        for block in blocks:
+            fsdp.fully_shard(block, mesh=mesh)
+        fsdp.fully_shard(model, mesh=mesh)
+    except BaseException:
+        if txn is None:
+            restore()
+        raise
+    finally:
+        if txn is not None:
+            txn.on_rollback(restore, "DataParallel(mode='fsdp')'s fully_shard")
     hook = DataParallelHook(config, group, size, [])
     HookRegistry.get_or_create(model).add(HOOK, hook)
+
+
+# The per-module state fully_shard changes besides parameters: hooks it registers, by kind.
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
+
+def _unsharded_state(model: nn.Module) -> Any:
+    """A function that puts every module of `model` back as it is now, undoing `fully_shard` on any of them:
+    its class, parameters (the same objects, with their data), buffers, hooks and attributes, and
+    torch's record of the module's composable state. Holds references only (no copies of the weights)."""
+    saved = []
+    for module in model.modules():
+        params = dict(module._parameters)
+        saved.append((
+            module, module.__class__, set(module.__dict__), params, dict(module._buffers),
+            {name: dict(getattr(module, name)) for name in _HOOK_DICTS if isinstance(getattr(module, name, None), dict)},
+            {name: p.data for name, p in params.items() if p is not None},
+        ))  # fmt: skip
+
+    def restore() -> None:
+        try:  # torch's map module -> FSDP state (a module in it cannot be sharded again)
+            from torch.distributed._composable_state import _module_state_mapping as states
+        except ImportError:  # pragma: no cover - a torch without it keeps the state on the module only
+            states = {}
+        for module, cls, keys, params, buffers, hooks, datas in saved:
+            module.__class__ = cls
+            for key in set(module.__dict__) - keys:
+                del module.__dict__[key]
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for name, entries in hooks.items():
+                live = getattr(module, name)
+                live.clear()
+                live.update(entries)
+            for name, data in datas.items():
+                if params[name].data is not data:
+                    params[name].data = data
+            states.pop(module, None)
+
+    return restore
 
 
 def _apply_data_parallel(model: nn.Module, config: DataParallel) -> None:
@@ -231,10 +344,7 @@ def _remove_data_parallel(model: nn.Module, config: DataParallel | None = None) 
 
 def data_parallel_report(model: nn.Module) -> dict[str, Any]:
     """The mode, the group size and how many gradient averages DataParallel has made on this rank."""
-    registry = HookRegistry.of(model)
-    hook = registry.get(HOOK) if registry is not None else None
-    if not isinstance(hook, DataParallelHook):
-        raise ConfigError("data_parallel_report: DataParallel is not applied to this model")
+    hook = hook_on(model, HOOK, DataParallelHook, technique="DataParallel", caller="data_parallel_report")
     return {"mode": hook.config.mode, "ranks": hook.size, "syncs": hook.syncs,
             "parameters": sum(p.numel() for p in hook.params)}  # fmt: skip
 

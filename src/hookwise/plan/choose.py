@@ -3,7 +3,8 @@
 Stacks are enumerated from the table: every compatible set of techniques that declare a cost (by
 the table's conflicts, at most one of an `exclusive` group, only those that serve the job), each
 expanded into the configs its cost declaration offers for the footprint and machine, in layer
-order (casting shrinks the footprint before offloading places it). A new technique with a cost
+order (casting shrinks the footprint before offloading places it), without a config that refuses
+to follow one before it (or that one to precede it: `hookwise.apply`'s order check). A new technique with a cost
 declaration appears here by itself.
 
 For each stack:
@@ -15,7 +16,9 @@ For each stack:
 - RAM: the weights kept in host memory;
 - time per step relative to the all-resident model: max(compute x compute factor + 50 us per group
   loaded, bytes moved / host->device rate + bytes read / disk rate) / compute, the bound the
-  offload benchmark uses, with compute = the job's FLOPs / the device's rate;
+  offload benchmark uses, with compute = the job's FLOPs / the device's rate; on several GPUs
+  (`Hardware.gpus`), plus the bytes a rank sends to the others / the link's rate, not overlapped
+  (the parallel techniques' declared model: an estimate, not a measurement);
 - quality class: "exact", or each lossy technique's class.
 
 What fits: every resource under its size less a margin (5% + 512 MiB by default). Ranking by goal:
@@ -31,9 +34,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from ..core.cost import ActivationTerm, CostContext, Placement
-from ..core.techniques import Technique, techniques
+from ..core.techniques import Technique, refusal, techniques
 from ..errors import ConfigError
-from .estimate import formula_activation
+from .estimate import formula_activation, latent_shape, sequence_length
 from .footprint import Target, hidden_size, label
 from .hardware import Hardware
 from .job import Job
@@ -96,6 +99,7 @@ class Option:
     activation_bytes: int = 0
     moved_bytes: int = 0
     disk_read_bytes: int = 0
+    comm_bytes: int = 0  # sent by each GPU to the others per step (parallel techniques)
     compute_seconds: float = 0.0
     step_seconds: float = 0.0
     time_rel: float = 1.0
@@ -143,6 +147,7 @@ class Option:
             "activation_bytes": self.activation_bytes,
             "moved_bytes": self.moved_bytes,
             "disk_read_bytes": self.disk_read_bytes,
+            "comm_bytes": self.comm_bytes,
             "compute_seconds": self.compute_seconds,
             "step_seconds": self.step_seconds,
             "time_rel": self.time_rel,
@@ -183,15 +188,20 @@ def _sets(candidates: Sequence[Technique]) -> list[tuple[Technique, ...]]:
     return out
 
 
-def _expand(group: Sequence[Technique], placement: Placement, ctx: CostContext) -> list[tuple[tuple[Any, ...], Placement]]:
-    """Every config sequence for `group` (in layer order) with the placement it leads to."""
+def _expand(
+    group: Sequence[Technique], placement: Placement, ctx: CostContext, before: tuple[Any, ...] = ()
+) -> list[tuple[tuple[Any, ...], Placement]]:
+    """Every config sequence for `group` (in layer order) with the placement it leads to; a config that
+    refuses to follow one of `before` (or one of those to precede it) is not offered after it."""
     if not group:
         return [((), placement)]
     first, rest = group[0], group[1:]
     out = []
     for config in first.cost.options(placement, ctx):
+        if any(refusal(earlier, config) for earlier in before):
+            continue
         after = first.cost.effect(placement, config, ctx)
-        for configs, final in _expand(rest, after, ctx):
+        for configs, final in _expand(rest, after, ctx, (*before, config)):
             out.append(((config, *configs), final))
     return out
 
@@ -225,6 +235,11 @@ def activation_term(inputs: Inputs) -> ActivationTerm | None:
 def _context(inputs: Inputs, room: int, ram_room: int) -> CostContext:
     job = inputs.job
     passes = job.calls_per_step * (2 if job.training else 1)
+    model_map = inputs.target.denoiser.model_map
+    itemsize = inputs.target.denoiser.footprint.compute_itemsize
+    linear = [leaf for leaf in model_map.leaves if leaf.kind == "linear" and len(leaf.shape) == 2]
+    out_features = int(linear[-1].shape[0]) if linear else 0  # the output projection, last in the map
+    lora_params = inputs.lora_bytes // LORA_BYTES_PER_PARAM
     return CostContext(
         hardware=inputs.hardware,
         job=job,
@@ -236,6 +251,11 @@ def _context(inputs: Inputs, room: int, ram_room: int) -> CostContext:
         cfg=job.cfg,
         measurements=inputs.measurements,
         activations=activation_term(inputs),
+        tokens=sequence_length(model_map, job),
+        hidden=hidden_size(model_map),
+        attention_layers=sum(1 for a in model_map.attention if a.kind != "cross"),
+        trainable_bytes=lora_params * 2,  # bf16 gradients, as the LoRA's bytes are counted
+        output_bytes=latent_shape(model_map, job)[0] * job.effective_batch * out_features * itemsize,
     )
 
 
@@ -256,7 +276,9 @@ def _settings_options(inputs: Inputs) -> list[tuple[str, ...]]:
 def enumerate_options(inputs: Inputs) -> list[Option]:
     """Every stack the table offers for this target, job and machine, predicted."""
     job, hw = inputs.job, inputs.hardware
-    model_techs = [t for t in techniques() if _serves(t, job) and t.cost.scope == "model"]
+    base_ctx = _context(inputs, 0, usable(hw.ram, inputs.margin))
+    model_techs = [t for t in techniques() if _serves(t, job) and t.cost.scope == "model"
+                   and (t.cost.offered is None or t.cost.offered(base_ctx))]  # fmt: skip
     pipe_techs = [t for t in techniques() if _serves(t, job) and t.cost.scope == "pipeline"] if inputs.target.pipeline else []
     device_usable = usable(hw.vram_free, inputs.margin)
     ram_usable = usable(hw.ram, inputs.margin)
@@ -264,7 +286,6 @@ def enumerate_options(inputs: Inputs) -> list[Option]:
     others = inputs.target.others_footprint()
     options: list[Option] = []
     seen: set[str] = set()
-    base_ctx = _context(inputs, 0, ram_usable)
     for pipe_group in _sets(pipe_techs):
         for pipe_configs, others_placed in _expand(pipe_group, Placement.resident(others), base_ctx):
             room = device_usable - inputs.activation_bytes - inputs.lora_bytes - others_placed.device_bytes
@@ -296,6 +317,7 @@ def predict(
     tiling, slicing = "vae_tiling" in settings, "vae_slicing" in settings
     vae_decode = inputs.vae_bytes.get((tiling, slicing), 0)
     activations = inputs.activation_bytes if placed.activation_bytes is None else placed.activation_bytes
+    activations = int(activations * placed.activation_share)
     denoise = placed.device_bytes + placed.transient_bytes + activations + inputs.lora_bytes + others.device_bytes
     phases = [denoise]
     if target.pipeline:
@@ -319,6 +341,8 @@ def predict(
     if placed.disk_read_bytes:
         transfer += placed.disk_read_bytes / hw.disk_read
     step = max(compute, transfer)
+    if placed.comm_bytes:
+        step += placed.comm_bytes / getattr(hw, "link", float("inf"))
     time_rel = step / plain_compute if plain_compute > 0 else 1.0
     if hw.shared:  # computing on the CPU: the "device" and the host are one RAM
         checks = [("RAM", device_peak + ram_peak, usable(hw.ram, inputs.margin), hw.ram)]
@@ -344,6 +368,7 @@ def predict(
         activation_bytes=int(activations),
         moved_bytes=int(placed.moved_bytes),
         disk_read_bytes=int(placed.disk_read_bytes),
+        comm_bytes=int(placed.comm_bytes),
         compute_seconds=compute,
         step_seconds=step,
         time_rel=time_rel,

@@ -52,6 +52,7 @@ DEFAULT_GPU_TFLOPS = 100.0  # an unknown GPU: a mid-range card
 DEFAULT_CPU_TFLOPS = 0.5
 DEFAULT_H2D = 12 * GB  # PCIe 4.0 x16 with pageable copies, measured ~12-25 GB/s
 DEFAULT_DISK_READ = 2 * GB  # an NVMe SSD
+DEFAULT_LINK = 25 * GB  # between GPUs without NVLink: PCIe 4.0 x16 (NVLink: state it, e.g. --link 300GB/s)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Hardware:
     shared: bool = False  # the device's memory is the host RAM (planning for the CPU itself)
     capability: tuple[int, int] | None = None  # CUDA compute capability, where known
     fp8: bool = False  # the compute device multiplies in fp8 (capability 8.9+, or stated)
+    gpus: int = 1  # how many of these devices a run uses (ranks under torchrun); the parallel techniques need > 1
+    link: float = float(DEFAULT_LINK)  # bytes per second each GPU sends to the others
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -94,6 +97,7 @@ class Hardware:
             f"{self.name} ({self.device}): {self.vram * gib:.1f} GiB device memory, {self.ram * gib:.1f} GiB RAM, "
             f"host->device {self.h2d / GB:.1f} GB/s, disk {self.disk_read / GB:.1f} GB/s, ~{self.tflops:g} TFLOP/s"
             + (", fp8 matmul" if self.fp8 else "")
+            + (f", {self.gpus} GPUs linked at {self.link / GB:.0f} GB/s" if self.gpus > 1 else "")
             + (f" (assumed: {', '.join(self.assumed)})" if self.assumed else "")
         )
 
@@ -111,6 +115,8 @@ class Hardware:
         device: str | None = None,
         probe: bool = True,
         fp8: bool | None = None,
+        gpus: int | None = None,
+        link: float | str | None = None,
     ) -> Hardware:
         """This machine, with any value given replacing what would be measured.
 
@@ -118,6 +124,8 @@ class Hardware:
         for computing on the CPU. `probe=False` skips the bandwidth probe (defaults are used instead
         unless a cached measurement exists). `fp8` states whether the device has fp8 matmul (None:
         from the GPU's compute capability, this one's or the named one's; unknown counts as no).
+        `gpus`: how many such devices the run uses (None: the ranks of an initialised torch.distributed,
+        else 1); `link`: bytes per second between them (e.g. "300GB/s"; default PCIe's, assumed).
         """
         assumed: list[str] = []
         cuda = torch.cuda.is_available()
@@ -188,6 +196,18 @@ class Hardware:
             fp8 = device == "cuda" and capability is not None and capability >= FP8_CAPABILITY
             if device == "cuda" and capability is None:
                 assumed.append("no fp8 matmul (compute capability unknown; --fp8 states it)")
+        if gpus is None:
+            import torch.distributed as dist
+
+            gpus = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+            raise ConfigError(f"gpus={gpus!r}: how many devices the run uses, a whole number >= 1")
+        if link is not None:
+            link_rate = parse_rate(link, "link")
+        else:
+            link_rate = float(DEFAULT_LINK)
+            if gpus > 1:
+                assumed.append("inter-GPU bandwidth (PCIe; --link states NVLink's)")
         return cls(
             device=device,
             name=name,
@@ -202,6 +222,8 @@ class Hardware:
             shared=device == "cpu" and vram is None,
             capability=capability,
             fp8=fp8,
+            gpus=gpus,
+            link=link_rate,
         )
 
     def with_(self, **changes: Any) -> Hardware:

@@ -223,7 +223,7 @@ def _option_from_dict(data: dict[str, Any]) -> choose.Option:
         pipeline_configs=configs(data.get("pipeline_techniques", [])),
         settings=tuple(data.get("settings", [])),
         **{k: data[k] for k in ("device_peak", "ram_peak", "disk_bytes", "weights_on_device", "transient_bytes",
-                                 "activation_bytes", "moved_bytes", "disk_read_bytes", "compute_seconds",
+                                 "activation_bytes", "moved_bytes", "disk_read_bytes", "comm_bytes", "compute_seconds",
                                  "step_seconds", "time_rel", "fits", "failure") if k in data},
         quality=() if quality == "exact" else tuple(quality.split(", ")),
         notes=tuple(data.get("notes", ())),
@@ -361,6 +361,11 @@ def _check_stacks(
     room = choose.usable(hardware.ram if hardware.shared else hardware.vram_free, margin)
     checked = list(ranked)
     for i, option in enumerate(ranked[:STACK_CHECKS]):
+        unmodelled = [technique_of(c).name for c in option.configs if not technique_of(c).cost.fake_run]
+        if unmodelled:  # several processes (the parallel techniques): the fake run cannot make them
+            note = f"device peak per rank from the declarations: a fake run cannot model {', '.join(unmodelled)}"
+            checked[i] = dataclasses.replace(option, notes=(*option.notes, note))
+            return checked[i], checked, "declarations"
         report = stack_peak(model, job, option.configs, hardware=hardware, attention_backend=attention_backend,
                             example_inputs=example_inputs)  # fmt: skip
         if report is None:

@@ -10,6 +10,7 @@ validations (a stack switch applies techniques on every rank alike), and only ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
-from ..parallel import DataParallel, average_gradients, default_timeout, mean_over_ranks
+from ..parallel import DataParallel, average_gradients, default_timeout, mean_over_ranks, no_sync
 
 
 @dataclass
@@ -31,10 +32,12 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
-    def check_batch(self, batch: int) -> None:
-        if batch % self.world:
-            raise ConfigError(f"train_lora(batch={batch}) on {self.world} ranks: the batch must split evenly over them; "
-                              f"use a multiple of {self.world}")  # fmt: skip
+    def check_batch(self, batch: int, accumulate: int = 1) -> None:
+        parts = self.world * accumulate
+        if batch % parts:
+            split = f"{self.world} ranks" + (f" x {accumulate} micro-batches" if accumulate > 1 else "")
+            raise ConfigError(f"train_lora(batch={batch}) on {split}: the batch must split evenly over them; "
+                              f"use a multiple of {parts}")  # fmt: skip
 
     def same_stack(self, configs: list[Any], explanation: str | None) -> tuple[list[Any], str | None]:
         """Rank 0's stack on every rank, with DataParallel added when there are several ranks."""
@@ -52,13 +55,23 @@ class Ranks:
     def shard(self, task: Any, batch: int, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
               cond: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
         """This rank's slice of a global batch."""
-        if self.world == 1:
+        return self.part(task, batch, self.world, self.rank, x0, noise, t, cond)
+
+    @staticmethod
+    def part(task: Any, batch: int, parts: int, i: int, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             cond: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:  # fmt: skip
+        """The i-th of `parts` equal slices of a batch (a rank's share, or a micro-batch)."""
+        if parts == 1:
             return x0, noise, t, cond
-        n = batch // self.world
-        lo, hi = self.rank * n, (self.rank + 1) * n
+        n = batch // parts
+        lo, hi = i * n, (i + 1) * n
         shared = task.shared_keys()
         cond = {k: v if k in shared or not isinstance(v, torch.Tensor) else v[lo:hi] for k, v in cond.items()}
         return x0[lo:hi], noise[lo:hi], t[lo:hi], cond
+
+    def no_sync(self, model: Any) -> Any:
+        """The micro-steps of gradient accumulation: DataParallel keeps their gradients local (one rank: nothing)."""
+        return no_sync(model) if self.world > 1 else contextlib.nullcontext()
 
     def loss(self, loss: torch.Tensor) -> float:
         """The whole batch's loss: the mean of the ranks' (equal-sized) slices' losses."""

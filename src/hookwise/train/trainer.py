@@ -23,6 +23,7 @@ bit-identically on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -249,6 +250,7 @@ def train_lora(
     prior: float = 0.25,
     sample_steps: int = 20,
     progress: Callable[[StepInfo], None] | None = None,
+    accumulate: int = 1,
 ) -> LoraTrainingResult:
     """Train a LoRA on `model` (a zoo name, a `ReferenceModel`, a diffusers transformer folder or
     module) and save it into `out` in every format of `formats`; see the module docstring.
@@ -266,8 +268,14 @@ def train_lora(
     slice of the same global batch (`batch` must split evenly), the gradients are averaged
     (`DataParallel`), every rank uses rank 0's stack, and only rank 0 writes files (`result.files` is
     empty on the others); the losses are the whole batch's, as in one process.
+
+    `accumulate=k` computes each step's `batch` as k micro-batches of batch / k (each split over the ranks),
+    summing their gradients before the optimizer steps: the same step as one pass over the whole batch,
+    with the activations of a micro-batch. Under several ranks the first k - 1 backward passes keep their
+    gradients local (`hookwise.parallel.no_sync`): one gradient average per optimizer step.
     """
-    for name, value in (("steps", steps), ("batch", batch), ("rank", rank), ("sample_steps", sample_steps)):
+    for name, value in (("steps", steps), ("batch", batch), ("rank", rank), ("sample_steps", sample_steps),
+                        ("accumulate", accumulate)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"train_lora({name}={value!r}): must be a whole number >= 1")
     if base not in BASES:
@@ -285,12 +293,12 @@ def train_lora(
     peft = require("peft", "peft", "LoRA training")
     ranks, device = join_ranks(device)
     try:
-        ranks.check_batch(batch)
+        ranks.check_batch(batch, accumulate)
         return _train_lora(
             ranks, peft, model, out, data=data, steps=steps, batch=batch, rank=rank, alpha=alpha, lr=lr, targets=targets,
             base=base, stack=stack, optimizer=optimizer, validate_every=validate_every, validation_stack=validation_stack,
             resume=resume, formats=formats, seed=seed, device=device, timestep_scale=timestep_scale, prior=prior,
-            sample_steps=sample_steps, progress=progress,
+            sample_steps=sample_steps, progress=progress, accumulate=accumulate,
         )  # fmt: skip
     finally:
         ranks.close()
@@ -300,7 +308,7 @@ def _train_lora(ranks: Ranks, peft: Any, model: Any, out: Any, *, data: Any, ste
                 alpha: float | None, lr: float, targets: Any, base: str, stack: Any, optimizer: str, validate_every: int,
                 validation_stack: Any, resume: Any, formats: Sequence[str], seed: int, device: Any,
                 timestep_scale: float | None, prior: float, sample_steps: int,
-                progress: Callable[[StepInfo], None] | None) -> LoraTrainingResult:  # fmt: skip
+                progress: Callable[[StepInfo], None] | None, accumulate: int = 1) -> LoraTrainingResult:  # fmt: skip
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     alpha = float(rank if alpha is None else alpha)
@@ -330,8 +338,8 @@ def _train_lora(ranks: Ranks, peft: Any, model: Any, out: Any, *, data: Any, ste
     explanation = None
     configs: list[Any] = []
     if stack == "plan" and ranks.main:  # the other ranks take rank 0's plan
-        job = Job(training=True, batch=batch, lora_rank=rank)
-        plan = make_plan(transformer, job, example_inputs=task.example_inputs(batch, compute_dtype))
+        job = Job(training=True, batch=batch // accumulate, lora_rank=rank)  # a micro-batch's activations
+        plan = make_plan(transformer, job, example_inputs=task.example_inputs(batch // accumulate, compute_dtype))
         if plan.chosen is None:
             raise ConfigError(f"train_lora: no training stack fits this machine. {plan.explanation}")
         configs, explanation = list(plan.stack.configs), plan.explanation
@@ -398,19 +406,26 @@ def _train_lora(ranks: Ranks, peft: Any, model: Any, out: Any, *, data: Any, ste
         x0, cond = task.batch(batch, g, compute_dtype)
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).to(device)
-        x0, noise, t, cond = ranks.shard(task, batch, x0, noise, t, cond)  # every rank drew the same global batch
-        tt = t.view(-1, *([1] * (x0.ndim - 1)))
-        xt = ((1 - tt) * x0 + tt * noise).to(compute_dtype)
-        pred = task.call(transformer, xt, t * task.timestep_scale, cond)
-        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
-        whole = ranks.loss(loss)  # the whole batch's loss (every rank gets the same, so all stop together)
+        opt.zero_grad(set_to_none=True)
+        local = 0.0
+        for i in range(accumulate):  # micro-batches of the global batch every rank drew; each split over the ranks
+            micro = ranks.part(task, batch, accumulate, i, x0, noise, t, cond)
+            xm, nm, tm, cm = ranks.shard(task, batch // accumulate, *micro)
+            tt = tm.view(-1, *([1] * (xm.ndim - 1)))
+            xt = ((1 - tt) * xm + tt * nm).to(compute_dtype)
+            # all but the last micro-step keep their gradients on this rank: one average per optimizer step
+            with ranks.no_sync(transformer) if i < accumulate - 1 else contextlib.nullcontext():
+                pred = task.call(transformer, xt, tm * task.timestep_scale, cm)
+                loss = torch.nn.functional.mse_loss(pred.float(), nm - xm) / accumulate
+                # the condition (a trained embedding's output) is shared by the micro-batches: keep its graph
+                loss.backward(retain_graph=i < accumulate - 1)
+            local += float(loss.detach())
+        whole = ranks.loss(torch.tensor(local))  # the whole batch's loss (every rank gets the same, so all stop together)
         if not math.isfinite(whole):
             raise HookwiseError(f"train_lora: the loss is {whole} at step {step + 1}; lower lr (now {lr})")
         scale = min(1.0, (step + 1) / warmup)
         for group in opt.param_groups:
             group["lr"] = lr * scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         ranks.sync_extra(task.parameters())  # the LoRA's gradients are averaged by DataParallel
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
