@@ -126,13 +126,14 @@ def main() -> None:
     parser.add_argument("--model", choices=["zoo", "wide"], default="zoo")
     parser.add_argument("--heads", type=int, default=2, help="--model wide: heads of 128 (2: 256 wide)")
     parser.add_argument("--types", nargs="+", default=None, help="default: Q8_0 Q5_1 Q4_0 (zoo), Q8_0 Q6_K Q5_K Q4_K Q4_0 (wide)")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     parser.add_argument("--load-repeats", type=int, default=3, help="loads of every file (median reported)")
     parser.add_argument("--labels", type=int, default=8, help="samples (class ids 0..n-1, seed 0)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each variant once per round)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.types = args.types or (["Q8_0", "Q5_1", "Q4_0"] if args.model == "zoo" else ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0"])
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
 
     tmp = tempfile.mkdtemp(prefix="hookwise-gguf-")
     if args.model == "zoo":

@@ -329,7 +329,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.lora_one:
-        torch.set_num_threads(os.cpu_count() or 1)
+        # One thread: the step's peak memory does not depend on it, and on shared cores a second thread
+        # waits at every barrier for one that was descheduled.
+        torch.set_num_threads(1)
         row = lora_step_memory(args.lora_one, args.tokens, args.text, args.double, args.single)
         print("LORA_ROW " + json.dumps(row), flush=True)
         return
