@@ -119,8 +119,17 @@ def child(model_name: str, variant: str, scheme: str, ckpt: str) -> dict:
     thread.join()
     peak[0] = max(peak[0], _status("RssAnon"))
     stored = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    rss_peak = _status("VmHWM") - rss_base
+    # Read one element per page of every tensor, as a first forward would: a memory-mapped tensor's
+    # pages enter the process (file-backed) only then.
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            flat = t.detach().reshape(-1)
+            if flat.numel():
+                flat[:: max(1, 4096 // t.element_size())].sum()
     return dict(model=model_name, variant=variant, scheme=scheme, anon_peak=peak[0] - base,
-                rss_peak=_status("VmHWM") - rss_base, model_bytes=stored, seconds=seconds)  # fmt: skip
+                rss_peak=rss_peak, model_bytes=stored, seconds=seconds,
+                rss_after_touch=_status("VmRSS") - rss_base, anon_after_touch=_status("RssAnon") - base)  # fmt: skip
 
 
 def write_checkpoint(model_name: str, folder: str) -> tuple[str, int]:
@@ -185,7 +194,9 @@ def main() -> None:
                 print(
                     f"{model_name:5s} {scheme:12s} {variant:20s} anon peak {row['anon_peak'] / 2**20:9.1f} MiB  "
                     f"RSS peak {row['rss_peak'] / 2**20:9.1f} MiB  model {row['model_bytes'] / 2**20:9.1f} MiB  "
-                    f"checkpoint {full_bytes / 2**20:9.1f} MiB  {row['seconds']:.1f} s  load {loads[-1]:.1f}",
+                    f"checkpoint {full_bytes / 2**20:9.1f} MiB  {row['seconds']:.1f} s  load {loads[-1]:.1f}  after "
+                    f"reading every tensor: RSS {row['rss_after_touch'] / 2**20:.1f} MiB, anon "
+                    f"{row['anon_after_touch'] / 2**20:.1f} MiB",
                     flush=True,
                 )
             if saved:
