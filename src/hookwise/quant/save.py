@@ -14,10 +14,13 @@ on `meta` (which gives every quantized leaf its stored tensors' shapes), checks 
 of the file against the model, reads the saved tensors one by one into the model (read, not
 memory-mapped, as `load_and_quantize` reads), then applies the rest of the stack (offloading ...).
 No full-precision copy of a quantized weight is ever made: the peak is the quantized model itself
-plus one tensor in flight. (Memory-mapping the file instead, `safetensors.load_file` and
-`load_state_dict(assign=True)`, left the model's tensors in the file's mapped pages, counted in the
-process's RSS with the page cache's copy of the file shared; see BENCHMARKS.md.) The originals of
-`keep_original=True` are not saved, so a loaded model's quantization has `keep_original=False`.
+(anonymous memory) plus one tensor in flight. Memory-mapping the file instead (`load_file` +
+`load_state_dict(assign=True)`, what this did before) costs nothing at load, but the model's tensors
+then live in the file's pages: they enter the process as file-backed memory of the same size on the
+first forward, change if the file is rewritten, and sit at the file's (unaligned) offsets. Measured on
+the full-width FLUX block stack, int8 (BENCHMARKS.md): after reading every tensor both hold 1316 MiB
+RSS for a 1312 MiB model, anonymous here, file-backed there. The originals of `keep_original=True`
+are not saved, so a loaded model's quantization has `keep_original=False`.
 
 Quantizing while loading a full-precision checkpoint (the full-precision model never exists):
 
