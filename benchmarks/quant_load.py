@@ -7,6 +7,10 @@ the same safetensors checkpoint:
   (the full-precision model exists, and not twice), then `hookwise.apply(model, Quantize(scheme))`.
 - `load_and_quantize`: `hookwise.load_and_quantize(factory, ckpt, Quantize(scheme))`, each weight
   read (not memory-mapped) and quantized as it is read.
+- `load_quantized` (with `--variants`): `hookwise.load_quantized(folder, factory)` of the checkpoint
+  quantized and written by `save_quantized`, each stored tensor read on its own; against
+  `mapped load_quantized`, what it did before: `load_state_dict(load_file(...), assign=True)` into the
+  model quantized on `meta` (the stored tensors stay in the file's mapped pages).
 
 Reported: the peak anonymous memory above the process's level just before loading (RssAnon, sampled
 every 2 ms by a thread: the file's pages that safetensors maps are page cache, not the model), the
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +104,14 @@ def child(model_name: str, variant: str, scheme: str, ckpt: str) -> dict:
         model.load_state_dict(load_file(ckpt), assign=True)
         model.requires_grad_(False)
         hookwise.apply(model, hookwise.Quantize(scheme))
+    elif variant == "load_quantized":  # `ckpt` is a folder written by save_quantized
+        model = hookwise.load_quantized(ckpt, factory)
+    elif variant == "mapped load_quantized":  # what load_quantized did before it read tensor by tensor
+        with torch.device("meta"):
+            model = factory()
+        model.requires_grad_(False)
+        hookwise.apply(model, hookwise.Quantize(scheme))
+        model.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), assign=True)
     else:
         model = hookwise.load_and_quantize(factory, ckpt, hookwise.Quantize(scheme))
     seconds = time.perf_counter() - t0
@@ -106,8 +119,17 @@ def child(model_name: str, variant: str, scheme: str, ckpt: str) -> dict:
     thread.join()
     peak[0] = max(peak[0], _status("RssAnon"))
     stored = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    rss_peak = _status("VmHWM") - rss_base
+    # Read one element per page of every tensor, as a first forward would: a memory-mapped tensor's
+    # pages enter the process (file-backed) only then.
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            flat = t.detach().reshape(-1)
+            if flat.numel():
+                flat[:: max(1, 4096 // t.element_size())].sum()
     return dict(model=model_name, variant=variant, scheme=scheme, anon_peak=peak[0] - base,
-                rss_peak=_status("VmHWM") - rss_base, model_bytes=stored, seconds=seconds)  # fmt: skip
+                rss_peak=rss_peak, model_bytes=stored, seconds=seconds,
+                rss_after_touch=_status("VmRSS") - rss_base, anon_after_touch=_status("RssAnon") - base)  # fmt: skip
 
 
 def write_checkpoint(model_name: str, folder: str) -> tuple[str, int]:
@@ -129,6 +151,16 @@ def write_checkpoint(model_name: str, folder: str) -> tuple[str, int]:
     return path, sum(v.numel() * v.element_size() for v in state.values())
 
 
+def save_quantized_copy(model_name: str, ckpt: str, scheme: str, folder: str) -> str:
+    """The checkpoint quantized with `scheme` and written by `save_quantized` (what `load_quantized` reads)."""
+    import hookwise
+
+    out = os.path.join(folder, f"{model_name}-{scheme}")
+    model = hookwise.load_and_quantize(_factory(model_name), ckpt, hookwise.Quantize(scheme))
+    hookwise.save_quantized(model, out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["zoo", "full"])
@@ -146,9 +178,13 @@ def main() -> None:
     for model_name in args.models:
         ckpt, full_bytes = write_checkpoint(model_name, folder)
         for scheme in args.schemes:
+            saved = None
+            if any("load_quantized" in v and v != "load_and_quantize" for v in args.variants):
+                saved = save_quantized_copy(model_name, ckpt, scheme, folder)
             for variant in args.variants:
+                source = saved if "load_quantized" in variant and variant != "load_and_quantize" else ckpt
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", model_name, variant, scheme, ckpt],
+                    [sys.executable, __file__, "--child", model_name, variant, scheme, source],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,9 +194,13 @@ def main() -> None:
                 print(
                     f"{model_name:5s} {scheme:12s} {variant:20s} anon peak {row['anon_peak'] / 2**20:9.1f} MiB  "
                     f"RSS peak {row['rss_peak'] / 2**20:9.1f} MiB  model {row['model_bytes'] / 2**20:9.1f} MiB  "
-                    f"checkpoint {full_bytes / 2**20:9.1f} MiB  {row['seconds']:.1f} s  load {loads[-1]:.1f}",
+                    f"checkpoint {full_bytes / 2**20:9.1f} MiB  {row['seconds']:.1f} s  load {loads[-1]:.1f}  after "
+                    f"reading every tensor: RSS {row['rss_after_touch'] / 2**20:.1f} MiB, anon "
+                    f"{row['anon_after_touch'] / 2**20:.1f} MiB",
                     flush=True,
                 )
+            if saved:
+                shutil.rmtree(saved)
         os.remove(ckpt)
     if args.json:
         with open(args.json, "w") as f:

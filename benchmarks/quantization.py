@@ -8,13 +8,18 @@ it, diffusers' quantized loading of the same weights (`from_pretrained` of a sav
 `TorchAoConfig` / `BitsAndBytesConfig`) where diffusers supports the scheme, measured the same way.
 
 Full-width FLUX block stack (`benchmarks/training.py`'s model: 3072 wide, 2 double + 2 single
-blocks, random weights N(0, 1/fan_in), bf16, 256 image + 64 text tokens): weight bytes, output
-error against bf16, forward time, and the peak bytes of one LoRA training step (rank 16 on the
-attention projections, adapters in fp32, AdamW; `plan._peak_tracker.StorageTracker`, as in
-training.py). Full-size FLUX.1-dev (the shipped spec, built on `meta` and quantized there): the
-weight bytes of every scheme, exact.
+blocks by default, `--double` / `--single`, random weights N(0, 1/fan_in), bf16, 256 image + 64 text
+tokens by default): weight bytes, output error against bf16, forward time, and the memory of one LoRA
+training step (rank 16 on the attention projections, adapters in fp32, AdamW), each scheme in its
+own fresh process that builds the stack, quantizes it in place, adds LoRA and runs one step: the
+peak RSS of building + quantizing, the RSS held before the step and the step's peak RSS (VmHWM reset
+just before it), each above the process's RSS before the build, and the step's peak tensor bytes
+(`plan._peak_tracker.StorageTracker`, as in training.py). `--lora-only` measures only that (no
+forward rounds in the parent, which then holds no model). Full-size FLUX.1-dev (the shipped spec,
+built on `meta` and quantized there): the weight bytes of every scheme, exact.
 
     python benchmarks/quantization.py [--only zoo|full|size] [--rounds 5] [--device cpu] [--json out.json]
+    python benchmarks/quantization.py --only full --lora-only --schemes int8-weight,fp8-weight,nf4
 """
 
 from __future__ import annotations
@@ -176,10 +181,13 @@ def zoo(device: str, rounds: int, schemes: list[str]) -> list[dict]:
     return rows
 
 
-def full(device: str, rounds: int, schemes: list[str], tokens: int, text: int, lora_steps: int) -> list[dict]:
+def full(
+    device: str, rounds: int, schemes: list[str], tokens: int, text: int, lora_steps: int, double: int = 2, single: int = 2
+) -> list[dict]:
     """Every scheme on one full-width block stack: bytes, output PSNR against bf16, forward time interleaved
-    with bf16 in the same rounds, then (with `lora_steps`) the peak of a LoRA step, one variant at a time."""
-    base, inputs = full_width_model(tokens, text)
+    with bf16 in the same rounds, then (with `lora_steps`) the peak of a LoRA step, each scheme in its own
+    process (`lora_in_subprocess`)."""
+    base, inputs = full_width_model(tokens, text, double=double, single=single)
     base = base.to(device).eval().requires_grad_(False)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
@@ -199,20 +207,90 @@ def full(device: str, rounds: int, schemes: list[str], tokens: int, text: int, l
         row["forward_s"] = seconds[row["scheme"]]
         row["forward_x"] = row["forward_s"] / seconds["bf16"]
     for row in rows if lora_steps else ():
-        scheme = row["scheme"]
-        trained = copy.deepcopy(base) if scheme == "bf16" else models.pop(scheme)
-        add_lora(trained)
-        trained.train()
-        runner = Runner(trained, inputs)
-        for _ in range(lora_steps):
-            runner.step()
-        row["lora_peak"] = runner.peak()
-        del trained, runner
+        row.update(lora_in_subprocess(row["scheme"], tokens, text, double, single))
     for row in rows:
-        peak = f"{row['lora_peak'] / MIB:9.1f} MiB" if row["lora_peak"] else "-"
+        peak = f"{row['lora_peak'] / MIB:9.1f} MiB" if row.get("lora_peak") else "-"
         print(f"  {row['scheme']:<13} {row['bytes'] / MIB:9.1f} MiB  err {row['error']:.4f}  PSNR {row['psnr']:.2f} dB  "
               f"forward {row['forward_s']:.3f} s ({row['forward_x']:.2f}x bf16)  LoRA step peak {peak}", flush=True)  # fmt: skip
     return rows
+
+
+def lora_only(schemes: list[str], tokens: int, text: int, double: int, single: int) -> list[dict]:
+    """The LoRA-step memory of bf16 and every scheme, one process each, printed as a table."""
+    rows = []
+    print(f"  {'scheme':<13} {'weights':>9} {'build+quantize RSS':>18} {'RSS before step':>15} {'step RSS peak':>13} "
+          f"{'step tensors peak':>17} {'step s':>7}  (MiB above the RSS before the build)", flush=True)  # fmt: skip
+    for scheme in ["bf16", *schemes]:
+        row = dict(scheme=scheme, **lora_in_subprocess(scheme, tokens, text, double, single))
+        rows.append(row)
+        if "lora_error" in row:
+            print(f"  {scheme:<13} failed: {row['lora_error']}", flush=True)
+            continue
+        print(f"  {scheme:<13} {row['weights'] / MIB:9.1f} {row['build_rss_peak'] / MIB:18.1f} "
+              f"{row['rss_before_step'] / MIB:15.1f} {row['step_rss_peak'] / MIB:13.1f} {row['lora_peak'] / MIB:17.1f} "
+              f"{row['step_s']:7.1f}", flush=True)  # fmt: skip
+    return rows
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the system, so the RSS after a step shows what is still held."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def lora_step_memory(scheme: str, tokens: int, text: int, double: int, single: int) -> dict:
+    """In this process: build the full-width stack (bf16), quantize it in place with `scheme` ("bf16": none),
+    add LoRA, run one LoRA step; the peak RSS of building + quantizing and of the step (VmHWM reset before
+    it), each above the RSS before the model was built, and the step's peak tensor bytes (StorageTracker)."""
+    _trim()
+    base_rss = _status("VmRSS")
+    model, inputs = full_width_model(tokens, text, double=double, single=single)
+    model.requires_grad_(False).eval()
+    if scheme != "bf16":
+        hookwise.apply(model, hookwise.Quantize(scheme))
+    _trim()
+    build_peak, held = _status("VmHWM") - base_rss, _status("VmRSS") - base_rss
+    weights = stored_bytes(model)
+    add_lora(model)
+    model.train()
+    runner = Runner(model, inputs)
+    _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := the current RSS: the step's peak alone from here
+    before_step = _status("VmRSS") - base_rss
+    t0 = time.perf_counter()
+    tensor_peak = runner.peak()  # runs one step under the storage tracker
+    seconds = time.perf_counter() - t0
+    return dict(scheme=scheme, weights=weights, build_rss_peak=build_peak, rss_after_quantize=held,
+                rss_before_step=before_step, step_rss_peak=_status("VmHWM") - base_rss, lora_peak=tensor_peak,
+                step_s=seconds, base_rss=base_rss)  # fmt: skip
+
+
+def lora_in_subprocess(scheme: str, tokens: int, text: int, double: int, single: int) -> dict:
+    """`lora_step_memory` in a fresh process (nothing of another scheme's run left in the heap)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--lora-one", scheme, "--tokens", str(tokens), "--text",
+           str(text), "--double", str(double), "--single", str(single)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("LORA_ROW ")]
+    if done.returncode or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return dict(lora_error=f"exit {done.returncode}: {tail[0][:200]}")
+    row = json.loads(lines[-1][len("LORA_ROW "):])
+    row.pop("scheme", None)
+    return row
 
 
 def full_size(schemes: list[str]) -> list[dict]:
@@ -243,9 +321,20 @@ def main() -> None:
     parser.add_argument("--schemes", default=None, help="comma-separated; default: those that run on the device")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--text", type=int, default=64)
-    parser.add_argument("--lora-steps", type=int, default=1, help="0: no LoRA step")
+    parser.add_argument("--lora-steps", type=int, default=1, help="0: no LoRA step (any other value: one, per process)")
+    parser.add_argument("--double", type=int, default=2, help="full-width stack: double blocks")
+    parser.add_argument("--single", type=int, default=2, help="full-width stack: single blocks")
+    parser.add_argument("--lora-only", action="store_true", help="full: only the per-process LoRA-step memory")
+    parser.add_argument("--lora-one", default=None, help=argparse.SUPPRESS)  # the child of lora_in_subprocess
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.lora_one:
+        # One thread: the step's peak memory does not depend on it, and on shared cores a second thread
+        # waits at every barrier for one that was descheduled.
+        torch.set_num_threads(1)
+        row = lora_step_memory(args.lora_one, args.tokens, args.text, args.double, args.single)
+        print("LORA_ROW " + json.dumps(row), flush=True)
+        return
     schemes = args.schemes.split(",") if args.schemes else (GPU_SCHEMES if args.device.startswith("cuda") else CPU_SCHEMES)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
@@ -263,7 +352,11 @@ def main() -> None:
         save(args.json, out)
     if args.only in (None, "full"):
         torch.set_num_threads(os.cpu_count() or 1)
-        out["full"] = full(args.device, args.rounds, schemes, args.tokens, args.text, args.lora_steps)
+        if args.lora_only:
+            out["full"] = lora_only(schemes, args.tokens, args.text, args.double, args.single)
+        else:
+            out["full"] = full(args.device, args.rounds, schemes, args.tokens, args.text, args.lora_steps,
+                               args.double, args.single)  # fmt: skip
         save(args.json, out)
     out["meta"]["load_after"] = os.getloadavg()
     save(args.json, out)

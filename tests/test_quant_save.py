@@ -87,3 +87,28 @@ def test_saving_an_unquantized_model_or_loading_a_wrong_folder_is_a_clear_error(
     other = dict(model.config, num_layers=2)
     with pytest.raises(ConfigError, match="does not fit"):
         hookwise.load_quantized(tmp_path / "q", lambda: FluxTransformer2DModel.from_config(other))
+
+
+def test_a_loaded_model_holds_its_own_copies_not_the_files_pages(tmp_path):
+    # load_quantized reads each tensor (no memory map): overwriting the file afterwards changes nothing.
+    model, inputs, expected = _saved(tmp_path, Quantize("int8-weight"))
+    loaded = hookwise.load_quantized(tmp_path / "q", _factory(model))
+    path = tmp_path / "q" / "model.safetensors"
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:
+        f.seek(header)
+        f.write(b"\x00" * (path.stat().st_size - header))
+    assert torch.equal(output_of(loaded, inputs), expected)
+
+
+def test_a_file_whose_shapes_differ_is_refused_before_any_tensor_is_assigned(tmp_path):
+    model, inputs, expected = _saved(tmp_path, Quantize("int8-weight"))
+    from diffusers import FluxTransformer2DModel
+
+    other = dict(model.config, joint_attention_dim=model.config.joint_attention_dim * 2)
+    with torch.device("meta"):
+        empty = FluxTransformer2DModel.from_config(other).eval()
+    with pytest.raises(ConfigError, match=r"1 shapes differ .*context_embedder.weight"):
+        hookwise.load_quantized(tmp_path / "q", empty)
+    assert all(t.device.type == "meta" for t in empty.parameters())
+    assert not hookwise.applied(empty).names()

@@ -60,7 +60,7 @@ from .memory import (
     remove_offload,
 )
 from .quant import Quantize, apply_quantize, load_and_quantize, load_quantized, quantize_summary, remove_quantize, save_quantized
-from .quant.gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf
+from .quant.gguf import GGUFFile, GGUFLoadError, apply_gguf, gguf_summary, load_gguf, remove_gguf, save_gguf
 from .stack import Stack, applied, apply, remove
 from .pipeline import pop_component, set_component
 from .memory.components import component_offload_report
@@ -158,6 +158,7 @@ __all__ = [
     "remove_casting",
     "remove_component_offload",
     "remove_gguf",
+    "save_gguf",
     "remove_hook",
     "remove_offload",
     "remove_quantize",

@@ -49,9 +49,10 @@ from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, 
 from ..core.marks import mark_frozen
 from ..core.techniques import applied_configs, apply_techniques, register_technique, remove_techniques, technique_of
 from ..core.transaction import transaction
-from ..errors import CompatibilityError, ConfigError, MissingDependencyError
+from ..errors import CompatibilityError, ConfigError, MissingDependencyError, NoTargetError
 from ..introspect.precision import REASON_DTYPE_READ, find_dtype_readers
 from ..introspect.gguf_keys import KEY_MAPS
+from ..introspect.model_map import describe
 from ._gguf_dequant import TYPES, dequantize, gguf_type
 from ._gguf_file import GGUFLoadError, file_types, match_file, piece_tensor, read_gguf
 from ._inner import is_class_forward, run_inner
@@ -228,6 +229,63 @@ def load_gguf(model: nn.Module, path: str | os.PathLike, **options: Any) -> dict
     if not config.types:
         config = replace(config, types=file_types(read_gguf(config.path)))
     return apply_gguf(model, config)
+
+
+def save_gguf(
+    model: nn.Module, path: str | os.PathLike, qtype: str = "Q8_0", skip: str = "auto", arch: str | None = None
+) -> dict[str, str]:
+    """Write `model`'s weights as a GGUF file under its own key names (which `load_gguf` reads back).
+
+    The weights of the model map's Linear leaves whose input width holds whole blocks of `qtype` are
+    quantized to it (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 by the `gguf` package; Q4_K, Q5_K, Q6_K by hookwise's
+    own quantizer, `_gguf_write.py`); with `skip="auto"` only those inside the towers that the map does
+    not keep in high precision, with `skip="none"` every Linear. Every other tensor is written as it is
+    (F32 / F16 / BF16). `arch` is the file's `general.architecture` (default: the model's class name).
+    Returns {tensor name: GGUF type}. Nothing is written when a tensor cannot be (an error first).
+    """
+    from ._gguf_write import WRITABLE, quantize, write_file
+
+    type_name = gguf_type(qtype).name
+    if type_name not in WRITABLE:
+        raise ConfigError(f"save_gguf writes types {list(WRITABLE)}, not {type_name}")
+    if skip not in ("auto", "none"):
+        raise ConfigError(f"skip={skip!r}: use 'auto' (keep what the model map keeps in high precision) or 'none'")
+    model = unwrap(model)
+    block = TYPES[type_name].block_size
+    model_map = describe(model)
+    modules = dict(model.named_modules())
+    chosen = set()
+    for leaf in model_map.leaves:
+        weight = getattr(modules[leaf.path], "weight", None)
+        if leaf.kind != "linear" or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            continue
+        if skip == "auto" and (leaf.block is None or leaf.keep is not None):
+            continue
+        if weight.shape[1] % block == 0:
+            chosen.add(f"{leaf.path}.weight")
+    if not chosen:
+        raise NoTargetError(
+            f"save_gguf found no Linear weight of {type(model).__name__} to store in {type_name}: their input widths "
+            f"must be multiples of {block}" + ("; skip='none' also takes what the map keeps in high precision" if skip == "auto" else "")
+        )
+    plain = {torch.float32: np.float32, torch.float16: np.float16}
+    tensors: dict[str, Any] = {}
+    for name, value in model.state_dict().items():
+        if value.device.type == "meta" or not value.is_floating_point() or value.dtype.itemsize < 2:
+            raise ConfigError(
+                f"save_gguf cannot write {name!r} ({value.dtype} on {value.device}): it writes a model holding its "
+                f"full-precision weights (load them first; remove quantization or a loaded GGUF file)"
+            )
+        value = value.detach().cpu()
+        if name in chosen:
+            tensors[name] = (quantize(value.float().numpy(), type_name), type_name)
+        elif value.dtype in plain:
+            tensors[name] = value.numpy()
+        else:  # bfloat16 and other 2-byte floats: raw BF16 bytes, one row of bytes per row
+            raw = value.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(*value.shape[:-1], -1)
+            tensors[name] = (raw.numpy(), "BF16")
+    write_file(path, tensors, arch or type(model).__name__.lower())
+    return {name: (v[1] if isinstance(v, tuple) else ("F16" if v.dtype == np.float16 else "F32")) for name, v in tensors.items()}
 
 
 def apply_gguf(model: nn.Module, config: GGUFFile) -> dict[str, Any]:

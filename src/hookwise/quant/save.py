@@ -10,10 +10,17 @@ they are) to `model.safetensors`, and the applied stack (with its stated map) to
 accelerate's `init_empty_weights(include_buffers=False)` when accelerate is installed, so buffers
 computed at construction stay real, else under `torch.device("meta")`; a model given must be on
 `meta` already or is used as it is), freezes it, applies the quantization techniques of the stack
-on `meta` (which gives every quantized leaf its stored tensors' shapes), assigns the saved tensors,
-then applies the rest of the stack (offloading ...). No full-precision copy of a quantized weight is
-ever made: the peak is the file's tensors. The originals of `keep_original=True` are not saved, so a
-loaded model's quantization has `keep_original=False`.
+on `meta` (which gives every quantized leaf its stored tensors' shapes), checks every key and shape
+of the file against the model, reads the saved tensors one by one into the model (read, not
+memory-mapped, as `load_and_quantize` reads), then applies the rest of the stack (offloading ...).
+No full-precision copy of a quantized weight is ever made: the peak is the quantized model itself
+(anonymous memory) plus one tensor in flight. Memory-mapping the file instead (`load_file` +
+`load_state_dict(assign=True)`, what this did before) costs nothing at load, but the model's tensors
+then live in the file's pages: they enter the process as file-backed memory of the same size on the
+first forward, change if the file is rewritten, and sit at the file's (unaligned) offsets. Measured on
+the full-width FLUX block stack, int8 (BENCHMARKS.md): after reading every tensor both hold 1316 MiB
+RSS for a 1312 MiB model, anonymous here, file-backed there. The originals of `keep_original=True`
+are not saved, so a loaded model's quantization has `keep_original=False`.
 
 Quantizing while loading a full-precision checkpoint (the full-precision model never exists):
 
@@ -47,7 +54,7 @@ from torch import nn
 
 from ..core.config import TechniqueConfig
 from ..core.hooks import ModelHook, hooks_named, unwrap
-from ..core.marks import mark_frozen
+from ..core.marks import WAS_TRAINABLE, mark_frozen
 from ..core.ledger import open_ledger, stated_map
 from ..core.techniques import applied_configs, apply_techniques, technique_named, technique_of
 from ..core.transaction import Transaction, transaction
@@ -120,8 +127,6 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module])
     Returns the model with the saved stack applied and every tensor of the file in place. The model
     is frozen (`requires_grad_(False)`): a quantized base is not trained; add adapters afterwards.
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
     if not (folder / WEIGHTS).is_file():
         raise ConfigError(f"{folder} has no {WEIGHTS}; pass the folder save_quantized wrote")
@@ -131,31 +136,28 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module])
             raise ConfigError(f"load_quantized needs a model on meta or a function that builds one, got {model!r}")
         model = _empty_model(model)
     root = unwrap(model)
-    root.requires_grad_(False)
     quant = [
         dataclasses.replace(c, keep_original=False) if getattr(c, "keep_original", False) else c
         for c in configs if technique_of(c).name in QUANT_TECHNIQUES
     ]  # fmt: skip
     rest = [c for c in configs if technique_of(c).name not in QUANT_TECHNIQUES]
-    with transaction():
+    files = [folder / WEIGHTS]
+    headers = _headers(files)
+    with transaction() as txn:
+        _freeze(txn, root)
         if stated:
             open_ledger(root).state_map(stated)
         apply_techniques(root, quant)
-        state = load_file(str(folder / WEIGHTS))
-        missing, unexpected = root.load_state_dict(state, strict=False, assign=True)
-        del state
-        if unexpected or missing:
-            raise ConfigError(
-                f"{folder / WEIGHTS} does not fit this {type(root).__name__}: missing {missing[:3]}, unexpected "
-                f"{unexpected[:3]}; build the model with the configuration of the one saved"
-            )
-        still_meta = [n for n, t in [*root.named_parameters(), *root.named_buffers()] if t.device.type == "meta"]
-        if still_meta:
-            raise ConfigError(
-                f"{len(still_meta)} tensors of the loaded model are still on meta (e.g. {still_meta[0]!r}): buffers "
-                f"that are computed at construction and not saved; build the model with real buffers (pass a "
-                f"factory and install accelerate, or build it under accelerate's init_empty_weights(include_buffers=False))"
-            )
+        state = root.state_dict(keep_vars=True)
+        # Every parameter (still on meta) and every buffer the file holds, in the dtype the file stores it;
+        # a buffer on meta that the file lacks is `_check_filled`'s error, which says what to do.
+        expected = {
+            key: (tuple(t.shape), headers[key].dtype if key in headers else t.dtype, None)
+            for key, t in state.items() if key in headers or (t.device.type == "meta" and isinstance(t, nn.Parameter))
+        }  # fmt: skip
+        _check_keys(expected, headers, files, set(state), "build the model with the configuration of the one saved")
+        _fill(txn, dict(root.named_modules()), expected, headers, torch.device("cpu"))
+        _check_filled(root)
         if rest:
             apply_techniques(root, rest)
     return model
@@ -283,9 +285,7 @@ def load_and_quantize(
         )
     headers = _headers(files)
     with transaction() as txn:
-        flags = {p: p.requires_grad for p in root.parameters()}
-        txn.on_rollback(lambda: [p.requires_grad_(f) for p, f in flags.items()], "freezing")
-        root.requires_grad_(False)
+        _freeze(txn, root)
         if dtype is not None:
             old = {k: t for k, t in root.state_dict(keep_vars=True).items()}
             txn.on_rollback(lambda: root.load_state_dict(old, assign=True), "dtype")
@@ -295,15 +295,9 @@ def load_and_quantize(
         leaves = hooks_named(root, QUANT_HOOK, ModelHook)
         modules = dict(root.named_modules())
         expected = _expected_keys(root, state, leaves)
-        _check_keys(expected, headers, files, set(state))
+        _check_keys(expected, headers, files, set(state), CHECKPOINT_HINT)
         _fill(txn, modules, expected, headers, device)
-        still_meta = [n for n, t in [*root.named_parameters(), *root.named_buffers()] if t.device.type == "meta"]
-        if still_meta:
-            raise ConfigError(
-                f"{len(still_meta)} tensors of the loaded model are still on meta (e.g. {still_meta[0]!r}): buffers "
-                f"computed at construction that no checkpoint holds; pass a factory (with accelerate installed) or "
-                f"build the model under accelerate's init_empty_weights(include_buffers=False)"
-            )
+        _check_filled(root)
         if rest:
             apply_techniques(root, rest)
     return model
@@ -327,7 +321,31 @@ def _expected_keys(
     return expected
 
 
-def _check_keys(expected: dict, headers: dict, files: list[Path], model_keys: set[str]) -> None:
+CHECKPOINT_HINT = (
+    "the checkpoint must use the model's own key names and configuration (for a diffusers component, its folder)"
+)
+
+
+def _freeze(txn: Transaction, root: nn.Module) -> None:
+    """Freeze every parameter (a quantized base is not trained), restoring the flags on rollback."""
+    flags = {p: p.requires_grad for p in root.parameters()}
+    txn.on_rollback(lambda: [p.requires_grad_(f) for p, f in flags.items()], "freezing")
+    root.requires_grad_(False)
+
+
+def _check_filled(root: nn.Module) -> None:
+    """No tensor of the loaded model may stay on meta."""
+    still_meta = [n for n, t in [*root.named_parameters(), *root.named_buffers()] if t.device.type == "meta"]
+    if still_meta:
+        raise ConfigError(
+            f"{len(still_meta)} tensors of the loaded model are still on meta (e.g. {still_meta[0]!r}): buffers "
+            f"computed at construction that the file does not hold; pass a factory (with accelerate installed) or "
+            f"build the model under accelerate's init_empty_weights(include_buffers=False)"
+        )
+
+
+def _check_keys(expected: dict, headers: dict, files: list[Path], model_keys: set[str], hint: str) -> None:
+    """Every expected key in the files with its shape, and no key of the files unknown to the model."""
     missing = [k for k in expected if k not in headers]
     unexpected = [k for k in headers if k not in model_keys]
     wrong = [f"{k}: {headers[k].shape} in the file, {expected[k][0]} in the model" for k in expected
@@ -336,8 +354,7 @@ def _check_keys(expected: dict, headers: dict, files: list[Path], model_keys: se
         where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
         raise ConfigError(
             f"{where} does not fit this model: {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:3]}), {len(wrong)} shapes differ (e.g. {wrong[:2]}); the checkpoint must use the model's own key names "
-            f"and configuration (for a diffusers component, its folder)"
+            f"unexpected (e.g. {unexpected[:3]}), {len(wrong)} shapes differ (e.g. {wrong[:2]}); {hint}"
         )
 
 
@@ -362,8 +379,11 @@ def _fill(txn: Transaction, modules: dict, expected: dict, headers: dict, device
                     value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
                 if hook is None:
                     is_param = name in module._parameters
-                    put(module._parameters if is_param else module._buffers, name,
-                        nn.Parameter(value, requires_grad=False) if is_param else value)  # fmt: skip
+                    if is_param:  # a technique's mark on the parameter it built on meta stays on the real one
+                        value = nn.Parameter(value, requires_grad=False)
+                        was = getattr(module._parameters[name], WAS_TRAINABLE, None)
+                        value = mark_frozen(value, was) if was is not None else value
+                    put(module._parameters if is_param else module._buffers, name, value)
                     continue
                 tensors, _ = hook.format.quantize(value)
                 del value  # the full-precision weight goes as soon as it is quantized
