@@ -45,6 +45,8 @@ class Method:
     cfg: str = "separate"
     default: bool = False
     configs: tuple = ()  # hookwise's configs (saved with the results)
+    reset: Callable[[nn.Module], Any] | None = None  # before each sampling run (a peer that needs it)
+    own_model: bool = False  # runs on a deep copy of the loaded model (a peer that patches it for good)
 
 
 # ---- sweeps ---------------------------------------------------------------------------------------
@@ -57,6 +59,8 @@ FASTERCACHE_SETTINGS = ((5, 2), (3, 2), (5, None), (2, 3))  # (uncond_range, att
 MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
 FORECAST_SHARES = (6, 4, 3)  # budgets of computed steps: steps // share (4: 4x fewer block evaluations)
 FORECAST_SEARCH_RUNS = 20  # calibration runs the schedule search may make per budget
+# Forecast then verify: fewer scheduled steps (steps // share), the probe block adds computes where the forecast is off.
+FORECAST_VERIFY_SETTINGS = ((7, 0.05), (7, 0.15), (7, 0.4), (5, 0.05), (5, 0.15), (5, 0.4))  # (share, threshold)
 
 
 def _hookwise(method: str, setting: str, *configs, cfg: str = "separate", default: bool = False) -> Method:
@@ -124,6 +128,25 @@ def hookwise_methods(
             _hookwise("forecast", f"budget={budget}/{steps}, order=1", Forecast(num_steps=steps, budget=budget, order=1),
                       default=share == 4)
         )
+    for share in FORECAST_SHARES:
+        budget = max(2, steps // share)
+        out.append(
+            _hookwise("forecast-hermite", f"budget={budget}/{steps}", Forecast(num_steps=steps, budget=budget, predictor="hermite"),
+                      default=share == 4)
+        )
+    for share, threshold in FORECAST_VERIFY_SETTINGS:
+        budget = max(2, steps // share)
+        out.append(
+            _hookwise("forecast-verify", f"budget={budget}/{steps}, verify={threshold}",
+                      Forecast(num_steps=steps, budget=budget, verify=threshold), default=(share, threshold) == (5, 0.15))
+        )
+    if "forecast-corrector" in wanted:
+        for share in FORECAST_SHARES:
+            budget = max(2, steps // share)
+            config = calibrate_forecast(model, calibrate, num_steps=steps, budget=budget, fit=False, search=False, blend=True)
+            out.append(
+                _hookwise("forecast-corrector", f"budget={budget}/{steps}, blend={config.blend:g}", config, default=share == 4)
+            )
     if "forecast-calibrated" in wanted:
         for share in FORECAST_SHARES:
             budget = max(2, steps // share)
@@ -141,7 +164,8 @@ def hookwise_methods(
 
 HOOKWISE_METHODS = (
     "first-block", "dual-block", "dual-block+taylorseer", "taylorseer", "taylorseer-attention", "pab", "fastercache",
-    "magcache", "teacache", "forecast", "forecast-calibrated", "layer-skip",
+    "magcache", "teacache", "forecast", "forecast-calibrated", "forecast-hermite", "forecast-verify", "forecast-corrector",
+    "layer-skip",
 )
 DIFFUSERS_METHODS = ("first-block", "taylorseer-attention", "pab", "fastercache", "magcache")
 

@@ -11,6 +11,7 @@ and PSNR / SSIM against the reference, computed in float.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -23,6 +24,8 @@ from .. import Layer, ModelHook, add_hook, describe, remove_hook
 from ..errors import ConfigError
 from ..sampling import psnr, sample, ssim
 from .methods import DIFFUSERS_METHODS, HOOKWISE_METHODS, Method, diffusers_methods, hookwise_methods
+
+PEER_IMPLS = ("diffusers", "cache-dit")  # a peer's failure is recorded with its error; hookwise's own errors propagate
 
 logger = logging.getLogger("hookwise.bench")
 
@@ -71,9 +74,22 @@ class SampleCounter(ModelHook):
         return args, kwargs
 
 
+class _PlainCounter:
+    """`SampleCounter`'s count as a PyTorch forward pre-hook, for a model a peer patches (no hookwise hooks there)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, module, args):
+        for v in args:
+            if isinstance(v, torch.Tensor) and v.ndim >= 1:
+                self.n += v.shape[0]
+                break
+
+
 def _failed(m: Method, exc: Exception) -> RunResult:
     """A peer's run that raised: recorded, not hidden (hookwise's own errors propagate)."""
-    message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}" if str(exc) else type(exc).__name__
     logger.warning("%s %s %s failed: %s", m.impl, m.method, m.setting, message)
     nan = float("nan")
     return RunResult(m.method, m.impl, m.setting, nan, nan, nan, nan, nan, nan, m.default, f"failed: {message}")
@@ -91,6 +107,8 @@ def run_cache_bench(
     progress: Callable[[int, int, str], None] | None = None,
     device: str | torch.device | None = None,
     calibration_labels: Iterable[int] | None = None,
+    compare_cache_dit: bool = False,
+    bracket: bool = True,
 ) -> list[RunResult]:
     """Benchmark the caches on a `hookwise.zoo` reference model; returns one result per run.
 
@@ -101,15 +119,23 @@ def run_cache_bench(
     `calibration_labels`: the classes the calibrated caches are calibrated on (with seed `seed + 1`);
     then `labels` must not hold any of them and defaults to the other classes. Without it the
     calibrations sample the evaluated classes.
+    `compare_cache_dit`: also run cache-dit's DBCache, TaylorSeer and DBCache + TaylorSeer (on a deep copy
+    of the model: cache-dit patches the instance it is given for good).
+    `bracket`: time an uncached run right before and after each setting (its speed-up is against the faster);
+    False: against the session's reference runs only (a third of the runs; speed-ups noisier under load).
     """
-    wanted = set(methods) if methods is not None else set(HOOKWISE_METHODS)
-    unknown = wanted - set(HOOKWISE_METHODS)
+    from .cache_dit import CACHE_DIT_METHODS, cache_dit_methods
+
+    known = [*HOOKWISE_METHODS, *(m for m in CACHE_DIT_METHODS if m not in HOOKWISE_METHODS)]
+    wanted = set(methods) if methods is not None else set(known)
+    unknown = wanted - set(known)
     if unknown:
-        raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {list(HOOKWISE_METHODS)}")
+        raise ConfigError(f"unknown method(s) {sorted(unknown)}; known: {known}")
     if device is not None:
         reference.to(device)
     spec = reference.spec
     model = reference.transformer
+    twin = copy.deepcopy(model) if compare_cache_dit else None  # before any hook: cache-dit's runs go there
     steps = steps or spec.steps
     cal_labels = sorted(set(calibration_labels)) if calibration_labels is not None else None
     if labels is None:
@@ -138,6 +164,14 @@ def run_cache_bench(
     attn = [model.get_submodule(a.path) for a in model_map.attention]
     counters = [(SampleCounter(), m) for m in blocks]
     attn_counters = [(SampleCounter(), m) for m in attn]
+    twin_counters: list[tuple[_PlainCounter, Any]] = []
+    twin_attn_counters: list[tuple[_PlainCounter, Any]] = []
+    if twin is not None:
+        for paths, into in (([b.path for b in model_map.blocks if b.path in main_blocks], twin_counters),
+                            ([a.path for a in model_map.attention], twin_attn_counters)):
+            for path in paths:
+                c = _PlainCounter()
+                into.append((c, twin.get_submodule(path).register_forward_pre_hook(c)))
     current_t = {"t": 1000.0}
 
     def record_t(module, args, kwargs):
@@ -156,14 +190,14 @@ def run_cache_bench(
         if noise.device.type == "cuda":
             torch.cuda.synchronize(noise.device)
 
-    def once(cfg: str, branch_context=None, wrap=None, inputs=None) -> tuple[torch.Tensor, float]:
+    def once(cfg: str, branch_context=None, wrap=None, inputs=None, net=None) -> tuple[torch.Tensor, float]:
         synchronize()
         start = time.perf_counter()
         ctx = wrap() if wrap is not None else contextlib.nullcontext()
         x0, c, u = inputs or (noise, cond, uncond)
         with ctx:
             latents = sample(
-                model, x0, c, u, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
+                model if net is None else net, x0, c, u, steps=steps, guidance_scale=spec.guidance_scale, cfg=cfg,
                 timestep_scale=spec.timestep_scale, branch_context=branch_context,
             )
         # On the host: the metrics run there (ssim's window is made on the CPU), and the copy waits for the work.
@@ -171,11 +205,12 @@ def run_cache_bench(
         synchronize()
         return images, time.perf_counter() - start
 
-    def counted(fn: Callable[[], tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, float, int, int]:
-        for c, _ in counters + attn_counters:
+    def counted(fn: Callable[[], tuple[torch.Tensor, float]], on_twin: bool = False) -> tuple[torch.Tensor, float, int, int]:
+        blocks_c, attn_c = (twin_counters, twin_attn_counters) if on_twin else (counters, attn_counters)
+        for c, _ in blocks_c + attn_c:
             c.n = 0
         images, seconds = fn()
-        return images, seconds, sum(c.n for c, _ in counters), sum(c.n for c, _ in attn_counters)
+        return images, seconds, sum(c.n for c, _ in blocks_c), sum(c.n for c, _ in attn_c)
 
     try:
         results: list[RunResult] = []
@@ -199,17 +234,23 @@ def run_cache_bench(
         todo = hookwise_methods(model, calibrate, steps, len(blocks), wanted)
         if compare_diffusers and wanted & set(DIFFUSERS_METHODS):
             todo += diffusers_methods(model, lambda: current_t["t"], calibrate_diffusers, steps, wanted)
+        if compare_cache_dit and wanted & set(CACHE_DIT_METHODS):
+            try:
+                todo += cache_dit_methods(steps, wanted)
+            except Exception as exc:  # not installed, or it does not import here: every row says why
+                results.extend(_failed(m, exc) for m in _cache_dit_placeholders(wanted))
         todo = [m for m in todo if m.method in wanted]
         for index, m in enumerate(todo):
             if progress is not None:
                 progress(index, len(todo), f"{m.impl} {m.method} {m.setting}")
             # Other processes may share the CPU: each setting is timed between two uncached runs made
             # just before and just after it, and its speed-up is against the faster of those two.
-            local_base = once(m.cfg)[1]
+            local_base = once(m.cfg)[1] if bracket else base_seconds[m.cfg]
+            net = twin if m.own_model else model
             try:
-                m.apply(model)
+                m.apply(net)
             except Exception as exc:
-                if m.impl != "diffusers":
+                if m.impl not in PEER_IMPLS:
                     raise
                 results.append(_failed(m, exc))
                 continue
@@ -224,21 +265,26 @@ def run_cache_bench(
                 for _ in range(max(1, repeats)):
                     if m.impl == "diffusers":
                         model._reset_stateful_cache()  # diffusers needs it between runs; hookwise detects new runs
-                    images, seconds, nb, na = counted(lambda: once(m.cfg, branch_context, wrap))
+                    if m.reset is not None:
+                        m.reset(net)
+                    images, seconds, nb, na = counted(lambda: once(m.cfg, branch_context, wrap, net=net), m.own_model)
                     times.append(seconds)
             except Exception as exc:
-                if m.impl != "diffusers":
+                if m.impl not in PEER_IMPLS:
                     raise
                 failed = _failed(m, exc)
             finally:
-                m.remove(model)
-            local_base = min(local_base, once(m.cfg)[1])
+                m.remove(net)
+            if bracket:
+                local_base = min(local_base, once(m.cfg)[1])
             base_seconds[m.cfg] = min(base_seconds[m.cfg], local_base)
             if failed is not None:
                 results.append(failed)
                 continue
             ref = reference_images[m.cfg]
             b0, a0 = base_counts[m.cfg]
+            if m.own_model and nb and not na:
+                na = math.nan  # the peer reaches attention without calling its modules: not counted, not zero
             best = min(times)
             results.append(
                 RunResult(
@@ -257,3 +303,13 @@ def run_cache_bench(
         pre.remove()
         for c, m in counters + attn_counters:
             remove_hook(m, COUNT_HOOK, missing_ok=True)
+        for _, handle in twin_counters + twin_attn_counters:
+            handle.remove()
+
+
+def _cache_dit_placeholders(wanted: set[str]) -> list[Method]:
+    """One row per cache-dit method when cache-dit cannot be used: the failure says why."""
+    from .cache_dit import CACHE_DIT_METHODS
+
+    noop = lambda m: None  # noqa: E731
+    return [Method(name, "cache-dit", "-", noop, noop) for name in CACHE_DIT_METHODS if name in wanted]

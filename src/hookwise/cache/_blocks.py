@@ -203,6 +203,9 @@ class Policy:
         resolved_step(ctrl.state)
         return True
 
+    def decided(self, ctrl: SpanController, call: Call, compute: bool, residual: list[torch.Tensor]) -> None:
+        """Told the final decision after the head (a skip the predictor was not ready for becomes a compute)."""
+
 
 class AlwaysCompute(Policy):
     """Never skips (calibration runs): the base policy, by name."""
@@ -484,6 +487,7 @@ class SpanController:
             st.predictor = self.predictor.new_predictor_state()
         compute = self._finish_decision(call, self.policy.after_head(self, call, residual))
         st = self.store.get(call.branch)  # the policy's sync may have started a new run
+        self.policy.decided(self, call, compute, residual)
         st.head_shapes = shapes
         if compute or st.head_prev is None:
             # Compared with the last *computed* step, so slow drift adds up until it forces a compute.

@@ -63,6 +63,49 @@ def lagrange_weights(nodes: list[int], x: float) -> list[float]:
     return out
 
 
+def hermite_weights(nodes: list[int], x: float) -> list[float]:
+    """Weights of the values at the last three `nodes` in the cubic Hermite extrapolation at `x`: the cubic
+    through the last two nodes whose slope at each is the finite difference ending there. Exact on lines;
+    with fewer than three nodes, Lagrange's weights."""
+    if len(nodes) < 3:
+        return lagrange_weights(nodes, x)
+    a, b, c = nodes[-3:]
+    h = c - b
+    t = (x - b) / h
+    h00, h10, h01, h11 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t, -2 * t**3 + 3 * t**2, t**3 - t**2
+    # p = h00 y_b + h01 y_c + h10 h m_b + h11 h m_c with m_b = (y_b - y_a) / (b - a), m_c = (y_c - y_b) / h
+    k = h10 * h / (b - a)
+    wa, wb, wc = -k, h00 + k - h11, h01 + h11
+    return [0.0] * (len(nodes) - 3) + [wa, wb, wc]
+
+
+def blended(weights: list[float], blend: float) -> list[float]:
+    """`(1 - blend)` times the forecast's weights plus `blend` times the last computed residual (the corrector)."""
+    if not blend:
+        return list(weights)
+    out = [(1.0 - blend) * w for w in weights]
+    out[-1] += blend
+    return out
+
+
+def fit_blend(gram: torch.Tensor, schedule: tuple[int, ...], weights: Callable[[list[int], int], list[float]], keep: int) -> float:
+    """The blend in [0, 1] of the forecast with the last computed residual that minimises the squared error of
+    every skipped step's residual on the recording run (closed form from the Gram matrix)."""
+    computed = set(schedule)
+    num = den = 0.0
+    for s in range(gram.shape[0]):
+        nodes = [c for c in schedule if c < s][-keep:]
+        if s in computed or len(nodes) < 2:
+            continue
+        w = torch.tensor(weights(nodes, s), dtype=gram.dtype)
+        d = w.clone()
+        d[-1] -= 1.0  # forecast - last residual
+        g = gram[nodes][:, nodes]
+        num -= float(gram[s, nodes] @ d - w @ g @ d)  # the error with blend b is (R_s - F_s) + b D: b = -<R_s - F_s, D> / |D|^2
+        den += float(d @ g @ d)
+    return 0.0 if den <= 0 else round(min(max(num / den, 0.0), 1.0), 6)
+
+
 def history(schedule: tuple[int, ...], step: int, order: int) -> list[int]:
     """The last `order + 1` computed steps before `step`."""
     return [s for s in schedule if s < step][-(order + 1) :]
@@ -129,8 +172,12 @@ def calibrate_schedule(
     fit: bool,
     search: bool,
     max_runs: int,
+    extra: dict[str, Any] | None = None,
+    blend_weights: Callable[[list[int], int], list[float]] | None = None,
+    keep: int = 2,
 ) -> Any:
-    """Record, fit and (for a budget) search a schedule; returns `config_cls(num_steps, schedule, order, coefficients)`."""
+    """Record, fit and (for a budget) search a schedule; returns `config_cls(num_steps, schedule, order, coefficients,
+    **extra)`; with `blend_weights` (the unfitted weights), also the corrector's `blend` fitted for the schedule."""
     if (budget is None) == (schedule is None):
         raise ConfigError(f"calibrate_{technique}: give a `budget` of computed steps or a `schedule`, one of them")
     recorder = _Recorder()
@@ -151,7 +198,10 @@ def calibrate_schedule(
 
     def make(steps: tuple[int, ...], fitted: bool = fit) -> Any:
         coefs = fit_weights(gram, steps, order) if fitted else None
-        return config_cls(num_steps=num_steps, schedule=steps, order=order, coefficients=coefs)
+        more = dict(extra or {})
+        if blend_weights is not None and not fitted:
+            more["blend"] = fit_blend(gram, steps, blend_weights, keep)
+        return config_cls(num_steps=num_steps, schedule=steps, order=order, coefficients=coefs, **more)
 
     if schedule is not None or not search:
         steps = tuple(schedule) if schedule is not None else front_loaded(num_steps, budget, 1.0)

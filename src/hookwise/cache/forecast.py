@@ -11,16 +11,33 @@ sum `sum_j w_j R(c_j)`:
 - with `coefficients` (fitted per model by `calibrate_forecast` in seconds from one calibration
   run: a least-squares fit, ridge-pulled to the Lagrange weights, of each skipped step's residual
   on the computed ones), `w` are that step's fitted weights. They are plain numbers saved with the
-  stack, like the schedule.
+  stack, like the schedule;
+- with `predictor="hermite"`, `w` are those of the cubic Hermite extrapolation through the last two
+  computed steps, each with the finite-difference slope of the residual ending there (three steps);
+- `blend` (the corrector) mixes the forecast with the last computed residual:
+  `(1 - blend) * forecast + blend * R(c_last)`; `calibrate_forecast(..., blend=True)` fits it in closed
+  form on the recording run.
 
 `calibrate_forecast` also chooses the schedule for a budget of computed steps (`_schedule.py`:
 a search on the calibration run's own PSNR). The decision is the step index, so it costs no host
 read beyond resolving the timestep; the state is per CFG branch; with every step in the schedule
 the model computes exactly as without the cache.
+
+Forecast, then verify (`verify=threshold`): the first main block runs at every step as a probe. On a
+step the schedule skips, its residual is forecast from its own residuals at the computed steps with
+the same weights as the rest of the stack, and the relative L1 error of that forecast against the
+probe's real residual is the decision statistic: above `threshold` the rest of the stack computes,
+else the forecast stands. A step computed that way re-anchors the forecast (later forecasts are shifted
+by the forecast's error there) rather than becoming an extrapolation node: two close nodes would
+extrapolate a noisy slope far. The statistic stays a device scalar
+until the one host transfer of the step, which also reads a device timestep (`host_values`): skipping
+work is a host decision, so one read per skipped-step candidate is the floor; schedule steps read
+nothing more than the timestep. `verify=0` computes every step (exact).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,10 +50,12 @@ from ..core.hooks import Layer
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError
 from ._blocks import BLOCK_CACHES, Call, Policy, Predictor, SpanController, install_span, uninstall_span
-from ._schedule import front_loaded, lagrange_weights
-from ._state import resolved_step
+from ._schedule import blended, front_loaded, hermite_weights, lagrange_weights
+from ._state import host_values, resolved_step
+from ._streams import rel_l1
 
 NAME = "forecast"
+PREDICTORS = ("lagrange", "hermite")
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,11 @@ class Forecast(TechniqueConfig):
     - `coefficients`: per step, the fitted weights of the last computed residuals (oldest first; an
       empty tuple for a computed step or to use the Lagrange weights there). Made by
       `calibrate_forecast`, for this schedule.
+    - `predictor`: "lagrange" (the polynomial of `order`) or "hermite" (cubic Hermite through the last
+      two computed steps with finite-difference slopes: uses the last three).
+    - `blend`: in [0, 1], the corrector's weight of the last computed residual (0: the plain forecast).
+    - `verify`: None, or the threshold of the probe's forecast error (relative L1) above which a step
+      the schedule skips computes after all; the first block then runs at every step.
     """
 
     num_steps: int = 28
@@ -60,8 +84,19 @@ class Forecast(TechniqueConfig):
     power: float = 1.0
     order: int = 1
     coefficients: tuple[tuple[float, ...], ...] | None = None
+    predictor: str = "lagrange"
+    blend: float = 0.0
+    verify: float | None = None
 
     def validate(self) -> None:
+        if self.predictor not in PREDICTORS:
+            raise ConfigError(f"Forecast.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if not isinstance(self.blend, (int, float)) or isinstance(self.blend, bool) or not 0 <= self.blend <= 1:
+            raise ConfigError(f"Forecast.blend must be a number in [0, 1] (0: no corrector), got {self.blend!r}")
+        if self.verify is not None and (
+            not isinstance(self.verify, (int, float)) or isinstance(self.verify, bool) or not 0 <= self.verify < math.inf
+        ):
+            raise ConfigError(f"Forecast.verify must be None or a threshold >= 0 (0: every step computes), got {self.verify!r}")
         check_int("Forecast.num_steps", self.num_steps, 1)
         check_int("Forecast.order", self.order, 0)
         check_int("Forecast.budget", self.budget, 1, optional=True)
@@ -86,12 +121,16 @@ class Forecast(TechniqueConfig):
                 raise ConfigError(f"Forecast.coefficients needs one row per step ({self.num_steps}), got {len(coefs)}")
             computed = set(self.computed_steps())
             for s, row in enumerate(coefs):
-                if row and (s in computed or len(row) > self.order + 1):
+                if row and (s in computed or len(row) > self.nodes()):
                     raise ConfigError(
                         f"Forecast.coefficients[{s}] has {len(row)} weights: a computed step takes none and a skipped one at "
-                        f"most order + 1 = {self.order + 1}; fit them for this schedule with calibrate_forecast"
+                        f"most {'order + 1 = ' if self.predictor != 'hermite' else ''}{self.nodes()}; fit them for this schedule with calibrate_forecast"
                     )
             object.__setattr__(self, "coefficients", coefs)
+
+    def nodes(self) -> int:
+        """How many of the last computed steps a forecast reads."""
+        return max(self.order + 1, 3) if self.predictor == "hermite" else self.order + 1
 
     def computed_steps(self) -> tuple[int, ...]:
         """The steps where the blocks run."""
@@ -119,24 +158,45 @@ class History:
     """The forecast's state on one branch: per segment, (step, residual) at the last computed steps."""
 
     by_segment: dict[int, list[tuple[int, list[torch.Tensor | None]]]] = field(default_factory=dict)
+    # per segment, (step, residual) of the latest step computed off the schedule (verify): it re-anchors the forecast
+    anchor: dict[int, tuple[int, list[torch.Tensor | None]]] = field(default_factory=dict)
 
 
 class ForecastPredictor(Predictor):
-    """Weighted sum of the last computed residuals: fitted weights where given, else Lagrange's."""
+    """Weighted sum of the last computed residuals: fitted weights where given, else Lagrange's or Hermite's;
+    then the corrector's blend with the last one."""
 
     name = "forecast"
 
-    def __init__(self, order: int, coefficients: tuple[tuple[float, ...], ...] | None) -> None:
-        self.keep = order + 1
+    def __init__(
+        self,
+        order: int,
+        coefficients: tuple[tuple[float, ...], ...] | None,
+        predictor: str = "lagrange",
+        blend: float = 0.0,
+        schedule: frozenset[int] | None = None,
+    ) -> None:
+        self.keep = max(order + 1, 3) if predictor == "hermite" else order + 1
         self.coefficients = coefficients
+        self.base = hermite_weights if predictor == "hermite" else lagrange_weights
+        self.blend = blend
+        # With verify: a step computed off the schedule does not become an extrapolation node (two close nodes
+        # would extrapolate a noisy slope far); it shifts the forecast by its error there (an anchor).
+        self.schedule = schedule
 
     def new_predictor_state(self) -> History:
         return History()
 
     def update(self, memory: History, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
         hist = memory.by_segment.setdefault(seg, [])
-        if hist and hist[-1][0] >= step:
+        anchor = memory.anchor.get(seg)
+        if (hist and hist[-1][0] >= step) or (anchor is not None and anchor[0] >= step):
             hist.clear()  # a new run on the same state: start over
+            memory.anchor.pop(seg, None)
+        if self.schedule is not None and step not in self.schedule and hist:
+            memory.anchor[seg] = (step, residual)
+            return
+        memory.anchor.pop(seg, None)
         hist.append((step, residual))
         del hist[: -self.keep]
 
@@ -146,15 +206,21 @@ class ForecastPredictor(Predictor):
     def weights(self, steps: list[int], step: int) -> list[float]:
         row = self.coefficients[step] if self.coefficients is not None and step < len(self.coefficients) else ()
         if row and len(row) <= len(steps):
-            return [0.0] * (len(steps) - len(row)) + list(row)
-        return lagrange_weights(steps, step)
+            return blended([0.0] * (len(steps) - len(row)) + list(row), self.blend)
+        return blended(self.base(steps, step), self.blend)
 
     def predict(self, memory: History, seg: int, step: int) -> list[torch.Tensor | None]:
         hist = memory.by_segment[seg]
-        weights = self.weights([s for s, _ in hist], step)
+        steps = [s for s, _ in hist]
+        weights = self.weights(steps, step)
+        anchor = memory.anchor.get(seg)
+        if anchor is not None:  # forecast(step) + (R(anchor) - forecast(anchor))
+            weights = [w - a for w, a in zip(weights, self.weights(steps, anchor[0]))]
         out: list[torch.Tensor | None] = []
         for k, first in enumerate(hist[-1][1]):
             terms = [(w, r[k]) for w, (_, r) in zip(weights, hist) if w != 0.0]
+            if anchor is not None:
+                terms.append((1.0, anchor[1][k]))
             if first is None or any(r is None or r.shape != first.shape for _, r in terms):
                 out.append(first)  # a stream that changed shape: reuse its last residual
                 continue
@@ -165,11 +231,53 @@ class ForecastPredictor(Predictor):
         return out
 
 
+class VerifyPolicy(Policy):
+    """Forecast, then verify: the first block is the probe; a step the schedule skips computes when the
+    forecast of the probe's residual is off by more than the threshold (relative L1, read with the timestep)."""
+
+    def __init__(self, config: Forecast, head: ForecastPredictor) -> None:
+        self.computed = frozenset(config.computed_steps())
+        self.num_steps = config.num_steps
+        self.threshold = float(config.verify)
+        self.head = head  # forecasts the probe's residual with the stack's weights
+
+    def new_policy_state(self) -> History:
+        return History()  # the probe's residuals at the computed steps
+
+    def after_head(self, ctrl: SpanController, call: Call, residual: list[torch.Tensor]) -> bool:
+        state = ctrl.state
+        tentative = state.step  # counted per call; a device timestep read below may still start a new run
+        memory = ctrl.store.get(call.branch).policy
+        hist = memory.by_segment.get(0)
+        error = None
+        if self.threshold > 0 and tentative not in self.computed and tentative < self.num_steps and hist:
+            predicted = self.head.predict(memory, 0, tentative)
+            if len(predicted) == len(residual) and all(p is not None and p.shape == r.shape for p, r in zip(predicted, residual)):
+                error = rel_l1(predicted, residual)  # |forecast - probe| / |probe|, still on the device
+        host = host_values(state, error) if error is not None else host_values(state)
+        step = state.step
+        if error is None or step != tentative or step in self.computed or step >= self.num_steps:
+            return True
+        return host[0] > self.threshold
+
+    def decided(self, ctrl: SpanController, call: Call, compute: bool, residual: list[torch.Tensor]) -> None:
+        if compute:
+            self.head.update(ctrl.store.get(call.branch).policy, 0, list(residual), ctrl.state.step)
+
+
+def _predictor(config: Forecast) -> ForecastPredictor:
+    schedule = frozenset(config.computed_steps()) if config.verify is not None else None
+    return ForecastPredictor(config.order, config.coefficients, config.predictor, config.blend, schedule)
+
+
 def _apply_forecast(model: nn.Module, config: Forecast | None = None) -> None:
-    """A span cache over every main block of `model`, computing on the schedule."""
+    """A span cache over every main block of `model`, computing on the schedule (with `verify`: after a probe)."""
     config = config or Forecast()
-    ctrl = install_span(NAME, model, 0, 0, SchedulePolicy(config))
-    ctrl.predictor = ForecastPredictor(config.order, config.coefficients)
+    if config.verify is None:
+        ctrl = install_span(NAME, model, 0, 0, SchedulePolicy(config))
+    else:
+        ctrl = install_span(NAME, model, 1, 0, VerifyPolicy(config, _predictor(config)))
+    ctrl.predictor = _predictor(config)
 
 
 def _remove_forecast(model: nn.Module, config: Forecast | None = None) -> None:
@@ -197,11 +305,16 @@ def calibrate_forecast(
     fit: bool = True,
     search: bool = True,
     max_runs: int = 40,
+    predictor: str = "lagrange",
+    blend: bool = False,
+    verify: float | None = None,
 ) -> Forecast:
     """A `Forecast` for `model`, from calibration runs made by `run()` (one whole sampling run that
     returns its samples: pixels or latents).
 
-    - `fit`: fit the forecast weights (else Lagrange's).
+    - `fit`: fit the forecast weights (else `predictor`'s: Lagrange's or Hermite's).
+    - `blend`: with `fit=False`, fit the corrector's blend with the last computed residual (closed form).
+    - `verify`: the returned config's probe threshold (the search itself runs without the probe).
     - `schedule` given: fit for it; else `budget` computed steps, starting from the front-loaded rule
       and, with `search`, improved by a search whose objective is the PSNR of `run()`'s samples
       against the uncached ones (at most `max_runs` runs of `run()`).
@@ -211,10 +324,16 @@ def calibrate_forecast(
     """
     from ._schedule import calibrate_schedule  # the search and fit machinery
 
-    return calibrate_schedule(
+    if blend and fit:
+        raise ConfigError("calibrate_forecast: blend=True fits the corrector of the unfitted weights; pass fit=False with it")
+    Forecast(num_steps=num_steps, order=order, predictor=predictor, verify=verify)  # validate before any run
+    weights = _predictor(Forecast(num_steps=num_steps, order=order, predictor=predictor)).weights
+    found = calibrate_schedule(
         NAME, model, run, Forecast, num_steps=num_steps, budget=budget, schedule=schedule, order=order,
-        fit=fit, search=search, max_runs=max_runs,
+        fit=fit, search=search, max_runs=max_runs, extra={"predictor": predictor},
+        blend_weights=weights if blend else None, keep=Forecast(order=order, predictor=predictor).nodes(),
     )
+    return found.replace(verify=verify) if verify is not None else found
 
 
 register_technique(

@@ -268,6 +268,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
             compare_diffusers=not args.no_diffusers,
             progress=progress,
             calibration_labels=calibration,
+            compare_cache_dit=args.cache_dit,
         )
     table = to_markdown(results)
     print(table)
@@ -284,7 +285,8 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
 
 def _bench_cache_epilog() -> str:
     lines = ["methods (--methods):", "  " + ", ".join(HOOKWISE_METHODS),
-             "  diffusers runs its own implementation of: " + ", ".join(DIFFUSERS_METHODS), "",
+             "  diffusers runs its own implementation of: " + ", ".join(DIFFUSERS_METHODS),
+             "  cache-dit (--cache-dit): dbcache, dbcache+taylorseer, taylorseer", "",
              "prompt classes (--prompts, by id or name):"]
     for name in reference_names():
         classes = get_reference_spec(name).classes
@@ -321,6 +323,8 @@ def _add_bench(sub) -> None:
     cache.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per setting; the fastest counts")
     cache.add_argument("--methods", default=None, help="comma-separated methods to run (listed below; default: all)")
     cache.add_argument("--no-diffusers", action="store_true", help="skip diffusers' implementations")
+    cache.add_argument("--cache-dit", action="store_true",
+                       help="also run cache-dit's DBCache, TaylorSeer and DBCache + TaylorSeer (pip install 'hookwise[cache-dit]')")
     cache.add_argument("--plot", default=None, metavar="PNG", help="save the quality vs speed-up plot here")
     cache.add_argument("--json", default=None, metavar="FILE", help="save the results as JSON")
     cache.add_argument("--markdown", default=None, metavar="FILE", help="save the table as Markdown")
