@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, check_int
-from ..core.cost import speed_cost
+from ..core.cost import SpeedFigure, speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
@@ -550,10 +550,13 @@ def attention_summary(model: nn.Module) -> dict[str, Any]:
 
 
 # ---- cost declaration (for the planner) -------------------------------------------------------------
-# Step time under Attention("auto") relative to without, per device type and mode, as
-# benchmarks/attention.py and benchmarks/kernels.py measured (BENCHMARKS.md); the planner proposes it
-# only where one of these is below 1 (or a measurement given as measurements={"speed": {"attention": ...}}).
-MEASURED_SPEED: dict[str, dict[str, float]] = {}
+# Step time under Attention("auto") relative to without, keyed by the device kind it was measured on
+# (`core.cost.device_kind`: "<device>:<name>" as the planner's Hardware reports it, e.g. "cpu:amd epyc (2 cores)",
+# "cuda:nvidia h100 80gb hbm3"), each with its source, e.g.
+#   "cpu:amd epyc (2 cores)": SpeedFigure(forward=0.8, backward=0.9, source="benchmarks/kernels.py full width, BENCHMARKS.md 2026-12-01, load 1.2")
+# The planner offers Attention("auto") only on that device kind, where the figure for the job's mode is below 1 (or
+# where the user states one: measurements={"speed": {"attention": ...}}). Empty: nothing measured yet.
+MEASURED_SPEED: dict[str, SpeedFigure] = {}
 
 
 register_technique(
