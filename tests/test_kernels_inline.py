@@ -17,7 +17,7 @@ from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
 from hookwise.errors import NoTargetError
 from hookwise.kernels._inline import FusedProcessor
-from cache_helpers import one_thread  # noqa: F401 - the fixture
+from cache_helpers import fresh_dynamo, one_thread  # noqa: F401 - the fixtures
 from kernel_helpers import count_fused_calls
 from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
@@ -98,6 +98,22 @@ def test_video_blocks_removal_gives_back_processors_forwards_and_outputs(name):
     assert hookwise.list_hooks(model) == {} and not any("forward" in m.__dict__ for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(**inputs).sample, expected)
+
+
+@pytest.mark.parametrize("name", list(VIDEO))
+def test_video_blocks_with_kernels_compile_without_a_graph_break(name, fresh_dynamo):
+    from torch._dynamo.utils import counters
+
+    model, inputs = VIDEO[name][0]()
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"), hookwise.Compile(backend="aot_eager"))
+    with torch.no_grad():
+        model(**inputs)  # the first call of a hooked model runs eagerly (the model map's trace)
+        counters.clear()
+        out = model(**inputs).sample
+    assert counters["stats"]["unique_graphs"] > 0 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_ltx_cross_attention_keeps_its_processor():

@@ -26,7 +26,6 @@ summary lists them under `not_reached` with the reason.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
@@ -461,8 +460,10 @@ class FusedProcessor:
     """An attention processor that computes its inner processor's call with the rotary embedding fused.
 
     Installed on one attention module instance by the Kernels hook; `inner` is the processor object the
-    module had, put back as it was on removal. Its `__call__` keeps the inner processor's parameters
-    (diffusers' attention modules pass on only the keyword arguments the processor's call names).
+    module had, put back as it was on removal. The FLUX / Wan / LTX attention modules pass the rotary
+    embedding by position; HunyuanVideo's generic `Attention` passes on only the keywords its processor's
+    `__call__` names, which `HunyuanFusedProcessor` names (a `__call__` on the instance would break
+    dynamo's trace of the block).
     """
 
     def __init__(self, inner: Any, kind: str, owner: Any) -> None:
@@ -470,17 +471,6 @@ class FusedProcessor:
         self.kind = kind
         self.owner = owner  # the hook: its `ops` and `expressions`
         self._forward = INLINE_KINDS[kind].forward
-        # diffusers' generic `Attention` passes on only the keyword arguments that
-        # `inspect.signature(processor.__call__)` names: an instance attribute with the inner call's
-        # signature answers that lookup (calls still go through the class's `__call__`).
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
-        try:
-            call.__signature__ = inspect.signature(inner.__call__)  # type: ignore[attr-defined]
-        except (TypeError, ValueError):  # pragma: no cover - a processor without a readable signature
-            pass
-        self.__dict__["__call__"] = call
 
     def __getattr__(self, name: str) -> Any:  # `_attention_backend`, `_parallel_config`, ...: the inner one's
         if name == "inner" or name.startswith("__"):
@@ -491,6 +481,20 @@ class FusedProcessor:
         # Inside a graph being compiled, the eager expressions: the surrounding compile fuses them.
         ops = self.owner.expressions if torch.compiler.is_compiling() else self.owner.ops
         return self._forward(attn, ops, *args, **kwargs)
+
+
+class HunyuanFusedProcessor(FusedProcessor):
+    """FusedProcessor for HunyuanVideo's attention: diffusers' generic `Attention` passes on only the
+    keyword arguments its processor's `__call__` names (by its signature), so this one names them."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:  # fmt: skip
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+def fused_processor(inner: Any, kind: str, owner: Any) -> FusedProcessor:
+    """The processor object a ProcessorHook installs for a site of `kind`."""
+    return (HunyuanFusedProcessor if kind == "hunyuan_rope" else FusedProcessor)(inner, kind, owner)
 
 
 # ---- where they are -----------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from ..core.transaction import current_transaction
 from ..errors import ConfigError, NoTargetError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.model_map import describe
-from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, ROUTED, FusedProcessor, inline_sites, ops_for
+from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, ROUTED, FusedProcessor, fused_processor, inline_sites, ops_for
 from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
 
 logger = logging.getLogger("hookwise.kernels")
@@ -229,7 +229,7 @@ class ProcessorHook(ModelHook):
 
     def on_attach(self, module: nn.Module) -> None:
         self.original = module.processor
-        module.processor = FusedProcessor(self.original, self.kind, self)
+        module.processor = fused_processor(self.original, self.kind, self)
 
     def on_detach(self, module: nn.Module) -> None:
         current = module.processor
