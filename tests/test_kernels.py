@@ -28,6 +28,7 @@ from hookwise.errors import ConfigError, MissingDependencyError, NoTargetError
 from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
 from cache_helpers import one_thread  # noqa: F401 - the fixture
+from kernel_helpers import count_fused_calls
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -168,7 +169,7 @@ def swiglu_site_matches_eager(backend: str) -> None:
     hookwise.apply(model, Kernels(ops=("swiglu",), backend=backend))
     summary = kernels_summary(model)
     assert summary["used"] == {"blocks.0.ff.net.0": "swiglu_proj", "blocks.1.ff.net.0": "swiglu_proj"}, summary
-    calls = count_calls(model)
+    calls = count_fused_calls(model)
     out, grads = fwd_bwd(model, inputs)
     close([out, *(grads[k] for k in expected[1])], [expected[0], *expected[1].values()], 1e-5)
     assert calls == {"swiglu": 2}
@@ -228,26 +229,6 @@ def test_eager_rope_expression_is_diffusers_interleaved_layout():
 
 
 # ---- the Kernels technique -------------------------------------------------------------------------------
-def count_calls(model: nn.Module) -> dict[str, int]:
-    """Wrap every kernel hook's fused functions with a call counter (by function name)."""
-    calls: dict[str, int] = {}
-    seen: set[int] = set()
-    for _, registry in hookwise.core.hooks.iter_registries(model):
-        hook = registry.get(fused.HOOK_NAME)
-        if hook is None or id(hook) in seen:  # a shared module is listed at each of its paths
-            continue
-        seen.add(id(hook))
-
-        def wrap(name, fn):
-            def counted(*args):
-                calls[name] = calls.get(name, 0) + 1
-                return fn(*args)
-            return counted
-
-        hook.ops = {name: wrap(name, fn) for name, fn in hook.ops.items()}
-    return calls
-
-
 def test_flux_sites_come_from_its_entry_and_its_blocks_and_processors():
     model, inputs = tiny_flux()
     expected = fwd_bwd(copy.deepcopy(model), inputs)
@@ -262,7 +243,7 @@ def test_flux_sites_come_from_its_entry_and_its_blocks_and_processors():
     assert "transformer_blocks.0.norm1.norm" not in used  # computed by its adaptive norm's fused op
     assert used["transformer_blocks.0"] == "flux_double" and used["transformer_blocks.0.attn"] == "flux_rope"
     assert summary["inline"] == {} and summary["rejected"] == {} and summary["unmatched"] == ["swiglu"]  # FLUX has none
-    calls = count_calls(model)
+    calls = count_fused_calls(model)
     out, grads = fwd_bwd(model, inputs)
     assert calls["norm_modulate"] >= 9 and calls["gelu"] >= 3  # the hooks computed those forwards
     assert calls["gated_residual"] == 5 and calls["rope_interleaved"] == 4  # 4 gates + 1, q and k twice
@@ -276,7 +257,7 @@ def test_wan_norms_and_gelu_are_replaced_and_modulation_goes_through_its_block()
     kinds = set(summary["used"].values())
     assert {"layer_norm", "rms_norm", "gelu_proj", "wan_block"} <= kinds and "wan_rope" not in kinds
     assert summary["inline"] == {} and summary["unmatched"] == []
-    calls = count_calls(model)
+    calls = count_fused_calls(model)
     model(**inputs)
     assert calls["norm_modulate"] > 0
     assert all(set(h.ops) == {"norm_modulate"} for h in hookwise.core.hooks.hooks_named(model, fused.HOOK_NAME, fused.BlockHook).values())
@@ -382,7 +363,7 @@ def test_a_norm_shared_by_two_blocks_and_one_never_called_are_hooked_once():
     hookwise.apply(model, Kernels(ops=("norm",), backend="eager"))
     used = kernels_summary(model)["used"]
     assert "0.norm" in used and "1.norm" not in used and "0.unused" in used
-    calls = count_calls(model)
+    calls = count_fused_calls(model)
     torch.testing.assert_close(model(x), expected)
     assert calls["norm_modulate"] == 2  # the shared norm, called by both blocks
 

@@ -300,37 +300,92 @@ def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None =
     return TechniqueCost(effect, options, training=False, exclusive="step-cache")
 
 
-def speed_factor(ctx: CostContext, technique: str, shipped: dict[str, dict[str, float]] | None = None) -> float | None:
-    """The measured time of a step under a speed technique relative to the step without it, or None.
+@dataclass(frozen=True)
+class SpeedFigure:
+    """A step's time under a speed technique relative to the step without it, measured on one device kind.
 
-    Measurements are per device type ("cpu", "cuda") and mode ("forward" for sampling, "backward" for
-    a training step: forward + backward): `shipped` (what the technique's own benchmark measured, next
-    to its code), overridden by `ctx.measurements["speed"][technique]` (a user's own measurement, in the
-    same shape: `{"cuda": {"forward": 0.8, "backward": 0.9}}`). None where nothing was measured.
+    `forward`: sampling (a forward pass); `backward`: a training step (forward + backward); None where
+    not measured. `source` says where the figure comes from (benchmark, date, load), shown in the plan.
     """
-    table = {**(shipped or {}), **(((ctx.measurements.get("speed") or {}).get(technique)) or {})}
-    row = table.get(str(getattr(ctx.hardware, "device", "") or ""))
-    if not row:
-        return None
-    value = row.get("backward" if ctx.training else "forward")
-    return float(value) if isinstance(value, (int, float)) else None
+
+    forward: float | None = None
+    backward: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ConfigError("SpeedFigure(source=...) must say where the figure was measured (benchmark, date, load)")
+        for what in ("forward", "backward"):
+            value = getattr(self, what)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"SpeedFigure({what}={value!r}) must be a positive time ratio or None")
+
+    def factor(self, training: bool) -> float | None:
+        value = self.backward if training else self.forward
+        return float(value) if value is not None else None
 
 
-def speed_cost(technique: str, make: Callable[[], Any], shipped: dict[str, dict[str, float]] | None = None) -> TechniqueCost:
+def device_kind(hardware: Any) -> str:
+    """The kind of compute device a speed figure holds for: "<device>:<name>", lower-cased, e.g.
+    "cuda:nvidia h100 80gb hbm3" or "cpu:amd epyc (2 cores)" (the planner's `Hardware.device` and
+    `.name`); just the device type when the hardware has no name."""
+    device = str(getattr(hardware, "device", "") or "")
+    name = " ".join(str(getattr(hardware, "name", "") or "").lower().split())
+    return f"{device}:{name}" if name else device
+
+
+def speed_figure(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigure] | None = None) -> tuple[float, str] | None:
+    """(factor, source) of a speed technique on the job's device and mode, or None where nothing was measured.
+
+    `shipped` (the technique's own benchmark figures, next to its code) is keyed by device kind
+    (`device_kind`): a figure is offered only on the kind it was measured on. A user's own figures,
+    `ctx.measurements["speed"][technique]`, are keyed by device kind or by device type ("cuda", "cpu":
+    the user measured their own machine) with `{"forward": ..., "backward": ...}` or a SpeedFigure,
+    and win over the shipped ones.
+    """
+    kind = device_kind(ctx.hardware)
+    device = str(getattr(ctx.hardware, "device", "") or "")
+    stated = ((ctx.measurements.get("speed") or {}).get(technique)) or {}
+    for key in (kind, device):
+        row = stated.get(key) if key else None
+        if row is None:
+            continue
+        figure = row if isinstance(row, SpeedFigure) else SpeedFigure(
+            forward=row.get("forward"), backward=row.get("backward"), source=row.get("source") or "your measurement"
+        )
+        factor = figure.factor(ctx.training)
+        if factor is not None:
+            return factor, figure.source
+    figure = (shipped or {}).get(kind)
+    factor = figure.factor(ctx.training) if figure is not None else None
+    return (factor, figure.source) if factor is not None else None
+
+
+def speed_factor(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigure] | None = None) -> float | None:
+    """The measured factor of `speed_figure`, or None."""
+    found = speed_figure(ctx, technique, shipped)
+    return found[0] if found else None
+
+
+def speed_cost(technique: str, make: Callable[[], Any], shipped: dict[str, SpeedFigure] | None = None) -> TechniqueCost:
     """The cost of a speed technique (fused kernels, compile, attention backends): bytes unchanged, the
-    compute time scaled by its measured factor (`speed_factor`), and offered to the planner only where
-    a measured factor below 1 exists for the job's device and mode (an unmeasured speed-up is no choice)."""
+    compute time scaled by its measured factor (`speed_figure`), and offered to the planner only where
+    a measured factor below 1 exists for the job's device kind and mode (an unmeasured speed-up is no
+    choice). `shipped` is read at each plan, so figures added to it later count."""
 
     def effect(placement: Placement, config: Any, ctx: CostContext) -> Placement:
-        factor = speed_factor(ctx, technique, shipped)
-        if factor is None:
-            return placement.note(f"{technique}: no speed-up measured on this device and mode; time unchanged")
+        found = speed_figure(ctx, technique, shipped)
+        if found is None:
+            elsewhere = sorted(k for k in (shipped or {}) if k != device_kind(ctx.hardware))
+            also = f" (measured on {', '.join(elsewhere)} only)" if elsewhere else ""
+            return placement.note(f"{technique}: no speed-up measured on this device and mode{also}; time unchanged")
+        factor, source = found
         return replace(placement, compute_factor=placement.compute_factor * factor).note(
-            f"{technique}: measured x{factor:.2f} step time"
+            f"{technique}: measured x{factor:.2f} step time on {device_kind(ctx.hardware)} ({source})"
         )
 
     def options(placement: Placement, ctx: CostContext) -> list[Any]:
-        factor = speed_factor(ctx, technique, shipped)
-        return [make()] if factor is not None and factor < 1.0 else []
+        found = speed_figure(ctx, technique, shipped)
+        return [make()] if found is not None and found[0] < 1.0 else []
 
     return TechniqueCost(effect, options)

@@ -11,8 +11,8 @@ Machinery, private to this folder:
 - `_attn_backends.py`: the attention backend registry: each backend's call and declared constraints,
   and the numerics check against the math reference.
 - `_patterns.py`: where the fused kernels apply (per architecture, and structural matching).
-- `_inline.py`: the FLUX / Wan block forwards and attention processors rewritten with the fused ops,
-  for the gate, rope and modulation those models write inline.
+- `_inline.py`: the FLUX / Wan / HunyuanVideo / LTX-Video block forwards and attention processors
+  rewritten with the fused ops, for the gate, rope and modulation those models write inline.
 - `_triton_dit.py`: the Triton kernels (forward and backward).
 """
 

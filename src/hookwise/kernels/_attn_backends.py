@@ -193,9 +193,10 @@ class Backend:
 
     def refuse(self, call: AttnCall) -> str | None:
         """Why this backend cannot serve `call` (a constraint it declares, checked on the real arguments), or None."""
-        reason = self.unavailable()
-        if reason is not None:
-            return reason
+        return self.unavailable() or self.refuse_call(call)
+
+    def refuse_call(self, call: AttnCall) -> str | None:
+        """`refuse` without the package check (that one imports; inside a graph being traced it is known already)."""
         device = call.device.type
         if device not in self.devices and device != "meta":
             return f"runs on {'/'.join(self.devices)}, not {device}"
@@ -267,7 +268,7 @@ def _flex_fn(device: torch.device) -> Callable:
     """flex_attention, compiled once per process on CUDA (where its fused kernel exists), eager elsewhere."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():  # inside a graph: the graph's compile lowers it
         return flex_attention
     with _flex_lock:
         if "cuda" not in _flex_compiled:

@@ -13,9 +13,9 @@ A *site* is a module whose whole forward is one pattern, so a hook can compute i
 - `swiglu`: SwiGLU activations (diffusers' `SwiGLU` with its `proj`: `a * silu(g)` of the projection's
   two halves).
 - `gate` (`x + gate * y`) and `rope` (interleaved-pair rotary embedding) have fused ops too, but in
-  FLUX and Wan they are written inline in a block's forward and in the attention processor (as is
-  Wan's modulation): `_inline.py` reaches those through the blocks and processors of the known
-  architectures. An architecture entry lists under `inline` the ops it computes where no route
+  FLUX, Wan, HunyuanVideo and LTX-Video they are written inline in a block's forward and in the
+  attention processor (as is part of their modulation): `_inline.py` reaches those through the blocks
+  and processors of the known architectures. An architecture entry lists under `inline` the ops it computes where no route
   reaches (said in the summary, not replaced).
 
 Known architectures state their sites by class (`ARCH_SITES`, in the architecture registry's style);

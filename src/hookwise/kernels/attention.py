@@ -22,14 +22,15 @@ How a backend is chosen, once per call shape (shapes, dtype, device, mask, causa
 3. `"auto"` takes every installed backend that accepts the call, checks each, times a few calls of
    each (no grad) and keeps the fastest that passed, for that shape.
 
-Inside a compiled graph (regional `Compile`, a compiled model) the mode is not entered: dynamo cannot
-trace it through the tensor methods diffusers' processors call, and the decision machinery (timing,
-the numerics check, warnings) cannot run in a graph. A chain of PyTorch SDPA kernels becomes
-`sdpa_kernel(kernels, set_priority=True)` around the module's forward, traced into the block's graph
-(no graph break; PyTorch takes the first kernel that accepts the call, the module's own call last;
+Inside a compiled graph (regional `Compile`, a compiled model) the eager machinery (timing, the
+numerics check, warnings) cannot run, and nothing may break the block's graph. A chain of PyTorch SDPA
+kernels becomes `sdpa_kernel(kernels, set_priority=True)` around the module's forward, traced into
+the block's graph (PyTorch takes the first kernel that accepts the call, the module's own call last;
 kernels an eager check disabled are left out), and "auto" runs the module's own call, which the
-compiler lowers. A chain naming another library's kernel (flex, flash-attn, Sage, xFormers) runs
-eagerly between graphs, as before. The call counts of the summary count eager calls only.
+compiler lowers. A chain naming another library's kernel (flex, flash-attn, Sage, xFormers) is traced
+too (`_TracedRoute`): each call takes the first installed backend of the chain whose declared
+constraints accept the traced arguments, else the module's own call; FlexAttention becomes the
+graph's flex HOP, which the block's compile lowers. The call counts of the summary count eager calls only.
 
 `attention_summary(model)` gives each module's backends, the choice per shape and the reasons for
 every backend passed over, the errors measured and the times.
@@ -51,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, check_int
-from ..core.cost import speed_cost
+from ..core.cost import SpeedFigure, speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, hooks_named, iter_registries, remove_hook, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, NoTargetError
@@ -330,6 +331,47 @@ class _Route(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _TracedRoute(TorchFunctionMode):
+    """Inside a graph being compiled, for a chain naming another library's kernel: each attention call
+    goes to the first backend of the chain whose declared constraints accept it (checked on the traced
+    arguments: shapes, dtype, mask, training), else to the module's own call. Nothing is timed, checked
+    or warned about inside a graph; backends an eager check disabled are left out.
+
+    `Tensor.unflatten` / `Tensor.split` are Python methods that end in `super()` calls, which dynamo
+    cannot trace under a mode: they are computed here by the view / split they stand for.
+    """
+
+    def __init__(self, backends: tuple[Backend, ...]) -> None:
+        super().__init__()
+        self.backends = backends
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SDPA:
+            call = AttnCall.from_args(args, kwargs)
+            for backend in self.backends:
+                if backend.refuse_call(call) is None:
+                    return backend.call(call)
+            return func(*args, **kwargs)
+        if func is torch.Tensor.unflatten:
+            return _unflatten(*args, **kwargs)
+        if func is torch.Tensor.split:
+            return _split(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _unflatten(x: torch.Tensor, dim: int, sizes: Any) -> torch.Tensor:
+    dim = dim % x.dim()
+    return x.reshape(*x.shape[:dim], *sizes, *x.shape[dim + 1 :])
+
+
+def _split(x: torch.Tensor, split_size: Any, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    if isinstance(split_size, int):
+        length = x.shape[dim]
+        split_size = [min(split_size, length - start) for start in range(0, length, split_size)] or [0]
+    return x.split_with_sizes(list(split_size), dim)
+
+
 _SDPA_KERNELS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa-math": SDPBackend.MATH, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -367,15 +409,20 @@ class AttentionHook(ModelHook):
         self.chain = chain
         self.calls = 0  # forwards of the module
         self.routed = 0  # attention calls routed
+        # The chain's installed backends, known before any trace (the package check imports).
+        self.installed = tuple(n for n in chain if n not in ("auto", FALLBACK) and backend_named(n).unavailable() is None)
 
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # traced with the block: no graph break at the attention module
             kernels = _traced_kernels(self.chain, self.record.disabled)
-            if kernels is not None:  # traced with the block: no graph break at the attention module
-                if not kernels:
+            if kernels is None:  # another library's kernel (flex, flash-attn, Sage, xFormers)
+                backends = tuple(backend_named(n) for n in self.installed if n not in self.record.disabled)
+                with _TracedRoute(backends):
                     return next_fn(*args, **kwargs)
-                with sdpa_kernel(kernels, set_priority=True):
-                    return next_fn(*args, **kwargs)
+            if not kernels:
+                return next_fn(*args, **kwargs)
+            with sdpa_kernel(kernels, set_priority=True):
+                return next_fn(*args, **kwargs)
         return self._eager(next_fn, *args, **kwargs)
 
     # Eager inside compiled code for chains of other libraries' kernels: dynamo cannot trace the
@@ -465,10 +512,13 @@ def attention_summary(model: nn.Module) -> dict[str, Any]:
 
 
 # ---- cost declaration (for the planner) -------------------------------------------------------------
-# Step time under Attention("auto") relative to without, per device type and mode, as
-# benchmarks/attention.py and benchmarks/kernels.py measured (BENCHMARKS.md); the planner proposes it
-# only where one of these is below 1 (or a measurement given as measurements={"speed": {"attention": ...}}).
-MEASURED_SPEED: dict[str, dict[str, float]] = {}
+# Step time under Attention("auto") relative to without, keyed by the device kind it was measured on
+# (`core.cost.device_kind`: "<device>:<name>" as the planner's Hardware reports it, e.g. "cpu:amd epyc (2 cores)",
+# "cuda:nvidia h100 80gb hbm3"), each with its source, e.g.
+#   "cpu:amd epyc (2 cores)": SpeedFigure(forward=0.8, backward=0.9, source="benchmarks/kernels.py full width, BENCHMARKS.md 2026-12-01, load 1.2")
+# The planner offers Attention("auto") only on that device kind, where the figure for the job's mode is below 1 (or
+# where the user states one: measurements={"speed": {"attention": ...}}). Empty: nothing measured yet.
+MEASURED_SPEED: dict[str, SpeedFigure] = {}
 
 
 register_technique(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
-from ..core.cost import speed_cost
+from ..core.cost import SpeedFigure, speed_cost
 from ..core.hooks import Layer, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
@@ -139,9 +139,13 @@ def remove_compile(model: nn.Module) -> list[str]:
     return remove_techniques(model, [NAME])
 
 
-# Step time under Compile relative to without, per device type and mode, as benchmarks/kernels.py
-# measured (BENCHMARKS.md); the planner proposes Compile only where one of these is below 1.
-MEASURED_SPEED: dict[str, dict[str, float]] = {}
+# Step time under Compile relative to without, keyed by the device kind it was measured on
+# (`core.cost.device_kind`: "<device>:<name>" as the planner's Hardware reports it, e.g. "cpu:amd epyc (2 cores)",
+# "cuda:nvidia h100 80gb hbm3"), each with its source, e.g.
+#   "cpu:amd epyc (2 cores)": SpeedFigure(forward=0.8, backward=0.9, source="benchmarks/kernels.py full width, BENCHMARKS.md 2026-12-01, load 1.2")
+# The planner offers Compile only on that device kind, where the figure for the job's mode is below 1 (or
+# where the user states one: measurements={"speed": {"compile": ...}}). Empty: nothing measured yet.
+MEASURED_SPEED: dict[str, SpeedFigure] = {}
 
 
 register_technique(

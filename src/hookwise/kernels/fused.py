@@ -2,8 +2,8 @@
 computed by fused ops through hooks.
 
 `Kernels(ops=..., backend=...)` finds the sites of each op (`_patterns.py`: per-architecture tables for
-FLUX and Wan, structural matching for the rest; `_inline.py`: the FLUX / Wan blocks and attention
-processors that hold the gate, rope and Wan's modulation inline) and attaches a hook to each site
+FLUX and Wan, structural matching for the rest; `_inline.py`: the FLUX / Wan / HunyuanVideo / LTX-Video
+blocks and attention processors that hold the gate, rope and part of the modulation inline) and attaches a hook to each site
 module that computes its forward with the backend's fused functions instead of the module's chain of
 eager ops (for an attention processor: a processor object of its own on the instance). The
 module's own submodules still run (an adaptive norm's `linear`, a GELU's `proj`), so casting,
@@ -40,13 +40,14 @@ import torch
 from torch import nn
 
 from ..core.config import TechniqueConfig
-from ..core.cost import speed_cost
+from ..core.cost import SpeedFigure, speed_cost
 from ..core.hooks import Layer, ModelHook, add_hook, iter_registries, unwrap
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import current_transaction
 from ..errors import ConfigError, NoTargetError, require
 from ..introspect.architectures import detect_architecture
-from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, FusedProcessor, inline_sites, ops_for
+from ..introspect.model_map import describe
+from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, ROUTED, FusedProcessor, fused_processor, inline_sites, ops_for
 from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
 
 logger = logging.getLogger("hookwise.kernels")
@@ -67,9 +68,10 @@ class Kernels(TechniqueConfig):
     - `ops`: any of "norm" (LayerNorm / RMSNorm), "modulate" (AdaLN: the norm fused with
       `* (1 + scale) + shift`), "gate" (`x + gate * y`), "rope" (interleaved rotary embedding),
       "geglu" (GELU-tanh / GEGLU activations), "swiglu" (SwiGLU activations). "gate", "rope" and
-      Wan's "modulate" are written inline in FLUX / Wan blocks and attention processors: those are
-      reached through a block-forward replacement and an instance-level processor (`_inline.py`); an
-      op a model writes inline where no route reaches is listed in the summary as such.
+      part of "modulate" are written inline in DiT blocks and attention processors: in FLUX, Wan,
+      HunyuanVideo and LTX-Video blocks they are reached through a block-forward replacement and an
+      instance-level processor (`_inline.py`); the tower blocks no route reaches (other classes, a
+      custom DiT) are listed in `kernels_summary(model)["not_reached"]` with the reason.
     - `backend`: "auto" (Triton kernels on CUDA, a `torch.compile`-generated function elsewhere),
       "triton", "compile" or "eager".
     """
@@ -227,7 +229,7 @@ class ProcessorHook(ModelHook):
 
     def on_attach(self, module: nn.Module) -> None:
         self.original = module.processor
-        module.processor = FusedProcessor(self.original, self.kind, self)
+        module.processor = fused_processor(self.original, self.kind, self)
 
     def on_detach(self, module: nn.Module) -> None:
         current = module.processor
@@ -311,11 +313,13 @@ class _State:
     rejected: dict[str, str]  # path -> why
     inline: dict[str, str]  # op -> where the model computes it instead
     unmatched: list[str]  # ops with no site
+    not_reached: dict[str, str]  # tower block path -> why its inline gate / modulate / rope stay eager
 
 
 def kernels_summary(model: nn.Module) -> dict[str, Any]:
     """What Kernels replaced: backend, sites used (path -> kind), rejected (path -> why), ops the model
-    computes inline (op -> where), ops with no site; empty when Kernels is not applied."""
+    computes inline (op -> where), ops with no site, and the tower blocks no route reaches for the
+    requested inline ops (`not_reached`: path -> why); empty when Kernels is not applied."""
     state = unwrap(model).__dict__.get(_STATE_ATTR)
     if state is None:
         return {}
@@ -325,7 +329,32 @@ def kernels_summary(model: nn.Module) -> dict[str, Any]:
         "rejected": dict(state.rejected),
         "inline": dict(state.inline),
         "unmatched": list(state.unmatched),
+        "not_reached": dict(state.not_reached),
     }
+
+
+INLINE_OPS = ("gate", "modulate", "rope")
+
+
+def _not_reached(model: nn.Module, sites: list[tuple[str, nn.Module, str]], ops: tuple[str, ...]) -> dict[str, str]:
+    """The main-tower blocks in which some requested inline op (gate, modulate, rope) has no site: the
+    block itself, a module inside it (an adaptive norm) or its attention processor. Such a block computes
+    those ops, where its code has them, eagerly."""
+    wanted = [op for op in INLINE_OPS if op in ops]
+    if not wanted:
+        return {}
+    out: dict[str, str] = {}
+    for tower in describe(model).main_towers:
+        for block in tower.blocks:
+            inside = [kind for path, _, kind in sites if path == block.path or path.startswith(block.path + ".")]
+            covered = {op for kind in inside for op in _ops_of(kind)}
+            missing = [op for op in wanted if op not in covered]
+            if missing:
+                out[block.path] = (
+                    f"{block.cls}: no route reaches its {' / '.join(missing)} (routes exist for {ROUTED}, and for "
+                    f"adaptive-norm modules); where its forward computes them, they run eagerly"
+                )
+    return out
 
 
 def _apply_kernels(model: nn.Module, config: Kernels) -> None:
@@ -338,13 +367,20 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
     inline = {op: why for op, why in (table.inline.items() if table else ()) if op in config.ops}
     if not sites:
         said = "; ".join(f"{op}: {why}" for op, why in inline.items())
+        unreached = _not_reached(model, sites, config.ops)
+        classes = sorted({why.split(":", 1)[0] for why in unreached.values()})
+        if unreached:
+            said += ("; " if said else "") + (
+                f"no route reaches the inline {'/'.join(op for op in INLINE_OPS if op in config.ops)} of its tower blocks "
+                f"({', '.join(classes)}; routes exist for {ROUTED})"
+            )
         raise NoTargetError(
             f"Kernels(ops={list(config.ops)}) found no module to replace in {type(model).__name__}"
             + (f" ({said})" if said else "")
             + "; choose ops the model computes in modules of its own (norm, modulate, geglu), or leave Kernels out"
         )
     model_dtype, model_device = _module_dtype_device(model, (torch.float32, torch.device("cpu")))
-    state = _State(config.backend, {}, {}, inline, [])
+    state = _State(config.backend, {}, {}, inline, [], {})
     checked: dict[tuple, str | None] = {}
     for path, module, kind in sites:
         dtype, device = _module_dtype_device(module, (model_dtype, model_device))
@@ -366,6 +402,10 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
         state.used[path or "<model>"] = kind
     found_ops = {op for _, _, kind in sites for op in _ops_of(kind)}
     state.unmatched = [op for op in config.ops if op not in found_ops and op not in inline]
+    state.not_reached = _not_reached(model, sites, config.ops)
+    if state.not_reached:
+        first = next(iter(state.not_reached.items()))
+        logger.info("hookwise kernels: %d tower blocks not reached (e.g. %s: %s)", len(state.not_reached), *first)
     if state.rejected:
         first = next(iter(state.rejected.items()))
         logger.warning(
@@ -405,9 +445,13 @@ def remove_kernels(model: nn.Module) -> list[str]:
 
 
 # ---- cost -----------------------------------------------------------------------------------------------
-# Step time under Kernels relative to without, per device type and mode, as benchmarks/kernels.py
-# measured (BENCHMARKS.md); the planner proposes Kernels only where one of these is below 1.
-MEASURED_SPEED: dict[str, dict[str, float]] = {}
+# Step time under Kernels relative to without, keyed by the device kind it was measured on
+# (`core.cost.device_kind`: "<device>:<name>" as the planner's Hardware reports it, e.g. "cpu:amd epyc (2 cores)",
+# "cuda:nvidia h100 80gb hbm3"), each with its source, e.g.
+#   "cpu:amd epyc (2 cores)": SpeedFigure(forward=0.8, backward=0.9, source="benchmarks/kernels.py full width, BENCHMARKS.md 2026-12-01, load 1.2")
+# The planner offers Kernels only on that device kind, where the figure for the job's mode is below 1 (or
+# where the user states one: measurements={"speed": {"kernels": ...}}). Empty: nothing measured yet.
+MEASURED_SPEED: dict[str, SpeedFigure] = {}
 
 register_technique(
     NAME,

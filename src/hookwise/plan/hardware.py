@@ -153,7 +153,7 @@ class Hardware:
             total = int(known["vram"]) if known else 0
             free = total
         else:
-            name = platform.processor() or platform.machine() or "CPU"
+            name = _cpu_name()
             total = int(host.total)
             free = ram_bytes
         if vram is not None:
@@ -228,6 +228,20 @@ class Hardware:
 
     def with_(self, **changes: Any) -> Hardware:
         return replace(self, **changes)
+
+
+def _cpu_name() -> str:
+    """This CPU's model and the cores this process may use, e.g. "AMD EPYC (2 cores)": speed figures
+    measured on a CPU hold for that kind (`core.cost.device_kind`)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)" if cores else model
 
 
 def _known_gpu(name: str | None) -> dict[str, float] | None:
