@@ -94,6 +94,19 @@ class Footprint:
     param_count: int
     compute_itemsize: int = 2  # bytes per element of the dtype the model computes in
 
+    def __hash__(self) -> int:
+        # The planner keys its caches by footprint (hundreds of leaves): the hash is computed once.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.name, self.total_bytes, self.blocks, self.leaves, self.high_precision_bytes,
+                           self.param_count, self.compute_itemsize))  # fmt: skip
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        # Never carry the cached hash to another process: str hashes differ between processes.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     @property
     def outside_bytes(self) -> int:
         """Bytes outside every tower block (embedders, output layers)."""

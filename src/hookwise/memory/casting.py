@@ -37,6 +37,7 @@ tensors of their own, also under offloading.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import warnings
@@ -729,6 +730,7 @@ _DEQUANT_FACTOR = 1.05  # assumed: one dequantize kernel per weight use, next to
 _FP8_FACTOR = {"cpu": 0.61 * _DEQUANT_FACTOR, "cuda": 0.75}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the planner asks for the same leaves under the same config many times
 def _stored_leaf(leaf: LeafBytes, config: LayerwiseCasting, compute_itemsize: int) -> LeafBytes:
     """`leaf` as casting stores it: the weight in the storage dtype, its scales in the compute dtype."""
     numel = 1

@@ -829,25 +829,26 @@ from ..core.cost import CostContext, Placement, TechniqueCost, parse_size  # noq
 from ._groups import align, block_ancestors, rest_group_of  # noqa: E402
 
 
-# The planner asks for the groups of the same footprint many times (every option built on it, block and
-# leaf, with and without a budget): they are formed once per (footprint, granularity, blocks per group).
-# A footprint is frozen, and the cache holds it, so its id cannot be reused while its entry lives. The
-# groups returned are shared: callers read them (choose_residency does), never change them.
-_GROUPS_CACHE: dict[tuple[int, str, int], tuple[Any, list[Group], int]] = {}
-_GROUPS_CACHE_SIZE = 64
+# The planner asks for the groups of equal footprints many times (every option built on one, block and
+# leaf, with and without a budget, and the same footprint reached by several orders of a stack): they
+# are formed once per (footprint, granularity, blocks per group). A footprint is a frozen dataclass,
+# hashed and compared by value. The groups returned are shared: callers read them (choose_residency
+# does), never change them.
+_GROUPS_CACHE: dict[tuple[Any, str, int], tuple[list[Group], int]] = {}
+_GROUPS_CACHE_SIZE = 256
 
 
 def _declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
     """`_form_declared_groups`, formed once per footprint (see _GROUPS_CACHE)."""
-    key = (id(fp), granularity, blocks_per_group)
+    key = (fp, granularity, blocks_per_group)
     hit = _GROUPS_CACHE.get(key)
-    if hit is not None and hit[0] is fp:
-        return hit[1], hit[2]
-    groups, pinned = _form_declared_groups(fp, granularity, blocks_per_group)
+    if hit is not None:
+        return hit
+    found = _form_declared_groups(fp, granularity, blocks_per_group)
     if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
         del _GROUPS_CACHE[next(iter(_GROUPS_CACHE))]  # the oldest entry
-    _GROUPS_CACHE[key] = (fp, groups, pinned)
-    return groups, pinned
+    _GROUPS_CACHE[key] = found
+    return found
 
 
 def _form_declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
