@@ -491,6 +491,11 @@ def test_step_caches_are_offered_only_with_a_measured_quality(specs):
                            measurements={"cache": []})  # fmt: skip
     assert all("cached" not in o.quality_class for o in unmeasured.options)
     assert unmeasured.chosen.label == "all resident"
+    # Stating figures of another kind (speed) keeps the shipped cache rows.
+    speed = {"compile": {"cuda": {"forward": 0.9, "backward": 0.9}}}
+    with_speed = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target,
+                           measurements={"speed": speed})  # fmt: skip
+    assert any(o.quality_class.startswith("cached@") for o in with_speed.options)
 
 
 def test_the_bandwidth_probe_is_cached_per_machine(tmp_path, monkeypatch):
