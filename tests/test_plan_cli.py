@@ -2,34 +2,12 @@
 
 import json
 
-import pytest
-
 from hookwise.cli import main
-from hookwise.plan import estimate
-from hookwise.plan.estimate import ActivationEstimate
+import plan_helpers
 
 
-@pytest.fixture(autouse=True)
-def stated_activations(monkeypatch):
-    """The CLI's activation estimate, stated: these tests check the command, not the fake-tensor run."""
-    monkeypatch.setattr(estimate, "default_activation_estimator", lambda *a, **k: ActivationEstimate(2 * 10**9, "stated"))
-
-
-@pytest.fixture(autouse=True)
-def stack_checks(monkeypatch):
-    """The stack check's fake runs, recorded and answered with "cannot run" (the declarations stand):
-    these tests check that the command asks for them, not the runs (tests/test_plan_stacks.py does)."""
-    from hookwise.plan import plan as plan_module
-
-    calls = []
-
-    def no_run(model, job, configs, **kwargs):
-        calls.append(configs)
-        return None
-
-    monkeypatch.setattr(plan_module, "stack_peak", no_run)
-    return calls
-
+# autouse fixtures: activations stated, stack checks recorded and not run
+stated_activations, stack_checks = plan_helpers.stated_activations, plan_helpers.stack_checks
 
 MACHINE = ["--ram", "64GB", "--h2d", "25GB/s", "--tflops", "130", "--disk-read", "2GB/s"]
 

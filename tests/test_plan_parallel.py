@@ -13,30 +13,14 @@ from hookwise.cli import main
 from hookwise.core import technique_named, technique_of
 from hookwise.core.cost import CostContext, Footprint, Placement
 from hookwise.errors import ConfigError
-from hookwise.plan import Hardware, Job, estimate
+from hookwise.plan import Hardware, Job
 from hookwise.plan.estimate import ActivationEstimate
+import plan_helpers
+
+# autouse fixtures: activations stated, stack checks recorded and not run
+stated_activations, stack_checks = plan_helpers.stated_activations, plan_helpers.stack_checks
 
 MACHINE = ["--ram", "64GB", "--h2d", "25GB/s", "--tflops", "450", "--disk-read", "2GB/s", "--vram", "80GB"]
-
-
-@pytest.fixture(autouse=True)
-def stated_activations(monkeypatch):
-    """The activation estimate, stated: these tests check the options, not the fake-tensor run."""
-    monkeypatch.setattr(estimate, "default_activation_estimator", lambda *a, **k: ActivationEstimate(2 * 10**9, "stated"))
-
-
-@pytest.fixture(autouse=True)
-def stack_checks(monkeypatch):
-    from hookwise.plan import plan as plan_module
-
-    calls = []
-
-    def no_run(model, job, configs, **kwargs):
-        calls.append(configs)
-        return None
-
-    monkeypatch.setattr(plan_module, "stack_peak", no_run)
-    return calls
 
 
 def _plan(capsys, *extra, check=False):

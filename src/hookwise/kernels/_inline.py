@@ -99,14 +99,20 @@ def _flux_single(block, ops, hidden_states, encoder_hidden_states, temb, image_r
     return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
-def _flux_block_example(block: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
-    gen = torch.Generator().manual_seed(0)
+def _adaln_block_inputs(block: nn.Module, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> tuple:
+    """(hidden, context, temb) of 8 image and 4 text tokens for a block whose AdaLN norm is `norm1` / `norm`."""
     norm = block.norm1 if hasattr(block, "norm1") else block.norm
     dim = norm.linear.in_features
     hidden = torch.randn(2, 8, dim, generator=gen).to(device=device, dtype=dtype)
     context = torch.randn(2, 4, dim, generator=gen).to(device=device, dtype=dtype)
     temb = (torch.randn(2, dim, generator=gen) * 0.5).to(device=device, dtype=dtype)
-    return (hidden, context, temb), {"image_rotary_emb": _flux_rope_tables(12, block.attn.head_dim, device, gen)}
+    return hidden, context, temb
+
+
+def _flux_block_example(block: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
+    gen = torch.Generator().manual_seed(0)
+    inputs = _adaln_block_inputs(block, dtype, device, gen)
+    return inputs, {"image_rotary_emb": _flux_rope_tables(12, block.attn.head_dim, device, gen)}
 
 
 def _flux_rope_tables(seq: int, head_dim: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,11 +305,7 @@ def _hunyuan_refiner(block, ops, hidden_states, temb, attention_mask=None):
 
 def _hunyuan_block_example(block: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
     gen = torch.Generator().manual_seed(0)
-    norm = block.norm1 if hasattr(block, "norm1") else block.norm
-    dim = norm.linear.in_features
-    hidden = torch.randn(2, 8, dim, generator=gen).to(device=device, dtype=dtype)
-    context = torch.randn(2, 4, dim, generator=gen).to(device=device, dtype=dtype)
-    temb = (torch.randn(2, dim, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    hidden, context, temb = _adaln_block_inputs(block, dtype, device, gen)
     # The rotary embedding covers the video tokens only (the processor leaves the text tokens as they are).
     return (hidden, context, temb, None, _flux_rope_tables(8, block.attn.inner_dim // block.attn.heads, device, gen)), {}
 
