@@ -110,6 +110,14 @@ def test_bad_settings_and_unmatched_patterns_raise_before_anything_changes():
     assert dict(model.named_parameters()) == params and hookwise.list_hooks(model) == {}
 
 
+def test_nothing_to_quantize_in_a_model_without_towers_says_why_and_does_not_suggest_skip_none():
+    # skip='none' was given and cannot help: the message says what Quantize targets instead.
+    plain = nn.Sequential(nn.Linear(64, 64)).requires_grad_(False)
+    with pytest.raises(NoTargetError, match="tower blocks") as error:
+        hookwise.apply(plain, Quantize("int8-weight", skip="none"))
+    assert "skip='none'" not in str(error.value) and hookwise.list_hooks(plain) == {}
+
+
 @pytest.mark.parametrize("scheme", ["int4-weight", "fp8-dynamic"])
 def test_schemes_without_a_cpu_kernel_are_a_clear_error_at_apply(scheme):
     model, inputs = tiny_flux()

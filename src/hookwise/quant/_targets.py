@@ -96,9 +96,16 @@ def choose_targets(
             f"regular expressions searched in paths such as {next(iter(candidates), 'blocks.0.attn.to_q')!r}"
         )
     if not out.chosen:
+        if skip == "auto" and any(why.startswith("high precision") for why in out.kept.values()):
+            hint = "use skip='none' to quantize what the map keeps in high precision"
+        elif out.kept and all(why == "outside the towers" for why in out.kept.values()):
+            hint = ("Quantize targets the Linear leaves of tower blocks (repeated blocks the model map finds), and "
+                    "this model has none holding a Linear")  # fmt: skip
+        else:
+            hint = "see why each was kept above"
         raise NoTargetError(
             f"quantization found nothing to quantize in {type(model).__name__}: {len(out.kept)} Linear leaves were "
-            f"kept ({_summarize(out.kept)}); use skip='none' to quantize what the map keeps in high precision"
+            f"kept ({_summarize(out.kept)}); {hint}"
         )
     bad = [p for p, (m, _) in out.chosen.items() if m.weight.requires_grad and m.training]
     if bad:
