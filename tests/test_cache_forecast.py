@@ -53,12 +53,14 @@ def test_blocks_run_only_on_the_schedule_on_each_branch(name):
     uncount(model)
 
 
-def test_steps_past_num_steps_compute():
+def test_steps_past_num_steps_compute_and_say_so_once():
     model, inputs = build("musubi")
     counters = count_blocks(model)
     hookwise.apply(model, Forecast(num_steps=4, schedule=(0, 2)))
-    denoise(model, "musubi", inputs, steps=6, cfg=None)
+    with pytest.warns(UserWarning, match=r"Forecast\(num_steps=4\) reached step 4") as told:
+        denoise(model, "musubi", inputs, steps=6, cfg=None)
     assert counters[0].n == 2 + 2  # steps 0 and 2, then 4 and 5
+    assert sum("reached step" in str(w.message) for w in told) == 1
 
 
 def test_lagrange_weights_reproduce_polynomials_of_their_order():

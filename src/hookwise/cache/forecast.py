@@ -38,6 +38,7 @@ nothing more than the timestep. `verify=0` computes every step (exact).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -147,9 +148,18 @@ class SchedulePolicy(Policy):
     def __init__(self, config: Forecast) -> None:
         self.computed = frozenset(config.computed_steps())
         self.num_steps = config.num_steps
+        self.warned = False
 
     def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
         step = resolved_step(ctrl.state)
+        if step >= self.num_steps and not self.warned:
+            self.warned = True  # once per application: a longer run is not an error, but it saves nothing there
+            warnings.warn(
+                f"hookwise: Forecast(num_steps={self.num_steps}) reached step {step}: the run is longer than its "
+                f"schedule, and every step from {self.num_steps} on computes in full. Set num_steps to the run's "
+                f"steps (or calibrate_forecast for them)",
+                stacklevel=2,
+            )
         return step in self.computed or step >= self.num_steps
 
 
