@@ -53,13 +53,15 @@ def test_blocks_run_only_on_the_schedule_on_each_branch(name):
     uncount(model)
 
 
-def test_steps_past_num_steps_compute_and_say_so_once():
+@pytest.mark.parametrize("verify", [None, 1e9])  # 1e9: the probe runs, the forecast is never refused
+def test_steps_past_num_steps_compute_and_say_so_once(verify):
     model, inputs = build("musubi")
     counters = count_blocks(model)
-    hookwise.apply(model, Forecast(num_steps=4, schedule=(0, 2)))
+    hookwise.apply(model, Forecast(num_steps=4, schedule=(0, 2), verify=verify))
     with pytest.warns(UserWarning, match=r"Forecast\(num_steps=4\) reached step 4") as told:
         denoise(model, "musubi", inputs, steps=6, cfg=None)
-    assert counters[0].n == 2 + 2  # steps 0 and 2, then 4 and 5
+    assert counters[0].n == (2 + 2 if verify is None else 6)  # steps 0 and 2, then 4 and 5 (the probe: every step)
+    assert counters[-1].n == 2 + 2
     assert sum("reached step" in str(w.message) for w in told) == 1
 
 

@@ -142,25 +142,33 @@ class Forecast(TechniqueConfig):
         return tuple(range(self.num_steps))
 
 
-class SchedulePolicy(Policy):
-    """Computes on the schedule's steps (and past `num_steps`); decides before the first block."""
+class _OnSchedule(Policy):
+    """What both Forecast policies share: the schedule's steps, and computing in full past `num_steps`
+    (said once per application: a longer run is not an error, but it saves nothing there)."""
 
     def __init__(self, config: Forecast) -> None:
         self.computed = frozenset(config.computed_steps())
         self.num_steps = config.num_steps
         self.warned = False
 
-    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
-        step = resolved_step(ctrl.state)
+    def past_schedule(self, step: int) -> bool:
         if step >= self.num_steps and not self.warned:
-            self.warned = True  # once per application: a longer run is not an error, but it saves nothing there
+            self.warned = True
             warnings.warn(
                 f"hookwise: Forecast(num_steps={self.num_steps}) reached step {step}: the run is longer than its "
                 f"schedule, and every step from {self.num_steps} on computes in full. Set num_steps to the run's "
                 f"steps (or calibrate_forecast for them)",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return step in self.computed or step >= self.num_steps
+        return step >= self.num_steps
+
+
+class SchedulePolicy(_OnSchedule):
+    """Computes on the schedule's steps (and past `num_steps`); decides before the first block."""
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        step = resolved_step(ctrl.state)
+        return self.past_schedule(step) or step in self.computed
 
 
 @dataclass
@@ -241,13 +249,12 @@ class ForecastPredictor(Predictor):
         return out
 
 
-class VerifyPolicy(Policy):
+class VerifyPolicy(_OnSchedule):
     """Forecast, then verify: the first block is the probe; a step the schedule skips computes when the
     forecast of the probe's residual is off by more than the threshold (relative L1, read with the timestep)."""
 
     def __init__(self, config: Forecast, head: ForecastPredictor) -> None:
-        self.computed = frozenset(config.computed_steps())
-        self.num_steps = config.num_steps
+        super().__init__(config)
         self.threshold = float(config.verify)
         self.head = head  # forecasts the probe's residual with the stack's weights
 
@@ -266,7 +273,7 @@ class VerifyPolicy(Policy):
                 error = rel_l1(predicted, residual)  # |forecast - probe| / |probe|, still on the device
         host = host_values(state, error) if error is not None else host_values(state)
         step = state.step
-        if error is None or step != tentative or step in self.computed or step >= self.num_steps:
+        if self.past_schedule(step) or error is None or step != tentative or step in self.computed:
             return True
         return host[0] > self.threshold
 
@@ -283,11 +290,12 @@ def _predictor(config: Forecast) -> ForecastPredictor:
 def _apply_forecast(model: nn.Module, config: Forecast | None = None) -> None:
     """A span cache over every main block of `model`, computing on the schedule (with `verify`: after a probe)."""
     config = config or Forecast()
+    predictor = _predictor(config)  # stateless (its state lives in the span's memory): the probe shares it
     if config.verify is None:
         ctrl = install_span(NAME, model, 0, 0, SchedulePolicy(config))
     else:
-        ctrl = install_span(NAME, model, 1, 0, VerifyPolicy(config, _predictor(config)))
-    ctrl.predictor = _predictor(config)
+        ctrl = install_span(NAME, model, 1, 0, VerifyPolicy(config, predictor))
+    ctrl.predictor = predictor
 
 
 def _remove_forecast(model: nn.Module, config: Forecast | None = None) -> None:
