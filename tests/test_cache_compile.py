@@ -37,6 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 CASES = {
     "forecast": ("musubi", [Forecast(num_steps=8, schedule=(0, 1, 3, 6), order=2)]),
     "forecast_verify": ("wan", [Forecast(num_steps=8, schedule=(0, 3, 6), verify=0.1)]),
+    "forecast_foca_input_probe": ("wan", [Forecast(num_steps=8, schedule=(0, 3, 6), verify=0.1, probe="input", predictor="foca")]),
     "first_block": ("musubi", [FirstBlockCache(threshold=0.3)]),
     "dual_block+taylorseer": ("musubi", [DualBlockCache(threshold=0.3, warmup=1, max_cached=2), TaylorSeer(order=2)]),
     "taylorseer": ("musubi", [TaylorSeer(order=2, interval=2, warmup=1)]),

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = {
     "forecast": ("musubi", [Forecast(num_steps=8, schedule=(0, 1, 3, 6), order=2)]),
     "forecast_verify": ("wan", [Forecast(num_steps=8, schedule=(0, 3, 6), verify=0.1)]),
+    "forecast_foca_input_probe": ("wan", [Forecast(num_steps=8, schedule=(0, 3, 6), verify=0.1, probe="input", predictor="foca")]),
     "first_block": ("musubi", [FirstBlockCache(threshold=0.2)]),
     "dual_block+taylorseer": ("musubi", [DualBlockCache(threshold=0.2, warmup=1), TaylorSeer(order=2)]),
     "taylorseer": ("musubi", [TaylorSeer(order=1, interval=2, warmup=1)]),

@@ -16,14 +16,20 @@ sum `sum_j w_j R(c_j)`:
   computed steps, each with the finite-difference slope of the residual ending there (three steps);
 - `blend` (the corrector) mixes the forecast with the last computed residual:
   `(1 - blend) * forecast + blend * R(c_last)`; `calibrate_forecast(..., blend=True)` fits it in closed
-  form on the recording run.
+  form on the recording run;
+- with `predictor="foca"` (predict, then correct, as FoCa does), the forecast is `level + slope * (s - c)`
+  from the last computed step `c`; each computed step first checks the forecast it would have made there
+  and corrects the slope by `gain` times that error per step: `slope += gain * (R(c) - forecast(c)) / gap`.
+  With gain 1 this is the linear (order 1) forecast; a gain above 1 carries part of the slope's last
+  change into the next gap (measured best at 1.3, `FOCA_GAIN`). Its state is the level and slope, not a
+  list of nodes.
 
 `calibrate_forecast` also chooses the schedule for a budget of computed steps (`_schedule.py`:
 a search on the calibration run's own PSNR). The decision is the step index, so it costs no host
 read beyond resolving the timestep; the state is per CFG branch; with every step in the schedule
 the model computes exactly as without the cache.
 
-Forecast, then verify (`verify=threshold`): the first main block runs at every step as a probe. On a
+Forecast, then verify (`verify=threshold`), with `probe="block"`: the first main block runs at every step as a probe. On a
 step the schedule skips, its residual is forecast from its own residuals at the computed steps with
 the same weights as the rest of the stack, and the relative L1 error of that forecast against the
 probe's real residual is the decision statistic: above `threshold` the rest of the stack computes,
@@ -32,7 +38,10 @@ by the forecast's error there) rather than becoming an extrapolation node: two c
 extrapolate a noisy slope far. The statistic stays a device scalar
 until the one host transfer of the step, which also reads a device timestep (`host_values`): skipping
 work is a host decision, so one read per skipped-step candidate is the floor; schedule steps read
-nothing more than the timestep. `verify=0` computes every step (exact).
+nothing more than the timestep. `verify=0` computes every step (exact). With `probe="input"` no block
+runs as a probe: the statistic is the relative L1 error of the first main block's input (its first tensor
+argument: the token stream) against that input extrapolated linearly from the last two computed steps; it
+costs a few element-wise operations instead of a block, with the same single read.
 """
 
 from __future__ import annotations
@@ -53,10 +62,12 @@ from ..errors import ConfigError
 from ._blocks import BLOCK_CACHES, Call, Policy, Predictor, SpanController, install_span, uninstall_span
 from ._schedule import blended, front_loaded, hermite_weights, lagrange_weights
 from ._state import host_values, resolved_step
-from ._streams import rel_l1
+from ._streams import rel_l1, tensor_inputs
 
 NAME = "forecast"
-PREDICTORS = ("lagrange", "hermite")
+PREDICTORS = ("lagrange", "hermite", "foca")
+PROBES = ("block", "input")
+FOCA_GAIN = 1.3  # predictor="foca"'s default gain (measured on the zoo models, BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -72,11 +83,15 @@ class Forecast(TechniqueConfig):
     - `coefficients`: per step, the fitted weights of the last computed residuals (oldest first; an
       empty tuple for a computed step or to use the Lagrange weights there). Made by
       `calibrate_forecast`, for this schedule.
-    - `predictor`: "lagrange" (the polynomial of `order`) or "hermite" (cubic Hermite through the last
-      two computed steps with finite-difference slopes: uses the last three).
+    - `predictor`: "lagrange" (the polynomial of `order`), "hermite" (cubic Hermite through the last
+      two computed steps with finite-difference slopes: uses the last three) or "foca" (a level and a
+      slope; each computed step corrects the slope by `gain` times the forecast's error there).
+    - `gain`: "foca"'s correction gain in (0, 2] (None: `FOCA_GAIN`; 1: the linear forecast).
     - `blend`: in [0, 1], the corrector's weight of the last computed residual (0: the plain forecast).
     - `verify`: None, or the threshold of the probe's forecast error (relative L1) above which a step
       the schedule skips computes after all; the first block then runs at every step.
+    - `probe`: what verify compares: "block" (the first block's residual, run at every step) or "input"
+      (the first block's input against its linear extrapolation: no block runs as a probe).
     """
 
     num_steps: int = 28
@@ -88,10 +103,32 @@ class Forecast(TechniqueConfig):
     predictor: str = "lagrange"
     blend: float = 0.0
     verify: float | None = None
+    gain: float | None = None
+    probe: str = "block"
 
     def validate(self) -> None:
         if self.predictor not in PREDICTORS:
             raise ConfigError(f"Forecast.predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.probe not in PROBES:
+            raise ConfigError(f"Forecast.probe must be one of {PROBES}, got {self.probe!r}")
+        if self.probe != "block" and self.verify is None:
+            raise ConfigError(f"Forecast.probe={self.probe!r} is what verify= compares; set verify=<threshold> with it")
+        if self.gain is not None:
+            if self.predictor != "foca":
+                raise ConfigError(f"Forecast.gain is the gain of predictor='foca'; got predictor={self.predictor!r} (drop gain)")
+            if not isinstance(self.gain, (int, float)) or isinstance(self.gain, bool) or not 0 < self.gain <= 2:
+                raise ConfigError(f"Forecast.gain must be a number in (0, 2] (1: the linear forecast), got {self.gain!r}")
+        if self.predictor == "foca":
+            if self.order != 1 or self.coefficients is not None or self.blend:
+                raise ConfigError(
+                    "Forecast(predictor='foca') is first order (a level and a corrected slope): it takes order=1, no "
+                    "coefficients and no blend (its gain is its corrector)"
+                )
+            if self.verify is not None and self.probe == "block":
+                raise ConfigError(
+                    "Forecast(predictor='foca', verify=...) needs probe='input': the block probe forecasts its own "
+                    "residual with Lagrange's or Hermite's weights"
+                )
         if not isinstance(self.blend, (int, float)) or isinstance(self.blend, bool) or not 0 <= self.blend <= 1:
             raise ConfigError(f"Forecast.blend must be a number in [0, 1] (0: no corrector), got {self.blend!r}")
         if self.verify is not None and (
@@ -249,6 +286,94 @@ class ForecastPredictor(Predictor):
         return out
 
 
+@dataclass
+class Trend:
+    """The FoCa predictor's state on one branch: per segment, (step, level, slope) at the last computed step."""
+
+    by_segment: dict[int, tuple[int, list[torch.Tensor | None], list[torch.Tensor | None] | None]] = field(default_factory=dict)
+
+
+class FocaPredictor(Predictor):
+    """Predict, then correct: `level + slope * (s - c)`; at the next computed step the slope is corrected by
+    `gain` times the forecast's error there, per step of the gap (gain 1: the linear forecast)."""
+
+    name = "foca"
+
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
+
+    def new_predictor_state(self) -> Trend:
+        return Trend()
+
+    def update(self, memory: Trend, seg: int, residual: list[torch.Tensor | None], step: int) -> None:
+        last = memory.by_segment.get(seg)
+        if last is None or last[0] >= step:  # the first computed step, or a new run on the same state
+            memory.by_segment[seg] = (step, residual, None)
+            return
+        s0, level, slope = last
+        gap = step - s0
+        new: list[torch.Tensor | None] = []
+        for k, r in enumerate(residual):
+            l = level[k] if k < len(level) else None
+            d = slope[k] if slope is not None and k < len(slope) else None
+            if r is None or l is None or l.shape != r.shape:
+                new.append(None)
+            elif d is None or d.shape != r.shape:
+                new.append((r.float() - l.float()) / gap)
+            else:  # slope + gain * (R - (level + slope * gap)) / gap
+                new.append(d + (r.float() - l.float() - d * gap) * (self.gain / gap))
+        memory.by_segment[seg] = (step, residual, new)
+
+    def ready(self, memory: Trend, segments: int) -> bool:
+        return len(memory.by_segment) == segments
+
+    def predict(self, memory: Trend, seg: int, step: int) -> list[torch.Tensor | None]:
+        s0, level, slope = memory.by_segment[seg]
+        out: list[torch.Tensor | None] = []
+        for k, l in enumerate(level):
+            d = slope[k] if slope is not None and k < len(slope) else None
+            out.append(l if l is None or d is None else (l.float() + d * (step - s0)).to(l.dtype))
+        return out
+
+
+class InputPolicy(_OnSchedule):
+    """Forecast, then verify with no probe block: a step the schedule skips computes when the first block's input
+    (its first tensor argument) is off its linear extrapolation from the last two computed steps (after one computed
+    step: off that step's input) by more than the threshold (relative L1, read with the timestep)."""
+
+    def __init__(self, config: Forecast) -> None:
+        super().__init__(config)
+        self.threshold = float(config.verify)
+
+    def new_policy_state(self) -> list[tuple[int, torch.Tensor]]:
+        return []  # (step, first input) at the last two computed steps
+
+    def before_first(self, ctrl: SpanController, call: Call, args: tuple, kwargs: dict) -> bool:
+        state = ctrl.state
+        tentative = state.step  # counted per call; a device timestep read below may still start a new run
+        inputs = list(tensor_inputs(args, kwargs).values())
+        x = inputs[0].detach() if inputs else None
+        nodes = ctrl.store.get(call.branch).policy
+        error = None
+        if (
+            self.threshold > 0 and x is not None and tentative not in self.computed and tentative < self.num_steps
+            and nodes and all(v.shape == x.shape for _, v in nodes)
+        ):
+            weights = lagrange_weights([n for n, _ in nodes], tentative)  # one node: the input's change since then
+            extrapolated = sum(w * v for w, (_, v) in zip(weights, nodes))
+            error = rel_l1([extrapolated], [x])  # |extrapolated - input| / |input|, still on the device
+        host = host_values(state, error) if error is not None else host_values(state)
+        step = state.step
+        compute = self.past_schedule(step) or error is None or step != tentative or step in self.computed or host[0] > self.threshold
+        if compute and x is not None:
+            nodes = ctrl.store.get(call.branch).policy  # a new run may have begun
+            if nodes and nodes[-1][0] >= step:
+                nodes.clear()
+            nodes.append((step, x))
+            del nodes[:-2]
+        return compute
+
+
 class VerifyPolicy(_OnSchedule):
     """Forecast, then verify: the first block is the probe; a step the schedule skips computes when the
     forecast of the probe's residual is off by more than the threshold (relative L1, read with the timestep)."""
@@ -282,8 +407,12 @@ class VerifyPolicy(_OnSchedule):
             self.head.update(ctrl.store.get(call.branch).policy, 0, list(residual), ctrl.state.step)
 
 
-def _predictor(config: Forecast) -> ForecastPredictor:
-    schedule = frozenset(config.computed_steps()) if config.verify is not None else None
+def _predictor(config: Forecast) -> Predictor:
+    # With the block probe a step computed off the schedule re-anchors the forecast; with the input probe it is a
+    # node like the others (measured better there: BENCHMARKS.md).
+    schedule = frozenset(config.computed_steps()) if config.verify is not None and config.probe == "block" else None
+    if config.predictor == "foca":
+        return FocaPredictor(FOCA_GAIN if config.gain is None else float(config.gain))
     return ForecastPredictor(config.order, config.coefficients, config.predictor, config.blend, schedule)
 
 
@@ -293,6 +422,8 @@ def _apply_forecast(model: nn.Module, config: Forecast | None = None) -> None:
     predictor = _predictor(config)  # stateless (its state lives in the span's memory): the probe shares it
     if config.verify is None:
         ctrl = install_span(NAME, model, 0, 0, SchedulePolicy(config))
+    elif config.probe == "input":
+        ctrl = install_span(NAME, model, 0, 0, InputPolicy(config))
     else:
         ctrl = install_span(NAME, model, 1, 0, VerifyPolicy(config, predictor))
     ctrl.predictor = predictor
@@ -345,11 +476,16 @@ def calibrate_forecast(
     if blend and fit:
         raise ConfigError("calibrate_forecast: blend=True fits the corrector of the unfitted weights; pass fit=False with it")
     Forecast(num_steps=num_steps, order=order, predictor=predictor, verify=verify)  # validate before any run
-    weights = _predictor(Forecast(num_steps=num_steps, order=order, predictor=predictor)).weights
+    if predictor == "foca" and (fit or blend):
+        raise ConfigError(
+            "calibrate_forecast(predictor='foca') searches the schedule only (its gain is its corrector): pass fit=False "
+            "and no blend"
+        )
+    weights = _predictor(Forecast(num_steps=num_steps, order=order, predictor=predictor)).weights if blend else None
     found = calibrate_schedule(
         NAME, model, run, Forecast, num_steps=num_steps, budget=budget, schedule=schedule, order=order,
         fit=fit, search=search, max_runs=max_runs, extra={"predictor": predictor},
-        blend_weights=weights if blend else None, keep=Forecast(order=order, predictor=predictor).nodes(),
+        blend_weights=weights, keep=Forecast(order=order, predictor=predictor).nodes(),
     )
     return found.replace(verify=verify) if verify is not None else found
 
