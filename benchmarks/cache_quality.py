@@ -15,6 +15,9 @@ the forecast configs the search found are written to `<out>/forecast-<model>-<st
 `--cache-dit` adds cache-dit's DBCache, TaylorSeer and DBCache + TaylorSeer (on a copy of the model);
 `--merge-into DIR` adds a partial run's rows to the saved run in DIR and redraws its plot from all of them
 (with `--tables-from SRC [--methods ...]`, the rows of the saved run in SRC, noted "from SRC").
+`--ship` also writes the forecast configs the search found into `hookwise/zoo/weights/<model>/forecast.json`
+(the shipped schedules, `hookwise.zoo.shipped_forecast`): a budget found again replaces the shipped one, the
+other shipped budgets stay.
 """
 
 from __future__ import annotations
@@ -82,6 +85,23 @@ def _save_merged(dest: Path, name: str, steps: int | None, new: list[RunResult],
     return merged
 
 
+def _ship(name: str, steps: int, found: dict) -> Path:
+    """Merge the forecast configs found (setting -> [config dict]) into the model's shipped `forecast.json`."""
+    from hookwise.zoo.reference import WEIGHTS_DIR
+    from hookwise.zoo.schedules import FILE
+
+    path = WEIGHTS_DIR / name / FILE
+    shipped = json.loads(path.read_text()) if path.is_file() else {}
+    by_budget = shipped.setdefault(str(steps), {})
+    for configs in found.values():
+        config = configs[0]
+        by_budget[str(len(config["schedule"]))] = config
+    shipped[str(steps)] = {b: by_budget[b] for b in sorted(by_budget, key=int)}
+    shipped = {s: shipped[s] for s in sorted(shipped, key=int)}
+    path.write_text(json.dumps(shipped, indent=1) + "\n")
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="flux-shapes,wan-moving")
@@ -100,6 +120,8 @@ def main() -> int:
                         "replaced) and redraw DIR's plot from all of them; the tables printed are of the merged rows")
     parser.add_argument("--calibration", default="diagonal",
                         help="'diagonal' (the default classes above), 'none' (calibrate on the evaluated classes) or ids")
+    parser.add_argument("--ship", action="store_true",
+                        help="write the forecast configs the search found into hookwise/zoo/weights/<model>/forecast.json")
     parser.add_argument("--tables-from", default=None, metavar="DIR",
                         help="run nothing: print the tables of the runs saved in DIR/cache-<model>.json")
     args = parser.parse_args()
@@ -143,6 +165,8 @@ def main() -> int:
         found = {r.setting: r.config for r in results if r.method == "forecast-calibrated" and r.config}
         if found:
             (out / f"forecast-{name}-{args.steps or spec.steps}.json").write_text(json.dumps(found, indent=1) + "\n")
+            if args.ship:
+                print(f"shipped: {_ship(name, args.steps or spec.steps, found)}", file=sys.stderr)
         (out / f"cache-{stem}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
         if args.merge_into:
             results = _save_merged(Path(args.merge_into), name, args.steps, results, cal)

@@ -57,10 +57,14 @@ TAYLOR_WARMUP = 3
 PAB_SPATIAL_RANGES = (2, 3, 4)
 FASTERCACHE_SETTINGS = ((5, 2), (3, 2), (5, None), (2, 3))  # (uncond_range, attention_range)
 MAGCACHE_THRESHOLDS = (0.03, 0.06, 0.12, 0.24)
-FORECAST_SHARES = (6, 4, 3)  # budgets of computed steps: steps // share (4: 4x fewer block evaluations)
+# budgets of computed steps: steps // share (4: 4x fewer block evaluations). 2 (half the steps) puts a Forecast
+# point in the "<= 0.50 of the block evaluations" column, which otherwise took the // 3 point's PSNR.
+FORECAST_SHARES = (6, 4, 3, 2)
 FORECAST_SEARCH_RUNS = 20  # calibration runs the schedule search may make per budget
 # Forecast then verify: fewer scheduled steps (steps // share), the probe block adds computes where the forecast is off.
 FORECAST_VERIFY_SETTINGS = ((7, 0.05), (7, 0.15), (7, 0.4), (5, 0.05), (5, 0.15), (5, 0.4))  # (share, threshold)
+# The same with the input probe (no probe block): its statistic is smaller, so are its thresholds.
+FORECAST_INPUT_PROBE_SETTINGS = ((7, 0.01), (7, 0.03), (5, 0.01), (5, 0.03), (4, 0.01), (4, 0.03))  # (share, threshold)
 
 
 def _hookwise(method: str, setting: str, *configs, cfg: str = "separate", default: bool = False) -> Method:
@@ -140,6 +144,18 @@ def hookwise_methods(
             _hookwise("forecast-verify", f"budget={budget}/{steps}, verify={threshold}",
                       Forecast(num_steps=steps, budget=budget, verify=threshold), default=(share, threshold) == (5, 0.15))
         )
+    for share in FORECAST_SHARES:
+        budget = max(2, steps // share)
+        out.append(
+            _hookwise("forecast-foca", f"budget={budget}/{steps}, gain=1.3", Forecast(num_steps=steps, budget=budget, predictor="foca"),
+                      default=share == 4)
+        )
+    for share, threshold in FORECAST_INPUT_PROBE_SETTINGS:
+        budget = max(2, steps // share)
+        out.append(
+            _hookwise("forecast-verify-input", f"budget={budget}/{steps}, verify={threshold}, probe=input",
+                      Forecast(num_steps=steps, budget=budget, verify=threshold, probe="input"), default=(share, threshold) == (5, 0.01))
+        )
     if "forecast-corrector" in wanted:
         for share in FORECAST_SHARES:
             budget = max(2, steps // share)
@@ -165,7 +181,7 @@ def hookwise_methods(
 HOOKWISE_METHODS = (
     "first-block", "dual-block", "dual-block+taylorseer", "taylorseer", "taylorseer-attention", "pab", "fastercache",
     "magcache", "teacache", "forecast", "forecast-calibrated", "forecast-hermite", "forecast-verify", "forecast-corrector",
-    "layer-skip",
+    "forecast-foca", "forecast-verify-input", "layer-skip",
 )
 DIFFUSERS_METHODS = ("first-block", "taylorseer-attention", "pab", "fastercache", "magcache")
 
