@@ -2,9 +2,11 @@
 
 `benchmarks/cache_quality.py` calibrates `Forecast` (`calibrate_forecast`: weights fitted, schedule
 searched on the PSNR of calibration runs) on classes it does not evaluate (flux-shapes 0, 4, 8;
-wan-moving 0, 4), at 28 and 50 steps and budgets of `steps // 6`, `// 4` and `// 3` computed steps.
+wan-moving 0, 4), at 28 and 50 steps and budgets of `steps // 6`, `// 4`, `// 3` and `// 2` computed steps.
 The configs it found are stored in `weights/<model>/forecast.json` as
-`{"<steps>": {"<budget>": <config dict>}}`.
+`{"<steps>": {"<budget>": <config dict>}}` (written by `benchmarks/cache_quality.py --ship`). On the
+evaluated classes the evenly spaced rule (`Forecast(num_steps, budget)`) scores as well or better at
+most of these points (BENCHMARKS.md): the search's objective is the calibration classes' PSNR.
 """
 
 from __future__ import annotations
