@@ -3,8 +3,8 @@
     PYTHONPATH=src python benchmarks/forecast_speed.py [--repeats 5] [--steps 28,50] [--threads 1]
 
 For each reference model and step count: rounds of (uncached, TaylorSeer order 1 interval 3 warmup 3,
-Forecast at `steps // 4` computed steps by the even rule, the shipped calibrated Forecast at that
-budget), each sampling the evaluated classes once (CFG as two calls); the median seconds of each
+Forecast at `steps // 4` computed steps by the even rule, the same with predictor="foca", Forecast at
+`steps // 2` by the even rule, the shipped calibrated Forecast at `steps // 4`), each sampling the evaluated classes once (CFG as two calls); the median seconds of each
 variant over the rounds, its speed-up against the uncached median, and its PSNR against the uncached
 samples. The order of the variants rotates from round to round, so a slow moment of the shared CPU
 is spread over all of them.
@@ -48,6 +48,8 @@ def main() -> int:
                 "uncached": [],
                 "taylorseer order=1 interval=3": [hookwise.TaylorSeer(order=1, interval=3, warmup=3)],
                 f"forecast budget={budget} (even rule)": [hookwise.Forecast(num_steps=steps, budget=budget)],
+                f"forecast budget={budget} foca (gain 1.3)": [hookwise.Forecast(num_steps=steps, budget=budget, predictor="foca")],
+                f"forecast budget={steps // 2} (even rule)": [hookwise.Forecast(num_steps=steps, budget=steps // 2)],
             }
             try:
                 variants[f"forecast budget={budget} (shipped, calibrated)"] = [shipped_forecast(name, steps, budget)]
