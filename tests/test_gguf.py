@@ -653,3 +653,17 @@ def test_training_through_a_gguf_layer_saves_only_its_blocks_for_backward(tmp_pa
     weight = torch.from_numpy(np_dequantize(raw, GGMLQuantizationType.Q4_0))
     assert torch.allclose(x.grad, weight.sum(0).expand(3, -1))
     assert model[0].weight.grad is None and model[0].bias.grad is not None
+
+
+def test_a_persistent_buffer_on_meta_that_the_file_lacks_is_named_as_one(tmp_path):
+    from model_helpers import tiny_sd3
+
+    model, _ = tiny_sd3()
+    tensors = {k: v.numpy() for k, v in model.state_dict().items() if k != "pos_embed.pos_embed"}
+    path = write_gguf(tmp_path / "sd3.gguf", tensors, arch="sd3")
+    with torch.device("meta"):
+        bare = type(model).from_config(model.config).eval()
+    with pytest.raises(hookwise.GGUFLoadError, match=r"(?s)missing from the file \(1\): pos_embed.pos_embed \(a buffer "
+                       r"on meta\)\n.*include_buffers=False"):  # fmt: skip
+        hookwise.load_gguf(bare, path)
+    assert not hookwise.list_hooks(bare) and all(t.is_meta for t in [*bare.parameters(), *bare.buffers()])

@@ -13,7 +13,7 @@ from hookwise.errors import ConfigError
 from hookwise.plan._peak_tracker import StorageTracker
 
 from cache_helpers import one_thread  # noqa: F401
-from model_helpers import output_of, tiny_flux
+from model_helpers import output_of, tiny_flux, tiny_sd3, tiny_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,10 +21,8 @@ MIXED = Quantize("nf4", modules={r"\.ff\.": "int8-weight", r"to_out": "int8"})
 
 
 def _factory(model, dtype=None):
-    from diffusers import FluxTransformer2DModel
-
-    config = dict(model.config)
-    return lambda: FluxTransformer2DModel.from_config(config).eval()
+    config, cls = dict(model.config), type(model)
+    return lambda: cls.from_config(config).eval()
 
 
 def _load_then_quantize(model, state, *configs, dtype=None):
@@ -98,3 +96,55 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_before_the_meta_model_change
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no .safetensors"):
         hookwise.load_and_quantize(_factory(model), tmp_path / "empty", Quantize("nf4"))
+
+
+def _sd3_checkpoint(tmp_path, drop=(), change=()):
+    model, inputs = tiny_sd3()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in drop}
+    for key in change:
+        state[key] = state[key] + 1.0
+    save_file(state, str(tmp_path / "sd3.safetensors"))
+    return model, inputs, tmp_path / "sd3.safetensors"
+
+
+def _reads(monkeypatch):
+    from hookwise.quant import save
+
+    calls = []
+    read = save._read
+    monkeypatch.setattr(save, "_read", lambda entry, handle: calls.append(entry) or read(entry, handle))
+    return calls
+
+
+def test_a_buffer_left_on_meta_that_the_checkpoint_lacks_is_named_before_anything_is_read(tmp_path, monkeypatch):
+    from diffusers import SD3Transformer2DModel, WanTransformer3DModel
+
+    # A persistent buffer (SD3's position embedding) is not a missing key of the checkpoint: it is on meta
+    # because the model was built with its buffers there.
+    model, _, path = _sd3_checkpoint(tmp_path, drop=("pos_embed.pos_embed",))
+    with torch.device("meta"):
+        empty = SD3Transformer2DModel.from_config(dict(model.config))
+    reads = _reads(monkeypatch)
+    with pytest.raises(ConfigError, match=r"(?s)1 buffers of the model are on meta.*'pos_embed.pos_embed'.*"
+                       r"init_empty_weights\(include_buffers=False\)") as caught:  # fmt: skip
+        hookwise.load_and_quantize(empty, path, Quantize("int8-weight"))
+    assert "keys missing" not in str(caught.value)
+    assert not reads and not hookwise.list_hooks(empty)
+    assert all(t.device.type == "meta" for t in [*empty.parameters(), *empty.buffers()])
+    # Non-persistent buffers (Wan's rope tables) are never in a checkpoint: the same error, before reading.
+    wan, _ = tiny_wan()
+    save_file({k: v.contiguous() for k, v in wan.state_dict().items()}, str(tmp_path / "wan.safetensors"))
+    with torch.device("meta"):
+        empty = WanTransformer3DModel.from_config(dict(wan.config))
+    with pytest.raises(ConfigError, match=r"2 buffers of the model are on meta.*'rope.freqs_cos', 'rope.freqs_sin'"):
+        hookwise.load_and_quantize(empty, tmp_path / "wan.safetensors", Quantize("int8-weight"))
+    assert not reads and not hookwise.list_hooks(empty)
+    # A checkpoint that holds the buffer fills it; a buffer built with values is read over from the checkpoint.
+    with torch.device("meta"):
+        empty = SD3Transformer2DModel.from_config(dict(model.config))
+    model, inputs, path = _sd3_checkpoint(tmp_path, change=("pos_embed.pos_embed",))
+    reference = output_of(_load_then_quantize(model, load_file(str(path)), Quantize("int8-weight")), inputs)
+    for target in (empty, _factory(model)):
+        loaded = hookwise.load_and_quantize(target, path, Quantize("int8-weight"))
+        assert torch.equal(loaded.pos_embed.pos_embed, model.pos_embed.pos_embed + 1.0)
+        assert torch.equal(output_of(loaded, inputs), reference)

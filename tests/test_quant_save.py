@@ -112,3 +112,22 @@ def test_a_file_whose_shapes_differ_is_refused_before_any_tensor_is_assigned(tmp
         hookwise.load_quantized(tmp_path / "q", empty)
     assert all(t.device.type == "meta" for t in empty.parameters())
     assert not hookwise.applied(empty).names()
+
+
+def test_a_buffer_left_on_meta_is_named_before_any_tensor_is_read(tmp_path, monkeypatch):
+    # Wan's rope tables are non-persistent: no saved file holds them, so a model built under
+    # torch.device("meta") cannot be filled; the error says how to build it, before anything is read.
+    from model_helpers import tiny_wan
+
+    model, _ = tiny_wan()
+    model.requires_grad_(False)
+    hookwise.apply(model, Quantize("int8-weight"))
+    hookwise.save_quantized(model, tmp_path / "q")
+    with torch.device("meta"):
+        bare = type(model).from_config(model.config).eval()
+    from hookwise.quant import save
+
+    monkeypatch.setattr(save, "_read", lambda *a: pytest.fail("a tensor was read before the check"))
+    with pytest.raises(ConfigError, match=r"2 buffers of the model are on meta.*'rope.freqs_cos'.*include_buffers=False"):
+        hookwise.load_quantized(tmp_path / "q", bare)
+    assert not hookwise.list_hooks(bare) and all(t.is_meta for t in [*bare.parameters(), *bare.buffers()])

@@ -1,7 +1,8 @@
 """describe(model) -> ModelMap: towers, blocks, leaves, high-precision modules, known architectures, specs.
 
 Traced call structure (`CallRecorder`, `trace_calls`, `check_against_trace`) confirms the map against what a forward ran.
-Machinery: `_cache.py` (`describe_cache()`: within it, an unchanged model is described once; the planner opens one per plan).
+Machinery: `_cache.py` (`describe_cache()`: within it, an unchanged model is described once; the planner opens one per plan);
+`_roles.py` (the map's static rules: leaf kinds, attention and feed-forward modules).
 """
 
 from ._cache import describe_cache

@@ -18,7 +18,6 @@ model is reused; traced maps (with example inputs) never are.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,20 +29,13 @@ from ..core.ledger import stated_map
 from ..core.state import find_timestep_parameter
 from ..errors import ConfigError
 from ._cache import cached
+from ._roles import LEAF_TYPES  # noqa: F401 - kept importable from here
+from ._roles import ADAPTER_PART, attention_kind, holds_block_parts, is_attention, is_ffn, leaf_kind
 from .architectures import Architecture, architecture_named, detect_architecture
 from .paths import prefixes as _prefixes
 from .precision import find_high_precision
 from .towers import FoundTower, find_towers
 from .trace import CallTrace, trace_calls
-
-LEAF_TYPES: dict[str, tuple[type, ...]] = {
-    "linear": (nn.Linear,),
-    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-    "embedding": (nn.Embedding,),
-}
-_ADAPTER_PART = re.compile(r"^(lora_[A-Za-z_]+|lokr_.*|loha_.*|ia3_.*|adapter.*)$")
-_FFN_NAME = re.compile(r"^(ff|ff_context|ffn|mlp|img_mlp|txt_mlp|feed_forward|proj_mlp|ff_norm)$")
-_CROSS_NAME = re.compile(r"^(attn2|cross_attn|cross_attention|attn_cross|audio_cross_attn)$")
 
 
 @dataclass(frozen=True)
@@ -277,62 +269,6 @@ def _sizes(module: nn.Module) -> tuple[int, int, int]:
     return count, pbytes, bbytes
 
 
-def _leaf_kind(module: nn.Module) -> str | None:
-    for kind, types in LEAF_TYPES.items():
-        if isinstance(module, types):
-            return kind
-    return None
-
-
-def _named_attention(module: nn.Module) -> bool:
-    cls = type(module).__name__.lower()
-    return "attention" in cls and "processor" not in cls
-
-
-def _attention_like(module: nn.Module) -> bool:
-    if _named_attention(module):
-        return True
-    return (hasattr(module, "to_q") and hasattr(module, "to_k")) or isinstance(getattr(module, "qkv", None), nn.Linear)
-
-
-def _holds_block_parts(module: nn.Module) -> bool:
-    """Whether `module` holds what only a whole block holds: a feed-forward, or an attention module of its own."""
-    for name, sub in module.named_modules():
-        if name and ((_is_ffn(name, sub) and _leaf_kind(sub) is None) or _attention_like(sub)):
-            return True
-    return False
-
-
-def _is_attention(path: str, module: nn.Module, block_paths: set[str]) -> bool:
-    """The static rule: attention-like by class or projections, and not a whole block.
-
-    A block that holds a fused `qkv` Linear next to its norms and MLP computes attention inline; it is
-    no attention module (reusing its output would drop the residual stream), nor is a class named
-    `...AttentionBlock` that holds its own attention and feed-forward modules.
-    """
-    if not _attention_like(module) or _holds_block_parts(module):
-        return False
-    return path not in block_paths or _named_attention(module)
-
-
-def _attention_kind(path: str, module: nn.Module) -> str:
-    last = path.rsplit(".", 1)[-1]
-    if getattr(module, "is_cross_attention", False) or _CROSS_NAME.match(last):
-        return "cross"
-    if getattr(module, "add_q_proj", None) is not None or getattr(module, "add_k_proj", None) is not None:
-        return "joint"
-    if "temp" in last.lower():
-        return "temporal"
-    return "self"
-
-
-def _is_ffn(path: str, module: nn.Module) -> bool:
-    cls = type(module).__name__.lower()
-    if any(k in cls for k in ("feedforward", "mlp", "ffn")):
-        return True
-    return bool(_FFN_NAME.match(path.rsplit(".", 1)[-1]))
-
-
 def _main_towers(found: list[FoundTower], arch: Architecture | None, notes: list[str]) -> list[str]:
     """Names of the main towers, in call order."""
     by_name = {t.name: t for t in found}
@@ -392,12 +328,12 @@ def _traced_roles(
             continue
         if path in trace.attention:
             whole_block = path in block_set or any(b.startswith(path + ".") for b in block_set)
-            if whole_block or _holds_block_parts(module):
+            if whole_block or holds_block_parts(module):
                 inline.append(path)
                 continue
-            attention.append(ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path)))
+            attention.append(ModuleRole(path, type(module).__name__, attention_kind(path, module), block_of(path)))
             claimed.add(path)
-        elif _is_ffn(path, module) and _leaf_kind(module) is None and path not in block_set:
+        elif is_ffn(path, module) and leaf_kind(module) is None and path not in block_set:
             if not any(a.startswith(path + ".") for a in trace.attention):
                 ffn.append(ModuleRole(path, type(module).__name__, "ffn", block_of(path)))
                 claimed.add(path)
@@ -513,11 +449,11 @@ def _describe(
     ffn: list[ModuleRole] = []
     inside_role: set[str] = set()
     for path, module in model.named_modules():
-        kind = _leaf_kind(module)
+        kind = leaf_kind(module)
         if kind is not None:
             weight = getattr(module, "weight", None)
             count, pbytes, _ = _sizes(module)
-            adapter = any(_ADAPTER_PART.match(part) for part in path.split("."))
+            adapter = any(ADAPTER_PART.match(part) for part in path.split("."))
             block = block_of(path)
             leaves.append(
                 LeafInfo(
@@ -535,12 +471,12 @@ def _describe(
             if block is not None:
                 leaf_count[block] = leaf_count.get(block, 0) + 1
         if path and not inside_role.intersection(_prefixes(path)[:-1]):
-            if _is_attention(path, module, block_set):
+            if is_attention(path, module, block_set):
                 attention_roles.append(
-                    ModuleRole(path, type(module).__name__, _attention_kind(path, module), block_of(path))
+                    ModuleRole(path, type(module).__name__, attention_kind(path, module), block_of(path))
                 )
                 inside_role.add(path)
-            elif _is_ffn(path, module) and kind is None:
+            elif is_ffn(path, module) and kind is None:
                 ffn.append(ModuleRole(path, type(module).__name__, "ffn", block_of(path)))
                 inside_role.add(path)
 
@@ -548,7 +484,7 @@ def _describe(
         attention_roles, ffn = _traced_roles(model, trace, block_set, block_of, notes)
     if "attention" in overrides:
         attention_roles = [
-            ModuleRole(p, type(modules[p]).__name__, _attention_kind(p, modules[p]), block_of(p))
+            ModuleRole(p, type(modules[p]).__name__, attention_kind(p, modules[p]), block_of(p))
             for p in overrides["attention"]
         ]
 

@@ -13,12 +13,20 @@ Machinery, private to this folder:
 
 - `_dequant.py`: the storage formats of casting (quantize, dequantize, fused kernels);
 - `_fp8.py`: casting's fp8 compute path (dynamic activation quantization, `torch._scaled_mm`);
+- `_cast_targets.py`: which leaves casting stores low, which it keeps and why, the compute dtype;
+- `_cast_ops.py`: how a cast leaf computes (autograd functions, the mode for instance forwards);
 - `_groups.py`: partitioning a model into offload groups laid out in flat buffers;
 - `_budget.py`: parsing a VRAM budget and choosing the resident groups (`Residency`);
-- `_schedule.py`: the offload scheduler (slots, prefetch order, binding, backward);
+- `_schedule.py`: the offload scheduler (which group in which slot, prefetch order, backward);
+- `_binding.py`: a streamed group's runtime state and the device slots it is bound into (`GroupState`);
 - `_transfer.py`: the transfer engines (copy streams, pinned staging, synchronous copies);
 - `_disk.py`: group files on disk, mapped with mmap;
-- `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques.
+- `_placement.py`: device helpers, pin allowance and hook names shared by both offloading techniques;
+- `_guards.py`: what an offloaded model refuses or answers differently (copying, pickling, whole-model
+  moves, `state_dict()` copies, a second offloading system);
+- `_offload_hooks.py`: offloading's hooks (per streamed group, and on the model);
+- `_report.py`: what offloading reports (`OffloadReport`, `ResidencySwitch`);
+- `_cost.py`: the techniques' cost declarations for the planner, declared when this folder is imported.
 """
 
 from ._disk import OffloadFileError, clean_offload_cache, offload_cache_files
@@ -27,6 +35,9 @@ from .casting import LayerwiseCasting, apply_casting, casting_state_dict, castin
 from .components import ComponentOffload, apply_component_offload, components_on_device, remove_component_offload
 from .meters import SavedForBackward, parameter_bytes, saved_for_backward
 from .offload import Offload, OffloadReport, apply_offload, offload_report, remove_offload
+from ._cost import declare_memory_costs
+
+declare_memory_costs()
 
 __all__ = [
     "ComponentOffload",

@@ -4,21 +4,24 @@ With a budget, groups outside the towers (embedders, output layers: little compu
 transfer behind) become resident first, smallest first; then as many tower groups as fit, chosen
 so the streamed ones are spread evenly between resident ones and every transfer has compute to
 hide behind. The budget counts the prefetch slots: `slots` buffers as large as the largest
-streamed group. Without a budget every group streams (diffusers' behaviour).
+streamed group. Without a budget every group streams (diffusers' behaviour). `choose_layout` forms
+the partition at the granularity asked for (for "auto", the first that fits) and chooses its residency.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psutil
 import torch
+from torch import nn
 
 from ..core.cost import parse_size
 from ..errors import ConfigError
-from ._groups import Group
-
+from ..introspect import ModelMap
+from ._groups import Group, Partition, partition
 
 
 def fmt_bytes(n: int | float) -> str:
@@ -213,3 +216,37 @@ class BudgetError(ConfigError):
     def __init__(self, message: str, *, need: int) -> None:
         super().__init__(message)
         self.need = need
+
+
+def choose_layout(
+    model: nn.Module, model_map: ModelMap, config: Any, budget: int | None, slots: int
+) -> tuple[Partition, Residency]:
+    """The partition and the residency: the granularity asked for, or for "auto" the first that fits."""
+    if config.granularity == "auto":
+        options = ["block", "leaf"] if model_map.towers else ["leaf"]
+    else:
+        options = [config.granularity]
+    failures: list[tuple[str, BudgetError]] = []
+    for granularity in options:
+        part = partition(
+            model, model_map, granularity, blocks_per_group=config.blocks_per_group,
+            offload_trainable=config.offload_trainable,
+        )
+        try:
+            return part, choose_residency(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
+        except BudgetError as exc:
+            failures.append((granularity, exc))
+    granularity, first = failures[0]
+    hints = []
+    if granularity == "block" and len(failures) == 1 and model_map.leaves:
+        leaf = partition(model, model_map, "leaf", offload_trainable=config.offload_trainable)
+        hints.append(f"granularity='leaf' needs {fmt_bytes(minimum_bytes(leaf.groups, leaf.pinned_bytes, slots))}")
+    for other, exc in failures[1:]:
+        hints.append(f"granularity={other!r} needs {fmt_bytes(exc.need)}")
+    if slots > 1:
+        hints.append(f"prefetch=False needs {fmt_bytes(minimum_bytes(part.groups, part.pinned_bytes, 1))} at "
+                     f"granularity={failures[-1][0]!r} (no transfer hidden)")
+    message = f"{first} (granularity={granularity!r})"
+    if hints:
+        message += "; alternatives: " + "; ".join(hints)
+    raise BudgetError(message, need=first.need)

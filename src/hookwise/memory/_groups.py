@@ -10,12 +10,15 @@ its own direct tensors *pinned resident* because they are read during its whole 
 
 Each group has a flat layout: every tensor at an offset aligned to `ALIGN` bytes, so one flat
 buffer holds the whole group and one copy moves it.
+
+`declared_groups` forms the same groups from a footprint (leaf paths and sizes, no model), for the
+planner's cost declaration of offloading.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -295,3 +298,78 @@ def _leaf_groups(model: nn.Module, model_map: ModelMap) -> tuple[list[Group], li
         else:
             containers.extend(direct)
     return groups, containers
+
+
+# ---- the groups of a footprint (the planner's model of a partition) ------------------------------------
+# The planner asks for the groups of equal footprints many times (every option built on one, block and
+# leaf, with and without a budget, and the same footprint reached by several orders of a stack): they
+# are formed once per (footprint, granularity, blocks per group). A footprint is a frozen dataclass,
+# hashed and compared by value. The groups returned are shared: callers read them (choose_residency
+# does), never change them.
+_GROUPS_CACHE: dict[tuple[Any, str, int], tuple[list[Group], int]] = {}
+_GROUPS_CACHE_SIZE = 256
+
+
+def declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
+    """`_form_declared_groups`, formed once per footprint (see _GROUPS_CACHE)."""
+    key = (fp, granularity, blocks_per_group)
+    hit = _GROUPS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    found = _form_declared_groups(fp, granularity, blocks_per_group)
+    if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
+        del _GROUPS_CACHE[next(iter(_GROUPS_CACHE))]  # the oldest entry
+    _GROUPS_CACHE[key] = found
+    return found
+
+
+def _form_declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
+    """(groups, bytes pinned resident) of a footprint, formed as `partition` forms them.
+
+    Block granularity: `blocks_per_group` tower blocks per group, and outside the towers one group
+    per subtree that holds no block (`rest_group_of`, the partition's own rule), sized by the leaves
+    in it. Leaf granularity: one group per leaf. The footprint knows only its leaves' paths, so the
+    tensors outside every leaf (norms, a root's `scale_shift_table`, buffers) cannot be placed: they
+    count as resident, as a container's direct tensors are (an upper bound for the device)."""
+    groups: list[Group] = []
+
+    def add(name: str, kind: str, raw: int, padded: int, in_tower: bool) -> None:
+        group = Group(len(groups), name, kind, [], [], in_tower)
+        group.nbytes = align(padded)
+        groups.append(group)
+
+    def padded(leaf: Any) -> int:
+        # Each tensor sits at an aligned offset in its group's layout: the weight, then the rest (bias).
+        weight = leaf.itemsize
+        for n in leaf.shape:
+            weight *= n
+        weight = min(weight, leaf.nbytes)
+        return align(weight) + align(leaf.nbytes - weight)
+
+    if granularity == "block" and fp.blocks:
+        blocks = list(fp.blocks)
+        in_block = [0] * len(blocks)
+        in_block_padded = [0] * len(blocks)
+        for leaf in fp.leaves:
+            if leaf.block is not None:
+                in_block[leaf.block] += leaf.nbytes
+                in_block_padded[leaf.block] += padded(leaf)
+        for i in range(0, len(blocks), blocks_per_group):
+            chunk = range(i, min(i + blocks_per_group, len(blocks)))
+            raw = sum(blocks[j] for j in chunk)
+            add(f"block {i}", "block", raw, sum(in_block_padded[j] + align(blocks[j] - in_block[j]) for j in chunk), True)
+        ancestors = block_ancestors(leaf.path for leaf in fp.leaves if leaf.block is not None)
+        rest: dict[str, list[int]] = {}
+        for leaf in fp.leaves:
+            if leaf.block is None:
+                sizes = rest.setdefault(rest_group_of(leaf.path, ancestors), [0, 0])
+                sizes[0] += leaf.nbytes
+                sizes[1] += padded(leaf)
+        for name, (raw, pad) in rest.items():
+            add(name, "rest", raw, pad, False)
+        placed = sum(fp.blocks) + sum(raw for raw, _ in rest.values())
+    else:
+        for leaf in fp.leaves:
+            add(leaf.path, "leaf", leaf.nbytes, padded(leaf), leaf.block is not None)
+        placed = sum(leaf.nbytes for leaf in fp.leaves)
+    return groups, max(fp.total_bytes - placed, 0)

@@ -20,7 +20,9 @@ was set before casting, the cast computation takes the place of the layer's own 
 it was set after, it calls hookwise's forward as its original. Removing casting leaves the instance
 the forward it has then, and a forward captured before removal passes straight through.
 
-The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`.
+The storage format (quantize, dequantize, the fused dequantize kernels) lives in `_dequant.py`, the
+choice of targets in `_cast_targets.py`, the autograd functions and the instance-forward mode in
+`_cast_ops.py`, and the cost declaration for the planner in `_cost.py`.
 With `compute="fp8"` a Linear multiplies the stored weight in fp8 instead of dequantizing it,
 quantizing its activations at every call (`_fp8.py`: the path, its error bound against the upcast
 path, and its backward, which is the upcast path's); convolutions keep the upcast path.
@@ -37,30 +39,27 @@ tensors of their own, also under offloading.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from ..core.config import TechniqueConfig, parse_dtype
-from ..core.cost import CostContext, LeafBytes, Placement, TechniqueCost
 from ..core.hooks import HookRegistry, Layer, ModelHook, add_hook, hooks_named, iter_registries, unwrap
 from ..core.marks import mark_frozen
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..core.transaction import transaction
-from ..errors import ConfigError, HookError, NoTargetError
-from ..introspect.model_map import ModelMap, describe
-from ..introspect.paths import prefixes
-from ..introspect.precision import REASON_ADANORM, REASON_DTYPE_READ, REASON_MOD, find_dtype_readers
-from ._dequant import Dequantizer, Layout, dequant_linear_backward, dequantize, probe_fused, quantize
+from ..errors import ConfigError, HookError
+from ..introspect.precision import REASON_DTYPE_READ
+from ._cast_ops import CONV_FUNCS, CastCompute, CastConvFn, CastLinearFn, is_class_forward, leaf_func
+from ._cast_targets import cast_targets, check_compute
+from ._dequant import Dequantizer, Layout, dequantize, probe_fused, quantize
 from ._fp8 import ACTIVATION_SCALINGS, FP8_WEIGHTS, Fp8LinearFn, fp8_matmul_failure
 from ._fp8 import SCALINGS as FP8_SCALINGS
 
@@ -76,14 +75,6 @@ STORAGE_DTYPES = tuple(
     )
     if d is not None
 )
-_MODULATION = (REASON_ADANORM, REASON_MOD)
-_CONV_FUNCS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-_CONV_INPUT_GRAD = {
-    nn.Conv1d: torch.nn.grad.conv1d_input,
-    nn.Conv2d: torch.nn.grad.conv2d_input,
-    nn.Conv3d: torch.nn.grad.conv3d_input,
-}
-
 
 @dataclass(frozen=True)
 class LayerwiseCasting(TechniqueConfig):
@@ -153,7 +144,7 @@ class LayerwiseCasting(TechniqueConfig):
                 f"{[str(d).removeprefix('torch.') for d in STORAGE_DTYPES]} (integer formats are quantization)"
             )
         if self.compute_dtype is not None:
-            _check_compute(self.storage_dtype, self.compute_dtype)
+            check_compute(self.storage_dtype, self.compute_dtype)
         if self.skip not in ("auto", "none"):
             raise ConfigError(f"skip={self.skip!r}: use 'auto' or 'none', and skip_patterns / skip_classes to add more")
         if self.scaling not in SCALINGS:
@@ -200,103 +191,6 @@ class LayerwiseCasting(TechniqueConfig):
         return self.activation_scaling or "row"
 
 
-def _check_compute(storage: torch.dtype, compute: torch.dtype) -> None:
-    if compute.itemsize < storage.itemsize:
-        raise ConfigError(
-            f"compute_dtype={compute} is smaller than storage_dtype={storage}: weights would lose precision "
-            f"in compute; use a compute dtype at least as wide as the storage dtype (float32, bfloat16, float16)"
-        )
-    if not compute.is_floating_point or compute.itemsize < 2:
-        raise ConfigError(f"compute_dtype={compute} cannot compute; use float32, bfloat16 or float16")
-    if compute == storage:
-        raise ConfigError(f"storage_dtype and compute_dtype are both {storage}: casting would save nothing")
-
-
-# ---- the autograd functions ---------------------------------------------------------------------------
-class _CastLinearFn(torch.autograd.Function):
-    """y = x @ dequant(W).T + b, saving only the stored weight and its scale for backward."""
-
-    @staticmethod
-    def forward(ctx, x, storage, scale, bias, compute_dtype, layout, dequant):
-        weight = dequant(storage, scale, compute_dtype, layout)
-        ctx.layout, ctx.x_dtype, ctx.dequant = layout, x.dtype, dequant
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(storage, scale)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x, grad_bias = dequant_linear_backward(ctx, grad_out)
-        return grad_x, None, None, grad_bias, None, None, None
-
-
-class _CastConvFn(torch.autograd.Function):
-    """A convolution with a stored weight, saving only the stored weight and its scale for backward."""
-
-    @staticmethod
-    def forward(ctx, x, storage, scale, bias, compute_dtype, layout, dequant, kind, stride, padding, dilation, groups):
-        weight = dequant(storage, scale, compute_dtype, layout)
-        ctx.layout, ctx.x_dtype, ctx.x_shape, ctx.dequant = layout, x.dtype, x.shape, dequant
-        ctx.conv = (kind, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(storage, scale)
-        return _CONV_FUNCS[kind](x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_bias = None
-        kind, stride, padding, dilation, groups = ctx.conv
-        if ctx.needs_input_grad[0]:
-            storage, scale = ctx.saved_tensors
-            weight = ctx.dequant(storage, scale, grad_out.dtype, ctx.layout)
-            grad_x = _CONV_INPUT_GRAD[kind](ctx.x_shape, weight, grad_out, stride, padding, dilation, groups)
-            grad_x = grad_x.to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.sum(dim=[d for d in range(grad_out.dim()) if d != 1])
-        return grad_x, None, None, grad_bias, None, None, None, None, None, None, None, None
-
-
-def _is_class_forward(module: nn.Module, fn: Any) -> bool:
-    """Whether `fn` is the module's class forward bound to it (no instance forward, no hook inside)."""
-    return getattr(fn, "__func__", None) is type(module).forward and getattr(fn, "__self__", None) is module
-
-
-def _leaf_func(module: nn.Module) -> Any:
-    """The functional op a castable leaf's own forward computes with: F.linear or F.conv1d/2d/3d."""
-    if isinstance(module, nn.Linear):
-        return F.linear
-    return next(f for k, f in _CONV_FUNCS.items() if isinstance(module, k))
-
-
-class _CastCompute(TorchFunctionMode):
-    """While a cast leaf's instance forward runs: its own F.linear / F.conv* on its weight is cast.
-
-    The layer's original computation happens wherever that forward calls it (a LoRA module calls
-    its `org_forward`, the class forward bound to the layer), out of a hook's reach; only the
-    function call that receives the stored weight identifies it.
-    """
-
-    def __init__(self, hook: CastHook, module: nn.Module) -> None:
-        super().__init__()
-        self.hook = hook
-        self.module = module
-        self.func = _leaf_func(module)
-        self.hits = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is self.func:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is not None and weight is self.module._parameters.get("weight"):
-                self.hits += 1
-                x = args[0] if args else kwargs["input"]
-                padding = None
-                if func is not F.linear:
-                    padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
-                return self.hook.compute(self.module, x, padding)
-        return func(*args, **kwargs)
-
-
 @dataclass
 class CastingRecord:
     """What one application of layerwise casting did; shared by the hooks it attached."""
@@ -330,7 +224,7 @@ class CastHook(ModelHook):
     def new_forward(self, module: nn.Module, next_fn, *args, **kwargs):
         if self.detached:
             return next_fn(*args, **kwargs)
-        if not _is_class_forward(module, next_fn):
+        if not is_class_forward(module, next_fn):
             # A forward set on the instance (a LoRA network's) or an observer sits inside: run it,
             # casting the layer's own computation wherever it happens in there.
             return self._run_inner(module, next_fn, args, kwargs)
@@ -352,10 +246,10 @@ class CastHook(ModelHook):
                     x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant,
                     config.activation_scale,
                 )  # fmt: skip
-            return _CastLinearFn.apply(
+            return CastLinearFn.apply(
                 x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant
             )
-        kind = next(k for k in _CONV_FUNCS if isinstance(module, k))
+        kind = next(k for k in CONV_FUNCS if isinstance(module, k))
         if padding is None or isinstance(padding, str):
             padding = module.padding
             if module.padding_mode != "zeros" or isinstance(padding, str):
@@ -363,13 +257,13 @@ class CastHook(ModelHook):
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
                 padding = 0
-        return _CastConvFn.apply(
+        return CastConvFn.apply(
             x, module.weight, scale, module.bias, self.compute_dtype, self.layout, self.record.dequant, kind,
             module.stride, padding, module.dilation, module.groups,
         )  # fmt: skip
 
     def _run_inner(self, module: nn.Module, next_fn, args: tuple, kwargs: dict) -> Any:
-        with _CastCompute(self, module) as mode:
+        with CastCompute(self, module) as mode:
             out = next_fn(*args, **kwargs)
         if not mode.hits:
             where = self.path or type(module).__name__
@@ -377,7 +271,7 @@ class CastHook(ModelHook):
             name = getattr(forward, "__qualname__", type(forward).__name__)
             raise HookError(
                 f"the forward set on {where} ({name}) never computes the layer's own "
-                f"{_leaf_func(module).__name__} on its weight, so layerwise casting cannot take its place and "
+                f"{leaf_func(module).__name__} on its weight, so layerwise casting cannot take its place and "
                 f"the weight would be read as stored ({module.weight.dtype}); keep this module in high "
                 f'precision with skip_patterns=[r"^{re.escape(where)}$"]'
             )
@@ -400,113 +294,6 @@ class CastHook(ModelHook):
         state_dict[key] = stored
         if scale is not None:
             state_dict[prefix + "weight_scale"] = scale
-
-
-# ---- choosing targets --------------------------------------------------------------------------------
-@dataclass
-class _CastTargets:
-    """The leaves one application casts, the leaves it keeps (and why), and the compute dtype."""
-
-    targets: dict[str, nn.Module]
-    skipped: dict[str, str]  # path -> reason
-    compute_dtype: torch.dtype
-
-
-def _castable(module: nn.Module) -> bool:
-    if type(module) is nn.Linear or type(module) in _CONV_FUNCS:
-        return True
-    # Subclasses are castable only if they keep the standard forward (we replace its arithmetic).
-    for base in (nn.Linear, *_CONV_FUNCS):
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return True
-    return False
-
-
-def cast_targets(model: nn.Module, config: LayerwiseCasting, model_map: ModelMap | None = None) -> _CastTargets:
-    """Decide which leaves to cast, without changing anything. Raises on bad input."""
-    model_map = model_map or describe(model)
-    modules = dict(model.named_modules())
-    patterns = [re.compile(p) for p in config.skip_patterns]
-    pattern_hits = {p.pattern: 0 for p in patterns}
-    class_hits = {c: 0 for c in config.skip_classes}
-    candidates: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
-    for leaf in model_map.leaves:
-        if leaf.kind not in ("linear", "conv"):
-            continue
-        module = modules[leaf.path]
-        if leaf.keep == "adapter":
-            skipped[leaf.path] = "adapter (LoRA / PEFT) layer"
-            continue
-        if config.skip == "auto" and leaf.keep is not None:
-            if not (config.cast_modulation and leaf.keep in _MODULATION and leaf.block is not None):
-                skipped[leaf.path] = f"high precision: {leaf.keep}"
-                continue
-        matched = [p.pattern for p in patterns if p.search(leaf.path)]
-        if matched:
-            for p in matched:
-                pattern_hits[p] += 1
-            skipped[leaf.path] = f"skip pattern {matched[0]!r}"
-            continue
-        lineage = {type(modules[a]).__name__ for a in ["", *prefixes(leaf.path)]}
-        classes = [c for c in config.skip_classes if c in lineage]
-        if classes:
-            for c in classes:
-                class_hits[c] += 1
-            skipped[leaf.path] = f"skip class {classes[0]!r}"
-            continue
-        if not _castable(module):
-            skipped[leaf.path] = f"{type(module).__name__} has its own forward"
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            skipped[leaf.path] = "weight is not floating point"
-            continue
-        if weight.dtype == config.storage_dtype or "weight_scale" in module._buffers:
-            skipped[leaf.path] = "already stored in the storage dtype"
-            continue
-        candidates[leaf.path] = module
-    unused = [p for p, n in pattern_hits.items() if n == 0] + [c for c, n in class_hits.items() if n == 0]
-    if unused:
-        raise ConfigError(
-            f"skip pattern(s) / class(es) {unused} match no castable Linear / Conv leaf of "
-            f"{type(model).__name__}; check the spelling (patterns are searched in paths like "
-            f"{next(iter(candidates), 'blocks.0.attn.to_q')!r})"
-        )
-    for path, why in find_dtype_readers(model, candidates).items():
-        candidates.pop(path, None)
-        skipped[path] = f"{REASON_DTYPE_READ}: {why}"
-    if not candidates:
-        raise NoTargetError(
-            f"layerwise casting found nothing to cast in {type(model).__name__}: {len(skipped)} leaves were "
-            f"kept ({_summarize(skipped)}); use skip='none' or cast_modulation=True if that is intended"
-        )
-    compute = config.compute_dtype or _dominant_dtype(candidates)
-    _check_compute(config.storage_dtype, compute)
-    bad = [p for p, m in candidates.items() if m.weight.requires_grad and m.training]
-    if bad:
-        raise ConfigError(
-            f"{len(bad)} targeted weights are trainable in a model in training mode (e.g. {bad[0]!r}), and a "
-            f"weight stored in {config.storage_dtype} cannot be trained. For training, freeze the base model "
-            f"first (model.requires_grad_(False), then add LoRA) or keep these modules with skip_patterns; "
-            f"for inference, call model.eval() or model.requires_grad_(False) before casting"
-        )
-    return _CastTargets(candidates, skipped, compute)
-
-
-def _summarize(skipped: dict[str, str]) -> str:
-    counts: dict[str, int] = {}
-    for why in skipped.values():
-        key = why.split(":")[0]
-        counts[key] = counts.get(key, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in counts.items()) or "no Linear / Conv leaves"
-
-
-def _dominant_dtype(modules: dict[str, nn.Module]) -> torch.dtype:
-    totals: dict[torch.dtype, int] = {}
-    for m in modules.values():
-        totals[m.weight.dtype] = totals.get(m.weight.dtype, 0) + m.weight.numel()
-    return max(totals, key=totals.get)
 
 
 def _device_can_hold(device: torch.device, dtype: torch.dtype) -> bool:
@@ -721,73 +508,6 @@ def casting_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
-# ---- cost declaration (for the planner) -------------------------------------------------------------
-_DEQUANT_FACTOR = 1.05  # assumed: one dequantize kernel per weight use, next to a compute-bound matmul
-# compute="fp8": forward time relative to the plain model. CPU: the fp8 path against the upcast path on
-# a full-width FLUX block, measured (BENCHMARKS.md, "fp8 compute"), times the upcast path's factor.
-# CUDA: assumed, not measured here (no GPU was lent): fp8 tensor cores run twice the bf16 rate, less the
-# activation quantization; issue 14's target for fp8 matmul on H100 / H200 is 0.75x of bf16.
-_FP8_FACTOR = {"cpu": 0.61 * _DEQUANT_FACTOR, "cuda": 0.75}
-
-
-@functools.lru_cache(maxsize=1 << 16)  # the planner asks for the same leaves under the same config many times
-def _stored_leaf(leaf: LeafBytes, config: LayerwiseCasting, compute_itemsize: int) -> LeafBytes:
-    """`leaf` as casting stores it: the weight in the storage dtype, its scales in the compute dtype."""
-    numel = 1
-    for n in leaf.shape:
-        numel *= n
-    scaling = config.scaling
-    if scaling == "block" and (len(leaf.shape) != 2 or leaf.shape[1] % config.block_size != 0):
-        scaling = "channel"  # as quantize() falls back
-    layout = Layout(scaling, leaf.shape, config.block_size if scaling == "block" else 0)
-    scales = 0
-    if scaling != "none":
-        scales = 1
-        for n in layout.scale_shape():
-            scales *= n
-    stored = numel * config.storage_dtype.itemsize + scales * compute_itemsize
-    return replace(leaf, nbytes=leaf.nbytes - numel * leaf.itemsize + stored, itemsize=config.storage_dtype.itemsize,
-                   keep="cast")  # fmt: skip
-
-
-def _casting_effect(placement: Placement, config: LayerwiseCasting, ctx: CostContext) -> Placement:
-    """Cast leaves shrink by the storage rule; one dequantized weight at a time is transient."""
-    fp = placement.footprint
-    compute = config.compute_dtype.itemsize if config.compute_dtype is not None else fp.compute_itemsize
-    cast = []
-    for leaf in fp.leaves:
-        if leaf.kind not in ("linear", "conv") or leaf.itemsize <= config.storage_dtype.itemsize:
-            continue
-        modulation = leaf.keep in _MODULATION and leaf.block is not None and config.cast_modulation
-        if leaf.keep is None or modulation or (config.skip == "none" and leaf.keep not in ("adapter", "cast")):
-            cast.append(_stored_leaf(leaf, config, compute))
-    new = fp.with_leaves(cast)
-    largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast), default=0)
-    name = str(config.storage_dtype).removeprefix("torch.")
-    quality = f"{'fp8' if config.storage_dtype.itemsize == 1 else name} ({config.scaling} scaling)"
-    factor = _DEQUANT_FACTOR
-    if config.compute == "fp8":
-        device = "cuda" if str(getattr(ctx.hardware, "device", "cuda")).startswith("cuda") else "cpu"
-        factor = _FP8_FACTOR[device]
-        quality = f"{quality[:-1]}, fp8 compute with {config.activation_scale} activation scales)"
-        # Convolutions dequantize; a Linear's transient is its quantized activation, not a weight.
-        largest = max((leaf.nbytes // max(leaf.itemsize, 1) * compute for leaf in cast if leaf.kind == "conv"),
-                      default=0)  # fmt: skip
-    return placement.stored_as(new, transient=largest, factor=factor, quality=quality)
-
-
-def _casting_options(placement: Placement, ctx: CostContext) -> list[LayerwiseCasting]:
-    """fp8 storage at each scaling (block scaling first: the most accurate); for sampling on a device
-    whose hardware profile says it multiplies in fp8 (`hardware.fp8`), also fp8 compute at each
-    scaling it takes. Training keeps the upcast path: its gradients were measured only there."""
-    if not any(leaf.keep is None and leaf.kind in ("linear", "conv") for leaf in placement.footprint.leaves):
-        return []
-    options = [LayerwiseCasting(scaling=s) for s in ("block", "channel", "tensor", "none")]
-    if getattr(ctx.hardware, "fp8", False) is True and not ctx.training:
-        options += [LayerwiseCasting(scaling=s, compute="fp8") for s in ("channel", "tensor")]
-    return options
-
-
 register_technique(
     "casting",
     LayerwiseCasting,
@@ -796,5 +516,4 @@ register_technique(
     layer=Layer.CAST,
     conflicts=("quantization",),
     description="fp8 / fp16 / bf16 weight storage with on-the-fly upcast, training-safe",
-    cost=TechniqueCost(_casting_effect, _casting_options, exact_undo=False),
-)
+)  # its cost is declared in _cost.py

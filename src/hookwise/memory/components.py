@@ -31,7 +31,7 @@ from ..core.cost import CostContext, Placement, TechniqueCost
 from ..errors import CompatibilityError, ConfigError, NoTargetError
 from ._placement import COMPONENT_HOOK, home_device, offload_applied, parse_device, pin_allowance, to_device
 from ._groups import Group, TensorRef, tensors_of
-from ._schedule import GroupState
+from ._binding import GroupState
 from ._transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.components")

@@ -32,30 +32,30 @@ buffers, slots and mapped files): save the state dict, or remove offloading firs
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core import HookRegistry, Layer, ModelHook, TechniqueConfig, add_hook, current_transaction, register_technique
+from ..core import HookRegistry, Layer, TechniqueConfig, add_hook, current_transaction, register_technique
 from ..core import apply_techniques, ledger_of, remove_hooks, remove_techniques, transaction, unwrap
 from ..core.overrides import override_method, restore_method
 from ..errors import CompatibilityError, ConfigError
 from ..introspect import ModelMap, describe
-from ._placement import COMPONENT_HOOK, OFFLOAD_ROOT_HOOK, home_device, parse_device, pin_allowance, to_device
-from ._budget import BudgetError, Residency, check_budget_value, choose_residency, fmt_bytes, minimum_bytes, parse_budget
-from ._budget import widen_residency
+from ._placement import OFFLOAD_ROOT_HOOK, home_device, parse_device, pin_allowance, to_device
+from ._budget import check_budget_value, choose_layout, parse_budget, widen_residency
+from ._binding import GroupState
 from ._disk import DiskFile, check_writable, default_dir, store
-from ._groups import Group, Partition, TensorRef, partition
-from ._schedule import GroupState, Scheduler
+from ._groups import Group, TensorRef
+from ._groups import declared_groups as _declared_groups  # noqa: F401 - re-exported: tests import it from here
+from ._guards import StateDictCopies, check_other_offloading, ignore_apply, not_copyable, refuse_pickle
+from ._offload_hooks import GroupHook, RootHook
+from ._report import GroupReport, OffloadReport, ResidencySwitch
+from ._schedule import Scheduler
 from ._transfer import HostSource, TransferEngine, make_engine
 
 logger = logging.getLogger("hookwise.memory.offload")
@@ -141,70 +141,6 @@ def _resolve_onload(config: Offload) -> torch.device:
     return device
 
 
-# ---- reports ----------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class GroupReport:
-    name: str
-    kind: str  # "block" | "leaf" | "rest"
-    modules: tuple[str, ...]
-    nbytes: int
-    resident: bool
-    storage: str  # "device" (resident), "pinned", "pageable", "disk"
-    file: str | None = None
-    file_reused: bool | None = None  # the file already held these bytes (None: no file)
-
-
-@dataclasses.dataclass(frozen=True)
-class OffloadReport:
-    """What offloading did to a model: groups, where they live, bytes per place, counters."""
-
-    granularity: str
-    onload_device: str
-    offload_device: str
-    budget: int | None
-    groups: tuple[GroupReport, ...]
-    always_resident: dict[str, str]  # tensor path -> why it stays on the device
-    slots: int
-    slot_bytes: int
-    device_bytes: int  # weight bytes on the onload device: resident tensors + slots (measured)
-    planned_device_bytes: int  # the same as the budget planned it (groups padded to their layout)
-    host_bytes: int  # streamed masters in RAM (disk: 0)
-    pinned_host_bytes: int
-    disk_bytes: int
-    order: tuple[str, ...]  # recorded forward order of streamed groups
-    backward_order: tuple[str, ...]
-    bound: tuple[str, ...]  # streamed groups whose tensors are their device copies now
-    stats: dict[str, int]
-
-    @property
-    def resident(self) -> tuple[str, ...]:
-        return tuple(g.name for g in self.groups if g.resident)
-
-    @property
-    def streamed(self) -> tuple[str, ...]:
-        return tuple(g.name for g in self.groups if not g.resident)
-
-    def summary(self) -> str:
-        return (
-            f"offload ({self.granularity}, {self.onload_device} <- {self.offload_device}): "
-            f"{len(self.resident)} resident / {len(self.streamed)} streamed groups, "
-            f"device {fmt_bytes(self.device_bytes)}"
-            + (f" of budget {fmt_bytes(self.budget)}" if self.budget else "")
-            + f", {self.slots} slot(s) of {fmt_bytes(self.slot_bytes)}, host {fmt_bytes(self.host_bytes)}"
-            f" ({fmt_bytes(self.pinned_host_bytes)} pinned), disk {fmt_bytes(self.disk_bytes)}"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ResidencySwitch:
-    """What one change of residency in place did (`switch_residency`)."""
-
-    held: tuple[str, ...]  # streamed groups that became resident
-    released: tuple[str, ...]  # held groups that stream again
-    bytes_copied: int  # into device copies of held groups (0 where the host copy is on the device)
-    writebacks: int  # tensors a held group changed, copied into their host masters on release
-
-
 # ---- the controller -------------------------------------------------------------------------------
 class _Offloader:
     """Everything one application of `Offload` created; the hooks point at it."""
@@ -221,7 +157,7 @@ class _Offloader:
         # On the CPU, disk-backed groups are computed on in place (mapped files): no slots needed.
         self.direct = config.offload_device == "disk" and self.onload.type == "cpu" and not self.streams
         self.slots = 0 if self.direct else config.depth + 1
-        self.part, self.residency = _choose(model, self.model_map, config, self.budget, self.slots)
+        self.part, self.residency = choose_layout(model, self.model_map, config, self.budget, self.slots)
         self.disk_dir: Path | None = None
         if config.offload_device == "disk":
             self.disk_dir = check_writable(Path(config.disk_path) if config.disk_path else default_dir())
@@ -233,7 +169,7 @@ class _Offloader:
         self.state_dict_hooks: list[Any] = []
 
     def __deepcopy__(self, memo: dict) -> Any:
-        raise _not_copyable()
+        raise not_copyable()
 
     # ---- building -----------------------------------------------------------------------------------
     def build(self) -> None:
@@ -262,13 +198,13 @@ class _Offloader:
         self.scheduler = Scheduler(
             self.states, self.engine, slots=self.slots, slot_bytes=self.residency.slot_bytes, depth=self.config.depth
         )
-        add_hook(self.model, _RootHook(self), OFFLOAD_ROOT_HOOK)
+        add_hook(self.model, RootHook(self), OFFLOAD_ROOT_HOOK)
         for state in self.states:
             for _, module in state.group.modules:
-                add_hook(module, _GroupHook(self.scheduler, state, module), GROUP_HOOK)
-        override_method(self.model, "_apply", _ignore_apply, owner=OWNER)
+                add_hook(module, GroupHook(self.scheduler, state, module), GROUP_HOOK)
+        override_method(self.model, "_apply", ignore_apply, owner=OWNER)
         # Found by attribute lookup (pickle and deepcopy both ask the instance): refuse before writing.
-        override_method(self.model, "__getstate__", _refuse_pickle, owner=OWNER)
+        override_method(self.model, "__getstate__", refuse_pickle, owner=OWNER)
         self._hook_state_dict(txn)
         logger.info("hookwise %s", self.report().summary())
 
@@ -289,13 +225,13 @@ class _Offloader:
         self.resident.append(ref)
 
     def _hook_state_dict(self, txn: Any) -> None:
-        """Make `state_dict()` copy streamed tensors out of their group buffers (see `_StateDictCopies`)."""
+        """Make `state_dict()` copy streamed tensors out of their group buffers (see `StateDictCopies`)."""
         owners: dict[int, tuple[nn.Module, dict[str, tuple[GroupState, int]]]] = {}
         for state in self.states:
             for i, ref in enumerate(state.group.tensors):
                 owners.setdefault(id(ref.module), (ref.module, {}))[1][ref.name] = (state, i)
         for module, names in owners.values():
-            handle = module.register_state_dict_post_hook(_StateDictCopies(self, names))
+            handle = module.register_state_dict_post_hook(StateDictCopies(self, names))
             self.state_dict_hooks.append(handle)
             txn.on_rollback(handle.remove, "state_dict hook")
 
@@ -488,38 +424,6 @@ class _Offloader:
         )
 
 
-def _choose(model: nn.Module, model_map: ModelMap, config: Offload, budget: int | None, slots: int) -> tuple[Partition, Residency]:
-    """The partition and the residency: the granularity asked for, or for "auto" the first that fits."""
-    if config.granularity == "auto":
-        options = ["block", "leaf"] if model_map.towers else ["leaf"]
-    else:
-        options = [config.granularity]
-    failures: list[tuple[str, BudgetError]] = []
-    for granularity in options:
-        part = partition(
-            model, model_map, granularity, blocks_per_group=config.blocks_per_group,
-            offload_trainable=config.offload_trainable,
-        )
-        try:
-            return part, choose_residency(part.groups, pinned_bytes=part.pinned_bytes, slots=slots, budget=budget)
-        except BudgetError as exc:
-            failures.append((granularity, exc))
-    granularity, first = failures[0]
-    hints = []
-    if granularity == "block" and len(failures) == 1 and model_map.leaves:
-        leaf = partition(model, model_map, "leaf", offload_trainable=config.offload_trainable)
-        hints.append(f"granularity='leaf' needs {fmt_bytes(minimum_bytes(leaf.groups, leaf.pinned_bytes, slots))}")
-    for other, exc in failures[1:]:
-        hints.append(f"granularity={other!r} needs {fmt_bytes(exc.need)}")
-    if slots > 1:
-        hints.append(f"prefetch=False needs {fmt_bytes(minimum_bytes(part.groups, part.pinned_bytes, 1))} at "
-                     f"granularity={failures[-1][0]!r} (no transfer hidden)")
-    message = f"{first} (granularity={granularity!r})"
-    if hints:
-        message += "; alternatives: " + "; ".join(hints)
-    raise BudgetError(message, need=first.need)
-
-
 def _fill(flat: torch.Tensor, group: Group) -> None:
     """Copy every tensor of `group` into `flat` at its offset."""
     for ref in group.tensors:
@@ -538,149 +442,11 @@ def _point(ref: TensorRef, master: torch.Tensor, txn: Any) -> None:
     txn.on_rollback(undo, f"restore {ref.path}")
 
 
-def _not_copyable() -> CompatibilityError:
-    return CompatibilityError(
-        "a model with hookwise offloading cannot be pickled, saved whole (torch.save(model)) or deep-copied: its "
-        "weights live in shared host buffers, device slots or mapped files. Save model.state_dict() instead "
-        "(plain tensors that load into the plain model), or remove offloading first (hookwise.remove(model)), "
-        "copy or save, then apply it again"
-    )
-
-
-def _refuse_pickle(module: nn.Module) -> Any:
-    _drop_file_being_saved()
-    raise _not_copyable()
-
-
-def _drop_file_being_saved() -> None:
-    """Inside `torch.save(model, path)`: delete the file it opened, so the refusal leaves no unreadable file.
-
-    torch.save creates the file before it pickles anything, and on the way out of the error it still
-    writes the archive's end: without this a ~600-byte file that `torch.load` cannot read would stay
-    (and an older file of that name is gone already: torch truncated it). Unlinking an open file is
-    safe on POSIX (the writer finishes on the orphaned inode); on Windows the file stays.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "save" and code.co_filename == torch.serialization.__file__:
-            target = frame.f_locals.get("f")
-            if isinstance(target, (str, os.PathLike)):
-                with contextlib.suppress(OSError):
-                    os.unlink(target)
-            return
-        frame = frame.f_back
-
-
-class _StateDictCopies:
-    """A state_dict post-hook on a module that owns streamed tensors: their entries become plain copies.
-
-    Without it an entry is a view into the group's flat buffer (saving it writes the whole buffer;
-    views of one buffer in several dtypes cannot be saved at all), a device slot, or a mapped file.
-    Entries asked for with `keep_vars=True` are the tensors themselves and stay so.
-    """
-
-    def __init__(self, offloader: _Offloader, names: dict[str, tuple[GroupState, int]]) -> None:
-        self.offloader = offloader
-        self.names = names
-
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for name, (state, i) in self.names.items():
-            key = prefix + name
-            value = state_dict.get(key)
-            if value is None or value is state.group.tensors[i].tensor:
-                continue
-            state_dict[key] = self.offloader.plain_copy(state, i, value)
-
-
-def _ignore_apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
-    warnings.warn(
-        "hookwise: this model has offloading applied, so .to() / .cuda() / .cpu() / .half() and other "
-        "whole-model moves or casts are ignored (offloading decides where each weight lives). To move or "
-        "cast it, remove offloading first (hookwise.remove(model) or remove_offload(model)), then apply it again",
-        stacklevel=3,
-    )
-    return module
-
-
-# ---- hooks ------------------------------------------------------------------------------------------
-class _GroupHook(ModelHook):
-    """On each module of a streamed group: the group is on the device while the module runs."""
-
-    layer = Layer.OFFLOAD
-
-    def __init__(self, scheduler: Scheduler, state: GroupState, module: nn.Module | None = None) -> None:
-        self.scheduler = scheduler
-        self.state = state
-        # A module with submodules may checkpoint its own body, recomputed in backward outside this
-        # hook: its outputs' autograd nodes load the group first (`Scheduler.guard_recompute`).
-        self.guards_recompute = module is not None and next(module.children(), None) is not None
-        self.detached = False
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        raise _not_copyable()
-
-    def on_detach(self, module: nn.Module) -> None:
-        # An adapter that replaced the module's forward after offloading (kohya's LoRA) still calls
-        # the chain this hook was in as its original: from now on it passes through.
-        self.detached = True
-
-    def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.detached or self.state.held:  # held resident by `switch`: its tensors are device copies
-            return next_fn(*args, **kwargs)
-        sched = self.scheduler
-        saving = sched.acquire(self.state)  # checks a group file before its pages are read
-        try:
-            if saving is None:
-                output = next_fn(*args, **kwargs)
-            else:
-                with saving:
-                    output = next_fn(*args, **kwargs)
-        finally:
-            sched.release(self.state)
-        if self.guards_recompute and torch.is_grad_enabled():
-            sched.guard_recompute(self.state, output)
-        return output
-
-
-class _RootHook(ModelHook):
-    """On the model: inputs to the device, pass boundaries, and saved-tensor packing with gradients."""
-
-    layer = Layer.OFFLOAD_ROOT
-
-    def __init__(self, offloader: _Offloader) -> None:
-        self.offloader = offloader
-        self.detached = False
-
-    def on_detach(self, module: nn.Module) -> None:
-        self.detached = True  # as _GroupHook's
-
-    def new_forward(self, module: nn.Module, next_fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.detached:
-            return next_fn(*args, **kwargs)
-        ctl = self.offloader
-        sched = ctl.scheduler
-        args, kwargs = ctl.inputs_to_device(args, kwargs)
-        grad = torch.is_grad_enabled()
-        sched.begin_pass()
-        try:
-            saving = sched.saving()
-            if saving is None:
-                output = next_fn(*args, **kwargs)
-            else:
-                with saving:
-                    output = next_fn(*args, **kwargs)
-        finally:
-            sched.end_pass(grad)
-        sched.guard_files(output)
-        return output
-
-
 # ---- public functions --------------------------------------------------------------------------------
 def _offloader(model: nn.Module) -> _Offloader | None:
     registry = HookRegistry.of(model)
     hook = registry.get(OFFLOAD_ROOT_HOOK) if registry else None
-    return hook.offloader if isinstance(hook, _RootHook) else None
+    return hook.offloader if isinstance(hook, RootHook) else None
 
 
 def _check_foreign(model: nn.Module) -> None:
@@ -690,32 +456,7 @@ def _check_foreign(model: nn.Module) -> None:
             "hookwise offloading is already applied to this model; remove_offload(model) (or hookwise.remove) "
             "first to change its settings"
         )
-    for path, module in model.named_modules():
-        where = path or "the model"
-        hf = module.__dict__.get("_hf_hook")
-        if hf is not None:
-            inner = getattr(hf, "hooks", [hf])
-            names = [type(h).__name__ for h in inner]
-            if any(n in ("AlignDevicesHook", "CpuOffload", "UserCpuOffloadHook") for n in names):
-                raise CompatibilityError(
-                    f"{where} already has accelerate offloading hooks ({', '.join(names)}), from device_map, "
-                    f"enable_model_cpu_offload or enable_sequential_cpu_offload; remove them first "
-                    f"(accelerate.hooks.remove_hook_from_module(model, recurse=True)) or load the model without them"
-                )
-        registry = module.__dict__.get("_diffusers_hook")
-        hooks = getattr(registry, "hooks", {}) if registry is not None else {}
-        found = [n for n in ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker") if n in hooks]
-        if found:
-            raise CompatibilityError(
-                f"{where} already has diffusers group offloading ({', '.join(found)}); use one offloading system: "
-                f"load the model again without enable_group_offloading / apply_group_offloading"
-            )
-        registry = HookRegistry.of(module)
-        if registry is not None and COMPONENT_HOOK in registry:
-            raise CompatibilityError(
-                f"{where} is a component managed by ComponentOffload; remove_component_offload first, or leave "
-                f"this component out of it"
-            )
+    check_other_offloading(model)
 
 
 def apply_offload(model: nn.Module, config: Offload | None = None, **kwargs: Any) -> OffloadReport:
@@ -760,7 +501,7 @@ def _remove_offload(model: nn.Module, config: Offload | None = None, device: str
     offloader.close(target)
     remove_hooks(
         model,
-        lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (_GroupHook, _RootHook)),
+        lambda name, hook: name in (GROUP_HOOK, OFFLOAD_ROOT_HOOK) and isinstance(hook, (GroupHook, RootHook)),
         keep_wrapper=True,
     )
     restore_method(model, "_apply", owner=OWNER)
@@ -824,156 +565,11 @@ def offload_buffers(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Te
     return [s.flat for s in sched.slots] if sched else [], [st.source.flat for st in offloader.states]
 
 
-# ---- cost declaration (for the planner) -------------------------------------------------------------
-from ..core.cost import CostContext, Placement, TechniqueCost, parse_size  # noqa: E402
-from ._groups import align, block_ancestors, rest_group_of  # noqa: E402
-
-
-# The planner asks for the groups of equal footprints many times (every option built on one, block and
-# leaf, with and without a budget, and the same footprint reached by several orders of a stack): they
-# are formed once per (footprint, granularity, blocks per group). A footprint is a frozen dataclass,
-# hashed and compared by value. The groups returned are shared: callers read them (choose_residency
-# does), never change them.
-_GROUPS_CACHE: dict[tuple[Any, str, int], tuple[list[Group], int]] = {}
-_GROUPS_CACHE_SIZE = 256
-
-
-def _declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
-    """`_form_declared_groups`, formed once per footprint (see _GROUPS_CACHE)."""
-    key = (fp, granularity, blocks_per_group)
-    hit = _GROUPS_CACHE.get(key)
-    if hit is not None:
-        return hit
-    found = _form_declared_groups(fp, granularity, blocks_per_group)
-    if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
-        del _GROUPS_CACHE[next(iter(_GROUPS_CACHE))]  # the oldest entry
-    _GROUPS_CACHE[key] = found
-    return found
-
-
-def _form_declared_groups(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[Group], int]:
-    """(groups, bytes pinned resident) of a footprint, formed as `partition` forms them.
-
-    Block granularity: `blocks_per_group` tower blocks per group, and outside the towers one group
-    per subtree that holds no block (`rest_group_of`, the partition's own rule), sized by the leaves
-    in it. Leaf granularity: one group per leaf. The footprint knows only its leaves' paths, so the
-    tensors outside every leaf (norms, a root's `scale_shift_table`, buffers) cannot be placed: they
-    count as resident, as a container's direct tensors are (an upper bound for the device)."""
-    groups: list[Group] = []
-
-    def add(name: str, kind: str, raw: int, padded: int, in_tower: bool) -> None:
-        group = Group(len(groups), name, kind, [], [], in_tower)
-        group.nbytes = align(padded)
-        groups.append(group)
-
-    def padded(leaf: Any) -> int:
-        # Each tensor sits at an aligned offset in its group's layout: the weight, then the rest (bias).
-        weight = leaf.itemsize
-        for n in leaf.shape:
-            weight *= n
-        weight = min(weight, leaf.nbytes)
-        return align(weight) + align(leaf.nbytes - weight)
-
-    if granularity == "block" and fp.blocks:
-        blocks = list(fp.blocks)
-        in_block = [0] * len(blocks)
-        in_block_padded = [0] * len(blocks)
-        for leaf in fp.leaves:
-            if leaf.block is not None:
-                in_block[leaf.block] += leaf.nbytes
-                in_block_padded[leaf.block] += padded(leaf)
-        for i in range(0, len(blocks), blocks_per_group):
-            chunk = range(i, min(i + blocks_per_group, len(blocks)))
-            raw = sum(blocks[j] for j in chunk)
-            add(f"block {i}", "block", raw, sum(in_block_padded[j] + align(blocks[j] - in_block[j]) for j in chunk), True)
-        ancestors = block_ancestors(leaf.path for leaf in fp.leaves if leaf.block is not None)
-        rest: dict[str, list[int]] = {}
-        for leaf in fp.leaves:
-            if leaf.block is None:
-                sizes = rest.setdefault(rest_group_of(leaf.path, ancestors), [0, 0])
-                sizes[0] += leaf.nbytes
-                sizes[1] += padded(leaf)
-        for name, (raw, pad) in rest.items():
-            add(name, "rest", raw, pad, False)
-        placed = sum(fp.blocks) + sum(raw for raw, _ in rest.values())
-    else:
-        for leaf in fp.leaves:
-            add(leaf.path, "leaf", leaf.nbytes, padded(leaf), leaf.block is not None)
-        placed = sum(leaf.nbytes for leaf in fp.leaves)
-    return groups, max(fp.total_bytes - placed, 0)
-
-
-def _offload_units(fp: Any, granularity: str, blocks_per_group: int) -> tuple[list[int], int]:
-    """(bytes of each tower group, bytes outside them: the other groups and what stays resident)."""
-    groups, pinned = _declared_groups(fp, granularity, blocks_per_group)
-    return [g.nbytes for g in groups if g.in_tower], pinned + sum(g.nbytes for g in groups if not g.in_tower)
-
-
-def _offload_effect(placement: Placement, config: Offload, ctx: CostContext) -> Placement:
-    """The groups `partition` forms, placed by `choose_residency` (the offload's own code) under the
-    budget: resident groups and the prefetch slots on the device, the rest in RAM or on disk and
-    moved on every pass through the weights."""
-    fp = placement.footprint
-    granularity = config.granularity if config.granularity != "auto" else ("block" if fp.blocks else "leaf")
-    groups, pinned = _declared_groups(fp, granularity, config.blocks_per_group)
-    on_cpu = str(config.onload_device).startswith("cpu")
-    direct = config.offload_device == "disk" and on_cpu
-    slots = 0 if direct else config.depth + 1
-    budget = config.vram_budget
-    if isinstance(budget, str) and budget.strip().endswith("%"):
-        budget = int(ctx.hardware.vram * float(budget.strip()[:-1]) / 100)
-    elif budget is not None:
-        budget = parse_size(budget, "vram_budget")
-    try:
-        resident = choose_residency(groups, pinned_bytes=pinned, slots=slots, budget=budget).resident
-    except BudgetError:
-        # The offload refuses such a budget; the planner still gets a placement (every tower group
-        # streamed, the rest resident), over the budget, so it does not fit.
-        resident = frozenset(g.index for g in groups if not g.in_tower)
-    streamed = [g.nbytes for g in groups if g.index not in resident]
-    resident_bytes = sum(g.nbytes for g in groups if g.index in resident)
-    moved = sum(streamed) * ctx.passes
-    host = 0 if config.offload_device == "disk" else sum(streamed)
-    pinned_host = 0 if on_cpu or config.pin == "none" else min(host, int(getattr(ctx.hardware, "pinned_limit", host)))
-    return dataclasses.replace(
-        placement,
-        device_bytes=pinned + resident_bytes,
-        transient_bytes=placement.transient_bytes + slots * max(streamed, default=0),
-        host_bytes=placement.host_bytes + host,
-        pinned_bytes=placement.pinned_bytes + pinned_host,
-        disk_bytes=placement.disk_bytes + (sum(streamed) if config.offload_device == "disk" else 0),
-        moved_bytes=placement.moved_bytes + (0 if direct else moved),
-        transfers=placement.transfers + len(streamed) * ctx.passes,
-        disk_read_bytes=placement.disk_read_bytes + (moved if config.offload_device == "disk" else 0),
-    )
-
-
-def _offload_options(placement: Placement, ctx: CostContext) -> list[Offload]:
-    """Block and leaf offload with the budget solved to fill the room left for weights, and with
-    every group streamed; on disk too when host RAM cannot hold what streams."""
-    fp = placement.footprint
-    onload = "cpu" if ctx.hardware.device == "cpu" else "cuda"
-    room = int(ctx.device_room - placement.transient_bytes)
-    options: list[Offload] = []
-    grains = (["block"] if fp.blocks else []) + (["leaf"] if fp.leaves else [])
-    for granularity in grains:
-        units, rest = _offload_units(fp, granularity, 1)
-        fits_already = placement.device_bytes <= room  # a budget would keep everything: no offloading
-        if room > rest + 2 * max(units, default=0) and not fits_already:
-            options.append(Offload(onload_device=onload, granularity=granularity, vram_budget=room))
-        options.append(Offload(onload_device=onload, granularity=granularity))
-    streamed_min = fp.total_bytes - max(room, 0)
-    if streamed_min > ctx.ram_room:
-        options += [dataclasses.replace(o, offload_device="disk") for o in options]
-    return options
-
-
 register_technique(
     "offload",
     Offload,
     apply=_apply_offload,
     remove=_remove_offload,
     layer=Layer.OFFLOAD,
-    conflicts=("component_offload",),
-    cost=TechniqueCost(_offload_effect, _offload_options),
+    conflicts=("component_offload",),  # its cost is declared in _cost.py
 )

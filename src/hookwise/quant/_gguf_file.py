@@ -136,9 +136,11 @@ def match_file(model: nn.Module, contents: GGUFContents, config: Any) -> tuple[G
         if problem:
             mismatched.append(problem)
         filled.update(target.keys)
-    missing = [k for k in state if k not in filled]
-    # Buffers outside the state dict (rope tables) are no file's: on `meta` they would stay unusable.
-    missing += [f"{n} (a non-persistent buffer on meta)" for n, b in model.named_buffers() if b.is_meta and n not in state]
+    # A buffer on meta that the file lacks was computed by a constructor that ran on meta (a persistent
+    # one, as SD3's position embedding, or one outside the state dict, as rope tables): it is named as such.
+    meta_buffers = {n: n in state for n, b in model.named_buffers() if b.is_meta and n not in filled}
+    missing = [k for k in state if k not in filled and k not in meta_buffers]
+    missing += [f"{n} (a {'' if persistent else 'non-persistent '}buffer on meta)" for n, persistent in meta_buffers.items()]
     if unexpected or mismatched or missing:
         lines = [f"{contents.path!r} does not fit {type(model).__name__} (key map {key_map.name!r}):"]
         for title, items in (("missing from the file", missing), ("not in the model", unexpected),

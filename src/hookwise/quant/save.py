@@ -147,15 +147,17 @@ def load_quantized(path: str | Path, model: nn.Module | Callable[[], nn.Module])
         _freeze(txn, root)
         if stated:
             open_ledger(root).state_map(stated)
+        meta_buffers = _meta_buffers(root)
         apply_techniques(root, quant)
         state = root.state_dict(keep_vars=True)
         # Every parameter (still on meta) and every buffer the file holds, in the dtype the file stores it;
-        # a buffer on meta that the file lacks is `_check_filled`'s error, which says what to do.
+        # a buffer on meta that the file lacks is `_check_meta_buffers`'s error, which says what to do.
         expected = {
             key: (tuple(t.shape), headers[key].dtype if key in headers else t.dtype, None)
             for key, t in state.items() if key in headers or (t.device.type == "meta" and isinstance(t, nn.Parameter))
         }  # fmt: skip
         _check_keys(expected, headers, files, set(state), "build the model with the configuration of the one saved")
+        _check_meta_buffers(meta_buffers, headers, files)
         _fill(txn, dict(root.named_modules()), expected, headers, torch.device("cpu"))
         _check_filled(root)
         if rest:
@@ -291,11 +293,13 @@ def load_and_quantize(
             txn.on_rollback(lambda: root.load_state_dict(old, assign=True), "dtype")
             root.to(dtype)  # on meta: free; real buffers (rope tables) keep their values
         state = root.state_dict(keep_vars=True)
+        meta_buffers = _meta_buffers(root)
         apply_techniques(root, quant)
         leaves = hooks_named(root, QUANT_HOOK, ModelHook)
         modules = dict(root.named_modules())
-        expected = _expected_keys(root, state, leaves)
+        expected = _expected_keys(root, state, leaves, headers)
         _check_keys(expected, headers, files, set(state), CHECKPOINT_HINT)
+        _check_meta_buffers(meta_buffers, headers, files)
         _fill(txn, modules, expected, headers, device)
         _check_filled(root)
         if rest:
@@ -304,14 +308,16 @@ def load_and_quantize(
 
 
 def _expected_keys(
-    root: nn.Module, state: dict[str, torch.Tensor], leaves: dict[str, ModelHook]
+    root: nn.Module, state: dict[str, torch.Tensor], leaves: dict[str, ModelHook], headers: dict[str, _Entry]
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype, ModelHook | None]]:
     """{checkpoint key: (full-precision shape, dtype, the quantizing hook or None)} the model needs."""
-    expected = {}
-    for key, tensor in state.items():
-        if tensor.device.type != "meta":
-            continue  # a buffer computed at construction; a checkpoint may still hold it (read if so)
-        expected[key] = (tuple(tensor.shape), tensor.dtype, None)
+    # Every parameter and every tensor the checkpoint holds (a buffer computed at construction is read
+    # over if it does, as load_state_dict would); a buffer the checkpoint lacks keeps its values, or if
+    # it is on meta, is `_check_meta_buffers`' error.
+    expected = {
+        key: (tuple(tensor.shape), tensor.dtype, None)
+        for key, tensor in state.items() if key in headers or isinstance(tensor, nn.Parameter)
+    }  # fmt: skip
     for path, hook in leaves.items():
         module = root.get_submodule(path)
         prefix = f"{path}." if path else ""
@@ -331,6 +337,30 @@ def _freeze(txn: Transaction, root: nn.Module) -> None:
     flags = {p: p.requires_grad for p in root.parameters()}
     txn.on_rollback(lambda: [p.requires_grad_(f) for p, f in flags.items()], "freezing")
     root.requires_grad_(False)
+
+
+def _meta_buffers(root: nn.Module) -> list[str]:
+    """The model's own buffers on meta (taken before quantizing, whose stored tensors are filled by loading)."""
+    return [n for n, b in root.named_buffers() if b.device.type == "meta"]
+
+
+def _check_meta_buffers(meta_buffers: list[str], headers: dict[str, _Entry], files: list[Path]) -> None:
+    """Before anything is read: every buffer on meta must be in the files, or it would stay without values.
+
+    Such a buffer (a rope table, a position embedding) is computed by the model's constructor, which ran
+    on meta; a checkpoint need not hold it (non-persistent buffers never are), so it is not a missing key
+    of the file but a model built with too much on meta.
+    """
+    on_meta = [n for n in meta_buffers if n not in headers]
+    if on_meta:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise ConfigError(
+            f"{len(on_meta)} buffers of the model are on meta and {where} does not hold them (e.g. {on_meta[:3]}): "
+            f"buffers the model computes when it is built (rope tables, position embeddings) would stay without "
+            f"values. Build the model with only its parameters on meta: pass a function that builds it (with "
+            f"accelerate installed, `pip install accelerate`), or build it under accelerate's "
+            f"init_empty_weights(include_buffers=False) rather than torch.device('meta')"
+        )
 
 
 def _check_filled(root: nn.Module) -> None:
