@@ -108,7 +108,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--out", default="docs")
+    parser.add_argument("--out", default=None,
+                        help="where this run's rows and plot go (default: docs; with --merge-into: only the merged file, "
+                        "so a partial run never replaces a full one)")
     parser.add_argument("--device", default="cpu", help="where to sample (cpu, cuda, cuda:1)")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     parser.add_argument("--no-diffusers", action="store_true")
@@ -141,8 +143,9 @@ def main() -> int:
             print(comparison_markdown(compare_at_equal_work(results)) + "\n")
             print(best_at_work_markdown(best_at_work(results)) + "\n")
         return 0
-    out = Path(args.out)
+    out = Path(args.out or args.merge_into or "docs")
     out.mkdir(parents=True, exist_ok=True)
+    write_run = args.out is not None or not args.merge_into
     import diffusers
 
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}, "
@@ -167,7 +170,8 @@ def main() -> int:
             (out / f"forecast-{name}-{args.steps or spec.steps}.json").write_text(json.dumps(found, indent=1) + "\n")
             if args.ship:
                 print(f"shipped: {_ship(name, args.steps or spec.steps, found)}", file=sys.stderr)
-        (out / f"cache-{stem}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
+        if write_run:
+            (out / f"cache-{stem}.json").write_text(json.dumps([r.to_dict() for r in results], indent=1) + "\n")
         if args.merge_into:
             results = _save_merged(Path(args.merge_into), name, args.steps, results, cal)
         else:

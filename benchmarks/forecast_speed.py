@@ -19,6 +19,7 @@ import time
 import torch
 
 import hookwise
+from hookwise.cache.forecast import FOCA_GAIN
 from hookwise.errors import ConfigError
 from hookwise.sampling import psnr, sample
 from hookwise.zoo import load_reference, shipped_forecast
@@ -48,7 +49,7 @@ def main() -> int:
                 "uncached": [],
                 "taylorseer order=1 interval=3": [hookwise.TaylorSeer(order=1, interval=3, warmup=3)],
                 f"forecast budget={budget} (even rule)": [hookwise.Forecast(num_steps=steps, budget=budget)],
-                f"forecast budget={budget} foca (gain 1.3)": [hookwise.Forecast(num_steps=steps, budget=budget, predictor="foca")],
+                f"forecast budget={budget} foca (gain {FOCA_GAIN})": [hookwise.Forecast(num_steps=steps, budget=budget, predictor="foca")],
                 f"forecast budget={steps // 2} (even rule)": [hookwise.Forecast(num_steps=steps, budget=steps // 2)],
             }
             try:

@@ -29,6 +29,7 @@ from .. import (
 )
 from .. import apply as hw_apply
 from .. import remove as hw_remove
+from ..cache.forecast import FOCA_GAIN
 from ..errors import ConfigError, require
 from ..sampling.flow import COND, UNCOND
 
@@ -147,7 +148,7 @@ def hookwise_methods(
     for share in FORECAST_SHARES:
         budget = max(2, steps // share)
         out.append(
-            _hookwise("forecast-foca", f"budget={budget}/{steps}, gain=1.3", Forecast(num_steps=steps, budget=budget, predictor="foca"),
+            _hookwise("forecast-foca", f"budget={budget}/{steps}, gain={FOCA_GAIN}", Forecast(num_steps=steps, budget=budget, predictor="foca"),
                       default=share == 4)
         )
     for share, threshold in FORECAST_INPUT_PROBE_SETTINGS:
