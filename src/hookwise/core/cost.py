@@ -288,11 +288,46 @@ def harness_row(ctx: CostContext, method: str) -> dict[str, Any] | None:
     return None
 
 
+def measured_config(row: dict[str, Any] | None, make: Callable[[], Any], num_steps: int | None = None) -> Any | None:
+    """The config a harness `row` measured (its recorded `config` of this technique, else `make()`), for
+    sampling runs of `num_steps` steps; None where it cannot be stated for them.
+
+    A config that states the length of the run it is scheduled for (a `num_steps` field: a schedule of
+    computed steps, by a `budget` or as a `schedule` of step indices) is given the job's step count, its
+    budget scaled to the same share of the steps and its schedule's steps placed at the same fractions
+    of the run: a run of the job's length then never outlasts it. Measured at the job's step count, the
+    recorded config is returned as it is; one that does not validate at the job's count (per-step
+    fitted data) is not offered (None)."""
+    default = make()
+    config = default
+    for entry in (row or {}).get("config") or ():
+        if isinstance(entry, dict) and entry.get("technique") == default.to_dict()["technique"]:
+            try:
+                config = type(default).from_dict(entry)
+            except (ConfigError, TypeError, ValueError):
+                config = default  # a row written by another version: the declared default stands
+            break
+    measured = getattr(config, "num_steps", None)
+    if num_steps is None or measured is None or measured == num_steps:
+        return config
+    share = num_steps / measured
+    changes: dict[str, Any] = {"num_steps": num_steps}
+    if getattr(config, "budget", None) is not None:
+        changes["budget"] = max(1, min(num_steps, round(config.budget * share)))
+    if getattr(config, "schedule", None) is not None:
+        changes["schedule"] = tuple(sorted({min(round(step * share), num_steps - 1) for step in config.schedule}))
+    try:
+        return replace(config, **changes)
+    except ConfigError:
+        return None
+
+
 def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None = None) -> TechniqueCost:
     """The cost of a step cache whose default setting the shipped harness measured as `method`.
 
-    `make()` builds the config the harness ran as that default. Offered for sampling only (and, with
-    `needs_cfg`, only for that CFG mode), with its measured speed-up and PSNR as quality class;
+    `make()` builds the config the harness ran as that default (the row's recorded config, where it has
+    one, is used instead: `measured_config`, for the job's `num_steps`). Offered for sampling only (and,
+    with `needs_cfg`, only for that CFG mode), with its measured speed-up and PSNR as quality class;
     without a measurement it is not offered (a quality the planner cannot state is not a choice).
     """
 
@@ -301,14 +336,22 @@ def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None =
         speedup = float(row["speedup"]) if row else 1.0
         psnr = row.get("psnr") if row else None
         quality = f"cached@{float(psnr):.0f} dB" if isinstance(psnr, (int, float)) else "cached"
-        return replace(
+        after = replace(
             placement, compute_factor=placement.compute_factor / max(speedup, 1e-6), quality=(*placement.quality, quality)
         )
+        measured = measured_config(row, make) if row else None
+        steps = getattr(measured, "num_steps", None)
+        if steps is not None and getattr(config, "num_steps", steps) != steps:
+            after = after.note(f"{method}: scheduled for {config.num_steps} steps; its speed and PSNR were measured with "
+                               f"the same share of {steps} steps ({row.get('setting', '')})")  # fmt: skip
+        return after
 
     def options(placement: Placement, ctx: CostContext) -> list[Any]:
-        if ctx.training or harness_row(ctx, method) is None or (needs_cfg and ctx.cfg != needs_cfg):
+        row = harness_row(ctx, method)
+        if ctx.training or row is None or (needs_cfg and ctx.cfg != needs_cfg):
             return []
-        return [make()]
+        config = measured_config(row, make, getattr(ctx.job, "num_steps", None))
+        return [] if config is None else [config]
 
     return TechniqueCost(effect, options, training=False, exclusive="step-cache")
 
