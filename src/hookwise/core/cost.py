@@ -381,28 +381,46 @@ class SpeedFigure:
         return float(value) if value is not None else None
 
 
+def kind_of(device: str, name: str = "") -> str:
+    """A device kind as spelled from its type and name: "<device>:<name>", lower-cased, spaces collapsed
+    (just the device type without a name)."""
+    name = " ".join(str(name or "").lower().split())
+    return f"{device}:{name}" if name else str(device or "")
+
+
 def device_kind(hardware: Any) -> str:
-    """The kind of compute device a speed figure holds for: "<device>:<name>", lower-cased, e.g.
-    "cuda:nvidia h100 80gb hbm3" or "cpu:amd epyc (2 cores)" (the planner's `Hardware.device` and
-    `.name`); just the device type when the hardware has no name."""
-    device = str(getattr(hardware, "device", "") or "")
-    name = " ".join(str(getattr(hardware, "name", "") or "").lower().split())
-    return f"{device}:{name}" if name else device
+    """The kind of compute device a speed figure holds for, e.g. "cuda:h100" or "cpu:amd epyc (2 cores)".
+
+    The planner's `Hardware` states it (`Hardware.kind`: a GPU of its known table by the table's name, so
+    a GPU stated as gpu="H100" and one detected as "NVIDIA H100 80GB HBM3" are one kind, "cuda:h100");
+    other hardware objects are spelled from their `device` and `name` (`kind_of`)."""
+    kind = getattr(hardware, "kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    return kind_of(str(getattr(hardware, "device", "") or ""), str(getattr(hardware, "name", "") or ""))
+
+
+def _kinds(hardware: Any) -> tuple[str, ...]:
+    """The keys a figure for this hardware may be stored under, most specific first: its kind, then its
+    name as spelled (a figure keyed by the detected name, "cuda:nvidia h100 80gb hbm3", still holds)."""
+    spelled = kind_of(str(getattr(hardware, "device", "") or ""), str(getattr(hardware, "name", "") or ""))
+    return tuple(dict.fromkeys(k for k in (device_kind(hardware), spelled) if k))
 
 
 def speed_figure(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigure] | None = None) -> tuple[float, str] | None:
     """(factor, source) of a speed technique on the job's device and mode, or None where nothing was measured.
 
     `shipped` (the technique's own benchmark figures, next to its code) is keyed by device kind
-    (`device_kind`): a figure is offered only on the kind it was measured on. A user's own figures,
-    `ctx.measurements["speed"][technique]`, are keyed by device kind or by device type ("cuda", "cpu":
+    (`device_kind`, e.g. "cuda:h100"; the name as detected, "cuda:nvidia h100 80gb hbm3", is read too): a
+    figure is offered only on the kind it was measured on. A user's own figures,
+    `ctx.measurements["speed"][technique]`, are keyed the same way or by device type ("cuda", "cpu":
     the user measured their own machine) with `{"forward": ..., "backward": ...}` or a SpeedFigure,
     and win over the shipped ones.
     """
-    kind = device_kind(ctx.hardware)
+    kinds = _kinds(ctx.hardware)
     device = str(getattr(ctx.hardware, "device", "") or "")
     stated = ((ctx.measurements.get("speed") or {}).get(technique)) or {}
-    for key in (kind, device):
+    for key in (*kinds, device):
         row = stated.get(key) if key else None
         if row is None:
             continue
@@ -412,7 +430,7 @@ def speed_figure(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigur
         factor = figure.factor(ctx.training)
         if factor is not None:
             return factor, figure.source
-    figure = (shipped or {}).get(kind)
+    figure = next((shipped[k] for k in kinds if k in (shipped or {})), None)
     factor = figure.factor(ctx.training) if figure is not None else None
     return (factor, figure.source) if factor is not None else None
 
@@ -432,7 +450,7 @@ def speed_cost(technique: str, make: Callable[[], Any], shipped: dict[str, Speed
     def effect(placement: Placement, config: Any, ctx: CostContext) -> Placement:
         found = speed_figure(ctx, technique, shipped)
         if found is None:
-            elsewhere = sorted(k for k in (shipped or {}) if k != device_kind(ctx.hardware))
+            elsewhere = sorted(k for k in (shipped or {}) if k not in _kinds(ctx.hardware))
             also = f" (measured on {', '.join(elsewhere)} only)" if elsewhere else ""
             return placement.note(f"{technique}: no speed-up measured on this device and mode{also}; time unchanged")
         factor, source = found
