@@ -3,6 +3,10 @@
 Import them into a test module (`from plan_helpers import stated_activations, stack_checks  # noqa: F401`):
 both are autouse there.
 
+`one_thread` (from cache_helpers): the real CPU runs that fake runs are checked against, and the fake runs,
+are many tiny ops: on the shared 2-core machine two threads spin against each other (a zoo model's LoRA step
+14 s with two threads, 1.5 s with one; the same peaks). Use it with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+
 `full_size(name)` and `full_size_plan(...)`: a shipped full-size spec on `meta` (with its measured target
 and the formula's activations) and the plan for it, made once per test process: several tests read the
 same plan (a full-size plan enumerates hundreds of stacks: seconds each), none changes it.
@@ -12,6 +16,7 @@ import functools
 import json
 
 import pytest
+from cache_helpers import one_thread  # noqa: F401 - re-exported for the plan tests
 
 from hookwise.plan import estimate
 from hookwise.plan.estimate import ActivationEstimate

@@ -22,10 +22,12 @@ from hookwise.core.techniques import technique_of
 from hookwise.errors import ConfigError
 from hookwise.introspect import build_spec
 from hookwise.plan import Hardware, Job, Plan, make_plan, optimize
-from hookwise.plan.estimate import ActivationEstimate, formula_activation
-from hookwise.plan.footprint import hidden_size, lora_params, measure, storage_table
+from hookwise.plan.estimate import ActivationEstimate
+from hookwise.plan.footprint import lora_params, measure, storage_table
 from model_helpers import tiny_flux
-from plan_helpers import full_size_plan
+from plan_helpers import full_size_plan, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops on a shared 2-core machine
 
 GB = 10**9
 

@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from model_helpers import tiny_flux, tiny_wan
+from plan_helpers import one_thread  # noqa: F401
 
 from hookwise.errors import ConfigError
 from hookwise.memory import LayerwiseCasting, Offload
@@ -21,6 +22,8 @@ from hookwise.plan._peak_measure import measure_peak
 from hookwise.plan.job import Job
 from hookwise.plan.peak import estimate_peak
 from hookwise.train import Checkpointing
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops on a shared 2-core machine
 
 
 def _zoo(name: str):
