@@ -22,9 +22,12 @@ from hookwise.core.techniques import technique_of
 from hookwise.errors import ConfigError
 from hookwise.introspect import build_spec
 from hookwise.plan import Hardware, Job, Plan, make_plan, optimize
-from hookwise.plan.estimate import ActivationEstimate, formula_activation
-from hookwise.plan.footprint import hidden_size, lora_params, measure, storage_table
+from hookwise.plan.estimate import ActivationEstimate
+from hookwise.plan.footprint import lora_params, measure, storage_table
 from model_helpers import tiny_flux
+from plan_helpers import full_size_plan, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops on a shared 2-core machine
 
 GB = 10**9
 
@@ -189,21 +192,6 @@ def _const(n: int):
     return lambda model, job, **kw: ActivationEstimate(n, "test")
 
 
-@pytest.fixture(scope="module")
-def specs():
-    out = {}
-    for name in ("flux.1-dev", "wan2.1-t2v-14b"):
-        model = build_spec(name)
-        target = measure(model)
-        model_map = target.denoiser.model_map
-
-        def estimator(m, job, _map=model_map, **kw):
-            return formula_activation(_map, job, hidden_size(_map))
-
-        out[name] = (model, target, estimator)
-    return out
-
-
 FLUX = Job(height=1024, width=1024)
 FLUX_LORA = Job(height=1024, width=1024, training=True)
 WAN = Job(height=480, width=832, frames=81, cfg="separate")
@@ -241,9 +229,8 @@ CHOICES = [
 
 
 @pytest.mark.parametrize("name, job, vram, ram, goal, expected, quality", CHOICES)
-def test_the_choice_on_a_hand_made_machine(specs, name, job, vram, ram, goal, expected, quality):
-    model, target, estimator = specs[name]
-    plan = make_plan(model, job, _machine(vram, ram), goal, activation_estimator=estimator, target=target)
+def test_the_choice_on_a_hand_made_machine(name, job, vram, ram, goal, expected, quality):
+    plan = full_size_plan(name, job, _machine(vram, ram), goal)
     assert plan.chosen is not None, plan.explain()
     assert plan.chosen.label.startswith(expected), plan.explain()
     assert plan.chosen.quality_class == quality
@@ -270,9 +257,8 @@ FP8_CHOICES = [
 
 
 @pytest.mark.parametrize("name, job, vram, ram, hw, goal, expected, quality", FP8_CHOICES)
-def test_the_choice_on_a_hand_made_machine_with_fp8_matmul(specs, name, job, vram, ram, hw, goal, expected, quality):
-    model, target, estimator = specs[name]
-    plan = make_plan(model, job, _machine(vram, ram, **hw), goal, activation_estimator=estimator, target=target)
+def test_the_choice_on_a_hand_made_machine_with_fp8_matmul(name, job, vram, ram, hw, goal, expected, quality):
+    plan = full_size_plan(name, job, _machine(vram, ram, **hw), goal)
     assert plan.chosen is not None, plan.explain()
     assert plan.chosen.label.startswith(expected), plan.explain()
     assert plan.chosen.quality_class.startswith(quality)
@@ -283,38 +269,34 @@ def test_the_choice_on_a_hand_made_machine_with_fp8_matmul(specs, name, job, vra
     assert ("fp8-dynamic" in schemes) == (not job.training)  # offered wherever the profile has fp8 matmul
 
 
-def test_a_gpu_stated_without_fp8_matmul_gets_no_fp8_compute_offer(specs):
-    model, target, estimator = specs["flux.1-dev"]
-    plan = make_plan(model, FLUX, _machine(80, 128, gpu="H100", fp8=False), activation_estimator=estimator, target=target)
+def test_a_gpu_stated_without_fp8_matmul_gets_no_fp8_compute_offer():
+    plan = full_size_plan("flux.1-dev", FLUX, _machine(80, 128, gpu="H100", fp8=False))
     assert plan.options and not any("compute=fp8" in o.label or "fp8-dynamic" in o.label for o in plan.options)
 
 
-def test_a_job_that_fits_nowhere_is_explained_with_the_closest_failure(specs):
-    model, target, estimator = specs["wan2.1-t2v-14b"]
+def test_a_job_that_fits_nowhere_is_explained_with_the_closest_failure():
     job = Job(height=720, width=1280, frames=81, cfg="separate")
-    plan = make_plan(model, job, _machine(12, 32), activation_estimator=estimator, target=target)
+    plan = full_size_plan("wan2.1-t2v-14b", job, _machine(12, 32))
     assert plan.chosen is None and not plan.ranked
     assert "None fits" in plan.explain() and "device memory" in plan.explain()
     failure = plan.options[0].failure
     assert failure.startswith("device memory: needs") and "short by" in failure
 
 
-def test_options_that_do_not_fit_say_the_first_resource_and_by_how_much(specs):
-    model, target, estimator = specs["flux.1-dev"]
-    plan = make_plan(model, FLUX, _machine(8, 16), activation_estimator=estimator, target=target)
+def test_options_that_do_not_fit_say_the_first_resource_and_by_how_much():
+    plan = full_size_plan("flux.1-dev", FLUX, _machine(8, 16))
     plain = next(o for o in plan.options if o.label == "all resident")
     assert not plain.fits and plain.failure.startswith("device memory")
     offload_cpu = next(o for o in plan.options if o.label.startswith("offload(vram_budget="))
     assert not offload_cpu.fits and offload_cpu.failure.startswith("RAM")
     # every goal takes a fitting option; sampling may add a step cache only for goal "speed"
-    fast = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target)
+    fast = full_size_plan("flux.1-dev", FLUX, _machine(80, 128), "speed")
     assert "cached@" in fast.chosen.quality_class
-    assert make_plan(model, FLUX, _machine(80, 128), "memory", activation_estimator=estimator, target=target).chosen.fits
+    assert full_size_plan("flux.1-dev", FLUX, _machine(80, 128), "memory").chosen.fits
 
 
-def test_the_explanation_names_the_choice_its_costs_and_what_was_modelled(specs):
-    model, target, estimator = specs["flux.1-dev"]
-    plan = make_plan(model, FLUX, _machine(24, 64), activation_estimator=estimator, target=target)
+def test_the_explanation_names_the_choice_its_costs_and_what_was_modelled():
+    plan = full_size_plan("flux.1-dev", FLUX, _machine(24, 64))
     text = plan.explain()
     assert plan.chosen.label in text and "device peak" in text and "formula" in text
     assert "Modelled rather than run" in text
@@ -483,18 +465,15 @@ def test_optimize_a_diffusers_pipeline_offloads_its_components_when_streaming_wo
             assert _same(module, state[name])
 
 
-def test_step_caches_are_offered_only_with_a_measured_quality(specs):
-    model, target, estimator = specs["flux.1-dev"]
-    measured = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target)
+def test_step_caches_are_offered_only_with_a_measured_quality():
+    measured = full_size_plan("flux.1-dev", FLUX, _machine(80, 128), "speed")
     assert any(o.quality_class.startswith("cached@") for o in measured.options)
-    unmeasured = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target,
-                           measurements={"cache": []})  # fmt: skip
+    unmeasured = full_size_plan("flux.1-dev", FLUX, _machine(80, 128), "speed", measurements={"cache": []})
     assert all("cached" not in o.quality_class for o in unmeasured.options)
     assert unmeasured.chosen.label == "all resident"
     # Stating figures of another kind (speed) keeps the shipped cache rows.
     speed = {"compile": {"cuda": {"forward": 0.9, "backward": 0.9}}}
-    with_speed = make_plan(model, FLUX, _machine(80, 128), "speed", activation_estimator=estimator, target=target,
-                           measurements={"speed": speed})  # fmt: skip
+    with_speed = full_size_plan("flux.1-dev", FLUX, _machine(80, 128), "speed", measurements={"speed": speed})
     assert any(o.quality_class.startswith("cached@") for o in with_speed.options)
 
 

@@ -6,8 +6,9 @@ from hookwise.cli import main
 import plan_helpers
 
 
-# autouse fixtures: activations stated, stack checks recorded and not run
+# autouse fixtures: activations stated, stack checks recorded and not run, each spec built and described once
 stated_activations, stack_checks = plan_helpers.stated_activations, plan_helpers.stack_checks
+one_map_per_spec = plan_helpers.one_map_per_spec
 
 MACHINE = ["--ram", "64GB", "--h2d", "25GB/s", "--tflops", "130", "--disk-read", "2GB/s"]
 

@@ -1,20 +1,11 @@
 """The shipped step-cache harness rows hold Forecast's default setting, so the planner offers Forecast for sampling."""
 
 import pytest
+from plan_helpers import full_size_plan
 
 from hookwise import Forecast
-from hookwise.introspect import build_spec
-from hookwise.plan import Hardware, Job, make_plan
-from hookwise.plan.estimate import formula_activation
-from hookwise.plan.footprint import hidden_size, measure
+from hookwise.plan import Hardware, Job
 from hookwise.plan.plan import harness_results
-
-
-@pytest.fixture(scope="module")
-def flux():
-    model = build_spec("flux.1-dev")
-    model_map = measure(model).denoiser.model_map
-    return model, lambda m, job, **kw: formula_activation(model_map, job, hidden_size(model_map))
 
 
 def _machine() -> Hardware:
@@ -29,15 +20,14 @@ def test_the_shipped_rows_hold_forecasts_measured_default(job):
     assert default[0]["block_frac"] == 0.25 and default[0]["speedup"] > 1 and default[0]["psnr"] >= 35
 
 
-def test_the_planner_offers_forecast_with_its_measured_psnr_and_not_without_its_row(flux):
-    model, estimator = flux
+def test_the_planner_offers_forecast_with_its_measured_psnr_and_not_without_its_row():
     job = Job(height=1024, width=1024)
-    plan = make_plan(model, job, _machine(), "speed", activation_estimator=estimator)
+    plan = full_size_plan("flux.1-dev", job, _machine(), "speed")
     offered = [o for o in plan.options if any(isinstance(c, Forecast) for c in o.configs)]
     assert offered and all(Forecast(num_steps=28, budget=7) in o.configs for o in offered)
     rows, _ = harness_results(job)
     psnr = next(r["psnr"] for r in rows if r["method"] == "forecast" and r["default"])
     assert all(f"cached@{psnr:.0f} dB" in o.quality_class for o in offered)
     without = [r for r in rows if r["method"] != "forecast"]
-    plan = make_plan(model, job, _machine(), "speed", activation_estimator=estimator, measurements={"cache": without})
+    plan = full_size_plan("flux.1-dev", job, _machine(), "speed", measurements={"cache": without})
     assert not any(isinstance(c, Forecast) for o in plan.options for c in o.configs)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import MusubiDiT, tiny_flux, tiny_musubi, tiny_wan
+from plan_helpers import one_thread  # noqa: F401
 from torch import nn
 
 from hookwise.errors import ConfigError
@@ -18,6 +19,8 @@ from hookwise.plan._peak_measure import measure_peak
 from hookwise.plan._peak_tracker import StorageTracker
 from hookwise.plan.job import Job
 from hookwise.plan.peak import PeakReport, estimate_peak
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny ops on a shared 2-core machine
 
 STEPS = {
     "sample": {},

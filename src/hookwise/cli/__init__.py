@@ -24,6 +24,7 @@ from ..bench import DIFFUSERS_METHODS, HOOKWISE_METHODS, run_cache_bench, save_p
 from ..errors import ConfigError, HookwiseError
 from ..introspect import describe, load_model, spec_names
 from ..memory import clean_offload_cache, default_offload_dir, offload_cache_files
+from ..plan.job import DEFAULT_STEPS
 from ..zoo import load_reference, reference_names
 from ..zoo.reference import get_reference_spec
 from ._common import _mib, _positive_int
@@ -159,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model, source = load_model(args.model, dtype=args.dtype)
     height, width = parse_resolution(args.resolution)
     job = Job(height=height, width=width, frames=args.frames, batch=args.batch, text_len=args.text_len,
-              cfg=args.cfg, training=args.training, lora_rank=args.lora_rank)  # fmt: skip
+              cfg=args.cfg, training=args.training, lora_rank=args.lora_rank, num_steps=args.steps)  # fmt: skip
     hardware = Hardware.detect(gpu=args.gpu, vram=args.vram, ram=args.ram, h2d=args.h2d, disk_read=args.disk_read,
                                tflops=args.tflops, device=args.device, fp8=args.fp8, gpus=args.gpus,
                                link=args.link)  # fmt: skip
@@ -218,6 +219,8 @@ def _add_plan(sub) -> None:
     plan.add_argument("--batch", type=_positive_int, default=1)
     plan.add_argument("--text-len", type=_positive_int, default=512, help="text tokens (default 512)")
     plan.add_argument("--cfg", choices=("batched", "separate"), default=None, help="classifier-free guidance calls")
+    plan.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                      help=f"denoising steps of one sampling run: step caches are scheduled for it (default {DEFAULT_STEPS})")
     plan.add_argument("--training", action="store_true", help="LoRA training (forward and backward) instead of sampling")
     plan.add_argument("--lora-rank", type=_positive_int, default=16)
     plan.add_argument("--attention", choices=("flash", "efficient", "math"), default="flash",

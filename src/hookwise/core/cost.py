@@ -288,11 +288,46 @@ def harness_row(ctx: CostContext, method: str) -> dict[str, Any] | None:
     return None
 
 
+def measured_config(row: dict[str, Any] | None, make: Callable[[], Any], num_steps: int | None = None) -> Any | None:
+    """The config a harness `row` measured (its recorded `config` of this technique, else `make()`), for
+    sampling runs of `num_steps` steps; None where it cannot be stated for them.
+
+    A config that states the length of the run it is scheduled for (a `num_steps` field: a schedule of
+    computed steps, by a `budget` or as a `schedule` of step indices) is given the job's step count, its
+    budget scaled to the same share of the steps and its schedule's steps placed at the same fractions
+    of the run: a run of the job's length then never outlasts it. Measured at the job's step count, the
+    recorded config is returned as it is; one that does not validate at the job's count (per-step
+    fitted data) is not offered (None)."""
+    default = make()
+    config = default
+    for entry in (row or {}).get("config") or ():
+        if isinstance(entry, dict) and entry.get("technique") == default.to_dict()["technique"]:
+            try:
+                config = type(default).from_dict(entry)
+            except (ConfigError, TypeError, ValueError):
+                config = default  # a row written by another version: the declared default stands
+            break
+    measured = getattr(config, "num_steps", None)
+    if num_steps is None or measured is None or measured == num_steps:
+        return config
+    share = num_steps / measured
+    changes: dict[str, Any] = {"num_steps": num_steps}
+    if getattr(config, "budget", None) is not None:
+        changes["budget"] = max(1, min(num_steps, round(config.budget * share)))
+    if getattr(config, "schedule", None) is not None:
+        changes["schedule"] = tuple(sorted({min(round(step * share), num_steps - 1) for step in config.schedule}))
+    try:
+        return replace(config, **changes)
+    except ConfigError:
+        return None
+
+
 def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None = None) -> TechniqueCost:
     """The cost of a step cache whose default setting the shipped harness measured as `method`.
 
-    `make()` builds the config the harness ran as that default. Offered for sampling only (and, with
-    `needs_cfg`, only for that CFG mode), with its measured speed-up and PSNR as quality class;
+    `make()` builds the config the harness ran as that default (the row's recorded config, where it has
+    one, is used instead: `measured_config`, for the job's `num_steps`). Offered for sampling only (and,
+    with `needs_cfg`, only for that CFG mode), with its measured speed-up and PSNR as quality class;
     without a measurement it is not offered (a quality the planner cannot state is not a choice).
     """
 
@@ -301,14 +336,22 @@ def cached_cost(method: str, make: Callable[[], Any], *, needs_cfg: str | None =
         speedup = float(row["speedup"]) if row else 1.0
         psnr = row.get("psnr") if row else None
         quality = f"cached@{float(psnr):.0f} dB" if isinstance(psnr, (int, float)) else "cached"
-        return replace(
+        after = replace(
             placement, compute_factor=placement.compute_factor / max(speedup, 1e-6), quality=(*placement.quality, quality)
         )
+        measured = measured_config(row, make) if row else None
+        steps = getattr(measured, "num_steps", None)
+        if steps is not None and getattr(config, "num_steps", steps) != steps:
+            after = after.note(f"{method}: scheduled for {config.num_steps} steps; its speed and PSNR were measured with "
+                               f"the same share of {steps} steps ({row.get('setting', '')})")  # fmt: skip
+        return after
 
     def options(placement: Placement, ctx: CostContext) -> list[Any]:
-        if ctx.training or harness_row(ctx, method) is None or (needs_cfg and ctx.cfg != needs_cfg):
+        row = harness_row(ctx, method)
+        if ctx.training or row is None or (needs_cfg and ctx.cfg != needs_cfg):
             return []
-        return [make()]
+        config = measured_config(row, make, getattr(ctx.job, "num_steps", None))
+        return [] if config is None else [config]
 
     return TechniqueCost(effect, options, training=False, exclusive="step-cache")
 
@@ -338,28 +381,46 @@ class SpeedFigure:
         return float(value) if value is not None else None
 
 
+def kind_of(device: str, name: str = "") -> str:
+    """A device kind as spelled from its type and name: "<device>:<name>", lower-cased, spaces collapsed
+    (just the device type without a name)."""
+    name = " ".join(str(name or "").lower().split())
+    return f"{device}:{name}" if name else str(device or "")
+
+
 def device_kind(hardware: Any) -> str:
-    """The kind of compute device a speed figure holds for: "<device>:<name>", lower-cased, e.g.
-    "cuda:nvidia h100 80gb hbm3" or "cpu:amd epyc (2 cores)" (the planner's `Hardware.device` and
-    `.name`); just the device type when the hardware has no name."""
-    device = str(getattr(hardware, "device", "") or "")
-    name = " ".join(str(getattr(hardware, "name", "") or "").lower().split())
-    return f"{device}:{name}" if name else device
+    """The kind of compute device a speed figure holds for, e.g. "cuda:h100" or "cpu:amd epyc (2 cores)".
+
+    The planner's `Hardware` states it (`Hardware.kind`: a GPU of its known table by the table's name, so
+    a GPU stated as gpu="H100" and one detected as "NVIDIA H100 80GB HBM3" are one kind, "cuda:h100");
+    other hardware objects are spelled from their `device` and `name` (`kind_of`)."""
+    kind = getattr(hardware, "kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    return kind_of(str(getattr(hardware, "device", "") or ""), str(getattr(hardware, "name", "") or ""))
+
+
+def _kinds(hardware: Any) -> tuple[str, ...]:
+    """The keys a figure for this hardware may be stored under, most specific first: its kind, then its
+    name as spelled (a figure keyed by the detected name, "cuda:nvidia h100 80gb hbm3", still holds)."""
+    spelled = kind_of(str(getattr(hardware, "device", "") or ""), str(getattr(hardware, "name", "") or ""))
+    return tuple(dict.fromkeys(k for k in (device_kind(hardware), spelled) if k))
 
 
 def speed_figure(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigure] | None = None) -> tuple[float, str] | None:
     """(factor, source) of a speed technique on the job's device and mode, or None where nothing was measured.
 
     `shipped` (the technique's own benchmark figures, next to its code) is keyed by device kind
-    (`device_kind`): a figure is offered only on the kind it was measured on. A user's own figures,
-    `ctx.measurements["speed"][technique]`, are keyed by device kind or by device type ("cuda", "cpu":
+    (`device_kind`, e.g. "cuda:h100"; the name as detected, "cuda:nvidia h100 80gb hbm3", is read too): a
+    figure is offered only on the kind it was measured on. A user's own figures,
+    `ctx.measurements["speed"][technique]`, are keyed the same way or by device type ("cuda", "cpu":
     the user measured their own machine) with `{"forward": ..., "backward": ...}` or a SpeedFigure,
     and win over the shipped ones.
     """
-    kind = device_kind(ctx.hardware)
+    kinds = _kinds(ctx.hardware)
     device = str(getattr(ctx.hardware, "device", "") or "")
     stated = ((ctx.measurements.get("speed") or {}).get(technique)) or {}
-    for key in (kind, device):
+    for key in (*kinds, device):
         row = stated.get(key) if key else None
         if row is None:
             continue
@@ -369,7 +430,7 @@ def speed_figure(ctx: CostContext, technique: str, shipped: dict[str, SpeedFigur
         factor = figure.factor(ctx.training)
         if factor is not None:
             return factor, figure.source
-    figure = (shipped or {}).get(kind)
+    figure = next((shipped[k] for k in kinds if k in (shipped or {})), None)
     factor = figure.factor(ctx.training) if figure is not None else None
     return (factor, figure.source) if factor is not None else None
 
@@ -389,7 +450,7 @@ def speed_cost(technique: str, make: Callable[[], Any], shipped: dict[str, Speed
     def effect(placement: Placement, config: Any, ctx: CostContext) -> Placement:
         found = speed_figure(ctx, technique, shipped)
         if found is None:
-            elsewhere = sorted(k for k in (shipped or {}) if k != device_kind(ctx.hardware))
+            elsewhere = sorted(k for k in (shipped or {}) if k not in _kinds(ctx.hardware))
             also = f" (measured on {', '.join(elsewhere)} only)" if elsewhere else ""
             return placement.note(f"{technique}: no speed-up measured on this device and mode{also}; time unchanged")
         factor, source = found

@@ -433,6 +433,8 @@ def explain(inputs: Inputs, chosen: Option | None, ranked: Sequence[Option], opt
     shape = f"{job.height}x{job.width}" + (f"x{job.frames} frames" if job.frames > 1 else "") + f", batch {job.batch}"
     if job.cfg:
         shape += f", CFG {job.cfg}"
+    if not job.training:
+        shape += f", {job.num_steps} steps"
     head = (
         f"{what.capitalize()} {inputs.target.denoiser.model_map.model_cls} at {shape} on {hw.name} "
         f"({fmt(hw.vram_free)} device memory, {fmt(hw.ram)} RAM; margin {inputs.margin[0]:.0%} + {fmt(inputs.margin[1])} each): "

@@ -12,10 +12,12 @@ Ada, Hopper, Blackwell): detected from this GPU's capability, or a named GPU's, 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import psutil
 import torch
 
-from ..core.cost import parse_rate, parse_size
+from ..core.cost import kind_of, parse_rate, parse_size
 from ..errors import ConfigError
 
 logger = logging.getLogger("hookwise.plan.hardware")
@@ -226,6 +228,14 @@ class Hardware:
             link=link_rate,
         )
 
+    @property
+    def kind(self) -> str:
+        """The device kind speed figures are keyed by (`core.cost.device_kind`): a GPU of the known table by
+        the table's name, "cuda:h100" whether stated (gpu="H100") or detected ("NVIDIA H100 80GB HBM3");
+        any other device by its name, lower-cased ("cpu:amd epyc (2 cores)")."""
+        known = known_gpu_name(self.name) if self.device == "cuda" else None
+        return kind_of(self.device, known or self.name)
+
     def with_(self, **changes: Any) -> Hardware:
         return replace(self, **changes)
 
@@ -244,14 +254,20 @@ def _cpu_name() -> str:
     return f"{model} ({cores} cores)" if cores else model
 
 
-def _known_gpu(name: str | None) -> dict[str, float] | None:
+@functools.lru_cache(maxsize=64)  # read for every speed technique of every stack a plan enumerates
+def known_gpu_name(name: str | None) -> str | None:
+    """The `KNOWN_GPUS` entry a GPU name is ("NVIDIA H100 80GB HBM3", "H100", "h100 sxm" -> "h100"), or None:
+    the longest table name found in it as whole words ("RTX 4060 Ti" is not an "rtx 4060")."""
     if not name:
         return None
-    key = name.lower().replace("nvidia", "").replace("geforce", "").strip()
-    for known, values in KNOWN_GPUS.items():
-        if known in key:
-            return values
-    return None
+    key = " ".join(name.lower().replace("nvidia", " ").replace("geforce", " ").split())
+    found = [k for k in KNOWN_GPUS if re.search(rf"(?<![a-z0-9]){re.escape(k)}(?![a-z0-9])", key)]
+    return max(found, key=len) if found else None
+
+
+def _known_gpu(name: str | None) -> dict[str, Any] | None:
+    known = known_gpu_name(name)
+    return KNOWN_GPUS[known] if known else None
 
 
 def cache_dir() -> Path:

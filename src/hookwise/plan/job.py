@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import ConfigError
 
 CFG_MODES = ("batched", "separate", None)
+DEFAULT_STEPS = 28  # FLUX.1-dev's sampling steps, and the step count the shipped cache rows were first measured at
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class Job:
 
     - `height`, `width`: pixels; `frames`: video frames (1 = image); `batch`: samples per step.
     - `text_len`: text tokens.
+    - `num_steps`: denoising steps of one sampling run (step caches are measured and scheduled for a
+      run's length; FLUX.1-dev's default of 28); training ignores it.
     - `cfg`: "batched" (the batch doubled in one call), "separate" (two calls per step) or None.
     - `training`: forward + backward with LoRA (rank `lora_rank` on the attention projections)
       trainable and the rest frozen; `checkpointing`: gradient checkpointing (None: on when training).
@@ -30,9 +33,10 @@ class Job:
     training: bool = False  # forward + backward with LoRA trainable
     checkpointing: bool | None = None  # gradient checkpointing (None: on when training)
     lora_rank: int = 16
+    num_steps: int = DEFAULT_STEPS  # denoising steps of one sampling run
 
     def __post_init__(self) -> None:
-        for name in ("height", "width", "frames", "batch", "text_len", "lora_rank"):
+        for name in ("height", "width", "frames", "batch", "text_len", "lora_rank", "num_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"Job({name}={value!r}): must be a whole number >= 1")

@@ -47,21 +47,34 @@ logger = logging.getLogger("hookwise.plan")
 
 VERIFY_HOOK = "hookwise.plan.first_step"
 TOLERANCE = 0.10  # a measured peak this far from the prediction is worth a warning
-# The step-cache harness results ship inside the package (docs/ holds the same files for people).
+# The step-cache harness results ship inside the package (docs/ holds the same files for people), one
+# file per kind of job (video or image) and step count the harness measured at.
 HARNESS_DATA = "data"
+HARNESS_FILES: dict[str, dict[int, str]] = {
+    "image": {28: "cache-flux-shapes.json", 50: "cache-flux-shapes-50.json"},
+    "video": {28: "cache-wan-moving.json", 50: "cache-wan-moving-50.json"},
+}
+
+
+def harness_steps(job: Job) -> int:
+    """The step count of the shipped harness rows nearest the job's `num_steps` (on a tie, the fewer steps:
+    the rows measured with larger skips, so the quality they state is not the better one)."""
+    measured = HARNESS_FILES["video" if job.frames > 1 else "image"]
+    return min(measured, key=lambda steps: (abs(steps - job.num_steps), steps))
 
 
 def harness_file(job: Job, folder: Path | None = None) -> Traversable:
-    """Where the step-cache harness rows for this kind of job (video or image) are read from:
-    `folder`, or the copy installed with the package."""
-    name = "cache-wan-moving.json" if job.frames > 1 else "cache-flux-shapes.json"
+    """Where the step-cache harness rows for this kind of job (video or image), measured at the step
+    count nearest the job's (`harness_steps`), are read from: `folder`, or the copy installed with the package."""
+    name = HARNESS_FILES["video" if job.frames > 1 else "image"][harness_steps(job)]
     if folder is not None:
         return Path(folder) / name
     return resources.files(__package__).joinpath(HARNESS_DATA, name)
 
 
 def harness_results(job: Job, folder: Path | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """The shipped step-cache harness rows for this kind of job (video or image), and their file."""
+    """The shipped step-cache harness rows for this kind of job (video or image) at the step count nearest
+    the job's, and their file."""
     path = harness_file(job, folder)
     try:
         rows = json.loads(path.read_text())
@@ -305,7 +318,10 @@ def _make_plan(
         rows, source = harness_results(job)
         measurements["cache"] = rows
         if rows and not job.training:
-            modelled.append(f"step-cache speed and PSNR from the shipped harness on a tiny reference model ({Path(source).name})")
+            steps = harness_steps(job)
+            at = f"measured at {steps} steps" + ("" if steps == job.num_steps else f", the nearest to the job's {job.num_steps}")
+            modelled.append(f"step-cache speed and PSNR from the shipped harness on a tiny reference model "
+                            f"({Path(source).name}, {at})")  # fmt: skip
     vae = target.vae
     vae_bytes = {}
     if vae is not None:
