@@ -9,7 +9,7 @@ from hookwise.kernels import fused
 
 
 def count_fused_calls(model: nn.Module) -> dict[str, int]:
-    """Wrap every Kernels hook's fused functions (module, block and processor hooks) with a call counter.
+    """Wrap every Kernels hook's fused functions (module, block, processor and structural hooks) with a call counter.
 
     Returns the counts by function name ("norm_modulate", "gated_residual", ...), filled as the model runs.
     A module listed at several paths is wrapped once.
@@ -23,7 +23,7 @@ def count_fused_calls(model: nn.Module) -> dict[str, int]:
 
         return counted
 
-    hooks = hooks_named(model, fused.HOOK_NAME, (fused.KernelHook, fused.ProcessorHook)).values()
+    hooks = hooks_named(model, fused.HOOK_NAME, (fused.KernelHook, fused.ProcessorHook, fused.StructuralHook)).values()
     for hook in {id(h): h for h in hooks}.values():
         hook.ops = {name: wrap(name, fn) for name, fn in hook.ops.items()}
     return calls

@@ -288,7 +288,7 @@ def test_a_site_failing_the_numerics_check_keeps_its_forward_and_the_summary_say
     with caplog.at_level(logging.WARNING, logger="hookwise.kernels"):
         hookwise.apply(model, Kernels(backend="eager"))
     summary = kernels_summary(model)
-    assert set(summary["used"].values()) == {"gelu"}  # the GELUs pass, every norm is refused
+    assert set(summary["used"].values()) == {"gelu", "structural"}  # the GELUs pass, every norm is refused
     assert summary["rejected"]["double_blocks.0.img_norm1"].startswith("eager: output 0 differs from eager by")
     assert any("keep their eager forward" in r.getMessage() for r in caplog.records)
     out, grads = fwd_bwd(model, inputs)
@@ -322,9 +322,9 @@ def test_matching_nothing_raises_and_attaches_nothing():
     with pytest.raises(NoTargetError, match=r"found no module to replace in Sequential"):
         hookwise.apply(model, Kernels(ops=("norm",), backend="eager"))
     assert not any("forward" in m.__dict__ for m in model.modules())
-    musubi, _ = tiny_musubi()  # its blocks write gate and rope inline, and no architecture entry reaches them
+    musubi, _ = tiny_musubi()  # its blocks have no rotary embedding: the structural route finds none
     with pytest.raises(NoTargetError, match=r"found no module to replace in MusubiDiT"):
-        hookwise.apply(musubi, Kernels(ops=("gate", "rope"), backend="eager"))
+        hookwise.apply(musubi, Kernels(ops=("rope",), backend="eager"))
     assert hookwise.list_hooks(musubi) == {}
 
 

@@ -82,6 +82,20 @@ def rope_interleaved(
     return torch.stack([x0 * ca - x1 * sa, x1 * cb + x0 * sb], dim=-1).flatten(-2).to(x.dtype)
 
 
+def rope_half(
+    x: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor, seq_dim: int
+) -> torch.Tensor:
+    """Rotate the two halves of x's last dimension (the rotate-half layout) by (seq, head_dim / 2) tables:
+    `out[i] = x[i] cos_a - x[i + h] sin_a`, `out[i + h] = x[i + h] cos_b + x[i] sin_b`."""
+    shape = [1] * x.dim()
+    seq_dim = seq_dim % x.dim()
+    shape[seq_dim] = x.shape[seq_dim]
+    shape[-1] = x.shape[-1] // 2
+    ca, sa, cb, sb = (t.float().view(shape) for t in (cos_a, sin_a, cos_b, sin_b))
+    x0, x1 = x.float().chunk(2, dim=-1)
+    return torch.cat([x0 * ca - x1 * sa, x1 * cb + x0 * sb], dim=-1).to(x.dtype)
+
+
 def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """GELU in fp32, stored in x's dtype."""
     return F.gelu(x.float(), approximate=approximate).to(x.dtype)
@@ -103,6 +117,7 @@ EXPRESSIONS: dict[str, Callable[..., torch.Tensor]] = {
     "norm_modulate": norm_modulate,
     "gated_residual": gated_residual,
     "rope_interleaved": rope_interleaved,
+    "rope_half": rope_half,
     "gelu": gelu,
     "geglu": geglu,
     "swiglu": swiglu,

@@ -8,6 +8,7 @@ The patterns (each an autograd function over plain tensors):
 - `gated_residual(x, gate, y)`: `x + gate * y`, the gate broadcast like a modulation.
 - `rope_interleaved(x, cos_a, sin_a, cos_b, sin_b, seq_dim)`: rotary embedding on interleaved pairs
   (FLUX / Wan layout): `out[2i] = x[2i] cos_a - x[2i+1] sin_a`, `out[2i+1] = x[2i+1] cos_b + x[2i] sin_b`.
+- `rope_half(...)`: the same on the rotate-half layout: pairs `(x[i], x[i + head_dim / 2])`.
 - `gelu(x, approximate)` and `geglu(h, approximate)`: GELU (tanh or erf), and `a * gelu(g)` over the
   two halves of `h`'s last dimension; `swiglu(h)`: `a * silu(g)` over the same halves.
 
@@ -291,15 +292,21 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 @triton.jit
 def _rope_kernel(
     X, CA, SA, CB, SB, OUT, seq, inner, half,
-    BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    BACKWARD: tl.constexpr, HALVES: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     mask = i < half
     f = ((row // inner) % seq) * half + i
     base = X + row * 2 * half
-    x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+    if HALVES:  # rotate-half: the pair is (i, i + half)
+        first = i
+        second = i + half
+    else:  # interleaved: the pair is (2i, 2i + 1)
+        first = 2 * i
+        second = 2 * i + 1
+    x0 = tl.load(base + first, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(base + second, mask=mask, other=0.0).to(tl.float32)
     ca = tl.load(CA + f, mask=mask, other=0.0).to(tl.float32)
     sa = tl.load(SA + f, mask=mask, other=0.0).to(tl.float32)
     cb = tl.load(CB + f, mask=mask, other=0.0).to(tl.float32)
@@ -311,11 +318,11 @@ def _rope_kernel(
         o0 = x0 * ca - x1 * sa
         o1 = x1 * cb + x0 * sb
     out = OUT + row * 2 * half
-    tl.store(out + 2 * i, o0.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out + 2 * i + 1, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + first, o0.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out + second, o1.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int, backward: bool) -> torch.Tensor:
+def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int, backward: bool, halves: bool) -> torch.Tensor:
     x = x.contiguous()
     d = x.shape[-1]
     seq_dim = seq_dim % x.dim()
@@ -324,22 +331,22 @@ def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int,
     out = torch.empty_like(x)
     rows = x.numel() // d
     _rope_kernel[(rows,)](
-        x, *freqs, out, seq, inner, d // 2, BACKWARD=backward, BLOCK=triton.next_power_of_2(d // 2),
+        x, *freqs, out, seq, inner, d // 2, BACKWARD=backward, HALVES=halves, BLOCK=triton.next_power_of_2(d // 2),
     )
     return out
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos_a, sin_a, cos_b, sin_b, seq_dim):
+    def forward(ctx, x, cos_a, sin_a, cos_b, sin_b, seq_dim, halves):
         freqs = tuple(f.contiguous() for f in (cos_a, sin_a, cos_b, sin_b))
         ctx.save_for_backward(*freqs)
-        ctx.seq_dim = seq_dim
-        return _rope_launch(x, freqs, seq_dim, backward=False)
+        ctx.seq_dim, ctx.halves = seq_dim, halves
+        return _rope_launch(x, freqs, seq_dim, backward=False, halves=halves)
 
     @staticmethod
     def backward(ctx, dout):
-        return _rope_launch(dout, ctx.saved_tensors, ctx.seq_dim, backward=True), None, None, None, None, None
+        return _rope_launch(dout, ctx.saved_tensors, ctx.seq_dim, backward=True, halves=ctx.halves), None, None, None, None, None, None
 
 
 def rope_interleaved(
@@ -347,7 +354,14 @@ def rope_interleaved(
 ) -> torch.Tensor:
     """Rotate interleaved pairs of `x`'s last dimension; the frequencies are (seq, head_dim / 2) tables
     (no gradient) indexed by `x`'s `seq_dim`."""
-    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim)
+    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim, False)
+
+
+def rope_half(
+    x: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor, seq_dim: int
+) -> torch.Tensor:
+    """Rotate the two halves of `x`'s last dimension (rotate-half layout); tables as `rope_interleaved`'s."""
+    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim, True)
 
 
 # ---- GELU and GEGLU --------------------------------------------------------------------------------

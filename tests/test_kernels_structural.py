@@ -1,0 +1,263 @@
+"""Kernels' structural route: the gated residual and the rotary embedding of blocks no per-architecture
+entry knows, found by tracing the block's own forward (torch.fx) and rewritten into the fused ops;
+forward and backward equal to eager, the check at a signature's first call, blocks whose trace fails
+reported, exact removal, and the FLUX / Wan / HunyuanVideo / LTX routes unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hookwise
+from hookwise import Kernels, kernels_summary
+from hookwise.core.hooks import hooks_named
+from hookwise.errors import NoTargetError
+from hookwise.kernels import _patterns as patterns
+from hookwise.kernels import fused
+from cache_helpers import one_thread  # noqa: F401 - the fixture
+from kernel_helpers import count_fused_calls
+from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
+from offload_helpers import add_lora, fwd_bwd
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def assert_close(got, expected, rtol=1e-5) -> None:
+    out, grads = got
+    out_e, grads_e = expected
+    assert grads.keys() == grads_e.keys()
+    for name, (a, b) in {"output": (out, out_e), **{k: (grads[k], grads_e[k]) for k in grads}}.items():
+        bound = rtol * max(b.abs().max().item(), 1e-6)
+        assert (a - b).abs().max().item() <= bound, name
+
+
+# ---- a custom DiT of shapes the known models do not have ---------------------------------------------
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairs, written as reference code does (x: batch, heads, seq, head_dim; tables: seq, head_dim)."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-x1, x0], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class JointBlock(nn.Module):
+    """Two streams, fused qkv per stream, interleaved rope on (seq, head_dim) tables, gates from a modulation."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.Linear(dim, 4 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ctx_qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ctx_out = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, ctx, vec, rope):
+        g1, g2, c1, c2 = self.mod(F.silu(vec)).chunk(4, dim=-1)
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        cq, ck, cv = self.ctx_qkv(self.norm(ctx)).view(b, ctx.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2)
+        cos, sin = rope
+        q, k = rope_pairs(q, cos, sin), rope_pairs(k, cos, sin)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, d)
+        ca, a = a[:, : ctx.shape[1]], a[:, ctx.shape[1] :]
+        x = x + g1[:, None] * self.out(a)
+        ctx = ctx + c1[:, None] * self.ctx_out(ca)
+        x = x + g2[:, None] * self.mlp(self.norm(x))
+        ctx = c2.unsqueeze(1) * self.mlp(self.norm(ctx)) + ctx
+        return x, ctx
+
+
+class FlatBlock(nn.Module):
+    """One stream, rotate-half rope on (batch, seq, heads, head_dim) with (1, seq, 1, head_dim) tables."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.mod = nn.Linear(dim, dim)
+        self.norm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, vec, cos, sin, scale: float = 1.0):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=None)
+        gate = self.mod(vec)[:, None] * scale
+        return x + gate * self.out(a.transpose(1, 2).reshape(b, n, d))
+
+
+class CustomDiT(nn.Module):
+    """Towers in a container nested in a container, one block reused twice, one (outside the towers) never
+    called: a never-run block inside a tower is a map mismatch hookwise raises on for every technique."""
+
+    def __init__(self, dim: int = 24, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.x_in, self.c_in, self.t_in = nn.Linear(6, dim), nn.Linear(5, dim), nn.Linear(4, dim)
+        self.stages = nn.ModuleDict({"joint": nn.ModuleList([JointBlock(dim, heads) for _ in range(2)]),
+                                     "flat": nn.ModuleList([FlatBlock(dim, heads) for _ in range(2)])})  # fmt: skip
+        self.spare = FlatBlock(dim, heads)
+        self.head = nn.Linear(dim, 6)
+
+    def forward(self, x, context, t):
+        x, ctx, vec = self.x_in(x), self.c_in(context), self.t_in(t)
+        d = x.shape[-1] // self.heads
+        seq = ctx.shape[1] + x.shape[1]
+        angles = torch.arange(seq)[:, None] * torch.linspace(0.1, 1.0, d // 2)[None]
+        pairs = angles.repeat_interleave(2, -1)
+        for block in self.stages["joint"]:
+            x, ctx = block(x, ctx, vec, (pairs.cos(), pairs.sin()))
+        halves = torch.cat([angles[: x.shape[1]]] * 2, -1)[None, :, None]
+        flat = self.stages["flat"]
+        for block in (flat[0], flat[1], flat[0]):  # flat[0] twice
+            x = block(x, vec, halves.cos(), halves.sin(), scale=0.5)
+        return self.head(x)
+
+
+def custom_dit(batch: int = 2):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(x=torch.randn(batch, 10, 6, generator=g), context=torch.randn(batch, 3, 5, generator=g),
+                  t=torch.randn(batch, 4, generator=g))  # fmt: skip
+    return CustomDiT().eval(), inputs
+
+
+class DataDependent(nn.Module):
+    def __init__(self, dim: int = 24) -> None:
+        super().__init__()
+        self.mod, self.lin = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, vec):
+        if x.abs().mean() > 10:  # a branch on values: fx cannot follow it
+            x = x / 10
+        return x + self.mod(vec)[:, None] * self.lin(x)
+
+
+class MixedDiT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([FlatBlock(24, 2), FlatBlock(24, 2)])
+        self.refiners = nn.ModuleList([DataDependent(), DataDependent()])
+
+    def forward(self, x, vec):
+        d = 12
+        angles = torch.arange(x.shape[1])[:, None] * torch.linspace(0.1, 1.0, d // 2)[None]
+        halves = torch.cat([angles] * 2, -1)[None, :, None]
+        for block in self.blocks:
+            x = block(x, vec, halves.cos(), halves.sin())
+        for block in self.refiners:
+            x = block(x, vec)
+        return x
+
+
+def test_custom_dit_gate_and_both_rope_layouts_run_fused_forward_and_backward_equal_to_eager():
+    model, inputs = custom_dit()
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    blocks = [f"stages.joint.{i}" for i in range(2)] + [f"stages.flat.{i}" for i in range(2)]
+    assert {p: k for p, k in summary["used"].items()} == dict.fromkeys(blocks, "structural")
+    assert summary["not_reached"] == {} and summary["unmatched"] == [] and summary["rejected"] == {}
+    calls = count_fused_calls(model)
+    assert_close(fwd_bwd(model, inputs), expected)  # the first call: traced, checked (fused once more), run
+    assert summary == kernels_summary(model)
+    calls.clear()
+    assert_close(fwd_bwd(model, inputs), expected)  # the rewritten forwards, cached
+    # joint: 4 gates, rope on q and k (interleaved); flat (called 3 times): 1 gate, q and k (rotate-half)
+    assert calls == {"gated_residual": 2 * 4 + 3, "rope_interleaved": 2 * 2, "rope_half": 3 * 2}, calls
+
+
+def test_the_structural_route_runs_on_the_triton_backends_functions_too(monkeypatch):
+    # Every backend goes through the same sites: a backend whose gate is off by 1% fails the check at
+    # the first call, the summary says why, and the block's own forward runs.
+    def off(backend, device):
+        ops = dict(patterns.EXPRESSIONS)
+        ops["gated_residual"] = lambda x, g, y: patterns.gated_residual(x, g, y) * 1.01
+        return ops
+
+    monkeypatch.setattr(fused, "backend_ops", off)
+    model, inputs = custom_dit()
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate",), backend="eager"))
+    assert kernels_summary(model)["rejected"] == {}  # nothing checked before the first call
+    got = fwd_bwd(model, inputs)
+    rejected = kernels_summary(model)["rejected"]
+    assert sorted(rejected) == sorted([f"stages.joint.{i}" for i in range(2)] + ["stages.flat.0", "stages.flat.1"])
+    assert rejected["stages.flat.0"].startswith("eager: output 0 differs from eager by")
+    assert torch.equal(got[0], expected[0])
+
+
+def test_a_block_whose_trace_fails_is_reported_and_runs_its_own_forward():
+    model = MixedDiT()
+    inputs = {"x": torch.randn(2, 7, 24), "vec": torch.randn(2, 24)}
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["used"] == {"blocks.0": "structural", "blocks.1": "structural"}
+    why = summary["not_reached"]["refiners.0"]
+    assert why.startswith("DataDependent: no route reaches its gate / rope") and "could not be traced by torch.fx" in why
+    assert sorted(summary["not_reached"]) == ["refiners.0", "refiners.1"]
+    calls = count_fused_calls(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    calls.clear()
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert calls == {"gated_residual": 2, "rope_half": 4}
+
+
+def test_removal_gives_back_the_blocks_own_forwards_and_outputs():
+    model, inputs = custom_dit()
+    forwards = {p: "forward" in m.__dict__ for p, m in model.named_modules()}
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    fwd_bwd(model, inputs)
+    hookwise.remove(model)
+    assert hookwise.list_hooks(model) == {} and kernels_summary(model) == {}
+    assert {p: "forward" in m.__dict__ for p, m in model.named_modules()} == forwards
+    out, grads = fwd_bwd(model, inputs)
+    assert torch.equal(out, expected[0]) and all(torch.equal(grads[k], v) for k, v in expected[1].items())
+
+
+def test_a_call_with_other_arguments_is_traced_again_for_them():
+    model = MixedDiT()
+    block = model.blocks[0]
+    x, vec = torch.randn(2, 7, 24), torch.randn(2, 24)
+    cos, sin = torch.randn(1, 7, 1, 12), torch.randn(1, 7, 1, 12)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    for scale in (1.0, 0.25, 0.25):
+        with torch.no_grad():
+            torch.testing.assert_close(block(x, vec, cos, sin, scale=scale), type(block).forward(block, x, vec, cos, sin, scale=scale))
+    hook = hooks_named(model, fused.HOOK_NAME, fused.StructuralHook)["blocks.0"]
+    assert len(hook.rewritten) == 2 and all(hook.rewritten.values())
+
+
+def test_only_ops_a_custom_dit_lacks_is_an_error_saying_why():
+    model, _ = tiny_musubi()  # gates inline, no rotary embedding at all
+    with pytest.raises(NoTargetError, match=r"no route reaches the inline rope of its tower blocks \(DoubleStreamBlock, SingleStreamBlock"):
+        hookwise.apply(model, Kernels(ops=("rope",), backend="eager"))
+    assert hookwise.list_hooks(model) == {}
+
+
+@pytest.mark.parametrize("build", [tiny_flux, tiny_wan, tiny_hunyuanvideo, tiny_ltx], ids=["flux", "wan", "hunyuanvideo", "ltx"])
+def test_the_per_architecture_routes_win_over_the_structural_route(build):
+    model, _ = build()
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert "structural" not in summary["used"].values() and summary["not_reached"] == {}
