@@ -19,7 +19,7 @@ from hookwise.core.hooks import hooks_named
 from hookwise.errors import NoTargetError
 from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
-from cache_helpers import one_thread  # noqa: F401 - the fixture
+from cache_helpers import fresh_dynamo, one_thread  # noqa: F401 - the fixtures
 from kernel_helpers import count_fused_calls
 from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
@@ -261,3 +261,62 @@ def test_the_per_architecture_routes_win_over_the_structural_route(build):
     hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
     summary = kernels_summary(model)
     assert "structural" not in summary["used"].values() and summary["not_reached"] == {}
+
+
+# ---- HunyuanVideo I2V (token replace): its blocks through the structural route, its adaptive norms as sites ----
+def tiny_hunyuanvideo_i2v(batch: int = 2):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type="token_replace",
+    ).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(batch, 4, 3, 4, 4, generator=g),  # 3 frames: the first one's 16 tokens are replaced
+        timestep=torch.randint(0, 1000, (batch,), generator=g).float(),
+        encoder_hidden_states=torch.randn(batch, 12, 16, generator=g),
+        pooled_projections=torch.randn(batch, 8, generator=g),
+        encoder_attention_mask=torch.ones(batch, 12),
+        guidance=torch.randint(0, 1000, (batch,), generator=g).float(),
+    )
+    return model, inputs
+
+
+def test_hunyuanvideo_token_replace_blocks_are_reached_forward_and_backward_equal_to_eager():
+    model, inputs = tiny_hunyuanvideo_i2v()
+    assert type(model.transformer_blocks[0]).__name__ == "HunyuanVideoTokenReplaceTransformerBlock"
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["not_reached"] == {} and summary["rejected"] == {} and summary["unmatched"] == []
+    used = summary["used"]
+    assert used["transformer_blocks.0"] == used["single_transformer_blocks.0"] == "structural"
+    assert used["transformer_blocks.0.norm1"] == used["single_transformer_blocks.0.norm"] == "adaln_token_replace"
+    assert used["transformer_blocks.0.attn"] == used["single_transformer_blocks.0.attn"] == "hunyuan_rope"
+    calls = count_fused_calls(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert kernels_summary(model)["rejected"] == {}
+    calls.clear()
+    assert_close(fwd_bwd(model, inputs), expected)
+    # gates: double 6 (first-frame and other tokens apart, then text), single 2 (one per token range), refiner 2;
+    # norms: the two token-replace norms (2 ranges each), norm1_context, norm_out; rope: q and k of both attentions
+    assert calls == {"gated_residual": 10, "norm_modulate": 6, "rope_interleaved": 4}, calls
+
+
+def test_structural_blocks_compile_without_a_graph_break(fresh_dynamo):
+    from torch._dynamo.utils import counters
+
+    model, inputs = custom_dit()
+    with torch.no_grad():
+        expected = model(**inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"), hookwise.Compile(backend="aot_eager"))
+    with torch.no_grad():
+        model(**inputs)  # the first call of a hooked model runs eagerly: the blocks are traced and checked
+        counters.clear()
+        out = model(**inputs)
+    assert counters["stats"]["unique_graphs"] > 0 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
