@@ -36,11 +36,9 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from ..core.config import TechniqueConfig
@@ -52,7 +50,8 @@ from ..errors import ConfigError, NoTargetError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.model_map import describe
 from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, ROUTED, FusedProcessor, fused_processor, inline_sites, ops_for
-from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
+from ._check import ALL_KINDS, TOLERANCE, check_call, check_site, module_dtype_device  # noqa: F401 - TOLERANCE: public bound
+from ._patterns import EXPRESSIONS, OPS, arch_sites, find_sites
 from ._structural import KIND as STRUCTURAL
 from ._structural import StructuralHook, UntraceableError, find_structural
 
@@ -61,10 +60,7 @@ logger = logging.getLogger("hookwise.kernels")
 NAME = "kernels"
 HOOK_NAME = "hookwise.kernels"
 BACKENDS = ("auto", "triton", "compile", "eager")
-# rtol per compute dtype: max |fused - eager| <= rtol * max |eager|, for outputs and each gradient.
-TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _STATE_ATTR = "_hookwise_kernels"
-ALL_KINDS = {**KINDS, **INLINE_KINDS}
 
 
 @dataclass(frozen=True)
@@ -249,125 +245,6 @@ class ProcessorHook(ModelHook):
             logger.warning("hookwise kernels: %s's processor was replaced after Kernels; left as it is", type(module).__name__)
 
 
-# ---- numerics check --------------------------------------------------------------------------------
-def _module_dtype_device(module: nn.Module, fallback: tuple[torch.dtype, torch.device]) -> tuple[torch.dtype, torch.device]:
-    for p in module.parameters():
-        if p.is_floating_point() and p.dtype.itemsize >= 2 and p.numel():
-            return p.dtype, p.device
-    return fallback
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _worst(fused: list[torch.Tensor], eager: list[torch.Tensor], rtol: float, what: str) -> str | None:
-    for i, (a, b) in enumerate(zip(fused, eager)):
-        if a is None and b is None:
-            continue
-        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
-            return f"{what} {i} differs in shape or dtype ({_desc(a)} vs eager {_desc(b)})"
-        scale = b.float().abs().max().item() if b.numel() else 0.0
-        diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
-        if not diff <= rtol * max(scale, 1e-6):  # also catches nan
-            return f"{what} {i} differs from eager by {diff:.3g} (bound {rtol:g} x {scale:.3g})"
-    return None
-
-
-def _desc(t: torch.Tensor | None) -> str:
-    return "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
-def _compare(module: nn.Module, eager: Callable[..., Any], fused: Callable[..., Any], args: tuple, kwargs: dict,
-             dtype: torch.dtype, mark: bool = True) -> str | None:  # fmt: skip
-    """None if `fused(*args, **kwargs)` matches `eager(...)` in outputs and gradients (of the top-level
-    floating tensor arguments, or with `mark=False` of those that require one, and of the module's
-    trainable parameters) within `TOLERANCE`, else why not."""
-    rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    # Gradients for the top-level tensor arguments; tensors inside tuples (rotary tables) are constants.
-    top = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-    inputs = [t.requires_grad_() for t in top if t.is_floating_point()] if mark else [t for t in top if t.requires_grad]
-    params = [p for p in module.parameters() if p.requires_grad]
-    with torch.enable_grad():
-        devices = sorted({t.device.index for t in top if t.device.type == "cuda"} - {None})
-        with torch.random.fork_rng(devices=devices):
-            state = torch.random.get_rng_state()
-            eager_out = _tensors(eager(*args, **kwargs))
-            torch.random.set_rng_state(state)
-            fused_out = _tensors(fused(*args, **kwargs))
-        why = _worst(fused_out, eager_out, rtol, "output")
-        if why:
-            return why
-        grad_of = [t for t in eager_out if t.requires_grad]
-        if not grad_of or torch.is_inference_mode_enabled():
-            return None
-        gen = torch.Generator().manual_seed(1)
-        cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in grad_of]
-        wrt = inputs + params
-        eager_g = torch.autograd.grad(grad_of, wrt, cotangents, allow_unused=True)
-        fused_g = torch.autograd.grad([t for t in fused_out if t.requires_grad], wrt, cotangents, allow_unused=True)
-    return _worst(list(fused_g), list(eager_g), rtol, "gradient")
-
-
-def _failure(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
-def check_site(module: nn.Module, kind: str, ops: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype,
-               device: torch.device) -> str | None:
-    """None if the fused forward of `module` matches its own forward within `TOLERANCE`, else why not."""
-    spec = ALL_KINDS[kind]
-    try:
-        args, kwargs = spec.example(module, dtype, device)
-        return _compare(module, partial(type(module).forward, module), partial(spec.forward, module, ops), args, kwargs, dtype)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is a reason not to use it
-        return _failure(exc)
-
-
-def _inputs_like(args: tuple, kwargs: dict, sample: bool) -> tuple[tuple, dict]:
-    """Detached copies of a call's tensors (the first sample of the batch where `sample`). A copy takes a
-    gradient where its tensor had one, and where it is an activation (batched like the first tensor
-    argument, batch > 1); tables without one (rotary embeddings) stay constants, as in the call."""
-    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
-    batch = first.shape[0] if first is not None else 0
-
-    def copy(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        batched = t.dim() >= 2 and t.shape[0] == batch > 1
-        grad = t.is_floating_point() and (t.requires_grad or batched)
-        if sample and batched:
-            t = t[:1]
-        return t.detach().clone().requires_grad_(grad)
-
-    return pytree.tree_map(copy, (args, kwargs))
-
-
-def check_call(module: nn.Module, fused: Callable[..., Any], args: tuple, kwargs: dict) -> str | None:
-    """The structural route's check at a block's first call of a signature: the rewritten forward
-    against the block's own on the first sample of the real inputs (all of them where that fails)."""
-    dtype, _ = _module_dtype_device(module, (torch.float32, torch.device("cpu")))
-    eager = partial(type(module).forward, module)
-    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
-    tries = (True, False) if first is not None and first.shape[0] > 1 else (False,)
-    why = None
-    for sample in tries:
-        try:
-            return _compare(module, eager, fused, *_inputs_like(args, kwargs, sample), dtype, mark=False)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the slice may not run; the whole call then
-            why = _failure(exc)
-    return why
-
-
 # ---- state, apply, remove -------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -502,11 +379,11 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
             + (f" ({said})" if said else "")
             + "; choose ops the model computes in modules of its own (norm, modulate, geglu), or leave Kernels out"
         )
-    model_dtype, model_device = _module_dtype_device(model, (torch.float32, torch.device("cpu")))
+    model_dtype, model_device = module_dtype_device(model, (torch.float32, torch.device("cpu")))
     state = _State(config.backend, {}, {}, inline, [], {}, {})
     checked: dict[tuple, str | None] = {}
     for path, module, kind in sites:
-        dtype, device = _module_dtype_device(module, (model_dtype, model_device))
+        dtype, device = module_dtype_device(module, (model_dtype, model_device))
         backend = backend_for(config.backend, device)
         ops = backend_ops(backend, device)
         if kind == STRUCTURAL:  # traced and checked per call signature, at the block's first call of it
