@@ -103,6 +103,14 @@ def kernel_checks(device: str, dtype: torch.dtype = torch.float32) -> None:
                   constants=(1, 2, 3, 4))
     against_eager(tk.rope_interleaved, patterns.rope_interleaved, [rand(b, seq, heads, d), cos_a, sin_a, cos_b, sin_b], 1, rtol=rtol,
                   constants=(1, 2, 3, 4))
+    for layout in ((b, heads, seq, d), (b, seq, heads, d)):  # rotate-half, both layouts
+        against_eager(tk.rope_half, patterns.rope_half, [rand(*layout), cos_a, sin_a, cos_b, sin_b], 2 if layout[1] == heads else 1,
+                      rtol=rtol, constants=(1, 2, 3, 4))
+    # many short rows: several programs of ROWS rows each, the last one partly masked
+    x = rand(37, 3, 24)
+    against_eager(tk.norm_modulate, patterns.norm_modulate, [x, rand(24), None, rand(37, 1, 24), rand(37, 1, 24)], 1e-6, True, rtol=rtol)
+    against_eager(tk.rope_interleaved, patterns.rope_interleaved, [rand(5, 37, d), *(rand(37, d // 2) for _ in range(4))], 1,
+                  rtol=rtol, constants=(1, 2, 3, 4))
 
 
 def test_triton_kernels_under_the_interpreter():
