@@ -28,7 +28,7 @@ from hookwise.errors import ConfigError, MissingDependencyError, NoTargetError
 from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
 from cache_helpers import one_thread  # noqa: F401 - the fixture
-from kernel_helpers import count_fused_calls
+from kernel_helpers import count_fused_calls, custom_dit
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -123,7 +123,7 @@ def test_triton_kernels_under_the_interpreter():
     tail = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
     passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) == 4 and "skipped" not in result.stdout, tail
+    assert passed and int(passed.group(1)) == 5 and "skipped" not in result.stdout, tail
 
 
 @interpreted
@@ -142,6 +142,20 @@ def test_interpreted_triton_backend_trains_lora_like_eager(build):
     assert summary["used"] and summary["rejected"] == {}, summary["rejected"]
     out, grads = fwd_bwd(model, inputs)
     close([out, *(grads[k] for k in expected[1])], [expected[0], *expected[1].values()], 1e-4)
+
+
+@interpreted
+def test_interpreted_structural_route_trains_lora_like_eager():
+    # A custom DiT: gates, interleaved and rotate-half rope found in its blocks' traced forwards, on Triton.
+    model, inputs = custom_dit()
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="triton"))
+    calls = count_fused_calls(model)
+    out, grads = fwd_bwd(model, inputs)
+    assert kernels_summary(model)["rejected"] == {} and set(kernels_summary(model)["used"].values()) == {"structural"}
+    close([out, *(grads[k] for k in expected[1])], [expected[0], *expected[1].values()], 1e-4)
+    assert calls["gated_residual"] and calls["rope_interleaved"] and calls["rope_half"]
 
 
 def swiglu_dit() -> tuple[nn.Module, dict]:
