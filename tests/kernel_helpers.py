@@ -122,7 +122,7 @@ class CustomDiT(nn.Module):
         halves = torch.cat([angles[: x.shape[1]]] * 2, -1)[None, :, None]
         flat = self.stages["flat"]
         for block in (flat[0], flat[1], flat[0]):  # flat[0] twice
-            x = block(x, vec, halves.cos(), halves.sin(), scale=0.5)
+            x = block(x, vec, halves.cos().to(x.dtype), halves.sin().to(x.dtype), scale=0.5)
         return self.head(x)
 
 

@@ -217,3 +217,18 @@ def test_structural_blocks_compile_without_a_graph_break(fresh_dynamo):
         out = model(**inputs)
     assert counters["stats"]["unique_graphs"] > 0 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_bf16_structural_blocks_pass_the_check_and_stay_within_the_bound_also_under_inference_mode():
+    model, inputs = custom_dit()
+    model = model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    with torch.inference_mode():
+        expected = model(**inputs).float()
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))
+    calls = count_fused_calls(model)
+    with torch.inference_mode():  # traced and checked (outputs only: no autograd here) at this first call
+        out = model(**inputs).float()
+    assert kernels_summary(model)["rejected"] == {} and calls["gated_residual"] and calls["rope_half"]
+    # The fused ops round once, in fp32; the eager chain rounds to bf16 after every op.
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()
