@@ -139,7 +139,9 @@ def check_call(module: nn.Module, fused: Callable[..., Any], args: tuple, kwargs
         try:
             return _compare(module, eager, fused, *_inputs_like(args, kwargs, sample), dtype, mark=False)
         except torch.OutOfMemoryError:
-            raise
+            # Unlike the check at apply, this one runs inside the user's forward: no memory for it means
+            # the block keeps its own forward (said in the summary), not a failed call.
+            return "out of memory while checking on the first sample; the block runs its own forward"
         except Exception as exc:  # noqa: BLE001 - the slice may not run; the whole call then
             why = _failure(exc)
     return why

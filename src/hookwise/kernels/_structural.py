@@ -61,8 +61,8 @@ class UntraceableError(Exception):
 
 
 # ---- call signatures ---------------------------------------------------------------------------------
-def _bind(block: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    signature = inspect.signature(type(block).forward)
+def _bind(block: nn.Module, args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> dict[str, Any]:
+    signature = signature or inspect.signature(type(block).forward)
     kinds = {p.kind for p in signature.parameters.values()}
     if kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
         raise UntraceableError("its forward takes *args / **kwargs, which fx cannot trace per argument")
@@ -476,9 +476,11 @@ class StructuralHook(ModelHook):
         self.rewritten: dict[tuple, Rewritten | None] = {}
         self.why: dict[tuple, str] = {}  # signature -> why it runs the block's own forward
         self._class_forward: Any = None
+        self._signature: inspect.Signature | None = None
 
     def on_attach(self, module: nn.Module) -> None:
         self._class_forward = type(module).forward
+        self._signature = inspect.signature(self._class_forward)
 
     def _prepare(self, module: nn.Module, key: tuple, values: dict[str, Any], args: tuple, kwargs: dict) -> Rewritten | None:
         try:
@@ -489,7 +491,7 @@ class StructuralHook(ModelHook):
         if not rewritten.found.ops():
             self.why[key] = "no gate / rope pattern in the forward traced for this call"
             return None
-        fused = lambda *a, **k: rewritten(module, _bind(module, a, k))  # noqa: E731
+        fused = lambda *a, **k: rewritten(module, _bind(module, a, k, self._signature))  # noqa: E731
         why = self.check(module, fused, args, kwargs)
         if why is not None:
             self.why[key] = why
@@ -500,7 +502,7 @@ class StructuralHook(ModelHook):
         if getattr(next_fn, "__func__", None) is not self._class_forward or getattr(next_fn, "__self__", None) is not module:
             return next_fn(*args, **kwargs)
         try:
-            values = _bind(module, args, kwargs)
+            values = _bind(module, args, kwargs, self._signature)
             key = _key(values)
         except (UntraceableError, TypeError):
             return next_fn(*args, **kwargs)
