@@ -10,6 +10,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 import hookwise
@@ -232,3 +234,49 @@ def test_bf16_structural_blocks_pass_the_check_and_stay_within_the_bound_also_un
     assert kernels_summary(model)["rejected"] == {} and calls["gated_residual"] and calls["rope_half"]
     # The fused ops round once, in fp32; the eager chain rounds to bf16 after every op.
     assert (out - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+class DiffusersRopeBlock(nn.Module):
+    """A block calling diffusers' apply_rotary_emb (it unpacks `*x.shape`, which fx cannot trace itself)."""
+
+    def __init__(self, dim: int = 24, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out, self.mod = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, vec, rope):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q = apply_rotary_emb(q, rope)  # interleaved pairs, (seq, head_dim) tables
+        k = apply_rotary_emb(k.transpose(1, 2), rope, use_real_unbind_dim=-2, sequence_dim=1).transpose(1, 2)  # halves
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return x + self.mod(vec)[:, None] * self.out(a)
+
+
+def test_a_block_calling_diffusers_apply_rotary_emb_runs_it_fused_forward_and_backward_equal_to_eager():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"blocks": nn.ModuleList([DiffusersRopeBlock(), DiffusersRopeBlock()])})
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, vec):
+            angles = (torch.arange(x.shape[1])[:, None] * torch.linspace(0.1, 1.0, 6)[None]).repeat_interleave(2, -1)
+            for block in self.inner["blocks"]:
+                x = block(x, vec, (angles.cos(), angles.sin()))
+            return x
+
+    wrapped = Wrap()
+    inputs = {"x": torch.randn(2, 7, 24), "vec": torch.randn(2, 24)}
+    expected = fwd_bwd(copy.deepcopy(wrapped), inputs)
+    hookwise.apply(wrapped, Kernels(ops=("gate", "rope"), backend="eager"))
+    summary = kernels_summary(wrapped)
+    assert summary["used"] == {"inner.blocks.0": "structural", "inner.blocks.1": "structural"}, summary
+    calls = count_fused_calls(wrapped)
+    assert_close(fwd_bwd(wrapped, inputs), expected)
+    assert kernels_summary(wrapped)["rejected"] == {}
+    calls.clear()
+    assert_close(fwd_bwd(wrapped, inputs), expected)
+    assert calls == {"gated_residual": 2, "rope_interleaved": 2, "rope_half": 2}, calls

@@ -16,7 +16,8 @@ block's forward itself:
    `add(x, cat([mul, mul, ...]))` (a gate per token range, HunyuanVideo's token replace) one fused
    gated residual per range, and `add(mul(x, cos), mul(rot(x), sin))` the fused rotary embedding, where
    `rot` is a chain of ops on x alone that the first call finds, on a probe tensor of x's shape, to be
-   the interleaved-pairs (FLUX / Wan) or the rotate-half (Llama / Liger) rotation.
+   the interleaved-pairs (FLUX / Wan) or the rotate-half (Llama / Liger) rotation; a call of diffusers'
+   `apply_rotary_emb` (kept as one call in the trace) becomes the fused op of its layout.
 3. The rewritten forward is checked against the block's own forward on a slice of that call's real
    inputs (the first sample; all of them where a slice does not run): outputs and the gradients of
    the inputs and trainable parameters within `fused.TOLERANCE`. A signature that fails runs the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -49,8 +51,19 @@ ROPE_FUNCTIONS = {"interleaved": "rope_interleaved", "half": "rope_half"}
 _CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
+def _known_ropes() -> tuple[Callable[..., Any], ...]:
+    """Rotary functions of libraries a block may call, kept as one call each and rewritten whole
+    (diffusers' `apply_rotary_emb` unpacks `*x.shape`, which fx cannot trace); only those already imported."""
+    embeddings = sys.modules.get("diffusers.models.embeddings")
+    fn = getattr(embeddings, "apply_rotary_emb", None)
+    return (fn,) if callable(fn) else ()
+
+
 class _LeafTracer(fx.Tracer):
     """Every submodule is called as itself: only the block's own code is traced."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_known_ropes())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -309,25 +322,48 @@ def _tables(x: torch.Tensor, cos: Any, sin: Any) -> tuple[torch.Tensor, torch.Te
     return cos.reshape(-1, d).expand(rows, d), sin.reshape(-1, d).expand(rows, d), seq_dim
 
 
-def rope_site(hook: Any, sites: list[RopeSite], index: int, source: Any, a: Any, cos: Any, sin: Any) -> Any:
-    """`a * cos + rot(source) * sin` (a: source, perhaps cast), fused where the tables allow."""
-    site = sites[index]
-    layout = site.layout(source) if isinstance(source, torch.Tensor) and not torch.compiler.is_compiling() else site.layouts.get(
-        tuple(source.shape) if isinstance(source, torch.Tensor) else None
-    )
+def _fused_rope(hook: Any, layout: str | None, source: torch.Tensor, cos: Any, sin: Any) -> torch.Tensor | None:
+    """`source * cos + rot(source) * sin` by the fused op of `layout`, in source's dtype; None where it
+    does not apply (no op asked for, tables that do not broadcast as (seq, head_dim), tables with grad)."""
     fused = _ops(hook).get(ROPE_FUNCTIONS.get(layout or "", ""))
-    tables = _tables(source, cos, sin) if fused is not None and isinstance(a, torch.Tensor) and a.shape == source.shape else None
+    tables = _tables(source, cos, sin) if fused is not None else None
     if tables is None:
-        return a * cos + site.rotated(source) * sin
+        return None
     c, s, seq_dim = tables
     if layout == "interleaved":
         four = (c[:, 0::2], s[:, 0::2], c[:, 1::2], s[:, 1::2])
     else:
         h = c.shape[-1] // 2
         four = (c[:, :h], s[:, :h], c[:, h:], s[:, h:])
-    out = fused(source, *(t.contiguous() for t in four), seq_dim)
+    return fused(source, *(t.contiguous() for t in four), seq_dim)
+
+
+def rope_site(hook: Any, sites: list[RopeSite], index: int, source: Any, a: Any, cos: Any, sin: Any) -> Any:
+    """`a * cos + rot(source) * sin` (a: source, perhaps cast), fused where the tables allow."""
+    site = sites[index]
+    layout = site.layout(source) if isinstance(source, torch.Tensor) and not torch.compiler.is_compiling() else site.layouts.get(
+        tuple(source.shape) if isinstance(source, torch.Tensor) else None
+    )
+    out = _fused_rope(hook, layout, source, cos, sin) if isinstance(a, torch.Tensor) and a.shape == source.shape else None
+    if out is None:
+        return a * cos + site.rotated(source) * sin
     out_dtype = torch.promote_types(torch.promote_types(a.dtype, cos.dtype), sin.dtype)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def known_rope_site(hook: Any, function: Callable[..., Any], x: Any, freqs_cis: Any, use_real: bool = True,
+                    use_real_unbind_dim: int = -1, sequence_dim: int = 2) -> Any:  # fmt: skip
+    """diffusers' `apply_rotary_emb(x, (cos, sin), ...)` by the fused op, else the function itself."""
+    layout = {-1: "interleaved", -2: "half"}.get(use_real_unbind_dim)
+    usable = use_real and layout and sequence_dim in (1, 2) and isinstance(x, torch.Tensor) and x.dim() == 4
+    if usable and isinstance(freqs_cis, (tuple, list)) and len(freqs_cis) == 2:
+        cos, sin = freqs_cis
+        if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 2 and cos.device == x.device:
+            at = (None, None) if sequence_dim == 2 else (None, slice(None), None)
+            out = _fused_rope(hook, layout, x, cos[at], sin[at])
+            if out is not None:
+                return out
+    return function(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
 
 
 # ---- the rewrite ------------------------------------------------------------------------------------------
@@ -374,6 +410,13 @@ def rewrite(graph: fx.Graph, wanted: tuple[str, ...]) -> tuple[Found, list[RopeS
     sites: list[RopeSite] = []
     for node in list(graph.nodes):
         if node.graph is not graph or node.op not in ("call_function", "call_method"):
+            continue
+        if "rope" in wanted and node.op == "call_function" and node.target in _known_ropes():
+            with graph.inserting_before(node):
+                new = graph.call_function(known_rope_site, tuple(node.args), dict(node.kwargs))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            found.rope += 1
             continue
         match = _rope_match(node) if "rope" in wanted else None
         if match is not None:
@@ -450,6 +493,8 @@ def build(block: nn.Module, values: dict[str, Any], wanted: tuple[str, ...], hoo
     for name, value in list(namespace.items()):
         if value is gate_site or value is gate_cat_site:
             namespace[name] = partial(value, hook)
+        elif value is known_rope_site:
+            namespace[name] = partial(value, hook, _known_ropes()[0])
         elif value is rope_site:
             namespace[name] = partial(value, hook, sites)
     exec(compile(code.src, f"<hookwise kernels: {type(block).__name__} rewritten>", "exec"), namespace)  # noqa: S102
