@@ -28,7 +28,7 @@ from hookwise.errors import ConfigError, MissingDependencyError, NoTargetError
 from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
 from cache_helpers import one_thread  # noqa: F401 - the fixture
-from kernel_helpers import count_fused_calls
+from kernel_helpers import count_fused_calls, custom_dit
 from model_helpers import tiny_flux, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -103,6 +103,14 @@ def kernel_checks(device: str, dtype: torch.dtype = torch.float32) -> None:
                   constants=(1, 2, 3, 4))
     against_eager(tk.rope_interleaved, patterns.rope_interleaved, [rand(b, seq, heads, d), cos_a, sin_a, cos_b, sin_b], 1, rtol=rtol,
                   constants=(1, 2, 3, 4))
+    for layout in ((b, heads, seq, d), (b, seq, heads, d)):  # rotate-half, both layouts
+        against_eager(tk.rope_half, patterns.rope_half, [rand(*layout), cos_a, sin_a, cos_b, sin_b], 2 if layout[1] == heads else 1,
+                      rtol=rtol, constants=(1, 2, 3, 4))
+    # many short rows: several programs of ROWS rows each, the last one partly masked
+    x = rand(37, 3, 24)
+    against_eager(tk.norm_modulate, patterns.norm_modulate, [x, rand(24), None, rand(37, 1, 24), rand(37, 1, 24)], 1e-6, True, rtol=rtol)
+    against_eager(tk.rope_interleaved, patterns.rope_interleaved, [rand(5, 37, d), *(rand(37, d // 2) for _ in range(4))], 1,
+                  rtol=rtol, constants=(1, 2, 3, 4))
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -115,7 +123,7 @@ def test_triton_kernels_under_the_interpreter():
     tail = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0, tail
     passed = re.search(r"(\d+) passed", result.stdout)
-    assert passed and int(passed.group(1)) == 4 and "skipped" not in result.stdout, tail
+    assert passed and int(passed.group(1)) == 5 and "skipped" not in result.stdout, tail
 
 
 @interpreted
@@ -134,6 +142,20 @@ def test_interpreted_triton_backend_trains_lora_like_eager(build):
     assert summary["used"] and summary["rejected"] == {}, summary["rejected"]
     out, grads = fwd_bwd(model, inputs)
     close([out, *(grads[k] for k in expected[1])], [expected[0], *expected[1].values()], 1e-4)
+
+
+@interpreted
+def test_interpreted_structural_route_trains_lora_like_eager():
+    # A custom DiT: gates, interleaved and rotate-half rope found in its blocks' traced forwards, on Triton.
+    model, inputs = custom_dit()
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="triton"))
+    calls = count_fused_calls(model)
+    out, grads = fwd_bwd(model, inputs)
+    assert kernels_summary(model)["rejected"] == {} and set(kernels_summary(model)["used"].values()) == {"structural"}
+    close([out, *(grads[k] for k in expected[1])], [expected[0], *expected[1].values()], 1e-4)
+    assert calls["gated_residual"] and calls["rope_interleaved"] and calls["rope_half"]
 
 
 def swiglu_dit() -> tuple[nn.Module, dict]:
@@ -288,7 +310,7 @@ def test_a_site_failing_the_numerics_check_keeps_its_forward_and_the_summary_say
     with caplog.at_level(logging.WARNING, logger="hookwise.kernels"):
         hookwise.apply(model, Kernels(backend="eager"))
     summary = kernels_summary(model)
-    assert set(summary["used"].values()) == {"gelu"}  # the GELUs pass, every norm is refused
+    assert set(summary["used"].values()) == {"gelu", "structural"}  # the GELUs pass, every norm is refused
     assert summary["rejected"]["double_blocks.0.img_norm1"].startswith("eager: output 0 differs from eager by")
     assert any("keep their eager forward" in r.getMessage() for r in caplog.records)
     out, grads = fwd_bwd(model, inputs)
@@ -322,9 +344,9 @@ def test_matching_nothing_raises_and_attaches_nothing():
     with pytest.raises(NoTargetError, match=r"found no module to replace in Sequential"):
         hookwise.apply(model, Kernels(ops=("norm",), backend="eager"))
     assert not any("forward" in m.__dict__ for m in model.modules())
-    musubi, _ = tiny_musubi()  # its blocks write gate and rope inline, and no architecture entry reaches them
+    musubi, _ = tiny_musubi()  # its blocks have no rotary embedding: the structural route finds none
     with pytest.raises(NoTargetError, match=r"found no module to replace in MusubiDiT"):
-        hookwise.apply(musubi, Kernels(ops=("gate", "rope"), backend="eager"))
+        hookwise.apply(musubi, Kernels(ops=("rope",), backend="eager"))
     assert hookwise.list_hooks(musubi) == {}
 
 

@@ -20,8 +20,8 @@ Each function takes `ops`, a mapping of `EXPRESSIONS` names to one backend's fun
 the ops the user asked for: a missing one is computed by the architecture's own inline expression. The
 numerics check at apply (`fused.check_site`) compares each site with the module's own forward on
 inputs of its real widths, so a diffusers release whose code differs shows up as a rejected site.
-Blocks of other classes (a custom DiT, HunyuanVideo's token-replace variants) are not reached: Kernels'
-summary lists them under `not_reached` with the reason.
+Blocks of other classes (a custom DiT, HunyuanVideo's token-replace variants) take the structural route
+(`_structural.py`) for their gate and rope; what no route reaches is listed under `not_reached`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A *site* is a module whose whole forward is one pattern, so a hook can compute i
 - `norm`: LayerNorm / RMSNorm modules (torch's, diffusers' `RMSNorm`, `FP32LayerNorm`, and any class
   whose forward's code normalizes the last dimension the same way), affine or not.
 - `modulate`: adaptive norms that project a conditioning vector and modulate the norm with it
-  (diffusers' `AdaLayerNormZero`, `AdaLayerNormZeroSingle`, `AdaLayerNormContinuous`): the projection
+  (diffusers' `AdaLayerNormZero`, `AdaLayerNormZeroSingle`, `AdaLayerNormContinuous`, and HunyuanVideo
+  I2V's token-replace pair, which modulates the first frame's tokens apart): the projection
   still runs through the module's own `linear` (so casting, offloading and LoRA on it apply), the norm
   and `* (1 + scale) + shift` become one fused op.
 - `geglu`: GELU (tanh or erf) and GEGLU activations (diffusers' `GELU` / `GEGLU` with their `proj`,
@@ -82,6 +83,20 @@ def rope_interleaved(
     return torch.stack([x0 * ca - x1 * sa, x1 * cb + x0 * sb], dim=-1).flatten(-2).to(x.dtype)
 
 
+def rope_half(
+    x: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor, seq_dim: int
+) -> torch.Tensor:
+    """Rotate the two halves of x's last dimension (the rotate-half layout) by (seq, head_dim / 2) tables:
+    `out[i] = x[i] cos_a - x[i + h] sin_a`, `out[i + h] = x[i + h] cos_b + x[i] sin_b`."""
+    shape = [1] * x.dim()
+    seq_dim = seq_dim % x.dim()
+    shape[seq_dim] = x.shape[seq_dim]
+    shape[-1] = x.shape[-1] // 2
+    ca, sa, cb, sb = (t.float().view(shape) for t in (cos_a, sin_a, cos_b, sin_b))
+    x0, x1 = x.float().chunk(2, dim=-1)
+    return torch.cat([x0 * ca - x1 * sa, x1 * cb + x0 * sb], dim=-1).to(x.dtype)
+
+
 def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """GELU in fp32, stored in x's dtype."""
     return F.gelu(x.float(), approximate=approximate).to(x.dtype)
@@ -103,6 +118,7 @@ EXPRESSIONS: dict[str, Callable[..., torch.Tensor]] = {
     "norm_modulate": norm_modulate,
     "gated_residual": gated_residual,
     "rope_interleaved": rope_interleaved,
+    "rope_half": rope_half,
     "gelu": gelu,
     "geglu": geglu,
     "swiglu": swiglu,
@@ -187,6 +203,29 @@ def _adaln_continuous(module: nn.Module, ops: Any, x: torch.Tensor, conditioning
     return _inner_norm(module, x, ops, scale[:, None, :], shift[:, None, :])
 
 
+def _token_replace(module: nn.Module, ops: Any, x: torch.Tensor, emb: torch.Tensor, token_replace_emb: torch.Tensor,
+                   first_frame_num_tokens: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """HunyuanVideo I2V's adaptive norms: the first frame's tokens modulated by the token-replace
+    embedding, the others by the timestep's (each range one fused norm + modulation)."""
+    chunks = 6 if type(module).__name__ == "HunyuanVideoTokenReplaceAdaLayerNormZero" else 3
+    mods = module.linear(module.silu(emb)).chunk(chunks, dim=1)
+    tr_mods = module.linear(module.silu(token_replace_emb)).chunk(chunks, dim=1)
+    n = first_frame_num_tokens
+    zero = _inner_norm(module, x[:, :n], ops, tr_mods[1][:, None], tr_mods[0][:, None])
+    orig = _inner_norm(module, x[:, n:], ops, mods[1][:, None], mods[0][:, None])
+    out = torch.cat([zero, orig], dim=1)
+    if chunks == 3:
+        return out, mods[2], tr_mods[2]
+    return out, *mods[2:], *tr_mods[2:]
+
+
+def _token_replace_example(module: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
+    gen = _gen()
+    x = _tokens(module.linear.in_features, dtype, device, gen)
+    emb, tr_emb = ((torch.randn(2, module.linear.in_features, generator=gen) * 0.5).to(device=device, dtype=dtype) for _ in range(2))
+    return (x, emb, tr_emb, 3), {}
+
+
 def _adaln_example(module: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
     gen = _gen()
     x = _tokens(_width(module.norm) if _has_width(module.norm) else module.linear.out_features // _chunks(module), dtype, device, gen)
@@ -241,6 +280,7 @@ KINDS: dict[str, Kind] = {
         Kind("adaln_zero", "modulate", _adaln_zero, _adaln_example),
         Kind("adaln_single", "modulate", _adaln_single, _adaln_example),
         Kind("adaln_continuous", "modulate", _adaln_continuous, _adaln_example),
+        Kind("adaln_token_replace", "modulate", _token_replace, _token_replace_example),
         Kind("gelu_proj", "geglu", _gelu_proj, _proj_example),
         Kind("geglu_proj", "geglu", _geglu_proj, _proj_example),
         Kind("gelu", "geglu", _gelu_act, _act_example),
@@ -310,6 +350,10 @@ def structural_kind(module: nn.Module) -> str | None:
         if structural_kind(module.norm) not in ("layer_norm", "rms_norm"):
             return None
         return {"AdaLayerNormZero": "adaln_zero", "AdaLayerNormZeroSingle": "adaln_single"}.get(name, "adaln_continuous")
+    if from_diffusers and name in ("HunyuanVideoTokenReplaceAdaLayerNormZero", "HunyuanVideoTokenReplaceAdaLayerNormZeroSingle"):
+        if isinstance(getattr(module, "linear", None), nn.Linear) and structural_kind(getattr(module, "norm", None) or nn.Identity()) == "layer_norm":
+            return "adaln_token_replace"
+        return None
     if from_diffusers and name == "GELU" and isinstance(getattr(module, "proj", None), nn.Linear):
         return "gelu_proj"
     if from_diffusers and name == "GEGLU" and isinstance(getattr(module, "proj", None), nn.Linear):

@@ -8,6 +8,7 @@ The patterns (each an autograd function over plain tensors):
 - `gated_residual(x, gate, y)`: `x + gate * y`, the gate broadcast like a modulation.
 - `rope_interleaved(x, cos_a, sin_a, cos_b, sin_b, seq_dim)`: rotary embedding on interleaved pairs
   (FLUX / Wan layout): `out[2i] = x[2i] cos_a - x[2i+1] sin_a`, `out[2i+1] = x[2i+1] cos_b + x[2i] sin_b`.
+- `rope_half(...)`: the same on the rotate-half layout: pairs `(x[i], x[i + head_dim / 2])`.
 - `gelu(x, approximate)` and `geglu(h, approximate)`: GELU (tanh or erf), and `a * gelu(g)` over the
   two halves of `h`'s last dimension; `swiglu(h)`: `a * silu(g)` over the same halves.
 
@@ -36,6 +37,7 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _ELEMENTWISE_BLOCK = 1024
+_ROW_ELEMENTS = 4096  # values one row-wise program holds (rows x padded width)
 
 
 # ---- device functions ----------------------------------------------------------------------------
@@ -65,79 +67,90 @@ def _gelu_and_grad(g, APPROX_TANH: tl.constexpr):
 @triton.jit
 def _norm_mod_fwd(
     X, W, B, SC, SH, Y, RSTD, MEAN,
-    n_cols, tokens, mod_sb, mod_st, eps,
-    RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK: tl.constexpr,
+    n_rows, n_cols, tokens, mod_sb, mod_st, eps,
+    RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # ROWS rows per program: short rows (qk norms) fill it
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = row < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    at_x = row[:, None] * n_cols + cols[None, :]
+    x = tl.load(X + at_x, mask=mask, other=0.0).to(tl.float32)
     if RMS:
-        var = tl.sum(x * x, axis=0) / n_cols
+        var = tl.sum(x * x, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
-        xhat = x * rstd
+        xhat = x * rstd[:, None]
     else:
-        mean = tl.sum(x, axis=0) / n_cols
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / n_cols
+        mean = tl.sum(x, axis=1) / n_cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(var + eps)
-        xhat = xc * rstd
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        xhat = xc * rstd[:, None]
+        tl.store(MEAN + row, mean, mask=row_ok)
+    tl.store(RSTD + row, rstd, mask=row_ok)
     h = xhat
     if HAS_W:
-        h = h * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        h = h * tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
-        h = h + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        h = h + tl.load(B + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_MOD:
-        at = (row // tokens) * mod_sb + (row % tokens) * mod_st
-        s = tl.load(SC + at + cols, mask=mask, other=0.0).to(tl.float32)
-        sh = tl.load(SH + at + cols, mask=mask, other=0.0).to(tl.float32)
+        at = ((row // tokens) * mod_sb + (row % tokens) * mod_st)[:, None] + cols[None, :]
+        s = tl.load(SC + at, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SH + at, mask=mask, other=0.0).to(tl.float32)
         h = h * (1.0 + s) + sh
-    tl.store(Y + row * n_cols + cols, h.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + at_x, h.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_mod_bwd(
     X, W, B, SC, DY, DX, GW, GS, RSTD, MEAN,
-    n_cols, tokens, mod_sb, mod_st,
+    n_rows, n_cols, tokens, mod_sb, mod_st,
     RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_MOD: tl.constexpr,
-    WANT_GW: tl.constexpr, WANT_GS: tl.constexpr, BLOCK: tl.constexpr,
+    WANT_GW: tl.constexpr, WANT_GS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + row)
+    row_ok = row < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    at_x = row[:, None] * n_cols + cols[None, :]
+    x = tl.load(X + at_x, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + at_x, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)[:, None]
     if RMS:
         xhat = x * rstd
     else:
-        xhat = tl.where(mask, x - tl.load(MEAN + row), 0.0) * rstd
+        xhat = tl.where(mask, x - tl.load(MEAN + row, mask=row_ok, other=0.0)[:, None], 0.0) * rstd
     dh = dy
     if HAS_MOD:
-        at = (row // tokens) * mod_sb + (row % tokens) * mod_st
-        s = tl.load(SC + at + cols, mask=mask, other=0.0).to(tl.float32)
+        at = ((row // tokens) * mod_sb + (row % tokens) * mod_st)[:, None] + cols[None, :]
+        s = tl.load(SC + at, mask=mask, other=0.0).to(tl.float32)
         dh = dy * (1.0 + s)
         if WANT_GS:
             h = xhat
             if HAS_W:
-                h = h * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                h = h * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_B:
-                h = h + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(GS + row * n_cols + cols, dy * h, mask=mask)
+                h = h + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(GS + at_x, dy * h, mask=mask)
     dxhat = dh
     if HAS_W:
-        dxhat = dh * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dxhat = dh * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if WANT_GW:
-            tl.store(GW + row * n_cols + cols, dh * xhat, mask=mask)
+            tl.store(GW + at_x, dh * xhat, mask=mask)
     dxhat = tl.where(mask, dxhat, 0.0)
-    proj = tl.sum(dxhat * xhat, axis=0) / n_cols
+    proj = (tl.sum(dxhat * xhat, axis=1) / n_cols)[:, None]
     if RMS:
         dx = rstd * (dxhat - xhat * proj)
     else:
-        dx = rstd * (dxhat - tl.sum(dxhat, axis=0) / n_cols - xhat * proj)
-    tl.store(DX + row * n_cols + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dx = rstd * (dxhat - (tl.sum(dxhat, axis=1) / n_cols)[:, None] - xhat * proj)
+    tl.store(DX + at_x, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _rows_per_program(block: int) -> int:
+    """Rows one program takes: up to 16, so a program holds at most about 4096 values."""
+    return max(1, min(16, _ROW_ELEMENTS // block))
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -189,9 +202,10 @@ class _NormModulate(torch.autograd.Function):
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         mean = torch.empty(rows, device=x.device, dtype=torch.float32)
         block = triton.next_power_of_2(n)
-        _norm_mod_fwd[(rows,)](
-            x2, weight, bias, sc, sh, y, rstd, mean, n, tokens, sb, st, float(eps),
-            RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=sc is not None, BLOCK=block,
+        per = _rows_per_program(block)
+        _norm_mod_fwd[(triton.cdiv(rows, per),)](
+            x2, weight, bias, sc, sh, y, rstd, mean, rows, n, tokens, sb, st, float(eps),
+            RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=sc is not None, ROWS=per, BLOCK=block,
         )
         ctx.save_for_backward(x2, weight, bias, sc, rstd, mean)
         ctx.meta = (rms, tokens, sb, st, x.shape, scale, shift)
@@ -208,10 +222,12 @@ class _NormModulate(torch.autograd.Function):
         want_gs = sc is not None and ctx.needs_input_grad[3]
         gw = torch.empty(rows, n, device=x2.device, dtype=torch.float32) if want_gw else None
         gs = torch.empty(rows, n, device=x2.device, dtype=torch.float32) if want_gs else None
-        _norm_mod_bwd[(rows,)](
-            x2, weight, bias, sc, dy2, dx, gw, gs, rstd, mean, n, tokens, sb, st,
+        block = triton.next_power_of_2(n)
+        per = _rows_per_program(block)
+        _norm_mod_bwd[(triton.cdiv(rows, per),)](
+            x2, weight, bias, sc, dy2, dx, gw, gs, rstd, mean, rows, n, tokens, sb, st,
             RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_MOD=sc is not None,
-            WANT_GW=want_gw, WANT_GS=want_gs, BLOCK=triton.next_power_of_2(n),
+            WANT_GW=want_gw, WANT_GS=want_gs, ROWS=per, BLOCK=block,
         )
         dw = gw.sum(0).to(weight.dtype) if want_gw else None
         db = None
@@ -290,16 +306,22 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
 # ---- rotary embedding, interleaved pairs ----------------------------------------------------------
 @triton.jit
 def _rope_kernel(
-    X, CA, SA, CB, SB, OUT, seq, inner, half,
-    BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    X, CA, SA, CB, SB, OUT, n_rows, seq, inner, half,
+    BACKWARD: tl.constexpr, HALVES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # ROWS (head) rows per program
     i = tl.arange(0, BLOCK)
-    mask = i < half
-    f = ((row // inner) % seq) * half + i
-    base = X + row * 2 * half
-    x0 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+    mask = (row < n_rows)[:, None] & (i < half)[None, :]
+    f = (((row // inner) % seq) * half)[:, None] + i[None, :]
+    base = (row * 2 * half)[:, None]
+    if HALVES:  # rotate-half: the pair is (i, i + half)
+        first = base + i[None, :]
+        second = first + half
+    else:  # interleaved: the pair is (2i, 2i + 1)
+        first = base + 2 * i[None, :]
+        second = first + 1
+    x0 = tl.load(X + first, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(X + second, mask=mask, other=0.0).to(tl.float32)
     ca = tl.load(CA + f, mask=mask, other=0.0).to(tl.float32)
     sa = tl.load(SA + f, mask=mask, other=0.0).to(tl.float32)
     cb = tl.load(CB + f, mask=mask, other=0.0).to(tl.float32)
@@ -310,12 +332,11 @@ def _rope_kernel(
     else:
         o0 = x0 * ca - x1 * sa
         o1 = x1 * cb + x0 * sb
-    out = OUT + row * 2 * half
-    tl.store(out + 2 * i, o0.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out + 2 * i + 1, o1.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + first, o0.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + second, o1.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int, backward: bool) -> torch.Tensor:
+def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int, backward: bool, halves: bool) -> torch.Tensor:
     x = x.contiguous()
     d = x.shape[-1]
     seq_dim = seq_dim % x.dim()
@@ -323,23 +344,25 @@ def _rope_launch(x: torch.Tensor, freqs: tuple[torch.Tensor, ...], seq_dim: int,
     inner = math.prod(x.shape[seq_dim + 1 : -1])
     out = torch.empty_like(x)
     rows = x.numel() // d
-    _rope_kernel[(rows,)](
-        x, *freqs, out, seq, inner, d // 2, BACKWARD=backward, BLOCK=triton.next_power_of_2(d // 2),
+    block = triton.next_power_of_2(d // 2)
+    per = _rows_per_program(2 * block)
+    _rope_kernel[(triton.cdiv(rows, per),)](
+        x, *freqs, out, rows, seq, inner, d // 2, BACKWARD=backward, HALVES=halves, ROWS=per, BLOCK=block,
     )
     return out
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos_a, sin_a, cos_b, sin_b, seq_dim):
+    def forward(ctx, x, cos_a, sin_a, cos_b, sin_b, seq_dim, halves):
         freqs = tuple(f.contiguous() for f in (cos_a, sin_a, cos_b, sin_b))
         ctx.save_for_backward(*freqs)
-        ctx.seq_dim = seq_dim
-        return _rope_launch(x, freqs, seq_dim, backward=False)
+        ctx.seq_dim, ctx.halves = seq_dim, halves
+        return _rope_launch(x, freqs, seq_dim, backward=False, halves=halves)
 
     @staticmethod
     def backward(ctx, dout):
-        return _rope_launch(dout, ctx.saved_tensors, ctx.seq_dim, backward=True), None, None, None, None, None
+        return _rope_launch(dout, ctx.saved_tensors, ctx.seq_dim, backward=True, halves=ctx.halves), None, None, None, None, None, None
 
 
 def rope_interleaved(
@@ -347,7 +370,14 @@ def rope_interleaved(
 ) -> torch.Tensor:
     """Rotate interleaved pairs of `x`'s last dimension; the frequencies are (seq, head_dim / 2) tables
     (no gradient) indexed by `x`'s `seq_dim`."""
-    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim)
+    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim, False)
+
+
+def rope_half(
+    x: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor, seq_dim: int
+) -> torch.Tensor:
+    """Rotate the two halves of `x`'s last dimension (rotate-half layout); tables as `rope_interleaved`'s."""
+    return _Rope.apply(x, cos_a, sin_a, cos_b, sin_b, seq_dim, True)
 
 
 # ---- GELU and GEGLU --------------------------------------------------------------------------------

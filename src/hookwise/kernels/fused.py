@@ -3,7 +3,9 @@ computed by fused ops through hooks.
 
 `Kernels(ops=..., backend=...)` finds the sites of each op (`_patterns.py`: per-architecture tables for
 FLUX and Wan, structural matching for the rest; `_inline.py`: the FLUX / Wan / HunyuanVideo / LTX-Video
-blocks and attention processors that hold the gate, rope and part of the modulation inline) and attaches a hook to each site
+blocks and attention processors that hold the gate, rope and part of the modulation inline;
+`_structural.py`: the gate and rope of any other tower block, found in a torch.fx trace of its forward,
+where the per-architecture entries do not reach it) and attaches a hook to each site
 module that computes its forward with the backend's fused functions instead of the module's chain of
 eager ops (for an attention processor: a processor object of its own on the instance). The
 module's own submodules still run (an adaptive norm's `linear`, a GELU's `proj`), so casting,
@@ -48,17 +50,17 @@ from ..errors import ConfigError, NoTargetError, require
 from ..introspect.architectures import detect_architecture
 from ..introspect.model_map import describe
 from ._inline import INLINE_KINDS, KIND_OPS, PROCESSOR_KINDS, ROUTED, FusedProcessor, fused_processor, inline_sites, ops_for
-from ._patterns import EXPRESSIONS, KINDS, OPS, arch_sites, find_sites
+from ._check import ALL_KINDS, TOLERANCE, check_call, check_site, module_dtype_device  # noqa: F401 - TOLERANCE: public bound
+from ._patterns import EXPRESSIONS, OPS, arch_sites, find_sites
+from ._structural import KIND as STRUCTURAL
+from ._structural import StructuralHook, UntraceableError, find_structural
 
 logger = logging.getLogger("hookwise.kernels")
 
 NAME = "kernels"
 HOOK_NAME = "hookwise.kernels"
 BACKENDS = ("auto", "triton", "compile", "eager")
-# rtol per compute dtype: max |fused - eager| <= rtol * max |eager|, for outputs and each gradient.
-TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _STATE_ATTR = "_hookwise_kernels"
-ALL_KINDS = {**KINDS, **INLINE_KINDS}
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,11 @@ class Kernels(TechniqueConfig):
       "geglu" (GELU-tanh / GEGLU activations), "swiglu" (SwiGLU activations). "gate", "rope" and
       part of "modulate" are written inline in DiT blocks and attention processors: in FLUX, Wan,
       HunyuanVideo and LTX-Video blocks they are reached through a block-forward replacement and an
-      instance-level processor (`_inline.py`); the tower blocks no route reaches (other classes, a
-      custom DiT) are listed in `kernels_summary(model)["not_reached"]` with the reason.
+      instance-level processor (`_inline.py`); in the tower blocks of other classes (a custom DiT) the
+      gate and rope are found by tracing the block's forward with torch.fx and rewritten
+      (`_structural.py`; checked at the block's first call of each call signature); the tower blocks
+      no route reaches (a forward fx cannot trace, a modulation written inline) are listed in
+      `kernels_summary(model)["not_reached"]` with the reason.
     - `backend`: "auto" (Triton kernels on CUDA, a `torch.compile`-generated function elsewhere),
       "triton", "compile" or "eager".
     """
@@ -125,12 +130,13 @@ def _compiled(name: str) -> Callable[..., torch.Tensor]:
 def _triton_ops(device: torch.device) -> dict[str, Callable[..., torch.Tensor]]:
     require("triton", "triton", "Kernels(backend='triton')")
     # Imported here: the module imports triton, which only this backend needs.
-    from ._triton_dit import gated_residual, geglu, gelu, liger_function, norm_modulate, rope_interleaved, swiglu
+    from ._triton_dit import gated_residual, geglu, gelu, liger_function, norm_modulate, rope_half, rope_interleaved, swiglu
 
     ops = {
         "norm_modulate": norm_modulate,
         "gated_residual": gated_residual,
         "rope_interleaved": rope_interleaved,
+        "rope_half": rope_half,
         "gelu": gelu,
         "geglu": geglu,
         "swiglu": swiglu,
@@ -239,72 +245,6 @@ class ProcessorHook(ModelHook):
             logger.warning("hookwise kernels: %s's processor was replaced after Kernels; left as it is", type(module).__name__)
 
 
-# ---- numerics check --------------------------------------------------------------------------------
-def _module_dtype_device(module: nn.Module, fallback: tuple[torch.dtype, torch.device]) -> tuple[torch.dtype, torch.device]:
-    for p in module.parameters():
-        if p.is_floating_point() and p.dtype.itemsize >= 2 and p.numel():
-            return p.dtype, p.device
-    return fallback
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def _worst(fused: list[torch.Tensor], eager: list[torch.Tensor], rtol: float, what: str) -> str | None:
-    for i, (a, b) in enumerate(zip(fused, eager)):
-        if a is None and b is None:
-            continue
-        if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
-            return f"{what} {i} differs in shape or dtype ({_desc(a)} vs eager {_desc(b)})"
-        scale = b.float().abs().max().item() if b.numel() else 0.0
-        diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
-        if not diff <= rtol * max(scale, 1e-6):  # also catches nan
-            return f"{what} {i} differs from eager by {diff:.3g} (bound {rtol:g} x {scale:.3g})"
-    return None
-
-
-def _desc(t: torch.Tensor | None) -> str:
-    return "None" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
-
-
-def check_site(module: nn.Module, kind: str, ops: dict[str, Callable[..., torch.Tensor]], dtype: torch.dtype,
-               device: torch.device) -> str | None:
-    """None if the fused forward of `module` matches its own forward within `TOLERANCE`, else why not."""
-    spec = ALL_KINDS[kind]
-    rtol = TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-    try:
-        args, kwargs = spec.example(module, dtype, device)
-        # Gradients for the top-level tensor arguments; tensors inside tuples (rotary tables) are constants.
-        top = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-        inputs = [t.requires_grad_() for t in top if t.is_floating_point()]
-        params = [p for p in module.parameters() if p.requires_grad]
-        with torch.enable_grad():
-            eager_out = _tensors(type(module).forward(module, *args, **kwargs))
-            fused_out = _tensors(spec.forward(module, ops, *args, **kwargs))
-            why = _worst(fused_out, eager_out, rtol, "output")
-            if why:
-                return why
-            grad_of = [t for t in eager_out if t.requires_grad]
-            if not grad_of:
-                return None
-            gen = torch.Generator().manual_seed(1)
-            cotangents = [torch.randn(t.shape, generator=gen).to(t) for t in grad_of]
-            wrt = inputs + params
-            eager_g = torch.autograd.grad(grad_of, wrt, cotangents, allow_unused=True)
-            fused_g = torch.autograd.grad([t for t in fused_out if t.requires_grad], wrt, cotangents, allow_unused=True)
-        return _worst(list(fused_g), list(eager_g), rtol, "gradient")
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is a reason not to use it
-        text = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 # ---- state, apply, remove -------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -314,19 +254,27 @@ class _State:
     inline: dict[str, str]  # op -> where the model computes it instead
     unmatched: list[str]  # ops with no site
     not_reached: dict[str, str]  # tower block path -> why its inline gate / modulate / rope stay eager
+    structural: dict[str, StructuralHook]  # path -> the hook of a block reached by the structural route
 
 
 def kernels_summary(model: nn.Module) -> dict[str, Any]:
     """What Kernels replaced: backend, sites used (path -> kind), rejected (path -> why), ops the model
     computes inline (op -> where), ops with no site, and the tower blocks no route reaches for the
-    requested inline ops (`not_reached`: path -> why); empty when Kernels is not applied."""
+    requested inline ops (`not_reached`: path -> why); empty when Kernels is not applied.
+
+    A block on the structural route is traced and checked at its first call with each call signature:
+    a signature that fails runs the block's own forward, and `rejected` then names the block and why."""
     state = unwrap(model).__dict__.get(_STATE_ATTR)
     if state is None:
         return {}
+    rejected = dict(state.rejected)
+    for path, hook in state.structural.items():
+        if hook.why:
+            rejected[path] = f"{hook.backend}: " + "; ".join(dict.fromkeys(hook.why.values()))
     return {
         "backend": state.backend,
         "used": dict(state.used),
-        "rejected": dict(state.rejected),
+        "rejected": rejected,
         "inline": dict(state.inline),
         "unmatched": list(state.unmatched),
         "not_reached": dict(state.not_reached),
@@ -334,26 +282,75 @@ def kernels_summary(model: nn.Module) -> dict[str, Any]:
 
 
 INLINE_OPS = ("gate", "modulate", "rope")
+STRUCTURAL_OPS = ("gate", "rope")
+_PATTERNS = "gate: x + gate * y; rope: x * cos + rot(x) * sin, interleaved pairs or rotate-half"
 
 
-def _not_reached(model: nn.Module, sites: list[tuple[str, nn.Module, str]], ops: tuple[str, ...]) -> dict[str, str]:
+def _tower_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(path, module, class name) of each main-tower block, a block listed at several paths once."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    out: list[tuple[str, nn.Module, str]] = []
+    seen: set[int] = set()
+    for tower in describe(model).main_towers:
+        for block in tower.blocks:
+            module = modules.get(block.path)
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                out.append((block.path, module, block.cls))
+    return out
+
+
+def _structural_sites(model: nn.Module, sites: list[tuple[str, nn.Module, str]], ops: tuple[str, ...]
+                      ) -> tuple[list[tuple[str, nn.Module, str]], dict[str, tuple[str, ...]], dict[str, str]]:  # fmt: skip
+    """The tower blocks no per-architecture entry reaches whose traced forward holds a gate or rope
+    pattern (path, block, "structural"), the ops found in each, and why the others are not reached."""
+    wanted = tuple(op for op in STRUCTURAL_OPS if op in ops)
+    if not wanted:
+        return [], {}, {}
+    routed = {id(m) for _, m, kind in sites if kind in INLINE_KINDS and kind not in PROCESSOR_KINDS}
+    found: list[tuple[str, nn.Module, str]] = []
+    found_ops: dict[str, tuple[str, ...]] = {}
+    why: dict[str, str] = {}
+    for path, block, _ in _tower_blocks(model):
+        if id(block) in routed:
+            continue
+        try:
+            ops_here = find_structural(block, wanted).ops()
+        except UntraceableError as exc:
+            why[path] = str(exc)
+            continue
+        if not ops_here:
+            why[path] = f"its traced forward holds no pattern of {' / '.join(wanted)} ({_PATTERNS})"
+            continue
+        found.append((path, block, STRUCTURAL))
+        found_ops[path] = ops_here
+    return found, found_ops, why
+
+
+def _not_reached(model: nn.Module, sites: list[tuple[str, nn.Module, str]], ops: tuple[str, ...],
+                 structural: dict[str, tuple[str, ...]], untraced: dict[str, str]) -> dict[str, str]:  # fmt: skip
     """The main-tower blocks in which some requested inline op (gate, modulate, rope) has no site: the
-    block itself, a module inside it (an adaptive norm) or its attention processor. Such a block computes
-    those ops, where its code has them, eagerly."""
+    block itself, a module inside it (an adaptive norm), its attention processor or its traced forward
+    (the structural route). Such a block computes those ops, where its code has them, eagerly."""
     wanted = [op for op in INLINE_OPS if op in ops]
     if not wanted:
         return {}
     out: dict[str, str] = {}
-    for tower in describe(model).main_towers:
-        for block in tower.blocks:
-            inside = [kind for path, _, kind in sites if path == block.path or path.startswith(block.path + ".")]
-            covered = {op for kind in inside for op in _ops_of(kind)}
-            missing = [op for op in wanted if op not in covered]
-            if missing:
-                out[block.path] = (
-                    f"{block.cls}: no route reaches its {' / '.join(missing)} (routes exist for {ROUTED}, and for "
-                    f"adaptive-norm modules); where its forward computes them, they run eagerly"
-                )
+    for path, _, cls in _tower_blocks(model):
+        inside = [kind for p, _, kind in sites if kind != STRUCTURAL and (p == path or p.startswith(path + "."))]
+        covered = {op for kind in inside for op in _ops_of(kind)} | set(structural.get(path, ()))
+        missing = [op for op in wanted if op not in covered]
+        if not missing:
+            continue
+        reasons = [f"routes exist for {ROUTED}, and for adaptive-norm modules"]
+        if path in untraced:
+            reasons.append(f"the structural route: {untraced[path]}")
+        elif path in structural:
+            reasons.append(f"the structural route fuses its {' / '.join(structural[path])}; it knows {_PATTERNS}, and no modulate")
+        out[path] = (
+            f"{cls}: no route reaches its {' / '.join(missing)} ({'; '.join(reasons)}); where its forward computes "
+            f"them, they run eagerly"
+        )
     return out
 
 
@@ -363,29 +360,40 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
     arch_name = arch.name if arch else None
     # The inline sites after the module sites: a block's check then runs its submodules as they will run.
     sites = find_sites(model, arch_name, config.ops) + inline_sites(model, arch_name, config.ops)
+    structural_sites, structural_ops, untraced = _structural_sites(model, sites, config.ops)
+    sites += structural_sites
     table = arch_sites(arch_name)
     inline = {op: why for op, why in (table.inline.items() if table else ()) if op in config.ops}
     if not sites:
         said = "; ".join(f"{op}: {why}" for op, why in inline.items())
-        unreached = _not_reached(model, sites, config.ops)
+        unreached = _not_reached(model, sites, config.ops, structural_ops, untraced)
         classes = sorted({why.split(":", 1)[0] for why in unreached.values()})
         if unreached:
+            first = next(iter(unreached.values())).split(": ", 1)[1]
             said += ("; " if said else "") + (
                 f"no route reaches the inline {'/'.join(op for op in INLINE_OPS if op in config.ops)} of its tower blocks "
-                f"({', '.join(classes)}; routes exist for {ROUTED})"
+                f"({', '.join(classes)}; e.g. {first})"
             )
         raise NoTargetError(
             f"Kernels(ops={list(config.ops)}) found no module to replace in {type(model).__name__}"
             + (f" ({said})" if said else "")
             + "; choose ops the model computes in modules of its own (norm, modulate, geglu), or leave Kernels out"
         )
-    model_dtype, model_device = _module_dtype_device(model, (torch.float32, torch.device("cpu")))
-    state = _State(config.backend, {}, {}, inline, [], {})
+    model_dtype, model_device = module_dtype_device(model, (torch.float32, torch.device("cpu")))
+    state = _State(config.backend, {}, {}, inline, [], {}, {})
     checked: dict[tuple, str | None] = {}
     for path, module, kind in sites:
-        dtype, device = _module_dtype_device(module, (model_dtype, model_device))
+        dtype, device = module_dtype_device(module, (model_dtype, model_device))
         backend = backend_for(config.backend, device)
         ops = backend_ops(backend, device)
+        if kind == STRUCTURAL:  # traced and checked per call signature, at the block's first call of it
+            wanted = structural_ops[path]
+            names = [n for op in wanted for n in STRUCTURAL_FUNCTIONS[op]]
+            hook = StructuralHook(backend, {n: ops[n] for n in names}, {n: EXPRESSIONS[n] for n in names}, wanted, check_call)
+            add_hook(module, hook, HOOK_NAME)
+            state.used[path] = kind
+            state.structural[path] = hook
+            continue
         if kind in INLINE_KINDS:
             ops = ops_for(kind, config.ops, ops)
         shapes = tuple((n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters())
@@ -400,9 +408,10 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
         hook_class = ProcessorHook if kind in PROCESSOR_KINDS else BlockHook if kind in INLINE_KINDS else KernelHook
         add_hook(module, hook_class(kind, backend, ops), HOOK_NAME)
         state.used[path or "<model>"] = kind
-    found_ops = {op for _, _, kind in sites for op in _ops_of(kind)}
+    found_ops = {op for _, _, kind in sites if kind != STRUCTURAL for op in _ops_of(kind)}
+    found_ops |= {op for ops_here in structural_ops.values() for op in ops_here}
     state.unmatched = [op for op in config.ops if op not in found_ops and op not in inline]
-    state.not_reached = _not_reached(model, sites, config.ops)
+    state.not_reached = _not_reached(model, sites, config.ops, structural_ops, untraced)
     if state.not_reached:
         first = next(iter(state.not_reached.items()))
         logger.info("hookwise kernels: %d tower blocks not reached (e.g. %s: %s)", len(state.not_reached), *first)
@@ -418,6 +427,10 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
         txn.on_rollback(lambda: model.__dict__.pop(_STATE_ATTR, None), "kernels state")
 
 
+# The functions the structural route's sites call, by op.
+STRUCTURAL_FUNCTIONS = {"gate": ("gated_residual",), "rope": ("rope_interleaved", "rope_half")}
+
+
 def _ops_of(kind: str) -> tuple[str, ...]:
     return KIND_OPS.get(kind, (ALL_KINDS[kind].op,))
 
@@ -426,7 +439,7 @@ def _remove_kernels(model: nn.Module, config: Kernels | None = None) -> int:
     model = unwrap(model)
     count = 0
     for _, registry in list(iter_registries(model)):
-        if isinstance(registry.get(HOOK_NAME), (KernelHook, ProcessorHook)):
+        if isinstance(registry.get(HOOK_NAME), (KernelHook, ProcessorHook, StructuralHook)):
             registry.remove(HOOK_NAME)
             count += 1
     model.__dict__.pop(_STATE_ATTR, None)
