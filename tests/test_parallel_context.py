@@ -261,10 +261,78 @@ def _backends(rank, world):
     return results
 
 
+# ---- a custom DiT whose rotary tables come as a tuple (cos, sin): the structural default splits them ------
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
+
+
+class RopeBlock(nn.Module):
+    """Joint attention over [text, image], the image's queries and keys rotated by (cos, sin) tables of
+    the image tokens ([tokens, head_dim], or [batch, tokens, head_dim] in a list)."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.img_qkv, self.txt_qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, img, txt, rope, vec):
+        cos, sin = rope
+        if cos.dim() == 3:  # [batch, tokens, head_dim]: one table per sample
+            cos, sin = cos[:, None], sin[:, None]
+        heads = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        iq, ik, iv = (heads(t) for t in self.img_qkv(img + vec[:, None]).chunk(3, dim=-1))
+        tq, tk, tv = (heads(t) for t in self.txt_qkv(txt).chunk(3, dim=-1))
+        iq, ik = _rotate(iq, cos, sin), _rotate(ik, cos, sin)
+        q, k, v = torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2)
+        joint = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return img + joint[:, txt.shape[1] :], txt + joint[:, : txt.shape[1]]
+
+
+class RopeDiT(nn.Module):
+    def __init__(self, dim: int = 24, depth: int = 2, kind: str = "tuple") -> None:
+        super().__init__()
+        self.kind = kind
+        self.img_in, self.txt_in, self.t_in = nn.Linear(6, dim), nn.Linear(10, dim), nn.Linear(1, dim)
+        self.blocks = nn.ModuleList([RopeBlock(dim) for _ in range(depth)])
+        self.out = nn.Linear(dim, 6)
+
+    def forward(self, img, txt, t):
+        n, half = img.shape[1], 4  # head_dim 8: 4 frequencies, rotate-half layout
+        angles = torch.arange(n, dtype=torch.float32)[:, None] / (10.0 ** torch.arange(half))[None]
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        rope = (cos, sin) if self.kind == "tuple" else [cos.expand(img.shape[0], -1, -1), sin.expand(img.shape[0], -1, -1)]
+        img, txt, vec = self.img_in(img), self.txt_in(txt), self.t_in(t[:, None])
+        for block in self.blocks:
+            img, txt = block(img, txt, rope, vec)
+        return self.out(img)
+
+
+def _rope_inputs(uneven: bool) -> dict:
+    g = torch.Generator().manual_seed(3)
+    n, t = (13, 5) if uneven else (16, 6)
+    return dict(img=torch.randn(2, n, 6, generator=g), txt=torch.randn(2, t, 10, generator=g), t=torch.tensor([0.3, 0.8]))
+
+
+def _rope(rank, world):
+    results = {}
+    for kind in ("tuple", "list"):
+        for uneven in (False, True):
+            torch.manual_seed(0)
+            model, inputs = RopeDiT(kind=kind).eval(), _rope_inputs(uneven)
+            want = _output(model, inputs)
+            for u, r in LAYOUTS:
+                hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+                results[(kind, u, r, uneven)] = _error(_output(model, inputs), want)
+                hookwise.remove(model)
+    return results
+
+
 def _all_two(rank, world):
     return {
         "cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world),
         "models": _models(rank, world), "masks": _masks(rank, world), "backends": _backends(rank, world),
+        "rope": _rope(rank, world),
     }  # fmt: skip
 
 
@@ -463,3 +531,45 @@ def test_the_ring_asks_the_cuda_efficient_kernel_for_its_log_sum_exp():
     with capture:
         torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, False)
     assert capture.lse is not None and tuple(capture.lse.shape) == (1, 2, 40)  # the kernel pads rows to 32: cut
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}-r{l[1]}")
+@pytest.mark.parametrize("uneven", (False, True), ids=("even", "uneven"))
+def test_rotary_tables_passed_as_a_tuple_follow_the_split_without_a_plan(two, kind, layout, uneven):
+    for rank, result in enumerate(two):
+        error = result["rope"][(kind, *layout, uneven)]
+        assert error < TOL, f"rank {rank}: relative error {error:.3g}"
+
+
+def _splitter_of(rank=0, world=2):
+    from hookwise.parallel._seq import Splitter
+
+    return Splitter(RopeBlock(), None, rank, world)
+
+
+def test_the_structural_default_splits_each_table_of_a_tuple_along_its_stream():
+    from hookwise.parallel._seq import Rope, Tables
+
+    img, txt, vec = torch.randn(2, 13, 24), torch.randn(2, 5, 24), torch.randn(2, 24)
+    cos, sin = torch.randn(13, 8), torch.randn(2, 13, 8)
+    for rank, rows in ((0, slice(0, 7)), (1, slice(7, 13))):
+        splitter = _splitter_of(rank)
+        args, kwargs = splitter.split((img, txt, (cos, sin), vec), {})
+        bound = splitter.signature.bind(*args, **kwargs).arguments
+        assert splitter._streams({"img": img, "txt": txt, "rope": (cos, sin), "vec": vec})["rope"] == Tables(
+            (Rope(0, ("img",)), Rope(1, ("img",))))  # a batch-first table splits its token dim, not the batch
+        assert torch.equal(bound["rope"][0], cos[rows]) and torch.equal(bound["rope"][1], sin[:, rows])
+        assert isinstance(bound["rope"], tuple) and torch.equal(bound["vec"], vec)
+
+
+@pytest.mark.parametrize(
+    "txt_tokens, rope_rows, why",
+    [(13, 13, "several"), (5, 18, "concatenation of several streams")],
+    ids=("two-streams-of-one-length", "a-table-of-both-streams"),
+)
+def test_a_tuple_the_default_cannot_place_is_refused_naming_the_argument(txt_tokens, rope_rows, why):
+    img, txt, vec = torch.randn(2, 13, 24), torch.randn(2, txt_tokens, 24), torch.randn(2, 24)
+    table = torch.randn(rope_rows, 8)
+    with pytest.raises(hookwise.HookwiseError, match=f"'rope'(.|\n)*{why}(.|\n)*plan="):
+        _splitter_of().split((img, txt, (table, table), vec), {})
