@@ -164,9 +164,9 @@ class MaskedBlock(nn.Module):
     """Joint attention over [text, image] with the text's padding masked (boolean), then the image's
     cross-attention to the text alone (an additive float mask: a rank's text may be all padding)."""
 
-    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, cross: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.cross = heads, cross
         self.img_qkv, self.txt_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
         self.img_out, self.txt_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.cross_q, self.cross_kv, self.cross_out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
@@ -186,6 +186,8 @@ class MaskedBlock(nn.Module):
         joint = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
         txt = txt + self.txt_out(joint[:, : txt.shape[1]])
         img = img + self.img_out(joint[:, txt.shape[1] :])
+        if not self.cross:
+            return img, txt
         ck, cv = self.cross_kv(txt).chunk(2, dim=-1)
         bias = torch.zeros(txt_mask.shape).masked_fill(~txt_mask.bool(), float("-inf"))[:, None, None, :]
         cross = F.scaled_dot_product_attention(self._heads(self.cross_q(img)), self._heads(ck), self._heads(cv), attn_mask=bias)
@@ -193,10 +195,10 @@ class MaskedBlock(nn.Module):
 
 
 class MaskedDiT(nn.Module):
-    def __init__(self, dim: int = 24, depth: int = 2) -> None:
+    def __init__(self, dim: int = 24, depth: int = 2, cross: bool = True) -> None:
         super().__init__()
         self.img_in, self.txt_in, self.t_in = nn.Linear(6, dim), nn.Linear(10, dim), nn.Linear(1, dim)
-        self.blocks = nn.ModuleList([MaskedBlock(dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([MaskedBlock(dim, cross=cross) for _ in range(depth)])
         self.out = nn.Linear(dim, 6)
 
     def forward(self, img, txt, txt_mask, t, query_mask=None):
@@ -206,14 +208,14 @@ class MaskedDiT(nn.Module):
         return self.out(img)
 
 
-def _masked(uneven: bool):
+def _masked(uneven: bool, cross: bool = True):
     """Batch 2: sample 0 keeps 3 text tokens (the second rank's text is all padding), sample 1 all of them."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     n, t = (13, 9) if uneven else (16, 8)
     inputs = dict(img=torch.randn(2, n, 6, generator=g), txt=torch.randn(2, t, 10, generator=g),
                   txt_mask=_text_mask(2, t, [3, t]), t=torch.tensor([0.3, 0.8]))
-    return MaskedDiT().eval(), inputs
+    return MaskedDiT(cross=cross).eval(), inputs
 
 
 def _masks(rank, world):
@@ -235,6 +237,26 @@ def _masks(rank, world):
         results["query-dependent"] = None
     except hookwise.HookwiseError as exc:
         results["query-dependent"] = str(exc)
+    return results
+
+
+def _mask_exchanges(rank, world):
+    """Three forwards (the same mask twice, then another): the exchanges counted after each, and each output's
+    error; on a DiT whose blocks all attend under one mask (joint) and on one with two (joint and cross)."""
+    results = {}
+    for cross in (False, True):
+        for u, r in LAYOUTS:
+            model, first = _masked(True, cross)
+            second = {**first, "txt_mask": _text_mask(2, first["txt"].shape[1], [5, 2])}
+            wants = [_output(model, x) for x in (first, first, second)]
+            hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+            seen = []
+            for x, want in zip((first, first, second), wants):
+                error = _error(_output(model, x), want)
+                stats = context_parallel_stats(model)
+                seen.append((error, stats["mask_exchanges"], stats["masks_reused"]))
+            results[(cross, u, r)] = seen
+            hookwise.remove(model)
     return results
 
 
@@ -332,7 +354,7 @@ def _all_two(rank, world):
     return {
         "cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world),
         "models": _models(rank, world), "masks": _masks(rank, world), "backends": _backends(rank, world),
-        "rope": _rope(rank, world),
+        "rope": _rope(rank, world), "exchanges": _mask_exchanges(rank, world),
     }  # fmt: skip
 
 
@@ -573,3 +595,28 @@ def test_a_tuple_the_default_cannot_place_is_refused_naming_the_argument(txt_tok
     table = torch.randn(rope_rows, 8)
     with pytest.raises(hookwise.HookwiseError, match=f"'rope'(.|\n)*{why}(.|\n)*plan="):
         _splitter_of().split((img, txt, (table, table), vec), {})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}-r{l[1]}")
+@pytest.mark.parametrize("cross", (False, True), ids=("one-mask", "two-masks"))
+def test_a_mask_is_exchanged_once_per_forward_and_again_when_it_changes(two, cross, layout):
+    masks = 2 if cross else 1  # distinct masks per forward; each of the 2 blocks attends under each once
+    for rank, result in enumerate(two):
+        seen = result["exchanges"][(cross, *layout)]
+        assert [exchanged for _, exchanged, _ in seen] == [masks, 2 * masks, 3 * masks], f"rank {rank}"
+        assert [reused for _, _, reused in seen] == [masks, 2 * masks, 3 * masks]  # the second block's calls
+        assert max(error for error, _, _ in seen) < TOL, f"rank {rank}"
+
+
+def test_a_mask_written_in_place_is_not_taken_for_the_one_exchanged_before():
+    from hookwise.parallel.context import Layout, Record
+
+    record = Record(Layout(None, 0, 2, 2, 1))
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    record.mask_cache.append((mask, mask._version, mask.clone(), []))
+    assert record._cached_mask(mask, mask) == 0  # the same tensor, unchanged
+    assert record._cached_mask(mask.clone(), mask.clone()) == 0  # equal values
+    mask[0, ..., 4:] = False
+    assert record._cached_mask(mask, mask) == -1  # written since: exchanged again
+    record.new_forward()
+    assert record._cached_mask(torch.ones(2, 1, 1, 6, dtype=torch.bool), torch.ones(2, 1, 1, 6, dtype=torch.bool)) == -1
