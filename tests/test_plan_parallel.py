@@ -142,6 +142,10 @@ def test_two_gpus_training_plans_ddp_and_fsdp_and_never_fsdp_after_what_it_refus
     assert fsdp["weights_on_device"] == pytest.approx(plain["weights_on_device"] / 2, rel=0.01)
     assert ddp["weights_on_device"] == plain["weights_on_device"]
     assert ddp["activation_bytes"] == fsdp["activation_bytes"] < plain["activation_bytes"]
+    # the rest of each rank's peak is the LoRA with its gradients and Adam moments: whole under DDP, sharded under FSDP
+    lora = {k: o["device_peak"] - o["weights_on_device"] - o["transient_bytes"] - o["activation_bytes"]
+            for k, o in (("plain", plain), ("ddp", ddp), ("fsdp", fsdp))}  # fmt: skip
+    assert lora["plain"] == lora["ddp"] > 0 and abs(lora["fsdp"] - lora["ddp"] / 2) <= 1
     assert any(label.startswith("offload") and label.endswith("+ data_parallel") for label in options)  # ddp composes
     # the job checkpoints by itself, and every other option (casting, quantization, offload) is refused by FSDP2
     assert [label for label in options if "mode=fsdp" in label] == ["data_parallel(mode=fsdp)"]
