@@ -10,7 +10,7 @@ import hookwise
 from hookwise.parallel import cfg_parallel_report, context_parallel_stats
 
 from cache_helpers import build, denoise
-from dist_helpers import run_ranks
+from dist_helpers import share_ranks, shared_results
 
 STEPS = 2
 
@@ -37,9 +37,12 @@ def _ranks(rank, world, name):
     return out
 
 
+share_ranks(4, "cfg_context", _ranks, "flux")  # in the session's one spawn of 4 ranks (dist_helpers)
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_ranks, 4, "flux", timeout=300.0)
+    return shared_results(4, "cfg_context")
 
 
 @pytest.mark.parametrize("name", ["flux"])

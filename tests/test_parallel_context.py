@@ -3,8 +3,8 @@ tiny Flux, Wan, LTX-Video, Qwen-Image, SD3, HunyuanVideo and custom DiTs (one wi
 and ring steps run on the applied attention backend.
 
 Spawning costs seconds (each rank imports torch and diffusers), so each world size is spawned once
-(a module fixture) and every rank runs all the cases of that world, returning each case's error
-against the single-process model, which every rank also computes itself.
+for every parallel test module (`dist_helpers.share_ranks`) and every rank runs all the cases of that
+world, returning each case's error against the single-process model, which every rank also computes itself.
 """
 
 import warnings
@@ -19,7 +19,7 @@ import hookwise
 from hookwise.parallel import context_parallel_stats
 
 from cache_helpers import build, denoise
-from dist_helpers import run_ranks, world_of_one
+from dist_helpers import share_ranks, shared_results, world_of_one
 from model_helpers import TINY_DIFFUSERS
 
 TOL = 2e-5  # relative to the output's largest magnitude: fp32 reassociation only
@@ -393,14 +393,18 @@ def _all_four(rank, world):
     }  # fmt: skip
 
 
+share_ranks(2, "context", _all_two)  # one spawn per world size for every parallel test module (dist_helpers)
+share_ranks(4, "context", _all_four)
+
+
 @pytest.fixture(scope="module")
 def two():
-    return run_ranks(_all_two, 2, timeout=300)
+    return shared_results(2, "context")
 
 
 @pytest.fixture(scope="module")
 def four():
-    return run_ranks(_all_four, 4, timeout=300)
+    return shared_results(4, "context")
 
 
 def _label(case):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import hookwise
 from hookwise.cli import main
 
-from dist_helpers import run_ranks
+from dist_helpers import run_ranks, share_ranks, shared_results
 
 ARGS = ["--steps", "2", "--batch", "4", "--sample-steps", "2", "--threads", "1", "--formats", "diffusers"]
 
@@ -71,5 +71,8 @@ def _odd_batch(rank, world):
     return True
 
 
+share_ranks(2, "train_odd_batch", _odd_batch)  # in the session's one spawn of 2 ranks (dist_helpers)
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
-    assert run_ranks(_odd_batch, 2) == [True, True]
+    assert shared_results(2, "train_odd_batch") == [True, True]
