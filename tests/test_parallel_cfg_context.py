@@ -34,6 +34,15 @@ def _ranks(rank, world, name):
     hookwise.apply(model, stack)
     out["planned"] = denoise(model, name, inputs, steps=STEPS, cfg="batched")
     out["planned_cfg"], out["planned_cp"] = cfg_parallel_report(model), context_parallel_stats(model)
+    hookwise.remove(model)
+    out["refused"] = []
+    for configs in ([hookwise.CFGParallel(context=3), hookwise.ContextParallel(ulysses=3, cfg=2)],  # not 2 x 3 ranks
+                    [hookwise.CFGParallel(context=2), hookwise.ContextParallel(ulysses=4, cfg=2)]):  # 4 in a half of 2
+        try:
+            hookwise.apply(model, *configs)
+            out["refused"].append(None)
+        except hookwise.HookwiseError as exc:
+            out["refused"].append((type(exc).__name__, str(exc), hookwise.applied(model).names()))
     return out
 
 
@@ -59,3 +68,10 @@ def test_the_planned_stack_splits_the_world_from_its_own_fields_and_equals_one_p
         assert r["planned_cfg"] == {"split": STEPS, "whole": 0, "ranks": 2}
         assert (r["planned_cp"]["world"], r["planned_cp"]["ulysses"]) == (2, 2) and r["planned_cp"]["attention_calls"] > 0
         torch.testing.assert_close(r["planned"], r["batched"], rtol=2e-5, atol=2e-5)
+
+
+def test_a_split_the_world_cannot_hold_is_refused_and_nothing_stays(results):
+    for r in results:
+        (kind, message, left), (kind2, message2, left2) = r["refused"]
+        assert "2 x 3 world (6 ranks); this one has 4" in message and left == []
+        assert kind2 == "CompatibilityError" and "does not fill" in message2 and left2 == []
