@@ -23,13 +23,14 @@ A plan names, per argument of the entry block, how it follows the split:
 Masks follow the split like any per-token table: a key-padding mask split with its keys is what
 each rank's attention call needs, and context parallelism exchanges it with the keys.
 
-Known architectures have their plan here; any other model takes the structural default: every
-3-D tensor argument `[batch, tokens, features]` with more than one token is a stream, an argument
-named like a mask whose last dim is the length of exactly one stream follows that stream, a tuple
-or list of tensors (rotary tables (cos, sin), [tokens, D] or [batch, tokens, D]) has each item split
-along the one dim whose length is one stream's token count, and the rest is replicated. A tuple the
+Known architectures have their plan here; any other model takes the structural default: every 3-D
+tensor argument `[batch, tokens, features]` with more than one token is a stream, an argument named
+like a mask whose last dim is the length of exactly one stream follows that stream, a tuple or list
+of tensors (rotary tables (cos, sin), [tokens, D] or [batch, tokens, D]) has each item split along
+the one dim whose length is one stream's token count, and the rest is replicated. A tuple the
 default cannot place for certain (two streams of that length, rows that could be several streams
-concatenated, items that disagree) is refused naming the argument, never guessed. State a plan for a model the default misreads with `ContextParallel(plan=...)`.
+concatenated, items that disagree) is refused naming the argument, never guessed. State a plan for a
+model the default misreads with `ContextParallel(plan=...)`.
 """
 
 from __future__ import annotations

@@ -92,7 +92,9 @@ class ContextParallel(TechniqueConfig):
         if self.group is not None and self.mesh is not None:
             raise ConfigError("ContextParallel: give group= or mesh=, not both")
         if self.cfg not in (1, 2):
-            raise ConfigError(f"ContextParallel(cfg={self.cfg}): CFG parallelism has degree 2; use cfg=2 beside CFGParallel(context=N), or 1")
+            raise ConfigError(
+                f"ContextParallel(cfg={self.cfg}): CFG parallelism has degree 2; use cfg=2 beside CFGParallel(context=N), or 1"
+            )
         if self.cfg > 1 and (self.group is not None or self.mesh is not None):
             raise ConfigError(
                 "ContextParallel(cfg=2) builds its group from the world's 2 x N split; give cfg= or group= / mesh=, not both"
@@ -130,7 +132,8 @@ def _mesh_mismatch(cfg: Any, cp: ContextParallel) -> str | None:
     degrees = [d for d in (cp.ulysses, cp.ring) if d]
     product = math.prod(degrees)
     if context > 1 and degrees and (product != context if len(degrees) == 2 else context % product):
-        return f"CFGParallel(context={context}) gives each CFG half {context} ranks, ContextParallel(ulysses={cp.ulysses}, ring={cp.ring}) does not fill them"
+        return (f"CFGParallel(context={context}) gives each CFG half {context} ranks, ContextParallel(ulysses={cp.ulysses}, "
+                f"ring={cp.ring}) does not fill them")  # fmt: skip
     return None
 
 
