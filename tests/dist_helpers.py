@@ -4,6 +4,12 @@
 calls `fn(rank, n, *args)` and returns every rank's return value in rank order. A rank that raises
 makes the call raise with that rank's traceback; a run past `timeout` kills every rank and raises.
 `fn` must be a module-level function of an importable module (a test file is).
+
+Starting ranks costs 20-40 s on a loaded machine (each imports torch and diffusers), so test modules share
+one spawn per world size: a module registers its scenario at import (`share_ranks(2, "cfg", fn)`, before
+any test runs: pytest imports every module it collects first) and its fixture reads its part
+(`shared_results(2, "cfg")`). The first reader spawns once for every scenario registered for that world;
+a scenario that raises fails only the tests that read it, with its traceback.
 """
 
 from __future__ import annotations
@@ -77,6 +83,37 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float =
         if errors:
             raise RankFailed("\n".join(errors))
         return results
+
+
+_SHARED: dict[int, dict[str, tuple]] = {}
+_RESULTS: dict[int, list] = {}
+
+
+def share_ranks(world: int, name: str, fn, *args) -> None:
+    """Run `fn(rank, world, *args)` in this session's one spawn of `world` ranks (see the module docstring)."""
+    _SHARED.setdefault(world, {})[name] = (fn, args)
+
+
+def _run_shared(rank: int, world: int, items: list) -> dict:
+    out = {}
+    for name, fn, args in items:  # every rank in the same order: their collectives and groups match
+        try:
+            out[name] = (True, fn(rank, world, *args))
+        except Exception:  # noqa: BLE001 - reported to the tests that read this scenario
+            out[name] = (False, traceback.format_exc())
+    return out
+
+
+def shared_results(world: int, name: str, timeout: float = 900.0) -> list:
+    """Every rank's return value of the scenario registered as `name`, spawning once per world size."""
+    if world not in _RESULTS:
+        items = [(n, fn, args) for n, (fn, args) in _SHARED.get(world, {}).items()]
+        _RESULTS[world] = run_ranks(_run_shared, world, items, timeout=timeout)
+    per_rank = [r[name] for r in _RESULTS[world]]
+    errors = [f"rank {i} raised in scenario {name!r}:\n{value}" for i, (ok, value) in enumerate(per_rank) if not ok]
+    if errors:
+        raise RankFailed("\n".join(errors))
+    return [value for _, value in per_rank]
 
 
 def world_of_one() -> None:

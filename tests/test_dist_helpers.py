@@ -1,10 +1,11 @@
-"""The spawned-gloo harness the parallel tests stand on: results come back, failures and hangs are reported."""
+"""The spawned-gloo harness the parallel tests stand on: results come back, failures and hangs are reported,
+and scenarios sharing the session's spawn fail alone."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_helpers import RankFailed, run_ranks
+from dist_helpers import RankFailed, run_ranks, share_ranks, shared_results
 
 
 def _sum_ranks(rank, world):
@@ -19,8 +20,18 @@ def _rank_one_raises(rank, world):
     return rank
 
 
+share_ranks(2, "helpers_sum", _sum_ranks)
+share_ranks(2, "helpers_raises", _rank_one_raises)
+
+
 def test_every_rank_returns_the_all_reduced_value():
-    assert run_ranks(_sum_ranks, 2) == [3.0, 3.0]
+    assert shared_results(2, "helpers_sum") == [3.0, 3.0]  # in the session's one spawn of 2 ranks
+
+
+def test_a_shared_scenario_that_raises_fails_only_the_tests_that_read_it():
+    with pytest.raises(RankFailed, match="rank 1 raised in scenario 'helpers_raises':(.|\n)*boom on rank one"):
+        shared_results(2, "helpers_raises")
+    assert shared_results(2, "helpers_sum") == [3.0, 3.0]
 
 
 def test_a_rank_that_raises_is_reported_with_its_traceback():

@@ -1,7 +1,8 @@
 """CFG parallelism on 2 gloo ranks: each rank computes one half of a batched-CFG call; the gathered output
 equals the single-process batched call and two-call CFG; a group of one rank is the identity.
 
-One spawn of two ranks runs every scenario (starting a rank imports torch and diffusers: seconds each)."""
+One spawn of two ranks, shared with the other parallel test modules, runs every scenario (starting a rank
+imports torch and diffusers: seconds each)."""
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hookwise.core import add_hook
 from hookwise.parallel import cfg_parallel_report
 
 from cache_helpers import build, denoise
-from dist_helpers import run_ranks
+from dist_helpers import share_ranks, shared_results
 
 STEPS = 3
 
@@ -70,9 +71,12 @@ def _ranks(rank, world):
     return out
 
 
+share_ranks(2, "cfg", _ranks)  # in the session's one spawn of 2 ranks (dist_helpers)
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_ranks(_ranks, 2)
+    return shared_results(2, "cfg")
 
 
 @pytest.mark.parametrize("name,batch", [("flux", 1), ("wan", 2)])

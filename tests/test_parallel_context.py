@@ -3,8 +3,8 @@ tiny Flux, Wan, LTX-Video, Qwen-Image, SD3, HunyuanVideo and custom DiTs (one wi
 and ring steps run on the applied attention backend.
 
 Spawning costs seconds (each rank imports torch and diffusers), so each world size is spawned once
-(a module fixture) and every rank runs all the cases of that world, returning each case's error
-against the single-process model, which every rank also computes itself.
+for every parallel test module (`dist_helpers.share_ranks`) and every rank runs all the cases of that
+world, returning each case's error against the single-process model, which every rank also computes itself.
 """
 
 import warnings
@@ -19,7 +19,7 @@ import hookwise
 from hookwise.parallel import context_parallel_stats
 
 from cache_helpers import build, denoise
-from dist_helpers import run_ranks, world_of_one
+from dist_helpers import share_ranks, shared_results, world_of_one
 from model_helpers import TINY_DIFFUSERS
 
 TOL = 2e-5  # relative to the output's largest magnitude: fp32 reassociation only
@@ -164,9 +164,9 @@ class MaskedBlock(nn.Module):
     """Joint attention over [text, image] with the text's padding masked (boolean), then the image's
     cross-attention to the text alone (an additive float mask: a rank's text may be all padding)."""
 
-    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, cross: bool = True) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.cross = heads, cross
         self.img_qkv, self.txt_qkv = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
         self.img_out, self.txt_out = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.cross_q, self.cross_kv, self.cross_out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
@@ -186,6 +186,8 @@ class MaskedBlock(nn.Module):
         joint = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
         txt = txt + self.txt_out(joint[:, : txt.shape[1]])
         img = img + self.img_out(joint[:, txt.shape[1] :])
+        if not self.cross:
+            return img, txt
         ck, cv = self.cross_kv(txt).chunk(2, dim=-1)
         bias = torch.zeros(txt_mask.shape).masked_fill(~txt_mask.bool(), float("-inf"))[:, None, None, :]
         cross = F.scaled_dot_product_attention(self._heads(self.cross_q(img)), self._heads(ck), self._heads(cv), attn_mask=bias)
@@ -193,10 +195,10 @@ class MaskedBlock(nn.Module):
 
 
 class MaskedDiT(nn.Module):
-    def __init__(self, dim: int = 24, depth: int = 2) -> None:
+    def __init__(self, dim: int = 24, depth: int = 2, cross: bool = True) -> None:
         super().__init__()
         self.img_in, self.txt_in, self.t_in = nn.Linear(6, dim), nn.Linear(10, dim), nn.Linear(1, dim)
-        self.blocks = nn.ModuleList([MaskedBlock(dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([MaskedBlock(dim, cross=cross) for _ in range(depth)])
         self.out = nn.Linear(dim, 6)
 
     def forward(self, img, txt, txt_mask, t, query_mask=None):
@@ -206,14 +208,14 @@ class MaskedDiT(nn.Module):
         return self.out(img)
 
 
-def _masked(uneven: bool):
+def _masked(uneven: bool, cross: bool = True):
     """Batch 2: sample 0 keeps 3 text tokens (the second rank's text is all padding), sample 1 all of them."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
     n, t = (13, 9) if uneven else (16, 8)
     inputs = dict(img=torch.randn(2, n, 6, generator=g), txt=torch.randn(2, t, 10, generator=g),
                   txt_mask=_text_mask(2, t, [3, t]), t=torch.tensor([0.3, 0.8]))
-    return MaskedDiT().eval(), inputs
+    return MaskedDiT(cross=cross).eval(), inputs
 
 
 def _masks(rank, world):
@@ -235,6 +237,26 @@ def _masks(rank, world):
         results["query-dependent"] = None
     except hookwise.HookwiseError as exc:
         results["query-dependent"] = str(exc)
+    return results
+
+
+def _mask_exchanges(rank, world):
+    """Three forwards (the same mask twice, then another): the exchanges counted after each, and each output's
+    error; on a DiT whose blocks all attend under one mask (joint) and on one with two (joint and cross)."""
+    results = {}
+    for cross in (False, True):
+        for u, r in LAYOUTS:
+            model, first = _masked(True, cross)
+            second = {**first, "txt_mask": _text_mask(2, first["txt"].shape[1], [5, 2])}
+            wants = [_output(model, x) for x in (first, first, second)]
+            hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+            seen = []
+            for x, want in zip((first, first, second), wants):
+                error = _error(_output(model, x), want)
+                stats = context_parallel_stats(model)
+                seen.append((error, stats["mask_exchanges"], stats["masks_reused"]))
+            results[(cross, u, r)] = seen
+            hookwise.remove(model)
     return results
 
 
@@ -261,10 +283,78 @@ def _backends(rank, world):
     return results
 
 
+# ---- a custom DiT whose rotary tables come as a tuple (cos, sin): the structural default splits them ------
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
+
+
+class RopeBlock(nn.Module):
+    """Joint attention over [text, image], the image's queries and keys rotated by (cos, sin) tables of
+    the image tokens ([tokens, head_dim], or [batch, tokens, head_dim] in a list)."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.img_qkv, self.txt_qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, img, txt, rope, vec):
+        cos, sin = rope
+        if cos.dim() == 3:  # [batch, tokens, head_dim]: one table per sample
+            cos, sin = cos[:, None], sin[:, None]
+        heads = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731
+        iq, ik, iv = (heads(t) for t in self.img_qkv(img + vec[:, None]).chunk(3, dim=-1))
+        tq, tk, tv = (heads(t) for t in self.txt_qkv(txt).chunk(3, dim=-1))
+        iq, ik = _rotate(iq, cos, sin), _rotate(ik, cos, sin)
+        q, k, v = torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2)
+        joint = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return img + joint[:, txt.shape[1] :], txt + joint[:, : txt.shape[1]]
+
+
+class RopeDiT(nn.Module):
+    def __init__(self, dim: int = 24, depth: int = 2, kind: str = "tuple") -> None:
+        super().__init__()
+        self.kind = kind
+        self.img_in, self.txt_in, self.t_in = nn.Linear(6, dim), nn.Linear(10, dim), nn.Linear(1, dim)
+        self.blocks = nn.ModuleList([RopeBlock(dim) for _ in range(depth)])
+        self.out = nn.Linear(dim, 6)
+
+    def forward(self, img, txt, t):
+        n, half = img.shape[1], 4  # head_dim 8: 4 frequencies, rotate-half layout
+        angles = torch.arange(n, dtype=torch.float32)[:, None] / (10.0 ** torch.arange(half))[None]
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        rope = (cos, sin) if self.kind == "tuple" else [cos.expand(img.shape[0], -1, -1), sin.expand(img.shape[0], -1, -1)]
+        img, txt, vec = self.img_in(img), self.txt_in(txt), self.t_in(t[:, None])
+        for block in self.blocks:
+            img, txt = block(img, txt, rope, vec)
+        return self.out(img)
+
+
+def _rope_inputs(uneven: bool) -> dict:
+    g = torch.Generator().manual_seed(3)
+    n, t = (13, 5) if uneven else (16, 6)
+    return dict(img=torch.randn(2, n, 6, generator=g), txt=torch.randn(2, t, 10, generator=g), t=torch.tensor([0.3, 0.8]))
+
+
+def _rope(rank, world):
+    results = {}
+    for kind in ("tuple", "list"):
+        for uneven in (False, True):
+            torch.manual_seed(0)
+            model, inputs = RopeDiT(kind=kind).eval(), _rope_inputs(uneven)
+            want = _output(model, inputs)
+            for u, r in LAYOUTS:
+                hookwise.apply(model, hookwise.ContextParallel(ulysses=u, ring=r))
+                results[(kind, u, r, uneven)] = _error(_output(model, inputs), want)
+                hookwise.remove(model)
+    return results
+
+
 def _all_two(rank, world):
     return {
         "cases": _run_cases(rank, world, CASES_2), "cache": _run_cache(rank, world), "compose": _run_compose(rank, world),
         "models": _models(rank, world), "masks": _masks(rank, world), "backends": _backends(rank, world),
+        "rope": _rope(rank, world), "exchanges": _mask_exchanges(rank, world),
     }  # fmt: skip
 
 
@@ -303,14 +393,18 @@ def _all_four(rank, world):
     }  # fmt: skip
 
 
+share_ranks(2, "context", _all_two)  # one spawn per world size for every parallel test module (dist_helpers)
+share_ranks(4, "context", _all_four)
+
+
 @pytest.fixture(scope="module")
 def two():
-    return run_ranks(_all_two, 2, timeout=300)
+    return shared_results(2, "context")
 
 
 @pytest.fixture(scope="module")
 def four():
-    return run_ranks(_all_four, 4, timeout=300)
+    return shared_results(4, "context")
 
 
 def _label(case):
@@ -463,3 +557,70 @@ def test_the_ring_asks_the_cuda_efficient_kernel_for_its_log_sum_exp():
     with capture:
         torch.ops.aten._scaled_dot_product_efficient_attention(q, q, q, None, False)
     assert capture.lse is not None and tuple(capture.lse.shape) == (1, 2, 40)  # the kernel pads rows to 32: cut
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}-r{l[1]}")
+@pytest.mark.parametrize("uneven", (False, True), ids=("even", "uneven"))
+def test_rotary_tables_passed_as_a_tuple_follow_the_split_without_a_plan(two, kind, layout, uneven):
+    for rank, result in enumerate(two):
+        error = result["rope"][(kind, *layout, uneven)]
+        assert error < TOL, f"rank {rank}: relative error {error:.3g}"
+
+
+def _splitter_of(rank=0, world=2):
+    from hookwise.parallel._seq import Splitter
+
+    return Splitter(RopeBlock(), None, rank, world)
+
+
+def test_the_structural_default_splits_each_table_of_a_tuple_along_its_stream():
+    from hookwise.parallel._seq import Rope, Tables
+
+    img, txt, vec = torch.randn(2, 13, 24), torch.randn(2, 5, 24), torch.randn(2, 24)
+    cos, sin = torch.randn(13, 8), torch.randn(2, 13, 8)
+    for rank, rows in ((0, slice(0, 7)), (1, slice(7, 13))):
+        splitter = _splitter_of(rank)
+        args, kwargs = splitter.split((img, txt, (cos, sin), vec), {})
+        bound = splitter.signature.bind(*args, **kwargs).arguments
+        assert splitter._streams({"img": img, "txt": txt, "rope": (cos, sin), "vec": vec})["rope"] == Tables(
+            (Rope(0, ("img",)), Rope(1, ("img",))))  # a batch-first table splits its token dim, not the batch
+        assert torch.equal(bound["rope"][0], cos[rows]) and torch.equal(bound["rope"][1], sin[:, rows])
+        assert isinstance(bound["rope"], tuple) and torch.equal(bound["vec"], vec)
+
+
+@pytest.mark.parametrize(
+    "txt_tokens, rope_rows, why",
+    [(13, 13, "several"), (5, 18, "concatenation of several streams")],
+    ids=("two-streams-of-one-length", "a-table-of-both-streams"),
+)
+def test_a_tuple_the_default_cannot_place_is_refused_naming_the_argument(txt_tokens, rope_rows, why):
+    img, txt, vec = torch.randn(2, 13, 24), torch.randn(2, txt_tokens, 24), torch.randn(2, 24)
+    table = torch.randn(rope_rows, 8)
+    with pytest.raises(hookwise.HookwiseError, match=f"'rope'(.|\n)*{why}(.|\n)*plan="):
+        _splitter_of().split((img, txt, (table, table), vec), {})
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"u{l[0]}-r{l[1]}")
+@pytest.mark.parametrize("cross", (False, True), ids=("one-mask", "two-masks"))
+def test_a_mask_is_exchanged_once_per_forward_and_again_when_it_changes(two, cross, layout):
+    masks = 2 if cross else 1  # distinct masks per forward; each of the 2 blocks attends under each once
+    for rank, result in enumerate(two):
+        seen = result["exchanges"][(cross, *layout)]
+        assert [exchanged for _, exchanged, _ in seen] == [masks, 2 * masks, 3 * masks], f"rank {rank}"
+        assert [reused for _, _, reused in seen] == [masks, 2 * masks, 3 * masks]  # the second block's calls
+        assert max(error for error, _, _ in seen) < TOL, f"rank {rank}"
+
+
+def test_a_mask_written_in_place_is_not_taken_for_the_one_exchanged_before():
+    from hookwise.parallel.context import Layout, Record
+
+    record = Record(Layout(None, 0, 2, 2, 1))
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    record.mask_cache.append((mask, mask._version, mask.clone(), []))
+    assert record._cached_mask(mask, mask) == 0  # the same tensor, unchanged
+    assert record._cached_mask(mask.clone(), mask.clone()) == 0  # equal values
+    mask[0, ..., 4:] = False
+    assert record._cached_mask(mask, mask) == -1  # written since: exchanged again
+    record.new_forward()
+    assert record._cached_mask(torch.ones(2, 1, 1, 6, dtype=torch.bool), torch.ones(2, 1, 1, 6, dtype=torch.bool)) == -1

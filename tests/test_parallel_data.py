@@ -51,6 +51,19 @@ def _lora(model):
     return out
 
 
+def _local_bytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor (FSDP2): this rank's shard
+    return t.numel() * t.element_size()
+
+
+def _held(model, opt):
+    """This rank's bytes of the LoRA: its parameters, their gradients and the optimizer's state (Adam's moments)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {"params": sum(map(_local_bytes, params)), "grads": sum(_local_bytes(p.grad) for p in params),
+            "optimizer": sum(map(_local_bytes, state))}  # fmt: skip
+
+
 def _train(model, inputs, target):
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -61,7 +74,7 @@ def _train(model, inputs, target):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses, _lora(model)
+    return losses, _lora(model), _held(model, opt)
 
 
 def _stack(kind):
@@ -84,8 +97,8 @@ def _scenario(rank, world, kind, mode="ddp"):
     model, inputs, target = _lora_model(100 + rank)
     hookwise.apply(model, *_stack(kind), hookwise.DataParallel(mode=mode))
     inputs, target = _shard(inputs, target, rank, world)
-    losses, lora = _train(model, inputs, target)
-    return dict(single=single, losses=losses, lora=lora, report=data_parallel_report(model))
+    losses, lora, held = _train(model, inputs, target)
+    return dict(single=single, losses=losses, lora=lora, held=held, report=data_parallel_report(model))
 
 
 MICRO = 2  # micro-batches per optimizer step in the accumulation scenarios
@@ -188,7 +201,7 @@ def results():
 
 @pytest.mark.parametrize("kind", ["plain", "fp8+checkpointing", "offload", "fsdp+checkpointing"])
 def test_two_ranks_train_the_same_lora_as_one_process_on_the_whole_batch(results, kind):
-    single_losses, single_lora = results[0][kind]["single"]
+    single_losses, single_lora, _ = results[0][kind]["single"]
     ranks = [r[kind] for r in results]
     for r in ranks:
         assert r["report"]["ranks"] == 2
@@ -244,3 +257,27 @@ def test_accumulation_under_fsdp_reduces_gradients_only_in_the_last_micro_step(r
         for micro in r["collectives"]:
             reduced = [c.get("reduce_scatter_single", 0) + c.get("reduce_scatter_tensor", 0) + c["all_reduce"] for c in micro]
             assert reduced[:-1] == [0] * (MICRO - 1) and reduced[-1] > 0, reduced
+
+
+def test_fsdp_holds_the_share_of_the_lora_state_the_planner_declares_per_rank(results):
+    """The planner's memory model: FSDP2 shards the LoRA's parameters, gradients and Adam moments with the base
+    (`lora_share` 1/N), DDP keeps them whole on every rank; checked against what each rank really holds."""
+    from types import SimpleNamespace
+
+    from hookwise.core import technique_named
+    from hookwise.core.cost import CostContext, Footprint, Placement
+
+    fp = Footprint("denoiser", total_bytes=2**30, blocks=(2**28,) * 4, leaves=(), high_precision_bytes=0, param_count=10**8)
+    ctx = CostContext(hardware=SimpleNamespace(gpus=2, link=25e9), job=SimpleNamespace(batch=BATCH), device_room=0,
+                      ram_room=0, training=True, trainable_bytes=2**20)  # fmt: skip
+    cost = technique_named("data_parallel").cost
+    share = {mode: cost.effect(Placement.resident(fp), hookwise.DataParallel(mode=mode), ctx).lora_share for mode in ("ddp", "fsdp")}
+    assert share == {"ddp": 1.0, "fsdp": 0.5}
+    whole = results[0]["plain"]["single"][2]  # one process: the whole LoRA, its gradients and its moments
+    assert all(v > 0 for v in whole.values()) and whole["optimizer"] == 2 * whole["params"]
+    for mode, kind in (("ddp", "plain"), ("fsdp", "fsdp+checkpointing")):
+        held = [r[kind]["held"] for r in results]
+        for part in whole:
+            assert sum(h[part] for h in held) == pytest.approx(whole[part] * share[mode] * 2, rel=0.02), (mode, part)
+            for h in held:  # each rank its declared share (uneven shards: within a few rows)
+                assert h[part] == pytest.approx(whole[part] * share[mode], rel=0.1), (mode, part, h[part])

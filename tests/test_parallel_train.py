@@ -5,6 +5,9 @@ process's on the whole batch in one pass."""
 import contextlib
 import io
 import json
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,22 +16,33 @@ from safetensors.torch import load_file
 import hookwise
 from hookwise.cli import main
 
-from dist_helpers import run_ranks
+from dist_helpers import share_ranks, shared_results
 
 ARGS = ["--steps", "2", "--batch", "4", "--sample-steps", "2", "--threads", "1", "--formats", "diffusers"]
 
 
 def _cli(rank, world, out):
+    os.makedirs(out, exist_ok=True)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
         code = main(["train-lora", "flux-shapes", "--out", out, *ARGS, "--accumulate", "2"])
     return code, err.getvalue()
 
 
+# in the session's one spawn of 2 ranks (dist_helpers); the ranks get this process's folder (made by the ranks;
+# named here, not made: each spawned rank imports this module too)
+TWO = os.path.join(tempfile.gettempdir(), f"hookwise-train-two-ranks-{os.getpid()}")
+share_ranks(2, "train_cli", _cli, TWO)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    two = str(tmp_path_factory.mktemp("two-ranks"))
-    ranks = run_ranks(_cli, 2, two, timeout=300.0)
+    two = TWO
+    try:
+        ranks = shared_results(2, "train_cli")
+    except BaseException:
+        shutil.rmtree(TWO, ignore_errors=True)
+        raise
     one = tmp_path_factory.mktemp("one-process")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -36,7 +50,8 @@ def runs(tmp_path_factory):
         single = hookwise.train_lora("flux-shapes", one, steps=2, batch=4, sample_steps=2, formats=("diffusers",))
     finally:
         torch.set_num_threads(before)
-    return two, ranks, single
+    yield two, ranks, single
+    shutil.rmtree(TWO, ignore_errors=True)
 
 
 def test_only_rank_zero_prints(runs):
@@ -71,5 +86,8 @@ def _odd_batch(rank, world):
     return True
 
 
+share_ranks(2, "train_odd_batch", _odd_batch)  # in the session's one spawn of 2 ranks (dist_helpers)
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused():
-    assert run_ranks(_odd_batch, 2) == [True, True]
+    assert shared_results(2, "train_odd_batch") == [True, True]

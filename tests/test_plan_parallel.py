@@ -63,7 +63,8 @@ def test_what_each_gpu_count_and_job_is_offered():
     assert _offered(_ctx()) == {"context_parallel": [ContextParallel(ulysses=2), ContextParallel(ring=2)],
                                 "cfg_parallel": [], "data_parallel": []}  # fmt: skip
     assert _offered(_ctx(cfg="batched"))["cfg_parallel"] == [CFGParallel()]
-    assert _offered(_ctx(gpus=4, cfg="batched"))["cfg_parallel"] == []  # CFG parallelism is degree 2
+    assert _offered(_ctx(gpus=4, cfg="batched"))["cfg_parallel"] == [CFGParallel(context=2)]  # the CFG dim of 2 x 2
+    assert _offered(_ctx(gpus=3, cfg="batched"))["cfg_parallel"] == []  # CFG parallelism is degree 2
     assert _offered(_ctx(cfg="separate"))["cfg_parallel"] == []
     assert _offered(_ctx(training=True)) == {"context_parallel": [], "cfg_parallel": [],
                                              "data_parallel": [DataParallel(mode="ddp"), DataParallel(mode="fsdp")]}  # fmt: skip
@@ -142,8 +143,79 @@ def test_two_gpus_training_plans_ddp_and_fsdp_and_never_fsdp_after_what_it_refus
     assert fsdp["weights_on_device"] == pytest.approx(plain["weights_on_device"] / 2, rel=0.01)
     assert ddp["weights_on_device"] == plain["weights_on_device"]
     assert ddp["activation_bytes"] == fsdp["activation_bytes"] < plain["activation_bytes"]
+    # the rest of each rank's peak is the LoRA with its gradients and Adam moments: whole under DDP, sharded under FSDP
+    lora = {k: o["device_peak"] - o["weights_on_device"] - o["transient_bytes"] - o["activation_bytes"]
+            for k, o in (("plain", plain), ("ddp", ddp), ("fsdp", fsdp))}  # fmt: skip
+    assert lora["plain"] == lora["ddp"] > 0 and abs(lora["fsdp"] - lora["ddp"] / 2) <= 1
     assert any(label.startswith("offload") and label.endswith("+ data_parallel") for label in options)  # ddp composes
     # the job checkpoints by itself, and every other option (casting, quantization, offload) is refused by FSDP2
     assert [label for label in options if "mode=fsdp" in label] == ["data_parallel(mode=fsdp)"]
     assert any(label.startswith("casting") and label.endswith("+ data_parallel") for label in options)  # not by ddp
     assert not any("context_parallel" in label or "cfg_parallel" in label for label in options)
+
+
+# ---- CFG x context parallelism on 2N GPUs: the two declarations compose ---------------------------------
+def test_on_four_gpus_context_parallelism_takes_the_gpus_cfg_parallelism_leaves():
+    from hookwise.parallel._dist import cfg_mesh_ranks
+
+    ctx = _ctx(gpus=4, cfg="batched")
+    cfg = technique_named("cfg_parallel").cost
+    halved = cfg.effect(Placement.resident(FOOTPRINT), CFGParallel(context=2), ctx)
+    assert halved.mesh == (("cfg", 2),) and halved.ranks == 2
+    cp = technique_named("context_parallel").cost
+    options = cp.options(halved, ctx)
+    assert options == [ContextParallel(ulysses=2, cfg=2), ContextParallel(ring=2, cfg=2)]
+    both = cp.effect(halved, options[0], ctx)
+    alone = _effect(ContextParallel(ulysses=2), _ctx(gpus=2, cfg="batched"))
+    assert both.ranks == 4 and both.compute_factor == 0.25 and both.activation_share == 0.25
+    # context parallelism inside a CFG half moves half the batch's tokens: half of what it moves alone on 2 GPUs
+    assert both.comm_bytes - halved.comm_bytes == pytest.approx(alone.comm_bytes / 2, rel=1e-6)
+    # on 2 GPUs CFG parallelism leaves none: context parallelism offers nothing after it
+    assert cp.options(cfg.effect(Placement.resident(FOOTPRINT), CFGParallel(), _ctx(cfg="batched")), _ctx(cfg="batched")) == []
+    # the mesh both configs build from their fields: pairs (i, i + N), halves [0, N) and [N, 2N)
+    assert cfg_mesh_ranks(4, 2) == ([[0, 2], [1, 3]], [[0, 1], [2, 3]])
+    assert cfg_mesh_ranks(8, 2) == ([[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]])
+
+
+def test_cfg_and_context_parallelism_refuse_a_split_they_do_not_share():
+    from hookwise.core.techniques import refusal
+
+    assert refusal(CFGParallel(context=2), ContextParallel(ulysses=2, cfg=2)) is None
+    assert refusal(CFGParallel(), ContextParallel(ulysses=2)) is None  # each on its own group (a DeviceMesh)
+    assert "cfg=2" in refusal(CFGParallel(context=2), ContextParallel(ulysses=2))
+    assert "context=N" in refusal(CFGParallel(), ContextParallel(ring=2, cfg=2))
+    assert "does not fill" in refusal(CFGParallel(context=4), ContextParallel(ulysses=2, ring=1, cfg=2))
+    assert "cfg=2" in ContextParallel(ulysses=2).refuses_to_precede(CFGParallel(context=2))  # applied in two calls
+    for bad in (dict(cfg=3), dict(cfg=2, group=object())):
+        with pytest.raises(ConfigError, match="cfg"):
+            ContextParallel(**bad)
+    with pytest.raises(ConfigError, match="context"):
+        CFGParallel(context=2, group=object())
+    for config in (CFGParallel(context=2), ContextParallel(ulysses=2, cfg=2)):
+        assert type(config).from_dict(config.to_dict()) == config  # the split is saved with the stack
+
+
+def test_four_gpus_sampling_plans_cfg_and_context_parallelism_together(stack_checks):
+    from hookwise.plan import make_plan
+    from hookwise.stack import Stack
+    from model_helpers import TINY_DIFFUSERS
+
+    model, _ = TINY_DIFFUSERS["flux"]()
+    hw = Hardware.detect(vram="80GB", ram="64GB", h2d="25GB/s", tflops=450, disk_read="2GB/s", gpus=4, link="300GB/s")
+    stated = lambda *a, **k: ActivationEstimate(2 * 10**9, "stated")  # noqa: E731
+    plan = make_plan(model, Job(cfg="batched"), hw, activation_estimator=stated, measurements={"cache": []})
+    options = {o.label: o for o in plan.options}
+    combined = [o for label, o in options.items() if "cfg_parallel(context=2)" in label]
+    assert {o.label for o in combined} >= {
+        "context_parallel(ulysses=2, cfg=2) + cfg_parallel(context=2)", "context_parallel(ring=2, cfg=2) + cfg_parallel(context=2)",
+    } or {o.label for o in combined} >= {
+        "cfg_parallel(context=2) + context_parallel(ulysses=2, cfg=2)", "cfg_parallel(context=2) + context_parallel(ring=2, cfg=2)",
+    }, sorted(options)
+    assert all("context_parallel" in o.label for o in combined)  # CFG alone would leave 2 of the 4 GPUs idle
+    plain, ulysses = options["all resident"], options["context_parallel(ulysses=4)"]
+    best = min(combined, key=lambda o: o.time_rel)
+    assert best.activation_bytes == plain.activation_bytes // 4 and best.comm_bytes < ulysses.comm_bytes
+    # the stack the plan writes carries the split and loads back as the same configs
+    stack = Stack(*best.configs)
+    assert Stack.from_dict(stack.to_dict()).configs == stack.configs
+    assert {type(c).__name__ for c in stack.configs} == {"CFGParallel", "ContextParallel"}

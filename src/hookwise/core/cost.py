@@ -163,6 +163,20 @@ class Placement:
     # The share of the job's activations each device holds (the parallel techniques split the tokens or the
     # batch over the ranks); applies to `activation_bytes` or, when that is None, the job's estimate.
     activation_share: float = 1.0
+    # How the parallel techniques of the stack so far split the GPUs, outermost first: (("cfg", 2), ("context", 4))
+    # on 8 GPUs. A later parallel technique takes the GPUs left (`hardware.gpus` / `ranks`); the planner keeps a
+    # parallel stack only when its split uses every GPU.
+    mesh: tuple[tuple[str, int], ...] = ()
+    # The share of the LoRA's parameters, gradients and optimizer state each device holds (sharded training: 1/N).
+    lora_share: float = 1.0
+
+    @property
+    def ranks(self) -> int:
+        """The GPUs the stack's parallel techniques spread one step over (1: one GPU)."""
+        out = 1
+        for _, degree in self.mesh:
+            out *= degree
+        return out
 
     @classmethod
     def resident(cls, footprint: Footprint) -> Placement:

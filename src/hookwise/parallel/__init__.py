@@ -12,8 +12,9 @@ Machinery, private to this folder:
 - `_cost.py`: the three techniques' cost declarations for the planner (one rank's bytes, the bytes it
   sends per step, a declared time model), declared on the techniques when this folder is imported.
 - `_dist.py`: the process group a technique runs on, checked once at apply (initialised, backend,
-  world size), and the timeout every collective of this folder waits at most, so a dead rank ends
-  the others with a clear error instead of a hang.
+  world size), the groups of the world's 2 x N split when CFG and context parallelism stand side by
+  side (`CFGParallel(context=N)`, `ContextParallel(cfg=2)`), and the timeout every collective of this
+  folder waits at most, so a dead rank ends the others with a clear error instead of a hang.
 
 hookwise starts no processes: launch with `torchrun` (or any launcher that initialises
 `torch.distributed`), then apply the technique on every rank with the same config.

@@ -8,18 +8,23 @@ bytes and the bytes it sends to the others per step:
   (N-1)/N of the rank's tokens x width; ring passes its K and V on N-1 times per attention layer.
   Both gather the output at the end.
 - `CFGParallel` (sampling, batched CFG, 2 ranks): each rank computes one half of the batch; the halves
-  of the output are gathered.
+  of the output are gathered. On 2N GPUs it is the CFG dimension of a 2 x N mesh
+  (`CFGParallel(context=N)`), and context parallelism's options then take the N GPUs left
+  (`ContextParallel(..., cfg=2)`): the combined stack comes from the two declarations composing (each
+  records its degree in the placement's `mesh`), and a stack whose split leaves GPUs idle (CFG alone on
+  4 GPUs) is not kept.
 - `DataParallel` (LoRA training): each rank trains on batch / N. "ddp" replicates the base and
   all-reduces the LoRA's gradients (2 (N-1)/N of their bytes, ring all-reduce); "fsdp" shards the
   base (1/N resident; a gathered block and the next one's prefetch, plus the root's parameters
-  outside the blocks, while they compute) and all-gathers it in forward and again in backward.
+  outside the blocks, while they compute) and all-gathers it in forward and again in backward; the
+  LoRA's parameters, gradients and optimizer state are sharded with it (`lora_share` 1/N per rank).
 
 Time: compute scales by 1/N and the communicated bytes cost bytes / `hardware.link`, added to the
 step without overlap. This is a declared model, not a measurement: the plan's notes say so, and a
 measured step-time ratio (`measurements["speed"][technique][device][mode]`, as for the speed
-techniques) replaces it. Offered only when `hardware.gpus` > 1; the three are one `exclusive`
-group (they would all run on the world group), and the fake run cannot make several processes, so
-a stack with one keeps its declared peak (`fake_run=False`).
+techniques) replaces it. Offered only when `hardware.gpus` > 1; data parallelism serves training and
+the other two sampling, so they never meet; the fake run cannot make several processes, so a stack
+with one keeps its declared peak (`fake_run=False`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .data import DataParallel
 
 EXCLUSIVE = "several-gpus"
 GB = 1e9
+_DIM = {"context_parallel": "context", "cfg_parallel": "cfg", "data_parallel": "data"}
 
 
 def _gpus(ctx: CostContext) -> int:
@@ -43,9 +49,10 @@ def _gpus(ctx: CostContext) -> int:
 
 def _split(placement: Placement, ctx: CostContext, technique: str, n: int, comm: float, what: str) -> Placement:
     """One rank's placement: activations and compute 1/n, `comm` bytes sent per step (declared), or the
-    measured step-time ratio where one exists."""
+    measured step-time ratio where one exists; the split recorded in the placement's mesh."""
     measured = speed_factor(ctx, technique)
     link = float(getattr(ctx.hardware, "link", 0.0) or 0.0)
+    placement = replace(placement, mesh=(*placement.mesh, (_DIM[technique], n)))
     if measured is not None:
         return replace(
             placement, activation_share=placement.activation_share / n,
@@ -63,10 +70,9 @@ def _split(placement: Placement, ctx: CostContext, technique: str, n: int, comm:
 
 # ---- context parallelism ------------------------------------------------------------------------
 def _cp_degree(config: ContextParallel, ctx: CostContext) -> int:
-    n = _gpus(ctx)
     if config.ulysses and config.ring:
         return config.ulysses * config.ring
-    return n
+    return _gpus(ctx) // config.cfg  # a CFG half's GPUs
 
 
 def _cp_effect(placement: Placement, config: ContextParallel, ctx: CostContext) -> Placement:
@@ -74,7 +80,7 @@ def _cp_effect(placement: Placement, config: ContextParallel, ctx: CostContext) 
     if n < 2:
         return placement
     item = placement.footprint.compute_itemsize
-    batch = getattr(ctx.job, "effective_batch", 1)
+    batch = getattr(ctx.job, "effective_batch", 1) / config.cfg  # a CFG half's batch beside CFGParallel
     calls = getattr(ctx.job, "calls_per_step", 1)
     shard = ctx.tokens / n * ctx.hidden * item * batch  # one rank's tokens x width, one tensor
     ring = config.ring or (1 if config.ulysses else 0)
@@ -84,16 +90,17 @@ def _cp_effect(placement: Placement, config: ContextParallel, ctx: CostContext) 
         per_layer += 4 * shard * (ulysses - 1) / ulysses  # q, k, v in, the output back
     if ring > 1:
         per_layer += 2 * shard * (ring - 1)  # K and V passed on, ring - 1 times
-    comm = (per_layer * ctx.attention_layers + ctx.output_bytes * (n - 1) / n) * calls
+    comm = (per_layer * ctx.attention_layers + ctx.output_bytes / config.cfg * (n - 1) / n) * calls
     kind = "Ulysses" if ring <= 1 else ("ring" if ulysses <= 1 else f"Ulysses {ulysses} x ring {ring}")
     return _split(placement, ctx, "context_parallel", n, comm, f"{kind} exchanges per attention layer, output gathered")
 
 
 def _cp_options(placement: Placement, ctx: CostContext) -> list[Any]:
-    n = _gpus(ctx)
+    n = _gpus(ctx) // placement.ranks  # the GPUs an outer split (CFG parallelism) left to each of its groups
     if n < 2 or ctx.training:
         return []
-    return [ContextParallel(ulysses=n), ContextParallel(ring=n)]
+    cfg = dict(placement.mesh).get("cfg", 1)
+    return [ContextParallel(ulysses=n, cfg=cfg), ContextParallel(ring=n, cfg=cfg)]
 
 
 # ---- CFG parallelism ----------------------------------------------------------------------------
@@ -103,7 +110,10 @@ def _cfg_effect(placement: Placement, config: CFGParallel, ctx: CostContext) -> 
 
 
 def _cfg_options(placement: Placement, ctx: CostContext) -> list[Any]:
-    return [CFGParallel()] if _gpus(ctx) == 2 and ctx.cfg == "batched" and not ctx.training else []
+    n = _gpus(ctx)
+    if n < 2 or n % 2 or ctx.cfg != "batched" or ctx.training:
+        return []
+    return [CFGParallel() if n == 2 else CFGParallel(context=n // 2)]  # on 2N GPUs: the CFG dim of a 2 x N mesh
 
 
 # ---- data parallelism ---------------------------------------------------------------------------
@@ -120,6 +130,7 @@ def _dp_effect(placement: Placement, config: DataParallel, ctx: CostContext) -> 
         placement,
         device_bytes=placement.device_bytes // n,
         transient_bytes=placement.transient_bytes + fp.outside_bytes + 2 * fp.largest_block,
+        lora_share=placement.lora_share / n,  # the LoRA and its gradients and optimizer state: sharded too
     )
     comm = 2 * placement.device_bytes * (n - 1) / n + grads * (n - 1) / n  # base gathered in forward and backward
     return _split(sharded, ctx, "data_parallel", n, comm,
@@ -139,7 +150,8 @@ def _several(ctx: CostContext) -> bool:
 
 def declare_parallel_costs() -> None:
     """Give the three parallel techniques their cost declarations (once, when `parallel` is imported)."""
-    common = dict(exclusive=EXCLUSIVE, fake_run=False, offered=_several)
+    common = dict(fake_run=False, offered=_several)
+    # CFG and context parallelism compose (the CFG dim of a 2 x N mesh, then the sequence over each half's N)
     declare_cost("context_parallel", TechniqueCost(_cp_effect, _cp_options, training=False, **common))
     declare_cost("cfg_parallel", TechniqueCost(_cfg_effect, _cfg_options, training=False, **common))
-    declare_cost("data_parallel", TechniqueCost(_dp_effect, _dp_options, sampling=False, **common))
+    declare_cost("data_parallel", TechniqueCost(_dp_effect, _dp_options, sampling=False, exclusive=EXCLUSIVE, **common))

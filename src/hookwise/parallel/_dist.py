@@ -3,6 +3,11 @@
 Every technique in `parallel/` takes its group from `group_of(config_group, technique)`, so the checks
 and their messages are the same everywhere: torch.distributed available and initialised, a backend
 that can run the collectives, and the world the technique asked for.
+
+CFG parallelism beside context parallelism splits the world as a 2 x N mesh, CFG-major: rank
+`c * N + i` holds CFG half c and context-parallel position i (the layout `init_device_mesh(device,
+(2, N), mesh_dim_names=("cfg", ...))` gives). `cfg_mesh_groups` builds its groups from the configs'
+own fields (`CFGParallel(context=N)`, `ContextParallel(cfg=2)`), so a saved stack carries the split.
 """
 
 from __future__ import annotations
@@ -52,6 +57,29 @@ def group_of(group: object, technique: str) -> GroupInfo:
         size=dist.get_world_size(group),
         backend=str(dist.get_backend(group)),
     )
+
+
+def cfg_mesh_ranks(world: int, cfg: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The world as a cfg x (world / cfg) mesh, CFG-major: (the CFG groups, one per context position; the
+    context groups, one per CFG half), each a list of global ranks."""
+    n = world // cfg
+    return [[c * n + i for c in range(cfg)] for i in range(n)], [list(range(c * n, (c + 1) * n)) for c in range(cfg)]
+
+
+def cfg_mesh_groups(cfg: int, which: str, technique: str, field: str) -> object:
+    """This rank's group of the world's cfg x N mesh (`which`: "cfg" or "context"), for a technique whose
+    config field `field` states the split. Every rank creates every group, in the same order
+    (torch.distributed's rule for new_group)."""
+    info = group_of(None, technique)
+    if info.size % cfg or info.size // cfg < 1:
+        raise HookwiseError(f"{technique}({field}): a {cfg} x N mesh needs a world that {cfg} divides; this one has {info.size} ranks")
+    cfg_groups, context_groups = cfg_mesh_ranks(info.size, cfg)
+    mine = None
+    for ranks in cfg_groups if which == "cfg" else context_groups:
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine = group
+    return mine
 
 
 # ---- waiting for a collective, with the folder's timeout ---------------------------------------------

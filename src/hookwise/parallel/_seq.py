@@ -23,10 +23,14 @@ A plan names, per argument of the entry block, how it follows the split:
 Masks follow the split like any per-token table: a key-padding mask split with its keys is what
 each rank's attention call needs, and context parallelism exchanges it with the keys.
 
-Known architectures have their plan here; any other model takes the structural default: every
-3-D tensor argument `[batch, tokens, features]` with more than one token is a stream, an argument
-named like a mask whose last dim is the length of exactly one stream follows that stream, and the
-rest is replicated. State a plan for a model the default misreads with `ContextParallel(plan=...)`.
+Known architectures have their plan here; any other model takes the structural default: every 3-D
+tensor argument `[batch, tokens, features]` with more than one token is a stream, an argument named
+like a mask whose last dim is the length of exactly one stream follows that stream, a tuple or list
+of tensors (rotary tables (cos, sin), [tokens, D] or [batch, tokens, D]) has each item split along
+the one dim whose length is one stream's token count, and the rest is replicated. A tuple the
+default cannot place for certain (two streams of that length, rows that could be several streams
+concatenated, items that disagree) is refused naming the argument, never guessed. State a plan for a
+model the default misreads with `ContextParallel(plan=...)`.
 """
 
 from __future__ import annotations
@@ -109,6 +113,43 @@ def plan_from_dict(raw: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
+def _table_dims(t: torch.Tensor, lengths: dict[str, int], batch: int | None) -> list[tuple[int, str]]:
+    """(dim, stream) pairs where a per-token table's rows could be one stream's tokens: any dim but the last
+    (the features), and not a leading batch dim."""
+    out = []
+    for d in range(max(t.dim() - 1, 0)):
+        if d == 0 and t.dim() >= 3 and t.shape[0] == batch:
+            continue
+        out += [(d, s) for s, n in lengths.items() if t.shape[d] == n and n > 1]
+    return out
+
+
+def _tuple_tables(name: str, value: tuple | list, lengths: dict[str, int], batch: int | None) -> Tables | None:
+    """The structural default for a tuple (or list) of tensors, such as rotary tables (cos, sin): each
+    item split along the dim whose length is one stream's token count; None when no item has one (the
+    tuple is replicated); a clear error naming the argument when the choice is not unique."""
+    found = [_table_dims(t, lengths, batch) for t in value]
+    total = sum(lengths.values())
+    covers = [len(lengths) > 1 and any(t.shape[d] == total for d in range(max(t.dim() - 1, 0))) for t in value]
+    if not any(found) and not any(covers):
+        return None
+    for matches, covers_all in zip(found, covers):
+        if len(matches) != 1 or covers_all:
+            shapes = [list(x.shape) for x in value]
+            why = (
+                "an item's rows could be the concatenation of several streams, in an order hookwise cannot know"
+                if covers_all else "an item has no dim of any stream's length while others do" if not matches
+                else f"an item fits several (dim, stream) pairs: {matches}"
+            )  # fmt: skip
+            raise HookwiseError(
+                f"ContextParallel: cannot decide how the argument {name!r} (a {type(value).__name__} of tensors of "
+                f"shapes {shapes}) follows the split of the streams {dict(lengths)}: {why}. State it with "
+                f"ContextParallel(plan={{..., {name!r}: {{'items': [{{'dim': d, 'parts': [stream names in order]}}, "
+                f"...]}}}}) (one entry per item), or {{'dim': d, 'parts': [...]}} for every item alike"
+            )
+    return Tables(tuple(Rope(m[0][0], (m[0][1],)) for m in found))
+
+
 def _local(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return x.tensor_split(world, dim=dim)[rank]
 
@@ -140,6 +181,11 @@ class Splitter:
             follows = [s for s, n in lengths.items() if v.shape[-1] == n]
             if len(follows) == 1:  # a key-padding mask of one stream (two of that length: not guessed)
                 plan[k] = Rope(-1, (follows[0],))
+        for k, v in bound.items():
+            if k not in plan and isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
+                tables = _tuple_tables(k, v, lengths, batch)
+                if tables is not None:
+                    plan[k] = tables
         return plan
 
     def split(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

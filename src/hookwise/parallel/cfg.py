@@ -10,8 +10,10 @@ work; the result is the batched call's (and the two-call CFG's) within float tol
 Calls that are not batched CFG (two-call CFG, a batch without equal halves, training) run whole on
 every rank (`unbatched="run"`, said once in the log) or raise (`unbatched="error"`). On a group of
 one rank the hook is the identity. Collectives wait at most the folder's timeout (`timeout_s`).
-The group may be one dimension of a 2 x N device mesh (`mesh["cfg"]`), so it can stand next to
-context parallelism on the other dimension: its hook sits outside the other parallel hooks
+The group may be one dimension of a 2 x N device mesh (`mesh["cfg"]`), or, saved with the config,
+`context=N`: the world of 2N ranks split CFG-major (rank i and i + N are a pair; ContextParallel(cfg=2)
+splits the sequence over each half's N ranks), so it can stand next to context parallelism on the other
+dimension: its hook sits outside the other parallel hooks
 (`Layer.CFG_PARALLEL`), so the batch is halved before the sequence is split.
 """
 
@@ -27,12 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core.config import TechniqueConfig, check_fraction
+from ..core.config import TechniqueConfig, check_fraction, check_int
 from ..core.hooks import HookRegistry, Layer, ModelHook, hook_on
 from ..core.state import get_run_state
 from ..core.techniques import apply_techniques, register_technique, remove_techniques
 from ..errors import ConfigError, HookwiseError
-from ._dist import group_of, resolve_group, timeout_of, wait
+from ._dist import cfg_mesh_groups, group_of, resolve_group, timeout_of, wait
 
 logger = logging.getLogger("hookwise.parallel.cfg")
 
@@ -51,14 +53,21 @@ class CFGParallel(TechniqueConfig):
     - `unbatched`: what a call that is not batched CFG does: "run" (whole, on every rank) or "error".
     - `replicated`: argument names never split, even when their first dimension equals the batch.
     - `timeout_s`: how long a gather waits for the other rank (None: HOOKWISE_DIST_TIMEOUT, else 600 s).
+    - `context`: N > 1 on a world of 2 x N ranks beside `ContextParallel(cfg=2)`: rank i and rank i + N
+      compute the two halves (the CFG dimension of the CFG-major mesh). Saved with the config; 1: the
+      group (or the world) is the pair.
     """
 
     group: Any = dataclasses.field(default=None, compare=False)
     unbatched: str = "run"
     replicated: tuple[str, ...] = ()
     timeout_s: float | None = None
+    context: int = 1
 
     def validate(self) -> None:
+        check_int("CFGParallel.context", self.context, 1)
+        if self.context > 1 and self.group is not None:
+            raise ConfigError("CFGParallel(context=N) builds its pairs from the world's 2 x N split; give context= or group=, not both")
         if self.unbatched not in UNBATCHED:
             raise ConfigError(f"CFGParallel.unbatched={self.unbatched!r}: use one of {UNBATCHED}")
         if not isinstance(self.replicated, tuple) or not all(isinstance(n, str) for n in self.replicated):
@@ -157,7 +166,16 @@ class CFGParallelHook(ModelHook):
 
 
 def _apply_cfg_parallel(model: nn.Module, config: CFGParallel) -> None:
-    info = group_of(resolve_group(config.group, "CFGParallel"), "CFGParallel")
+    group = resolve_group(config.group, "CFGParallel")
+    if config.context > 1:
+        world = group_of(None, "CFGParallel").size
+        if world != 2 * config.context:
+            raise HookwiseError(
+                f"CFGParallel(context={config.context}) runs on a 2 x {config.context} world ({2 * config.context} ranks); "
+                f"this one has {world}: launch {2 * config.context} processes or state context={world // 2 or 1}"
+            )
+        group = cfg_mesh_groups(2, "cfg", "CFGParallel", f"context={config.context}")
+    info = group_of(group, "CFGParallel")
     if info.size > 2:
         raise ConfigError(
             f"CFGParallel runs on 2 ranks (the conditional and unconditional halves); its group has {info.size}. "

@@ -19,8 +19,11 @@ on the rank's own tokens; only attention needs the others', in one of three ways
 Key-padding masks (a text mask: the same for every query) follow the split like the keys: the
 plan splits the mask argument with its streams, each attention call's mask then covers the rank's
 own keys, and the ranks exchange their masks (small: one value per key) so Ulysses' local attention
-and every ring step see the mask of the keys they attend to. A mask that differs between queries
-(causal, block-sparse) is refused with the reason.
+and every ring step see the mask of the keys they attend to. The exchange runs once per distinct
+mask per forward: a call whose mask is one this forward already exchanged (the same tensor at the
+same version, or equal values) on every rank reuses it, which the ranks agree on through the token
+counts they exchange anyway (no extra collective). A mask that differs between queries (causal,
+block-sparse) is refused with the reason.
 
 A step cache under context parallelism sees each rank's tokens; its decision statistic is reduced
 across the ranks (the run state's `reduce_decisions`, one all-reduce of the cache's scalars per
@@ -47,7 +50,7 @@ from ..core.techniques import apply_techniques, register_technique, remove_techn
 from ..errors import ConfigError, HookwiseError, NoTargetError
 from ..introspect.model_map import describe
 from ..introspect.sites import attention_sites
-from ._dist import group_of
+from ._dist import cfg_mesh_groups, group_of
 from ._ring import ring_attention
 from ._seq import PLANS, Splitter, gather_output, plan_from_dict
 from ._ulysses import Traffic, gather_heads, head_sizes, scatter_heads
@@ -66,6 +69,9 @@ class ContextParallel(TechniqueConfig):
       fills the group; give neither for Ulysses over the whole group.
     - `group`: the torch.distributed process group (None: the default world). `mesh`: a 2-D
       `DeviceMesh` with dims "ring" and "ulysses" instead. Neither is saved with the config.
+    - `cfg`: 2 beside `CFGParallel(context=N)` on a world of 2 x N ranks (CFG-major: ranks [0, N) hold
+      one CFG half, [N, 2N) the other): the sequence is split over the N ranks of this rank's half.
+      Saved with the config (the stack the planner writes carries the split); 1: no CFG split.
     - `plan`: how the towers' first blocks' arguments follow the split, for a model whose
       architecture hookwise does not know and the structural default misreads: {"arg": split dim}
       for token streams, {"arg": {"dim": d, "parts": [streams in order]}} for per-token tables such
@@ -77,12 +83,22 @@ class ContextParallel(TechniqueConfig):
     group: Any = field(default=None, compare=False)
     mesh: Any = field(default=None, compare=False)
     plan: dict | None = None
+    cfg: int = 1
 
     def validate(self) -> None:
         check_int("ContextParallel.ulysses", self.ulysses, 1, optional=True)
         check_int("ContextParallel.ring", self.ring, 1, optional=True)
+        check_int("ContextParallel.cfg", self.cfg, 1)
         if self.group is not None and self.mesh is not None:
             raise ConfigError("ContextParallel: give group= or mesh=, not both")
+        if self.cfg not in (1, 2):
+            raise ConfigError(
+                f"ContextParallel(cfg={self.cfg}): CFG parallelism has degree 2; use cfg=2 beside CFGParallel(context=N), or 1"
+            )
+        if self.cfg > 1 and (self.group is not None or self.mesh is not None):
+            raise ConfigError(
+                "ContextParallel(cfg=2) builds its group from the world's 2 x N split; give cfg= or group= / mesh=, not both"
+            )
         if self.plan is not None:
             if not isinstance(self.plan, dict) or not self.plan:
                 raise ConfigError(f"ContextParallel(plan={self.plan!r}): give a dict from argument names to split specs")
@@ -95,7 +111,30 @@ class ContextParallel(TechniqueConfig):
         return out
 
     def __hash__(self) -> int:
-        return hash((type(self), self.ulysses, self.ring, repr(self.plan)))
+        return hash((type(self), self.ulysses, self.ring, repr(self.plan), self.cfg))
+
+    def refuses_to_follow(self, earlier: TechniqueConfig) -> str | None:
+        return _mesh_mismatch(earlier, self) if getattr(earlier, "technique", None) == "cfg_parallel" else None
+
+    def refuses_to_precede(self, later: TechniqueConfig) -> str | None:
+        return _mesh_mismatch(later, self) if getattr(later, "technique", None) == "cfg_parallel" else None
+
+
+def _mesh_mismatch(cfg: Any, cp: ContextParallel) -> str | None:
+    """Why CFGParallel `cfg` and ContextParallel `cp` do not split the world the same way, or None."""
+    context = getattr(cfg, "context", 1)
+    if context > 1 and cp.cfg == 1:
+        return (f"CFGParallel(context={context}) gives each CFG half {context} ranks, so context parallelism must split "
+                f"the sequence within a half: use ContextParallel(..., cfg=2)")  # fmt: skip
+    if cp.cfg > 1 and context == 1 and getattr(cfg, "group", None) is None:
+        return ("ContextParallel(cfg=2) splits the sequence within a CFG half of a 2 x N world, so CFG parallelism must "
+                "pair the halves across it: use CFGParallel(context=N)")  # fmt: skip
+    degrees = [d for d in (cp.ulysses, cp.ring) if d]
+    product = math.prod(degrees)
+    if context > 1 and degrees and (product != context if len(degrees) == 2 else context % product):
+        return (f"CFGParallel(context={context}) gives each CFG half {context} ranks, ContextParallel(ulysses={cp.ulysses}, "
+                f"ring={cp.ring}) does not fill them")  # fmt: skip
+    return None
 
 
 # ---- the process layout -----------------------------------------------------------------------------
@@ -137,6 +176,8 @@ def _degrees(config: ContextParallel, size: int) -> tuple[int, int]:
 
 
 def _layout(config: ContextParallel) -> Layout:
+    if config.cfg > 1:  # this rank's CFG half of the world's 2 x N split
+        config = config.replace(cfg=1, group=cfg_mesh_groups(config.cfg, "context", "ContextParallel", f"cfg={config.cfg}"))
     if config.mesh is not None:
         mesh = config.mesh
         names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
@@ -219,6 +260,29 @@ class Record:
     calls: int = 0
     lse_computed: int = 0  # ring steps whose kernel gave no log-sum-exp (computed instead)
     warned: bool = False
+    mask_exchanges: int = 0  # mask all-gathers run
+    masks_reused: int = 0  # masked calls served by this forward's earlier exchange
+    # This forward's exchanged masks: (the call's mask, its version, the key mask, every ring block's mask).
+    # Emptied when a forward enters the first tower, so it holds at most a forward's distinct masks.
+    mask_cache: list[tuple[torch.Tensor, int, torch.Tensor, list[torch.Tensor]]] = field(default_factory=list)
+
+    def new_forward(self) -> None:
+        self.mask_cache.clear()
+
+    def _cached_mask(self, raw: torch.Tensor | None, mask: torch.Tensor | None) -> int:
+        """The index of this forward's exchanged mask equal to this call's (the same tensor at the same
+        version, or equal values), -1 if none. Every rank sends its index with the call's token counts and
+        the exchange is skipped only when all ranks found the same entry, so the ranks never disagree on
+        whether the collective runs."""
+        if mask is None:
+            return -1
+        for i, (seen, version, key, _) in enumerate(self.mask_cache):
+            if seen is raw and version == raw._version:
+                return i
+        for i, (_, _, key, _) in enumerate(self.mask_cache):
+            if key.shape == mask.shape and key.dtype == mask.dtype and key.device == mask.device and torch.equal(key, mask):
+                return i
+        return -1
 
     def _lse_computed(self, kernels: list[str]) -> None:
         self.lse_computed += 1
@@ -267,7 +331,7 @@ class Record:
             )
         if q.dim() != 4:
             raise HookwiseError(f"ContextParallel: attention on {q.dim()}-D queries; expected [batch, heads, tokens, head_dim]")
-        mask = call.get("attn_mask")
+        raw = mask = call.get("attn_mask")
         if mask is not None:
             mask = _key_mask(mask, q, k)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: each rank needs its query heads' keys
@@ -275,7 +339,8 @@ class Record:
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         scale = call.get("scale") or 1.0 / math.sqrt(q.shape[-1])
         self.calls += 1
-        local = torch.tensor([q.shape[2], k.shape[2]], dtype=torch.int64, device=q.device)
+        cached = self._cached_mask(raw, mask)
+        local = torch.tensor([q.shape[2], k.shape[2], cached], dtype=torch.int64, device=q.device)
         table = [torch.empty_like(local) for _ in range(lay.size)]
         dist.all_gather(table, local, group=lay.group)
         table = [t.tolist() for t in table]
@@ -283,12 +348,17 @@ class Record:
         # each ring member's block of keys: the keys of its Ulysses group's ranks, in rank order
         members = [[j * lay.ulysses + i for i in range(lay.ulysses)] for j in range(lay.ring)]
         masks = None
-        if mask is not None:
+        if mask is not None and cached >= 0 and all(row[2] == cached for row in table):
+            masks = self.mask_cache[cached][3]  # every rank holds the mask it sent before: no exchange
+            self.masks_reused += 1
+        elif mask is not None:
             every = self._gather_masks(mask, [row[1] for row in table])
+            self.mask_exchanges += 1
             if mask.shape[1] > 1 and lay.ulysses > 1:  # per-head masks: this rank's heads after the exchange
                 start = sum(head_sizes(heads, lay.ulysses)[: lay.u_rank])
                 every = [m.narrow(1, start, head_sizes(heads, lay.ulysses)[lay.u_rank]) for m in every]
             masks = [torch.cat([every[r] for r in ranks], dim=-1) for ranks in members]
+            self.mask_cache.append((raw, raw._version, mask.clone(), masks))  # a copy: the caller may write into it
         u0 = lay.r_rank * lay.ulysses
         q_tokens = [table[u0 + i][0] for i in range(lay.ulysses)]
         if lay.ulysses > 1:
@@ -338,10 +408,11 @@ class SplitHook(ModelHook):
 
     layer = Layer.PARALLEL_SPLIT
 
-    def __init__(self, record: Record, splitter: Splitter, entry: bool, exit: bool) -> None:
+    def __init__(self, record: Record, splitter: Splitter, entry: bool, exit: bool, first: bool = False) -> None:
         self.record = record
         self.splitter = splitter
         self.entry, self.exit = entry, exit
+        self.first = first  # the first tower's entry: a new forward begins
 
     @torch.compiler.disable
     def new_forward(self, module: nn.Module, next_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -349,6 +420,8 @@ class SplitHook(ModelHook):
         if lay.size == 1:
             return next_fn(*args, **kwargs)
         if self.entry:
+            if self.first:
+                self.record.new_forward()
             args, kwargs = self.splitter.split(args, kwargs)
         else:
             args, kwargs = self.splitter.substitute(args, kwargs)
@@ -392,11 +465,11 @@ def _apply_context_parallel(model: nn.Module, config: ContextParallel) -> None:
     arch = model_map.architecture
     plan = plan_from_dict(config.plan) if config.plan is not None else PLANS.get(arch) if arch else None
     record = Record(layout)
-    for tower in model_map.main_towers:
+    for t, tower in enumerate(model_map.main_towers):
         paths = [b.path for b in tower.blocks]
         splitter = Splitter(model.get_submodule(paths[0]), plan, layout.rank, layout.size)
         for i, path in enumerate(paths):
-            hook = SplitHook(record, splitter, entry=i == 0, exit=i == len(paths) - 1)
+            hook = SplitHook(record, splitter, entry=i == 0, exit=i == len(paths) - 1, first=t == 0 and i == 0)
             add_hook(model.get_submodule(path), hook, SPLIT_HOOK)
     for path in dict.fromkeys(_sites(model, model_map)):
         add_hook(model.get_submodule(path), AttentionHook(record), ATTN_HOOK)
@@ -429,7 +502,8 @@ def remove_context_parallel(model: nn.Module) -> list[str]:
 
 def context_parallel_stats(model: nn.Module) -> dict[str, Any]:
     """{"ulysses", "ring", "world", "attention_calls", "sent_bytes": {kind: bytes this rank sent},
-    "lse_computed": ring steps whose attention kernel returned no log-sum-exp (computed instead)}."""
+    "lse_computed": ring steps whose attention kernel returned no log-sum-exp (computed instead),
+    "mask_exchanges": masks all-gathered, "masks_reused": masked calls that reused this forward's exchange}."""
     hooks = hooks_named(model, ATTN_HOOK, AttentionHook)
     if not hooks:
         return {}
@@ -438,6 +512,7 @@ def context_parallel_stats(model: nn.Module) -> dict[str, Any]:
     return {
         "world": lay.size, "ulysses": lay.ulysses, "ring": lay.ring, "attention_calls": record.calls,
         "sent_bytes": dict(record.traffic.bytes), "lse_computed": record.lse_computed,
+        "mask_exchanges": record.mask_exchanges, "masks_reused": record.masks_reused,
     }  # fmt: skip
 
 

@@ -293,6 +293,8 @@ def enumerate_options(inputs: Inputs) -> list[Option]:
             ctx = _context(inputs, room, ram_room)
             for group in _sets(model_techs):
                 for configs, placed in _expand(group, Placement.resident(fp), ctx):
+                    if placed.ranks > 1 and placed.ranks != getattr(hw, "gpus", 1):
+                        continue  # a parallel split that leaves GPUs idle: another stack uses them all
                     for settings in _settings_options(inputs):
                         option = predict(inputs, configs, pipe_configs, settings, placed, others_placed, ctx)
                         key = option.label
@@ -318,7 +320,8 @@ def predict(
     vae_decode = inputs.vae_bytes.get((tiling, slicing), 0)
     activations = inputs.activation_bytes if placed.activation_bytes is None else placed.activation_bytes
     activations = int(activations * placed.activation_share)
-    denoise = placed.device_bytes + placed.transient_bytes + activations + inputs.lora_bytes + others.device_bytes
+    lora = int(inputs.lora_bytes * placed.lora_share)  # sharded training holds 1/N of it per rank
+    denoise = placed.device_bytes + placed.transient_bytes + activations + lora + others.device_bytes
     phases = [denoise]
     if target.pipeline:
         vae_weights = target.components["vae"].footprint.total_bytes if "vae" in target.components else 0
