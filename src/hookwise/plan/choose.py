@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..core.cost import ActivationTerm, CostContext, Placement
 from ..core.techniques import Technique, refusal, techniques
@@ -189,21 +189,42 @@ def _sets(candidates: Sequence[Technique]) -> list[tuple[Technique, ...]]:
 
 
 def _expand(
-    group: Sequence[Technique], placement: Placement, ctx: CostContext, before: tuple[Any, ...] = ()
+    group: Sequence[Technique],
+    placement: Placement,
+    ctx: CostContext,
+    before: tuple[Any, ...] = (),
+    memo: dict[tuple[Any, ...], Any] | None = None,
 ) -> list[tuple[tuple[Any, ...], Placement]]:
     """Every config sequence for `group` (in layer order) with the placement it leads to; a config that
-    refuses to follow one of `before` (or one of those to precede it) is not offered after it."""
+    refuses to follow one of `before` (or one of those to precede it) is not offered after it.
+
+    `memo` (one per `ctx`) keeps each technique's options and effects by placement and config: the
+    sets of techniques share their members, so the same step is reached from many sets (a declared
+    effect is a function of its placement, config and context)."""
     if not group:
         return [((), placement)]
     first, rest = group[0], group[1:]
     out = []
-    for config in first.cost.options(placement, ctx):
+    for config in _memoized(memo, ("options", first.name, placement), lambda: first.cost.options(placement, ctx)):
         if any(refusal(earlier, config) for earlier in before):
             continue
-        after = first.cost.effect(placement, config, ctx)
-        for configs, final in _expand(rest, after, ctx, (*before, config)):
+        after = _memoized(memo, ("effect", first.name, placement, config), lambda: first.cost.effect(placement, config, ctx))
+        for configs, final in _expand(rest, after, ctx, (*before, config), memo):
             out.append(((config, *configs), final))
     return out
+
+
+def _memoized(memo: dict[tuple[Any, ...], Any] | None, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+    """`compute()`, kept in `memo` under `key`; computed each time without a memo or for an unhashable key."""
+    if memo is None:
+        return compute()
+    try:
+        return memo[key]
+    except KeyError:
+        memo[key] = value = compute()
+        return value
+    except TypeError:  # a config with an unhashable field
+        return compute()
 
 
 def activation_term(inputs: Inputs) -> ActivationTerm | None:
@@ -286,13 +307,15 @@ def enumerate_options(inputs: Inputs) -> list[Option]:
     others = inputs.target.others_footprint()
     options: list[Option] = []
     seen: set[str] = set()
+    pipe_memo: dict[tuple[Any, ...], Any] = {}
     for pipe_group in _sets(pipe_techs):
-        for pipe_configs, others_placed in _expand(pipe_group, Placement.resident(others), base_ctx):
+        for pipe_configs, others_placed in _expand(pipe_group, Placement.resident(others), base_ctx, memo=pipe_memo):
             room = device_usable - inputs.activation_bytes - inputs.lora_bytes - others_placed.device_bytes
             ram_room = ram_usable - others_placed.host_bytes
             ctx = _context(inputs, room, ram_room)
+            memo: dict[tuple[Any, ...], Any] = {}
             for group in _sets(model_techs):
-                for configs, placed in _expand(group, Placement.resident(fp), ctx):
+                for configs, placed in _expand(group, Placement.resident(fp), ctx, memo=memo):
                     if placed.ranks > 1 and placed.ranks != getattr(hw, "gpus", 1):
                         continue  # a parallel split that leaves GPUs idle: another stack uses them all
                     for settings in _settings_options(inputs):
