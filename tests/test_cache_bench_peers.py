@@ -54,17 +54,17 @@ def test_the_forecast_variants_run_in_the_harness_with_their_settings(untrained)
 def test_cache_dit_rows_run_on_a_copy_and_count_their_block_evaluations(untrained):
     pytest.importorskip("cache_dit")
     results = run_cache_bench(
-        untrained, labels=[0], steps=8, repeats=1, methods=["dbcache", "taylorseer"], compare_diffusers=False,
+        untrained, labels=[0], steps=8, repeats=1, methods=["dbcache", "taylorseer", "foca"], compare_diffusers=False,
         compare_cache_dit=True,
     )
     peer = [r for r in results if r.impl == "cache-dit"]
-    assert {r.method for r in peer} == {"dbcache", "taylorseer"}
+    assert {r.method for r in peer} == {"dbcache", "taylorseer", "foca"}
     assert {r.method for r in results if r.impl == "hookwise"} == {"taylorseer"}
     for r in peer:
         assert not r.note.startswith("failed"), r.note
         assert 0 < r.block_frac <= 1 and r.psnr > 0
     # the static mask computes TaylorSeer's steps (and the first block on the others): less work than uncached
-    assert all(r.block_frac < 1 for r in peer if r.method == "taylorseer")
+    assert all(r.block_frac < 1 for r in peer if r.method in ("taylorseer", "foca"))
     _untouched(untrained.transformer)
 
 

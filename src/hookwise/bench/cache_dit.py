@@ -1,5 +1,6 @@
-"""cache-dit's caches in `hookwise bench cache`: DBCache, TaylorSeer and DBCache + TaylorSeer, at settings
-next to hookwise's (first-block thresholds, TaylorSeer's orders and intervals).
+"""cache-dit's caches in `hookwise bench cache`: DBCache, TaylorSeer, DBCache + TaylorSeer, and its FoCa
+calibrator (alone on TaylorSeer's schedules, and behind DBCache), at settings next to hookwise's
+(first-block thresholds, TaylorSeer's orders and intervals).
 
 cache-dit (`pip install cache-dit`, optional: only this comparison needs it) patches the `forward` of the
 transformer instance and of some of its blocks when enabled and leaves them patched after
@@ -18,7 +19,7 @@ from torch import nn
 from ..errors import require
 from .methods import FIRST_BLOCK_THRESHOLDS, TAYLOR_SETTINGS, TAYLOR_WARMUP, Method
 
-CACHE_DIT_METHODS = ("dbcache", "dbcache+taylorseer", "taylorseer")
+CACHE_DIT_METHODS = ("dbcache", "dbcache+taylorseer", "taylorseer", "dbcache+foca", "foca")
 
 
 def _taylor_mask(steps: int, interval: int, warmup: int) -> list[int]:
@@ -31,7 +32,8 @@ def cache_dit_methods(steps: int, wanted: set[str] | None = None) -> list[Method
     """cache-dit's DBCache (first block decides, `Fn_compute_blocks=1, Bn_compute_blocks=0`, warmup as
     hookwise's TaylorSeer), DBCache + its TaylorSeer calibrator (order 1, cache-dit's preset), and TaylorSeer
     alone (a static step mask on hookwise TaylorSeer's schedule; cache-dit always computes at least the
-    first block). CFG as two calls (`enable_separate_cfg=True`)."""
+    first block), and the same two with cache-dit's FoCa calibrator (forecast, then calibrate; it has no
+    settings) instead of TaylorSeer. CFG as two calls (`enable_separate_cfg=True`)."""
     cd = require("cache_dit", "cache-dit", "comparing with cache-dit's caches")
     wanted = set(CACHE_DIT_METHODS) if wanted is None else wanted
 
@@ -64,4 +66,13 @@ def cache_dit_methods(steps: int, wanted: set[str] | None = None) -> list[Method
             cache = db(0.0, steps_computation_mask=mask, steps_computation_policy="static")
             out.append(method("taylorseer", f"order={order}, interval={interval} (static mask, F1B0)", cache,
                               cd.TaylorSeerCalibratorConfig(taylorseer_order=order), default=(order, interval) == (1, 3)))
+    if "dbcache+foca" in wanted:
+        for th in FIRST_BLOCK_THRESHOLDS[1:]:
+            out.append(method("dbcache+foca", f"F1B0, threshold={th}", db(th), cd.FoCaCalibratorConfig(), default=th == 0.2))
+    if "foca" in wanted:
+        for interval in sorted({interval for _, interval in TAYLOR_SETTINGS}):
+            mask = _taylor_mask(steps, interval, TAYLOR_WARMUP)
+            cache = db(0.0, steps_computation_mask=mask, steps_computation_policy="static")
+            out.append(method("foca", f"interval={interval} (static mask, F1B0)", cache, cd.FoCaCalibratorConfig(),
+                              default=interval == 3))
     return out
