@@ -2,11 +2,17 @@
 and the site functions the rewritten graph calls in their place.
 
 - gate: `x + gate * y`, and `x + cat([g0 * y0, g1 * y1, ...])` (a gate per token range);
+- modulate: `norm(x) * (1 + scale) + shift` in any operand order (`1 + scale` or `scale + 1`), the norm
+  a call of a LayerNorm / RMSNorm submodule without parameters (`_patterns.structural_kind`) or of
+  `F.layer_norm` / `F.rms_norm`. A modulation-shaped add is never counted as a gate, nor a rotary
+  embedding as one, whichever ops are asked for: the count at apply says what the block holds;
 - rope: `x * cos + rot(x) * sin` (interleaved pairs or rotate-half, found on a probe tensor), and calls
   of diffusers' `apply_rotary_emb`.
 
-Each site function decides per call, on the real tensors, whether the fused op applies; otherwise it
-computes the very expression the graph had. Inside a graph being compiled they trace the eager
+Each site function decides per call, on the real tensors, whether the fused op applies (a modulation
+or gate that broadcasts over tokens as (..., 1 or tokens, width), the norm over the last dimension,
+floating dtypes, rotary tables without gradient); otherwise it computes the very expression the graph
+had (the norm submodule called as itself). Inside a graph being compiled they trace the eager
 expressions of `_patterns.py`, so the surrounding compile fuses them.
 """
 
@@ -19,6 +25,10 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ._patterns import structural_kind
 
 # What the rewritten sites call, by op (the names in `_patterns.EXPRESSIONS`).
 ROPE_FUNCTIONS = {"interleaved": "rope_interleaved", "half": "rope_half"}
@@ -256,6 +266,61 @@ def known_rope_site(hook: Any, function: Callable[..., Any], x: Any, freqs_cis: 
     return function(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
 
 
+# ---- AdaLN modulation: norm(x) * (1 + scale) + shift -----------------------------------------------------
+def _broadcasts_per_token(x: torch.Tensor, t: Any) -> bool:
+    """`t` broadcasts over x as the fused ops take a modulation: (..., 1 or tokens, x's width)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() > x.dim() or t.dim() < 1 or t.shape[-1] != x.shape[-1]:
+        return False
+    padded = (1,) * (x.dim() - t.dim()) + tuple(t.shape)
+    return all(p in (1, s) for p, s in zip(padded, x.shape))
+
+
+def _module_width(module: nn.Module) -> int | None:
+    shape = getattr(module, "normalized_shape", None) or getattr(module, "dim", None)
+    return int(shape[0]) if isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 1 else None
+
+
+def _norm_operands(norm: Any, how: str, x: torch.Tensor, shape: Any, weight: Any, bias: Any, eps: Any) -> tuple | None:
+    """(weight, bias, eps) for the fused op, or None where it does not compute this norm."""
+    width = x.shape[-1]
+    if norm is not None:  # a norm module without parameters (checked when the graph was rewritten)
+        if _module_width(norm) != width or getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None:
+            return None
+        weight, bias, eps = None, None, getattr(norm, "eps", None)
+    elif not isinstance(shape, (tuple, list, torch.Size)) or tuple(shape) != (width,):
+        return None
+    for t in (weight, bias):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (width,) or t.dtype != x.dtype):
+            return None
+    if eps is None and how == "rms_norm":
+        eps = torch.finfo(x.dtype).eps  # as torch's rms_norm
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    return weight, bias, float(eps)
+
+
+def modulate_site(hook: Any, norm: Any, how: str, x: Any, scale: Any, shift: Any, shape: Any = None, weight: Any = None,
+                  bias: Any = None, eps: Any = None) -> Any:  # fmt: skip
+    """`norm(x) * (1 + scale) + shift` (norm: a module without parameters, or F.layer_norm / F.rms_norm
+    with `shape, weight, bias, eps`), by the fused norm + modulation where the shapes and dtypes allow."""
+    fused = _ops(hook).get("norm_modulate")
+    operands = None
+    if fused is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
+        if _broadcasts_per_token(x, scale) and _broadcasts_per_token(x, shift):
+            operands = _norm_operands(norm, how, x, shape, weight, bias, eps)
+    if operands is None:
+        if norm is not None:
+            normed = norm(x)
+        elif how == "layer_norm":
+            normed = F.layer_norm(x, shape, weight, bias, eps)
+        else:
+            normed = F.rms_norm(x, shape, weight, eps)
+        return normed * (1 + scale) + shift
+    out_dtype = torch.promote_types(x.dtype, torch.promote_types(scale.dtype, shift.dtype))
+    out = fused(x, *operands[:2], scale, shift, operands[2], how == "rms_norm")
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
 # ---- the rewrite ------------------------------------------------------------------------------------------
 @dataclass
 class Found:
@@ -263,9 +328,10 @@ class Found:
 
     gate: int = 0
     rope: int = 0
+    modulate: int = 0
 
     def ops(self) -> tuple[str, ...]:
-        return tuple(op for op, n in (("gate", self.gate), ("rope", self.rope)) if n)
+        return tuple(op for op, n in (("gate", self.gate), ("modulate", self.modulate), ("rope", self.rope)) if n)
 
 
 def _erase_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
@@ -294,8 +360,68 @@ def _rope_match(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, list
     return None
 
 
-def rewrite(graph: fx.Graph, wanted: tuple[str, ...]) -> tuple[Found, list[RopeSite]]:
-    """Replace the gate and rope patterns of `graph` (of the `wanted` ops) by calls of the site functions."""
+def _one_plus(node: fx.Node) -> fx.Node | None:
+    """`scale` if node is `1 + scale` or `scale + 1` (a function or method add, the 1 a constant), else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    if not ((node.op == "call_function" and node.target in _ADD) or (node.op == "call_method" and node.target == "add")):
+        return None
+    for scale, one in (node.args, node.args[::-1]):
+        if isinstance(scale, fx.Node) and isinstance(one, (int, float)) and not isinstance(one, bool) and one == 1:
+            return scale
+    return None
+
+
+def _modulation(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node] | None:
+    """(normed, product, one_plus, scale, shift) if node is `normed * (1 + scale) + shift` in any operand
+    order (either order of the add and of the mul; `1 + scale` or `scale + 1`)."""
+    pair = _binary(node, _ADD, "add")
+    if pair is None:
+        return None
+    for product, shift in (pair, pair[::-1]):
+        factors = _binary(product, _MUL, "mul")
+        for normed, one in (factors, factors[::-1]) if factors is not None else ():
+            scale = _one_plus(one)
+            if scale is not None:
+                return normed, product, one, scale, shift
+    return None
+
+
+_NORM_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    F.layer_norm: ("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}),
+}
+if hasattr(F, "rms_norm"):
+    _NORM_FUNCTIONS[F.rms_norm] = ("rms_norm", ("input", "normalized_shape", "weight", "eps"), {"weight": None, "eps": None})
+
+
+def _norm_of(node: fx.Node, block: nn.Module) -> tuple[str, str | None, tuple] | None:
+    """(how, module path or None, (x, shape, weight, bias, eps)) if node normalizes x's last dimension: a
+    call of a LayerNorm / RMSNorm submodule without parameters, or of F.layer_norm / F.rms_norm."""
+    if node.op == "call_module":
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        try:
+            module = block.get_submodule(node.target)
+        except AttributeError:
+            return None
+        how = structural_kind(module)
+        if how not in ("layer_norm", "rms_norm") or any(True for _ in module.parameters()) or _module_width(module) is None:
+            return None
+        return how, node.target, (node.args[0], None, None, None, None)
+    if node.op != "call_function" or node.target not in _NORM_FUNCTIONS:
+        return None
+    how, names, defaults = _NORM_FUNCTIONS[node.target]
+    if len(node.args) > len(names) or set(node.kwargs) - set(names[len(node.args):]):
+        return None
+    values = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    if not isinstance(values.get("input"), fx.Node) or "normalized_shape" not in values:
+        return None
+    return how, None, (values["input"], values["normalized_shape"], values["weight"], values.get("bias"), values["eps"])
+
+
+def rewrite(graph: fx.Graph, wanted: tuple[str, ...], block: nn.Module) -> tuple[Found, list[RopeSite]]:
+    """Replace the gate, modulation and rope patterns of `graph` (of the `wanted` ops; `block` the module
+    traced) by calls of the site functions."""
     found = Found()
     sites: list[RopeSite] = []
     for node in list(graph.nodes):
@@ -308,7 +434,9 @@ def rewrite(graph: fx.Graph, wanted: tuple[str, ...]) -> tuple[Found, list[RopeS
             graph.erase_node(node)
             found.rope += 1
             continue
-        match = _rope_match(node) if "rope" in wanted else None
+        match = _rope_match(node)
+        if match is not None and "rope" not in wanted:
+            continue  # a rotary embedding, never a gate
         if match is not None:
             source, a, cos, sin, chain = match
             sites.append(RopeSite(_record(chain, source)))
@@ -319,6 +447,20 @@ def rewrite(graph: fx.Graph, wanted: tuple[str, ...]) -> tuple[Found, list[RopeS
             graph.erase_node(node)
             _erase_unused(graph, chain + dead)
             found.rope += 1
+            continue
+        shaped = _modulation(node)
+        if shaped is not None:  # a modulation, never a gate (whether or not its norm is one the fused op computes)
+            normed, product, one, scale, shift = shaped
+            norm = _norm_of(normed, block) if "modulate" in wanted and len(product.users) == len(normed.users) == 1 else None
+            if norm is not None:
+                how, path, (x, shape, weight, bias, eps) = norm
+                with graph.inserting_before(node):
+                    module = graph.get_attr(path) if path is not None else None
+                    new = graph.call_function(modulate_site, (module, how, x, scale, shift, shape, weight, bias, eps))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                _erase_unused(graph, [normed, one, product])
+                found.modulate += 1
             continue
         pair = _binary(node, _ADD, "add") if "gate" in wanted else None
         if pair is None:
@@ -345,3 +487,4 @@ def rewrite(graph: fx.Graph, wanted: tuple[str, ...]) -> tuple[Found, list[RopeS
                 break
     graph.lint()
     return found, sites
+

@@ -1,9 +1,10 @@
-"""The structural route: the gated residual and rotary embedding of any block, found in its own code path.
+"""The structural route: the gated residual, AdaLN modulation and rotary embedding of any block, found in
+its own code path.
 
 Blocks of classes no per-architecture entry of `_inline.py` knows (a custom DiT, a new diffusers
-variant) still write `x + gate * y` and the rotary embedding inline. This route reads them from the
-block's forward itself (this file: tracing, call signatures, the hook; `_rewrite.py`: the patterns and
-the functions the rewritten graph calls):
+variant) still write `x + gate * y`, `norm(x) * (1 + scale) + shift` and the rotary embedding inline.
+This route reads them from the block's forward itself (this file: tracing, call signatures, the hook;
+`_rewrite.py`: the patterns and the functions the rewritten graph calls):
 
 1. `torch.fx` traces the block's forward symbolically, every submodule a leaf: each submodule stays one
    call of that very module, so the hooks it carries (casting, offloading, LoRA, attention backends,
@@ -15,7 +16,9 @@ the functions the rewritten graph calls):
    fixed, so a branch on `rope is None` or on a flag is the branch this call takes. The graph is
    rewritten: `add(x, mul(gate, y))` (either order) becomes the fused gated residual,
    `add(x, cat([mul, mul, ...]))` (a gate per token range, HunyuanVideo's token replace) one fused
-   gated residual per range, and `add(mul(x, cos), mul(rot(x), sin))` the fused rotary embedding, where
+   gated residual per range, `add(mul(norm(x), add(1, scale)), shift)` (any operand order; the norm a
+   LayerNorm / RMSNorm submodule without parameters, or F.layer_norm / F.rms_norm) the fused norm +
+   modulation, and `add(mul(x, cos), mul(rot(x), sin))` the fused rotary embedding, where
    `rot` is a chain of ops on x alone that the first call finds, on a probe tensor of x's shape, to be
    the interleaved-pairs (FLUX / Wan) or the rotate-half (Llama / Liger) rotation; a call of diffusers'
    `apply_rotary_emb` (kept as one call in the trace) becomes the fused op of its layout.
@@ -43,7 +46,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..core.hooks import Layer, ModelHook
-from ._rewrite import Found, gate_cat_site, gate_site, known_rope_site, rewrite, rope_site
+from ._rewrite import Found, gate_cat_site, gate_site, known_rope_site, modulate_site, rewrite, rope_site
 from ._rewrite import known_ropes as _known_ropes
 
 KIND = "structural"
@@ -138,7 +141,7 @@ def trace(block: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
 def find_structural(block: nn.Module, wanted: tuple[str, ...]) -> Found:
     """The patterns of `wanted` ops the block's forward holds (the trace at apply); raises UntraceableError."""
     graph = trace(block, static_concrete(block))
-    return rewrite(graph, wanted)[0]
+    return rewrite(graph, wanted, block)[0]
 
 
 # ---- one rewritten forward per call signature --------------------------------------------------------------
@@ -160,7 +163,7 @@ def build(block: nn.Module, values: dict[str, Any], wanted: tuple[str, ...], hoo
     UntraceableError."""
     concrete = {name: _concrete(name, value) for name, value in values.items()}
     graph = trace(block, concrete)
-    found, sites = rewrite(graph, wanted)
+    found, sites = rewrite(graph, wanted, block)
     out_spec = None
     codegen = graph._codegen
     if hasattr(codegen, "pytree_info"):  # placeholders per tuple element: the forward takes the leaves
@@ -169,7 +172,7 @@ def build(block: nn.Module, values: dict[str, Any], wanted: tuple[str, ...], hoo
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     for name, value in list(namespace.items()):
-        if value is gate_site or value is gate_cat_site:
+        if value is gate_site or value is gate_cat_site or value is modulate_site:
             namespace[name] = partial(value, hook)
         elif value is known_rope_site:
             namespace[name] = partial(value, hook, _known_ropes()[0])
@@ -212,7 +215,7 @@ class StructuralHook(ModelHook):
             self.why[key] = str(exc)
             return None
         if not rewritten.found.ops():
-            self.why[key] = "no gate / rope pattern in the forward traced for this call"
+            self.why[key] = "no gate / modulate / rope pattern in the forward traced for this call"
             return None
         fused = lambda *a, **k: rewritten(module, _bind(module, a, k, self._signature))  # noqa: E731
         why = self.check(module, fused, args, kwargs)
