@@ -363,9 +363,14 @@ def test_inline_modulation_runs_fused_with_gate_and_rope_forward_and_backward_eq
     assert_close(fwd_bwd(model, inputs), expected)
     assert kernels_summary(model)["rejected"] == {}
     calls.clear()
+    norm_calls: list[str] = []
+    for block in model.blocks:
+        for norm in (block.norm1, block.norm2):
+            norm.register_forward_hook(lambda module, args, out: norm_calls.append(type(module).__name__))
     assert_close(fwd_bwd(model, inputs), expected)
     # per block: four modulations (module LayerNorm / RMSNorm, F.layer_norm, F.rms_norm), two gates, rope on q and k
     assert calls == {"norm_modulate": 2 * 4, "gated_residual": 2 * 2, "rope_half": 2 * 2}, calls
+    assert norm_calls == []  # the fused op computes the norm: the norm modules' own calls are gone
 
 
 def test_modulation_sites_are_counted_as_modulation_never_as_gates():

@@ -459,7 +459,9 @@ def rewrite(graph: fx.Graph, wanted: tuple[str, ...], block: nn.Module) -> tuple
                     new = graph.call_function(modulate_site, (module, how, x, scale, shift, shape, weight, bias, eps))
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
-                _erase_unused(graph, [normed, one, product])
+                _erase_unused(graph, [one, product])
+                if not normed.users:  # the norm's own call (a module without parameters: nothing else to run)
+                    graph.erase_node(normed)
                 found.modulate += 1
             continue
         pair = _binary(node, _ADD, "add") if "gate" in wanted else None
