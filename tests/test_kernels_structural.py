@@ -19,9 +19,10 @@ from hookwise import Kernels, kernels_summary
 from hookwise.core.hooks import hooks_named
 from hookwise.errors import NoTargetError
 from hookwise.kernels import _patterns as patterns
+from hookwise.kernels import _structural as structural
 from hookwise.kernels import fused
 from cache_helpers import fresh_dynamo, one_thread  # noqa: F401 - the fixtures
-from kernel_helpers import FlatBlock, count_fused_calls, custom_dit
+from kernel_helpers import FlatBlock, count_fused_calls, custom_dit, rotate_half
 from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -202,8 +203,10 @@ def test_hunyuanvideo_token_replace_blocks_are_reached_forward_and_backward_equa
     calls.clear()
     assert_close(fwd_bwd(model, inputs), expected)
     # gates: double 6 (first-frame and other tokens apart, then text), single 2 (one per token range), refiner 2;
-    # norms: the two token-replace norms (2 ranges each), norm1_context, norm_out; rope: q and k of both attentions
-    assert calls == {"gated_residual": 10, "norm_modulate": 6, "rope_interleaved": 4}, calls
+    # norms: the two token-replace norms (2 ranges each), norm1_context, norm_out, and the double block's inline
+    # `norm2_context(c) * (1 + c_scale) + c_shift` (structural; its norm2 output is sliced per range: left as is);
+    # rope: q and k of both attentions
+    assert calls == {"gated_residual": 10, "norm_modulate": 7, "rope_interleaved": 4}, calls
 
 
 def test_structural_blocks_compile_without_a_graph_break(fresh_dynamo):
@@ -280,3 +283,152 @@ def test_a_block_calling_diffusers_apply_rotary_emb_runs_it_fused_forward_and_ba
     calls.clear()
     assert_close(fwd_bwd(wrapped, inputs), expected)
     assert calls == {"gated_residual": 2, "rope_interleaved": 2, "rope_half": 2}, calls
+
+
+# ---- AdaLN modulation written inline: norm(x) * (1 + scale) + shift ------------------------------------------
+class ModulatedBlock(nn.Module):
+    """Modulation in each spelling (module LayerNorm / RMSNorm without affine, F.layer_norm, F.rms_norm; both
+    orders of the add and the mul; `1 + scale` and `scale + 1`), two gates and a rotate-half rope."""
+
+    def __init__(self, dim: int = 24, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ada = nn.Linear(dim, 8 * dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.RMSNorm(dim, elementwise_affine=False)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.out2, self.out3 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, vec, cos, sin):
+        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3 = self.ada(F.silu(vec))[:, None].chunk(8, dim=-1)
+        b, n, d = x.shape
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + g1 * self.out(a.transpose(1, 2).reshape(b, n, d))
+        x = x + g2 * self.ff(sh2 + (sc2 + 1) * self.norm2(x))
+        h3 = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (sc3 + 1) + sh3
+        h4 = sh3 + (1 + sc3) * F.rms_norm(x, (d,), eps=1e-6)
+        return x + self.out2(h3) + self.out3(h4)
+
+
+class OnlyModulation(nn.Module):
+    """Its only pattern is the modulation: `scalar=True` modulates by one number per sample, which the fused
+    op does not take (a modulation must span the width): the site computes the expression itself."""
+
+    def __init__(self, dim: int = 24, scalar: bool = False) -> None:
+        super().__init__()
+        self.scalar = scalar
+        self.ada, self.norm, self.lin = nn.Linear(dim, 2 * dim), nn.LayerNorm(dim, elementwise_affine=False), nn.Linear(dim, dim)
+
+    def forward(self, x, vec):
+        shift, scale = self.ada(vec).unsqueeze(1).chunk(2, dim=-1)
+        if self.scalar:
+            scale = scale.mean(-1, keepdim=True)
+        return self.lin(self.norm(x) * (1 + scale) + shift)
+
+
+class Tower(nn.Module):
+    def __init__(self, *blocks: nn.Module, rope: bool = True) -> None:
+        super().__init__()
+        self.rope = rope
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, vec):
+        angles = torch.arange(x.shape[1])[:, None] * torch.linspace(0.1, 1.0, 6)[None]
+        halves = torch.cat([angles] * 2, -1)[None, :, None]
+        for block in self.blocks:
+            x = block(x, vec, halves.cos(), halves.sin()) if self.rope else block(x, vec)
+        return x
+
+
+def modulated_tower() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(2, 7, 24), "vec": torch.randn(2, 24)}
+    return Tower(ModulatedBlock(), ModulatedBlock()), inputs
+
+
+def test_inline_modulation_runs_fused_with_gate_and_rope_forward_and_backward_equal_to_eager():
+    model, inputs = modulated_tower()
+    add_lora(model)
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["used"] == {"blocks.0": "structural", "blocks.1": "structural"}
+    assert summary["not_reached"] == {} and summary["unmatched"] == [] and summary["rejected"] == {}
+    calls = count_fused_calls(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert kernels_summary(model)["rejected"] == {}
+    calls.clear()
+    norm_calls: list[str] = []
+    for block in model.blocks:
+        for norm in (block.norm1, block.norm2):
+            norm.register_forward_hook(lambda module, args, out: norm_calls.append(type(module).__name__))
+    assert_close(fwd_bwd(model, inputs), expected)
+    # per block: four modulations (module LayerNorm / RMSNorm, F.layer_norm, F.rms_norm), two gates, rope on q and k
+    assert calls == {"norm_modulate": 2 * 4, "gated_residual": 2 * 2, "rope_half": 2 * 2}, calls
+    assert norm_calls == []  # the fused op computes the norm: the norm modules' own calls are gone
+
+
+def test_modulation_sites_are_counted_as_modulation_never_as_gates():
+    block = ModulatedBlock()
+    assert structural.find_structural(block, ("gate", "modulate", "rope")) == structural.Found(gate=2, rope=2, modulate=4)
+    assert structural.find_structural(block, ("gate",)) == structural.Found(gate=2)
+    assert structural.find_structural(OnlyModulation(), ("gate", "rope")) == structural.Found()
+
+
+def test_a_block_whose_only_pattern_is_modulation_is_reached_and_removal_is_exact():
+    torch.manual_seed(0)
+    model, inputs = Tower(OnlyModulation(), OnlyModulation(), rope=False), {"x": torch.randn(2, 5, 24), "vec": torch.randn(2, 24)}
+    with pytest.raises(NoTargetError, match=r"no route reaches the inline gate of its tower blocks \(OnlyModulation"):
+        hookwise.apply(model, Kernels(ops=("gate",), backend="eager"))  # its modulation is no gate
+    assert hookwise.list_hooks(model) == {}
+    forwards = {p: "forward" in m.__dict__ for p, m in model.named_modules()}
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("modulate",), backend="eager"))
+    summary = kernels_summary(model)
+    assert summary["used"] == {"blocks.0": "structural", "blocks.1": "structural"} and summary["not_reached"] == {}
+    calls = count_fused_calls(model)
+    assert_close(fwd_bwd(model, inputs), expected)
+    calls.clear()
+    assert_close(fwd_bwd(model, inputs), expected)
+    assert calls == {"norm_modulate": 2}
+    hookwise.remove(model)
+    assert hookwise.list_hooks(model) == {} and kernels_summary(model) == {}
+    assert {p: "forward" in m.__dict__ for p, m in model.named_modules()} == forwards
+    out, grads = fwd_bwd(model, inputs)
+    assert torch.equal(out, expected[0]) and all(torch.equal(grads[k], v) for k, v in expected[1].items())
+
+
+def test_a_modulation_the_fused_op_does_not_take_computes_its_own_expression_per_call():
+    torch.manual_seed(0)
+    model = Tower(OnlyModulation(scalar=True), OnlyModulation(), rope=False)
+    inputs = {"x": torch.randn(2, 5, 24), "vec": torch.randn(2, 24)}
+    expected = fwd_bwd(copy.deepcopy(model), inputs)
+    hookwise.apply(model, Kernels(ops=("modulate",), backend="eager"))
+    calls = count_fused_calls(model)
+    fwd_bwd(model, inputs)
+    calls.clear()
+    out, grads = fwd_bwd(model, inputs)
+    assert kernels_summary(model)["rejected"] == {}
+    assert calls == {"norm_modulate": 1}  # blocks.0: one scale per sample, computed as written
+    assert torch.equal(out, expected[0]) and all(torch.equal(grads[k], v) for k, v in expected[1].items())
+
+
+def test_modulated_structural_blocks_compile_without_a_graph_break(fresh_dynamo):
+    from torch._dynamo.utils import counters
+
+    model, inputs = modulated_tower()
+    with torch.no_grad():
+        expected = model(**inputs)
+    hookwise.apply(model, Kernels(ops=("gate", "modulate", "rope"), backend="eager"), hookwise.Compile(backend="aot_eager"))
+    with torch.no_grad():
+        model(**inputs)  # the first call of a hooked model runs eagerly: the blocks are traced and checked
+        counters.clear()
+        out = model(**inputs)
+    assert kernels_summary(model)["rejected"] == {}
+    assert counters["stats"]["unique_graphs"] > 0 and sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()

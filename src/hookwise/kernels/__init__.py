@@ -13,8 +13,10 @@ Machinery, private to this folder:
 - `_patterns.py`: where the fused kernels apply (per architecture, and structural matching).
 - `_inline.py`: the FLUX / Wan / HunyuanVideo / LTX-Video block forwards and attention processors
   rewritten with the fused ops, for the gate, rope and modulation those models write inline.
-- `_structural.py`: the structural route for the blocks no `_inline.py` entry knows: the gate and rope
-  patterns found in a torch.fx trace of the block's own forward and rewritten into the fused ops.
+- `_structural.py`: the structural route for the blocks no `_inline.py` entry knows: the gate, modulation
+  and rope patterns found in a torch.fx trace of the block's own forward and rewritten into the fused
+  ops (the tracing and the hook); `_rewrite.py`: its pattern matching and the functions the rewritten
+  graph calls.
 - `_check.py`: the numerics check of a fused forward against the module's own (outputs and gradients).
 - `_triton_dit.py`: the Triton kernels (forward and backward).
 """

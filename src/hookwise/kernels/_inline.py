@@ -21,7 +21,7 @@ the ops the user asked for: a missing one is computed by the architecture's own 
 numerics check at apply (`fused.check_site`) compares each site with the module's own forward on
 inputs of its real widths, so a diffusers release whose code differs shows up as a rejected site.
 Blocks of other classes (a custom DiT, HunyuanVideo's token-replace variants) take the structural route
-(`_structural.py`) for their gate and rope; what no route reaches is listed under `not_reached`.
+(`_structural.py`) for their gate, modulation and rope; what no route reaches is listed under `not_reached`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ computed by fused ops through hooks.
 `Kernels(ops=..., backend=...)` finds the sites of each op (`_patterns.py`: per-architecture tables for
 FLUX and Wan, structural matching for the rest; `_inline.py`: the FLUX / Wan / HunyuanVideo / LTX-Video
 blocks and attention processors that hold the gate, rope and part of the modulation inline;
-`_structural.py`: the gate and rope of any other tower block, found in a torch.fx trace of its forward,
+`_structural.py`: the gate, modulation and rope of any other tower block, found in a torch.fx trace of its forward,
 where the per-architecture entries do not reach it) and attaches a hook to each site
 module that computes its forward with the backend's fused functions instead of the module's chain of
 eager ops (for an attention processor: a processor object of its own on the instance). The
@@ -73,9 +73,10 @@ class Kernels(TechniqueConfig):
       part of "modulate" are written inline in DiT blocks and attention processors: in FLUX, Wan,
       HunyuanVideo and LTX-Video blocks they are reached through a block-forward replacement and an
       instance-level processor (`_inline.py`); in the tower blocks of other classes (a custom DiT) the
-      gate and rope are found by tracing the block's forward with torch.fx and rewritten
-      (`_structural.py`; checked at the block's first call of each call signature); the tower blocks
-      no route reaches (a forward fx cannot trace, a modulation written inline) are listed in
+      gate, the modulation (`norm(x) * (1 + scale) + shift`, the norm without parameters) and the rope
+      are found by tracing the block's forward with torch.fx and rewritten (`_structural.py`; checked at
+      the block's first call of each call signature); the tower blocks no route reaches (a forward fx
+      cannot trace, a modulation after a norm with parameters) are listed in
       `kernels_summary(model)["not_reached"]` with the reason.
     - `backend`: "auto" (Triton kernels on CUDA, a `torch.compile`-generated function elsewhere),
       "triton", "compile" or "eager".
@@ -282,8 +283,11 @@ def kernels_summary(model: nn.Module) -> dict[str, Any]:
 
 
 INLINE_OPS = ("gate", "modulate", "rope")
-STRUCTURAL_OPS = ("gate", "rope")
-_PATTERNS = "gate: x + gate * y; rope: x * cos + rot(x) * sin, interleaved pairs or rotate-half"
+STRUCTURAL_OPS = ("gate", "modulate", "rope")
+_PATTERNS = (
+    "gate: x + gate * y; modulate: norm(x) * (1 + scale) + shift, norm a LayerNorm / RMSNorm without parameters or "
+    "F.layer_norm / F.rms_norm; rope: x * cos + rot(x) * sin, interleaved pairs or rotate-half"
+)
 
 
 def _tower_blocks(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -346,7 +350,7 @@ def _not_reached(model: nn.Module, sites: list[tuple[str, nn.Module, str]], ops:
         if path in untraced:
             reasons.append(f"the structural route: {untraced[path]}")
         elif path in structural:
-            reasons.append(f"the structural route fuses its {' / '.join(structural[path])}; it knows {_PATTERNS}, and no modulate")
+            reasons.append(f"the structural route fuses its {' / '.join(structural[path])}; it knows {_PATTERNS}")
         out[path] = (
             f"{cls}: no route reaches its {' / '.join(missing)} ({'; '.join(reasons)}); where its forward computes "
             f"them, they run eagerly"
@@ -428,7 +432,7 @@ def _apply_kernels(model: nn.Module, config: Kernels) -> None:
 
 
 # The functions the structural route's sites call, by op.
-STRUCTURAL_FUNCTIONS = {"gate": ("gated_residual",), "rope": ("rope_interleaved", "rope_half")}
+STRUCTURAL_FUNCTIONS = {"gate": ("gated_residual",), "modulate": ("norm_modulate",), "rope": ("rope_interleaved", "rope_half")}
 
 
 def _ops_of(kind: str) -> tuple[str, ...]:
