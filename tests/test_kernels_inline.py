@@ -133,26 +133,26 @@ def test_a_hunyuan_processor_replacement_still_receives_the_rotary_embedding():
     assert "image_rotary_emb" in params
 
 
-def test_a_custom_dit_with_fused_qkv_takes_the_structural_route_for_its_gates_and_says_what_is_left():
+def test_a_custom_dit_with_fused_qkv_takes_the_structural_route_for_its_gates_and_modulation_and_says_what_is_left():
     model, inputs = tiny_musubi()
     expected = fwd_bwd(copy.deepcopy(model), inputs)
     hookwise.apply(model, Kernels(backend="eager"))
     summary = kernels_summary(model)
-    assert set(summary["unmatched"]) == {"modulate", "rope", "swiglu"}  # modulate inline, no rope or swiglu at all
+    assert set(summary["unmatched"]) == {"rope", "swiglu"}  # no rope or swiglu at all
     assert not {"flux_double", "wan_block", "flux_rope"} & set(summary["used"].values())
     blocks = [f"double_blocks.{i}" for i in range(2)] + [f"single_blocks.{i}" for i in range(3)]
     assert {p: summary["used"][p] for p in blocks} == dict.fromkeys(blocks, "structural")
     assert sorted(summary["not_reached"]) == sorted(blocks)
     why = summary["not_reached"]["double_blocks.0"]
-    assert why.startswith("DoubleStreamBlock: no route reaches its modulate / rope") and "run eagerly" in why
-    assert "the structural route fuses its gate" in why
+    assert why.startswith("DoubleStreamBlock: no route reaches its rope (") and "run eagerly" in why
+    assert "the structural route fuses its gate / modulate" in why
     assert_close(fwd_bwd(model, inputs), expected)
 
 
 def test_only_inline_ops_a_custom_dit_has_no_route_for_is_an_error_naming_its_block_classes():
     model, _ = tiny_musubi()
-    with pytest.raises(NoTargetError, match=r"no route reaches the inline modulate/rope of its tower blocks \(DoubleStreamBlock, SingleStreamBlock"):
-        hookwise.apply(model, Kernels(ops=("modulate", "rope"), backend="eager"))
+    with pytest.raises(NoTargetError, match=r"no route reaches the inline rope of its tower blocks \(DoubleStreamBlock, SingleStreamBlock"):
+        hookwise.apply(model, Kernels(ops=("rope",), backend="eager"))
     assert hookwise.list_hooks(model) == {}
 
 
