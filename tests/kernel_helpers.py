@@ -132,3 +132,16 @@ def custom_dit(batch: int = 2):
     inputs = dict(x=torch.randn(batch, 10, 6, generator=g), context=torch.randn(batch, 3, 5, generator=g),
                   t=torch.randn(batch, 4, generator=g))  # fmt: skip
     return CustomDiT().eval(), inputs
+
+
+def gate_off_by_one_percent(monkeypatch) -> None:
+    """Every Kernels backend's gated residual made 1% off eager, so the numerics check rejects it."""
+    from hookwise.kernels import _patterns as patterns
+    from hookwise.kernels import fused
+
+    def off(backend, device):
+        ops = dict(patterns.EXPRESSIONS)
+        ops["gated_residual"] = lambda x, g, y: patterns.gated_residual(x, g, y) * 1.01
+        return ops
+
+    monkeypatch.setattr(fused, "backend_ops", off)

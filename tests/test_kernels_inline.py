@@ -13,12 +13,11 @@ import torch
 import hookwise
 from hookwise import Kernels, kernels_summary
 from hookwise.core.hooks import Layer, ModelHook, add_hook
-from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import fused
 from hookwise.errors import NoTargetError
 from hookwise.kernels._inline import FusedProcessor
 from cache_helpers import fresh_dynamo, one_thread  # noqa: F401 - the fixtures
-from kernel_helpers import count_fused_calls
+from kernel_helpers import gate_off_by_one_percent, count_fused_calls
 from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -216,12 +215,7 @@ def test_the_block_replacement_sits_inside_other_hooks_on_the_block():
 
 
 def test_a_block_whose_fused_forward_differs_is_rejected_with_the_reason(monkeypatch):
-    def off(backend, device):
-        ops = dict(patterns.EXPRESSIONS)
-        ops["gated_residual"] = lambda x, g, y: patterns.gated_residual(x, g, y) * 1.01
-        return ops
-
-    monkeypatch.setattr(fused, "backend_ops", off)
+    gate_off_by_one_percent(monkeypatch)
     model, inputs = tiny_wan()
     expected = fwd_bwd(copy.deepcopy(model), inputs)
     hookwise.apply(model, Kernels(ops=("gate", "rope"), backend="eager"))

@@ -18,11 +18,10 @@ import hookwise
 from hookwise import Kernels, kernels_summary
 from hookwise.core.hooks import hooks_named
 from hookwise.errors import NoTargetError
-from hookwise.kernels import _patterns as patterns
 from hookwise.kernels import _structural as structural
 from hookwise.kernels import fused
 from cache_helpers import fresh_dynamo, one_thread  # noqa: F401 - the fixtures
-from kernel_helpers import FlatBlock, count_fused_calls, custom_dit, rotate_half
+from kernel_helpers import gate_off_by_one_percent, FlatBlock, count_fused_calls, custom_dit, rotate_half
 from model_helpers import tiny_flux, tiny_hunyuanvideo, tiny_ltx, tiny_musubi, tiny_wan
 from offload_helpers import add_lora, fwd_bwd
 
@@ -88,12 +87,7 @@ def test_custom_dit_gate_and_both_rope_layouts_run_fused_forward_and_backward_eq
 def test_the_structural_route_runs_on_the_triton_backends_functions_too(monkeypatch):
     # Every backend goes through the same sites: a backend whose gate is off by 1% fails the check at
     # the first call, the summary says why, and the block's own forward runs.
-    def off(backend, device):
-        ops = dict(patterns.EXPRESSIONS)
-        ops["gated_residual"] = lambda x, g, y: patterns.gated_residual(x, g, y) * 1.01
-        return ops
-
-    monkeypatch.setattr(fused, "backend_ops", off)
+    gate_off_by_one_percent(monkeypatch)
     model, inputs = custom_dit()
     expected = fwd_bwd(copy.deepcopy(model), inputs)
     hookwise.apply(model, Kernels(ops=("gate",), backend="eager"))
