@@ -3,6 +3,7 @@ module runs) and on the model (inputs to the device, pass boundaries, saved-tens
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,11 +42,8 @@ class GroupHook(ModelHook):
         sched = self.scheduler
         saving = sched.acquire(self.state)  # checks a group file before its pages are read
         try:
-            if saving is None:
+            with nullcontext() if saving is None else saving:
                 output = next_fn(*args, **kwargs)
-            else:
-                with saving:
-                    output = next_fn(*args, **kwargs)
         finally:
             sched.release(self.state)
         if self.guards_recompute and torch.is_grad_enabled():
@@ -75,11 +73,8 @@ class RootHook(ModelHook):
         sched.begin_pass()
         try:
             saving = sched.saving()
-            if saving is None:
+            with nullcontext() if saving is None else saving:
                 output = next_fn(*args, **kwargs)
-            else:
-                with saving:
-                    output = next_fn(*args, **kwargs)
         finally:
             sched.end_pass(grad)
         sched.guard_files(output)
